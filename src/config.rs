@@ -1,0 +1,884 @@
+//! Configuration: the TOML file of `DESIGN.md`, parsed once into typed structs.
+//!
+//! Parsing happens in two steps. serde reads the file into `raw::*` structs
+//! that mirror the TOML (strings for durations, paths relative to the file);
+//! `Config::from_raw` then checks every value and builds the typed `Config`
+//! that the rest of the program uses. Every error names the key it is about,
+//! so `herald check-config` can print `delivery.max_age: ...` and a sysadmin
+//! knows where to look. Nothing downstream re-parses strings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// Where the configuration comes from when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/herald/herald.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("{key}: {problem}")]
+    Value { key: String, problem: String },
+}
+
+fn bad(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Value {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A secret read from a file or the config: never printed, never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from, and its directory (relative paths' base).
+    pub path: PathBuf,
+    pub hostname: String,
+    pub listen: Listen,
+    pub storage: Storage,
+    pub sender: Sender,
+    pub dkim: Vec<DkimKey>,
+    pub delivery: Delivery,
+    pub upstreams: BTreeMap<String, Upstream>,
+    pub routes: Vec<Route>,
+    pub tracking: Tracking,
+    pub control: Control,
+    pub dns: Dns,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub smtp: Vec<SocketAddr>,
+    pub smtps: Vec<SocketAddr>,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub allowed_networks: Vec<IpNet>,
+    pub tls: Option<TlsFiles>,
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub path: PathBuf,
+    pub history_retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub default_sender: String,
+    pub always_default_sender: bool,
+    pub bounce_address: String,
+    pub reply_to_original: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DkimKey {
+    pub domain: String,
+    pub selector: String,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Name in `upstreams`, or "mx" for direct delivery.
+    pub upstream: String,
+    pub send_delay: Duration,
+    pub retry_schedule: Vec<Duration>,
+    pub max_age: Duration,
+    pub concurrency: usize,
+    pub suppress_after_bounces: u32,
+    /// `None` when "0s": automatic suppressions never lift.
+    pub suppression_expiry: Option<Duration>,
+    pub mx_port: u16,
+}
+
+impl Delivery {
+    /// Wait before attempt number `attempts + 1`, after `attempts` failures.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let i = (attempts.max(1) as usize - 1).min(self.retry_schedule.len() - 1);
+        self.retry_schedule[i]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Implicit TLS from the first byte (port 465).
+    Tls,
+    /// Plain connection upgraded with STARTTLS; refusing to go on without it.
+    StartTls,
+    /// No TLS at all (a relay on the same host or a private network).
+    None,
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Security::Tls => "tls",
+            Security::StartTls => "starttls",
+            Security::None => "none",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    pub tls_verify: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub sender_domain: Option<String>,
+    pub auth_user: Option<String>,
+    pub upstream: String,
+    pub default_sender: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tracking {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub base_url: String,
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dns {
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// The TOML as written, before checking. Unknown keys are errors.
+mod raw {
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Config {
+        pub hostname: Option<String>,
+        #[serde(default)]
+        pub listen: Listen,
+        #[serde(default)]
+        pub storage: Storage,
+        #[serde(default)]
+        pub sender: Sender,
+        #[serde(default)]
+        pub dkim: Vec<Dkim>,
+        #[serde(default)]
+        pub delivery: Delivery,
+        #[serde(default)]
+        pub upstreams: BTreeMap<String, Upstream>,
+        #[serde(default)]
+        pub routes: Vec<Route>,
+        #[serde(default)]
+        pub tracking: Tracking,
+        #[serde(default)]
+        pub control: Control,
+        #[serde(default)]
+        pub dns: Dns,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listen {
+        pub smtp: Option<Vec<String>>,
+        pub smtps: Option<Vec<String>>,
+        pub max_message_size: Option<i64>,
+        pub max_recipients: Option<i64>,
+        pub max_connections: Option<i64>,
+        pub allowed_networks: Option<Vec<String>>,
+        pub tls: Option<Tls>,
+        #[serde(default)]
+        pub users: Vec<User>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub cert: String,
+        pub key: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct User {
+        pub username: String,
+        pub password: Option<String>,
+        pub password_file: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Storage {
+        pub path: Option<String>,
+        pub history_retention: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Sender {
+        pub default_sender: Option<String>,
+        pub always_default_sender: Option<bool>,
+        pub bounce_address: Option<String>,
+        pub reply_to_original: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dkim {
+        pub domain: String,
+        pub selector: String,
+        pub private_key: String,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Delivery {
+        pub upstream: Option<String>,
+        pub send_delay: Option<String>,
+        pub retry_schedule: Option<Vec<String>>,
+        pub max_age: Option<String>,
+        pub concurrency: Option<i64>,
+        pub suppress_after_bounces: Option<i64>,
+        pub suppression_expiry: Option<String>,
+        pub mx_port: Option<i64>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Upstream {
+        pub host: String,
+        pub port: Option<i64>,
+        pub security: Option<String>,
+        pub username: Option<String>,
+        pub password_file: Option<String>,
+        pub ca_file: Option<String>,
+        pub tls_verify: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub sender_domain: Option<String>,
+        pub auth_user: Option<String>,
+        pub upstream: String,
+        pub default_sender: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tracking {
+        pub enabled: Option<bool>,
+        pub listen: Option<String>,
+        pub base_url: Option<String>,
+        pub secret_file: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Control {
+        pub socket: Option<String>,
+        pub metrics_listen: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        #[serde(default)]
+        pub nameservers: Vec<String>,
+    }
+}
+
+/// Parses "30s", "5m", "2h", "7d", "1h30m"; "0s" is zero.
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        bad(
+            key,
+            format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\", \"7d\""),
+        )
+    })
+}
+
+fn positive(key: &str, v: Option<i64>, default: i64, max: i64) -> Result<i64, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v < 1 || v > max {
+        return Err(bad(key, format!("{v} is out of range (1..={max})")));
+    }
+    Ok(v)
+}
+
+fn socket_addrs(key: &str, v: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    v.iter()
+        .map(|s| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    key,
+                    format!("{s:?} is not an address:port such as \"127.0.0.1:2525\" or \"[::1]:2525\""),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A plain `local@domain` address, as used for senders in the config.
+pub fn check_address(key: &str, s: &str) -> Result<String, ConfigError> {
+    let s = s.trim();
+    match s.rsplit_once('@') {
+        Some((local, domain))
+            if !local.is_empty()
+                && domain.contains('.')
+                && !s.contains(|c: char| c.is_whitespace() || "<>\",;".contains(c)) =>
+        {
+            Ok(s.to_string())
+        }
+        _ => Err(bad(key, format!("{s:?} is not an address like user@example.com"))),
+    }
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+    let text = text.trim_end_matches(['\r', '\n']).to_string();
+    if text.is_empty() {
+        return Err(bad(key, format!("{} is empty", path.display())));
+    }
+    Ok(Secret(text))
+}
+
+fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    "localhost".to_string()
+}
+
+impl Config {
+    /// The path given by `--config`, else `$HERALD_CONFIG`, else the default.
+    pub fn resolve_path(arg: Option<&Path>) -> PathBuf {
+        if let Some(p) = arg {
+            return p.to_path_buf();
+        }
+        match std::env::var_os("HERALD_CONFIG") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(DEFAULT_PATH),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if it were read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(format!("{}: {}", path.display(), e)))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::from_raw(raw, path, &dir)
+    }
+
+    fn from_raw(raw: raw::Config, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
+        let rel = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        };
+
+        let hostname = match raw.hostname {
+            Some(h) if h.trim().is_empty() || h.contains(char::is_whitespace) => {
+                return Err(bad("hostname", format!("{h:?} is not a host name")))
+            }
+            Some(h) => h,
+            None => system_hostname(),
+        };
+
+        // [listen]
+        let l = raw.listen;
+        let smtp = socket_addrs(
+            "listen.smtp",
+            &l.smtp.unwrap_or_else(|| vec!["127.0.0.1:2525".into()]),
+        )?;
+        let smtps = socket_addrs("listen.smtps", &l.smtps.unwrap_or_default())?;
+        if smtp.is_empty() && smtps.is_empty() {
+            return Err(bad("listen.smtp", "no listener: give at least one address"));
+        }
+        let tls = l.tls.map(|t| TlsFiles {
+            cert: rel(&t.cert),
+            key: rel(&t.key),
+        });
+        if !smtps.is_empty() && tls.is_none() {
+            return Err(bad(
+                "listen.smtps",
+                "implicit-TLS listeners need listen.tls = { cert = ..., key = ... }",
+            ));
+        }
+        if let Some(t) = &tls {
+            for (k, p) in [("listen.tls.cert", &t.cert), ("listen.tls.key", &t.key)] {
+                if !p.is_file() {
+                    return Err(bad(k, format!("{} does not exist", p.display())));
+                }
+            }
+        }
+        let allowed_networks = l
+            .allowed_networks
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()])
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        bad(
+                            "listen.allowed_networks",
+                            format!("{s:?} is not a network such as \"10.0.0.0/8\""),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut users = Vec::new();
+        for (i, u) in l.users.into_iter().enumerate() {
+            let key = format!("listen.users[{i}]");
+            if u.username.is_empty() || u.username.contains(char::is_whitespace) {
+                return Err(bad(format!("{key}.username"), "must be a non-empty word"));
+            }
+            let password = match (u.password, u.password_file) {
+                (Some(p), None) if !p.is_empty() => Secret(p),
+                (None, Some(f)) => read_secret(&format!("{key}.password_file"), &rel(&f))?,
+                _ => {
+                    return Err(bad(
+                        key,
+                        "give exactly one of password or password_file (non-empty)",
+                    ))
+                }
+            };
+            users.push(User {
+                username: u.username,
+                password,
+            });
+        }
+        let listen = Listen {
+            smtp,
+            smtps,
+            max_message_size: positive(
+                "listen.max_message_size",
+                l.max_message_size,
+                26_214_400,
+                1 << 31,
+            )? as usize,
+            max_recipients: positive("listen.max_recipients", l.max_recipients, 100, 100_000)?
+                as usize,
+            max_connections: positive("listen.max_connections", l.max_connections, 256, 65_536)?
+                as usize,
+            allowed_networks,
+            tls,
+            users,
+        };
+
+        // [storage]
+        let s = raw.storage;
+        let storage = Storage {
+            path: rel(s.path.as_deref().unwrap_or("data")),
+            history_retention: parse_duration(
+                "storage.history_retention",
+                s.history_retention.as_deref().unwrap_or("7d"),
+            )?,
+        };
+        if storage.history_retention.is_zero() {
+            return Err(bad("storage.history_retention", "must be longer than 0s"));
+        }
+
+        // [sender]
+        let se = raw.sender;
+        let default_sender = check_address(
+            "sender.default_sender",
+            se.default_sender.as_deref().ok_or_else(|| {
+                bad(
+                    "sender.default_sender",
+                    "missing: the authorized address mail is sent from",
+                )
+            })?,
+        )?;
+        let bounce_address = match se.bounce_address {
+            Some(b) => check_address("sender.bounce_address", &b)?,
+            None => default_sender.clone(),
+        };
+        let sender = Sender {
+            default_sender,
+            always_default_sender: se.always_default_sender.unwrap_or(true),
+            bounce_address,
+            reply_to_original: se.reply_to_original.unwrap_or(true),
+        };
+
+        // [[dkim]]
+        let mut dkim = Vec::new();
+        for (i, d) in raw.dkim.into_iter().enumerate() {
+            let key = format!("dkim[{i}]");
+            if d.domain.is_empty() || !d.domain.contains('.') {
+                return Err(bad(format!("{key}.domain"), "must be a domain name"));
+            }
+            if d.selector.is_empty() || d.selector.contains(char::is_whitespace) {
+                return Err(bad(format!("{key}.selector"), "must be a non-empty word"));
+            }
+            let p = rel(&d.private_key);
+            if !p.is_file() {
+                return Err(bad(
+                    format!("{key}.private_key"),
+                    format!("{} does not exist (make one with herald dkim-keygen)", p.display()),
+                ));
+            }
+            dkim.push(DkimKey {
+                domain: d.domain.to_ascii_lowercase(),
+                selector: d.selector,
+                private_key: p,
+            });
+        }
+
+        // [upstreams.*]
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstreams {
+            let key = format!("upstreams.{name}");
+            if name == "mx" {
+                return Err(bad(key, "\"mx\" is reserved for direct delivery"));
+            }
+            if u.host.trim().is_empty() {
+                return Err(bad(format!("{key}.host"), "must not be empty"));
+            }
+            let security = match u.security.as_deref().unwrap_or("starttls") {
+                "tls" => Security::Tls,
+                "starttls" => Security::StartTls,
+                "none" => Security::None,
+                other => {
+                    return Err(bad(
+                        format!("{key}.security"),
+                        format!("{other:?} is not one of \"tls\", \"starttls\", \"none\""),
+                    ))
+                }
+            };
+            let default_port = match security {
+                Security::Tls => 465,
+                _ => 587,
+            };
+            let port = match u.port {
+                None => default_port,
+                Some(p) if (1..=65535).contains(&p) => p as u16,
+                Some(p) => return Err(bad(format!("{key}.port"), format!("{p} is not a port"))),
+            };
+            let password = match &u.password_file {
+                Some(f) => Some(read_secret(&format!("{key}.password_file"), &rel(f))?),
+                None => None,
+            };
+            if u.username.is_some() != password.is_some() {
+                return Err(bad(
+                    key,
+                    "username and password_file go together: give both or neither",
+                ));
+            }
+            let ca_file = u.ca_file.as_deref().map(rel);
+            if let Some(ca) = &ca_file {
+                if !ca.is_file() {
+                    return Err(bad(
+                        format!("{key}.ca_file"),
+                        format!("{} does not exist", ca.display()),
+                    ));
+                }
+            }
+            upstreams.insert(
+                name.clone(),
+                Upstream {
+                    name,
+                    host: u.host,
+                    port,
+                    security,
+                    username: u.username,
+                    password,
+                    ca_file,
+                    tls_verify: u.tls_verify.unwrap_or(true),
+                },
+            );
+        }
+        let check_upstream = |key: &str, name: &str| -> Result<(), ConfigError> {
+            if name == "mx" || upstreams.contains_key(name) {
+                Ok(())
+            } else {
+                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                Err(bad(
+                    key,
+                    format!(
+                        "{name:?} is neither \"mx\" nor a name in [upstreams] (known: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ))
+            }
+        };
+
+        // [delivery]
+        let d = raw.delivery;
+        let upstream = d.upstream.unwrap_or_else(|| "mx".into());
+        check_upstream("delivery.upstream", &upstream)?;
+        let retry_schedule = d
+            .retry_schedule
+            .unwrap_or_else(|| ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec())
+            .iter()
+            .map(|s| parse_duration("delivery.retry_schedule", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if retry_schedule.is_empty() {
+            return Err(bad("delivery.retry_schedule", "must have at least one value"));
+        }
+        if retry_schedule.iter().any(|d| d.is_zero()) {
+            return Err(bad("delivery.retry_schedule", "values must be longer than 0s"));
+        }
+        let max_age = parse_duration("delivery.max_age", d.max_age.as_deref().unwrap_or("2d"))?;
+        if max_age.is_zero() {
+            return Err(bad("delivery.max_age", "must be longer than 0s"));
+        }
+        let expiry = parse_duration(
+            "delivery.suppression_expiry",
+            d.suppression_expiry.as_deref().unwrap_or("30d"),
+        )?;
+        let delivery = Delivery {
+            upstream,
+            send_delay: parse_duration(
+                "delivery.send_delay",
+                d.send_delay.as_deref().unwrap_or("0s"),
+            )?,
+            retry_schedule,
+            max_age,
+            concurrency: positive("delivery.concurrency", d.concurrency, 16, 10_000)? as usize,
+            suppress_after_bounces: positive(
+                "delivery.suppress_after_bounces",
+                d.suppress_after_bounces,
+                1,
+                1_000_000,
+            )? as u32,
+            suppression_expiry: (!expiry.is_zero()).then_some(expiry),
+            mx_port: positive("delivery.mx_port", d.mx_port, 25, 65535)? as u16,
+        };
+
+        // [[routes]]
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            check_upstream(&format!("{key}.upstream"), &r.upstream)?;
+            if r.sender_domain.is_none() && r.auth_user.is_none() {
+                return Err(bad(
+                    key,
+                    "a route needs sender_domain or auth_user to match on",
+                ));
+            }
+            let default_sender = match r.default_sender {
+                Some(s) => Some(check_address(&format!("{key}.default_sender"), &s)?),
+                None => None,
+            };
+            routes.push(Route {
+                sender_domain: r.sender_domain.map(|s| s.to_ascii_lowercase()),
+                auth_user: r.auth_user,
+                upstream: r.upstream,
+                default_sender,
+            });
+        }
+
+        // [tracking]
+        let t = raw.tracking;
+        let tracking = Tracking {
+            enabled: t.enabled.unwrap_or(false),
+            listen: socket_addrs(
+                "tracking.listen",
+                &[t.listen.unwrap_or_else(|| "127.0.0.1:8025".into())],
+            )?[0],
+            base_url: t.base_url.unwrap_or_default(),
+            secret_file: t.secret_file.as_deref().map(rel),
+        };
+        if tracking.enabled {
+            if !(tracking.base_url.starts_with("http://") || tracking.base_url.starts_with("https://"))
+            {
+                return Err(bad("tracking.base_url", "must be an http:// or https:// URL"));
+            }
+            if tracking.secret_file.is_none() {
+                return Err(bad("tracking.secret_file", "required when tracking is enabled"));
+            }
+        }
+
+        // [control]
+        let c = raw.control;
+        let control = Control {
+            socket: rel(c.socket.as_deref().unwrap_or("data/herald.sock")),
+            metrics_listen: match c.metrics_listen.as_deref() {
+                None | Some("") => None,
+                Some(s) => Some(socket_addrs("control.metrics_listen", &[s.to_string()])?[0]),
+            },
+        };
+
+        // [dns]
+        let dns = Dns {
+            nameservers: raw
+                .dns
+                .nameservers
+                .iter()
+                .map(|s| {
+                    s.parse::<SocketAddr>()
+                        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .map_err(|_| {
+                            bad("dns.nameservers", format!("{s:?} is not an IP or IP:port"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            hostname,
+            listen,
+            storage,
+            sender,
+            dkim,
+            delivery,
+            upstreams,
+            routes,
+            tracking,
+            control,
+            dns,
+        })
+    }
+
+    /// The upstream for mail with this original sender domain and AUTH user.
+    /// First matching `[[routes]]` entry wins; else `[delivery] upstream`.
+    pub fn route_for(&self, sender_domain: Option<&str>, auth_user: Option<&str>) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            let dom_ok = match (&r.sender_domain, sender_domain) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                (Some(_), None) => false,
+            };
+            let user_ok = match (&r.auth_user, auth_user) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want == got,
+                (Some(_), None) => false,
+            };
+            dom_ok && user_ok
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/nonexistent/herald.toml"))
+    }
+
+    const MIN: &str = "[sender]\ndefault_sender = \"n@example.com\"\n";
+
+    #[test]
+    fn minimal_config_has_the_documented_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.listen.smtp, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.listen.max_message_size, 26_214_400);
+        assert_eq!(c.listen.max_recipients, 100);
+        assert_eq!(c.delivery.retry_schedule.len(), 5);
+        assert_eq!(c.delivery.max_age, Duration::from_secs(2 * 86400));
+        assert_eq!(c.sender.bounce_address, "n@example.com");
+        assert_eq!(c.storage.path, PathBuf::from("/nonexistent/data"));
+        assert_eq!(c.delivery.upstream, "mx");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[delivery]\nmax_age = \"soon\"\n", "delivery.max_age"),
+            ("[listen]\nsmtp = [\"nowhere\"]\n", "listen.smtp"),
+            ("[listen]\nmax_recipients = 0\n", "listen.max_recipients"),
+            ("[delivery]\nupstream = \"nope\"\n", "delivery.upstream"),
+            ("[delivery]\nretry_schedule = []\n", "delivery.retry_schedule"),
+            ("[listen]\nallowed_networks = [\"10.0.0.0/99\"]\n", "listen.allowed_networks"),
+            ("[upstreams.p]\nhost = \"h\"\nsecurity = \"ssl\"\n", "upstreams.p.security"),
+            ("[listen]\nbogus = 1\n", "bogus"),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{MIN}{extra}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra:?}: {err}");
+        }
+        let err = parse("").unwrap_err().to_string();
+        assert!(err.contains("sender.default_sender"), "{err}");
+    }
+
+    #[test]
+    fn backoff_repeats_the_last_value() {
+        let c = parse(&format!("{MIN}[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n")).unwrap();
+        assert_eq!(c.delivery.backoff(1), Duration::from_secs(1));
+        assert_eq!(c.delivery.backoff(2), Duration::from_secs(2));
+        assert_eq!(c.delivery.backoff(9), Duration::from_secs(2));
+    }
+}

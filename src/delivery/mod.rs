@@ -1,0 +1,470 @@
+//! Delivery: the scheduler that decides when a message is due, and the
+//! attempt that takes it to its upstream and records what happened.
+//!
+//! The scheduler keeps due times in memory (rebuilt from the queue at
+//! start-up) and starts at most `concurrency` attempts at once. An attempt
+//! reads the envelope, connects (or reuses an idle connection to the same
+//! upstream), runs one transaction, and writes each recipient's new state
+//! and an event. A message whose recipients are all final leaves the queue.
+
+pub mod client;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::config::Security;
+use crate::history::EventKind;
+use crate::queue::{now_ms, Envelope, RcptStatus};
+use crate::server::Services;
+use client::{Client, ConnError, Outcome, Target, Verdict};
+
+/// How long an idle upstream connection is kept for the next message.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle connections kept per upstream.
+const POOL_MAX: usize = 32;
+
+pub enum SchedMsg {
+    /// (Re)schedule a message at this time (ms).
+    Due(String, u64),
+    /// An attempt finished (the message may have been rescheduled first).
+    Done(String),
+    /// Something changed (resume): look at the due list again.
+    Wake,
+}
+
+/// The handle through which others ask for delivery.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::UnboundedSender<SchedMsg>,
+}
+
+impl Scheduler {
+    pub fn new() -> (Scheduler, mpsc::UnboundedReceiver<SchedMsg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Scheduler { tx }, rx)
+    }
+
+    pub fn schedule(&self, id: &str, due_ms: u64) {
+        let _ = self.tx.send(SchedMsg::Due(id.to_string(), due_ms));
+    }
+
+    pub fn wake(&self) {
+        let _ = self.tx.send(SchedMsg::Wake);
+    }
+
+    fn done(&self, id: &str) {
+        let _ = self.tx.send(SchedMsg::Done(id.to_string()));
+    }
+}
+
+/// Health of one route, as `status` and `trace` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteHealth {
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub since_ms: u64,
+}
+
+/// Connections and health per upstream, shared by all attempts.
+#[derive(Default)]
+pub struct Routes {
+    pool: Mutex<HashMap<String, Vec<(Instant, Client)>>>,
+    pub health: Mutex<HashMap<String, RouteHealth>>,
+}
+
+impl Routes {
+    fn take(&self, key: &str) -> Option<Client> {
+        let mut pool = self.pool.lock().unwrap();
+        let list = pool.get_mut(key)?;
+        while let Some((t, c)) = list.pop() {
+            if t.elapsed() < POOL_IDLE {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: &str, c: Client) {
+        let mut pool = self.pool.lock().unwrap();
+        let list = pool.entry(key.to_string()).or_default();
+        list.retain(|(t, _)| t.elapsed() < POOL_IDLE);
+        if list.len() < POOL_MAX {
+            list.push((Instant::now(), c));
+        }
+    }
+
+    /// Records a route failure; logs only when the route turns unhealthy.
+    fn mark_unhealthy(&self, route: &str, why: &str) {
+        let mut h = self.health.lock().unwrap();
+        let e = h.entry(route.to_string()).or_insert(RouteHealth {
+            healthy: true,
+            last_error: None,
+            since_ms: now_ms(),
+        });
+        if e.healthy {
+            tracing::error!(
+                route,
+                error = why,
+                "route refused by upstream: all its mail is deferred until this is fixed"
+            );
+            e.healthy = false;
+            e.since_ms = now_ms();
+        }
+        e.last_error = Some(why.to_string());
+    }
+
+    fn mark_healthy(&self, route: &str) {
+        let mut h = self.health.lock().unwrap();
+        if let Some(e) = h.get_mut(route) {
+            if !e.healthy {
+                tracing::info!(route, "route works again");
+                e.healthy = true;
+                e.since_ms = now_ms();
+            }
+        } else {
+            h.insert(
+                route.to_string(),
+                RouteHealth {
+                    healthy: true,
+                    last_error: None,
+                    since_ms: now_ms(),
+                },
+            );
+        }
+    }
+}
+
+/// The scheduler loop. Runs until shutdown.
+pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedMsg>) {
+    let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
+    let mut index: HashMap<String, u64> = HashMap::new();
+    let mut inflight: HashSet<String> = HashSet::new();
+    let sem = Arc::new(Semaphore::new(services.cfg.delivery.concurrency));
+    let mut shutdown = services.shutdown.clone();
+
+    match services.store.all() {
+        Ok(all) => {
+            for env in all {
+                if let Some(t) = env.next_due() {
+                    index.insert(env.id.clone(), t);
+                    due.insert((t, env.id));
+                }
+            }
+            if !due.is_empty() {
+                tracing::info!(messages = due.len(), "queue loaded");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the queue"),
+    }
+
+    loop {
+        let paused = services.paused.load(Ordering::Relaxed);
+        let next = due.first().map(|(t, _)| *t).filter(|_| !paused);
+        let sleep = match next {
+            Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(SchedMsg::Due(id, t)) => {
+                    if let Some(old) = index.insert(id.clone(), t) {
+                        due.remove(&(old, id.clone()));
+                    }
+                    due.insert((t, id));
+                }
+                Some(SchedMsg::Done(id)) => { inflight.remove(&id); }
+                Some(SchedMsg::Wake) => {}
+                None => break,
+            },
+            _ = tokio::time::sleep(sleep), if next.is_some() => {
+                let now = now_ms();
+                while let Some((t, id)) = due.first().cloned() {
+                    if t > now || services.paused.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    due.remove(&(t, id.clone()));
+                    index.remove(&id);
+                    if inflight.contains(&id) {
+                        // An attempt is running; look again shortly.
+                        index.insert(id.clone(), now + 1000);
+                        due.insert((now + 1000, id));
+                        continue;
+                    }
+                    let mut stop = services.shutdown.clone();
+                    let permit = tokio::select! {
+                        p = sem.clone().acquire_owned() => p.expect("semaphore closed"),
+                        _ = stop.wait() => return,
+                    };
+                    inflight.insert(id.clone());
+                    let s = services.clone();
+                    tokio::spawn(async move {
+                        attempt(&s, &id).await;
+                        s.scheduler.done(&id);
+                        if let Ok(Some(env)) = s.store.envelope(&id) {
+                            if let Some(t) = env.next_due() {
+                                s.scheduler.schedule(&id, t);
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+            _ = shutdown.wait() => break,
+        }
+    }
+}
+
+/// Builds the connection target for a named upstream.
+fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
+    let u = s
+        .cfg
+        .upstreams
+        .get(name)
+        .ok_or_else(|| format!("upstream {name:?} is not configured (any more)"))?;
+    let tls = s
+        .client_tls
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("upstream {name:?}: no TLS configuration"))?;
+    Ok(Target {
+        host: u.host.clone(),
+        connect_to: None,
+        port: u.port,
+        security: u.security,
+        opportunistic: false,
+        tls,
+        credentials: u
+            .username
+            .clone()
+            .zip(u.password.clone()),
+        helo: s.cfg.hostname.clone(),
+    })
+}
+
+/// Applies one recipient verdict, records the event. Returns the event.
+fn apply(
+    s: &Services,
+    env: &mut Envelope,
+    idx: usize,
+    verdict: &Verdict,
+    host: &str,
+    route_failure: bool,
+) {
+    let now = now_ms();
+    let cfg = &s.cfg.delivery;
+    let r = &mut env.rcpts[idx];
+    r.updated = now;
+    r.last_host = Some(host.to_string());
+    let (kind, text) = match verdict {
+        Verdict::Delivered(t) => {
+            r.status = RcptStatus::Delivered;
+            (EventKind::Delivered, t.clone())
+        }
+        Verdict::Bounced(t) => {
+            r.attempts += 1;
+            r.status = RcptStatus::Bounced;
+            (EventKind::Bounced, t.clone())
+        }
+        Verdict::Deferred(t) => {
+            r.attempts += 1;
+            let expires = env.received_at + cfg.max_age.as_millis() as u64;
+            if now >= expires {
+                r.status = RcptStatus::Expired;
+                (
+                    EventKind::Expired,
+                    format!(
+                        "gave up after {} (delivery.max_age); last reply: {t}",
+                        humantime::format_duration(cfg.max_age)
+                    ),
+                )
+            } else {
+                r.status = RcptStatus::Deferred;
+                let next = now + cfg.backoff(r.attempts).as_millis() as u64;
+                r.next_attempt = next.min(expires);
+                let what = if route_failure { "route refused" } else { "deferred" };
+                (
+                    EventKind::Deferred,
+                    format!("{t} ({what}; attempt {}, next in {})", r.attempts, humantime::format_duration(Duration::from_secs((r.next_attempt - now) / 1000))),
+                )
+            }
+        }
+    };
+    r.last_reply = Some(text.clone());
+    let level_info = matches!(kind, EventKind::Delivered);
+    if level_info {
+        tracing::info!(id = %env.id, rcpt = %r.addr, reply = %text, "delivered");
+    } else {
+        tracing::warn!(id = %env.id, rcpt = %r.addr, reply = %text, "{}", kind.as_str());
+    }
+    let addr = r.addr.clone();
+    if let Err(e) = s.history.record(
+        kind,
+        &env.id,
+        &addr,
+        &text,
+        env.tag.as_deref(),
+        env.subject.as_deref(),
+    ) {
+        tracing::error!(error = %e, "cannot record history");
+    }
+}
+
+/// Saves the envelope, or removes the message when every recipient is final.
+fn save(s: &Services, env: &Envelope) {
+    let res = if env.is_done() {
+        s.store.remove(&env.id)
+    } else {
+        s.store.put_envelope(env)
+    };
+    if let Err(e) = res {
+        tracing::error!(id = %env.id, error = %e, "cannot update the queue");
+    }
+}
+
+/// One delivery attempt for the due recipients of one message.
+pub async fn attempt(s: &Services, id: &str) {
+    let (mut env, body) = match (s.store.envelope(id), s.store.body(id)) {
+        (Ok(Some(e)), Ok(Some(b))) => (e, b),
+        (Ok(None), _) => return, // cancelled or finished meanwhile
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(%id, error = %e, "cannot read queued message");
+            return;
+        }
+        (Ok(Some(_)), Ok(None)) => {
+            tracing::error!(%id, "queued message has no body; dropping it");
+            let _ = s.store.remove(id);
+            return;
+        }
+    };
+    let now = now_ms();
+    let due: Vec<usize> = env
+        .rcpts
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.status.is_final() && r.next_attempt <= now + 1000)
+        .map(|(i, _)| i)
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+
+    // Groups of recipients that share a connection target.
+    let groups: Vec<(Result<Vec<Target>, Verdict>, Vec<usize>)> = if env.upstream == "mx" {
+        let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
+        for &i in &due {
+            let d = env.rcpts[i]
+                .addr
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default();
+            by_domain.entry(d).or_default().push(i);
+        }
+        let mut g = Vec::new();
+        for (domain, idx) in by_domain {
+            g.push((crate::dns::mx_targets(s, &domain).await, idx));
+        }
+        g
+    } else {
+        let t = upstream_target(s, &env.upstream)
+            .map(|t| vec![t])
+            .map_err(Verdict::Deferred);
+        vec![(t, due)]
+    };
+
+    for (targets, idx) in groups {
+        let route = env.upstream.clone();
+        let targets = match targets {
+            Ok(t) => t,
+            Err(v) => {
+                for &i in &idx {
+                    apply(s, &mut env, i, &v, &route, false);
+                }
+                continue;
+            }
+        };
+        deliver_group(s, &mut env, &body, &route, &targets, &idx).await;
+    }
+    save(s, &env);
+}
+
+/// Tries the targets in order until one judges the recipients.
+async fn deliver_group(
+    s: &Services,
+    env: &mut Envelope,
+    body: &[u8],
+    route: &str,
+    targets: &[Target],
+    idx: &[usize],
+) {
+    let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
+    let mut last_err = ConnError::Temporary("no host to try".into());
+    for target in targets {
+        let pool_key = format!("{route}/{}:{}", target.host, target.port);
+        let mut reused = s.routes.take(&pool_key);
+        if let Some(c) = reused.as_mut() {
+            if c.rset().await.is_err() {
+                reused = None;
+            }
+        }
+        let mut client = match reused {
+            Some(c) => c,
+            None => match client::connect(target).await {
+                Ok(c) => c,
+                Err(e) => {
+                    if matches!(e, ConnError::Route(_)) && env.upstream != "mx" {
+                        s.routes.mark_unhealthy(route, e.text());
+                    }
+                    last_err = e;
+                    continue;
+                }
+            },
+        };
+        match client::transact(&mut client, &target.host, &env.mail_from, &rcpts, body).await {
+            Outcome::Judged { verdicts, reusable } => {
+                s.routes.mark_healthy(route);
+                for (&i, v) in idx.iter().zip(verdicts.iter()) {
+                    apply(s, env, i, v, &target.host, false);
+                }
+                if reusable {
+                    s.routes.put(&pool_key, client);
+                }
+                return;
+            }
+            Outcome::RouteRefused(why) => {
+                if env.upstream != "mx" {
+                    s.routes.mark_unhealthy(route, &why);
+                }
+                last_err = ConnError::Route(why);
+            }
+            Outcome::Broken(why) => last_err = ConnError::Temporary(why),
+        }
+    }
+    let route_failure = matches!(last_err, ConnError::Route(_));
+    let v = Verdict::Deferred(last_err.text().to_string());
+    for &i in idx {
+        apply(s, env, i, &v, route, route_failure);
+    }
+}
+
+/// TLS client configs per upstream, built once at start-up.
+pub fn client_tls_configs(
+    cfg: &crate::config::Config,
+) -> std::io::Result<HashMap<String, Arc<rustls::ClientConfig>>> {
+    let mut out = HashMap::new();
+    for (name, u) in &cfg.upstreams {
+        let c = if u.security == Security::None && u.ca_file.is_none() {
+            // Never used for TLS, but keeps the map total.
+            crate::tls::client_config(None, false)?
+        } else {
+            crate::tls::client_config(u.ca_file.as_deref(), u.tls_verify).map_err(|e| {
+                std::io::Error::other(format!("upstreams.{name}: {e}"))
+            })?
+        };
+        out.insert(name.clone(), c);
+    }
+    Ok(out)
+}

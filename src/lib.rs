@@ -1,0 +1,30 @@
+//! herald's library: the modules follow the mail's path (DESIGN.md).
+//!
+//! smtp_in -> rewrite -> queue -> delivery -> upstream, with history beside.
+
+pub mod config;
+pub mod delivery;
+pub mod dns;
+pub mod history;
+pub mod queue;
+pub mod rewrite;
+pub mod server;
+pub mod shutdown;
+pub mod smtp_in;
+pub mod tls;
+
+/// Logs to stderr (journald picks it up under systemd); `RUST_LOG` or
+/// `HERALD_LOG` set the filter, default `info`.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("HERALD_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,134 @@
+//! `herald serve`: wires storage, listeners, delivery and shutdown together.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::delivery::{self, Routes, Scheduler};
+use crate::history::History;
+use crate::queue::Store;
+use crate::shutdown::Shutdown;
+use crate::smtp_in;
+
+/// How long running SMTP sessions may take to finish after SIGTERM.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Everything a session or a delivery attempt needs, built once.
+pub struct Services {
+    pub cfg: Arc<Config>,
+    pub store: Store,
+    pub history: History,
+    pub scheduler: Scheduler,
+    pub routes: Routes,
+    pub client_tls: HashMap<String, Arc<rustls::ClientConfig>>,
+    /// Opportunistic TLS to MX hosts: encrypt when offered, never verify
+    /// (like Postfix's `smtp_tls_security_level = may`).
+    pub mx_tls: Arc<rustls::ClientConfig>,
+    pub resolver: hickory_resolver::TokioResolver,
+    pub tls: Option<TlsAcceptor>,
+    pub shutdown: Shutdown,
+    pub paused: AtomicBool,
+    pub started: Instant,
+}
+
+pub const META_PAUSED: &str = "paused";
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let store = Store::open(&cfg.storage.path).with_context(|| {
+        format!(
+            "storage.path: cannot open {} (is another herald running on it?)",
+            cfg.storage.path.display()
+        )
+    })?;
+    let history = History::open(&store.db)?;
+    let tls = match &cfg.listen.tls {
+        Some(t) => Some(TlsAcceptor::from(
+            crate::tls::server_config(&t.cert, &t.key).context("listen.tls")?,
+        )),
+        None => None,
+    };
+    let client_tls = delivery::client_tls_configs(&cfg)?;
+    let mx_tls = crate::tls::client_config(None, false)?;
+    let resolver = crate::dns::resolver(&cfg).map_err(anyhow::Error::msg)?;
+
+    let mut listeners = Vec::new();
+    for (addrs, implicit, key) in [
+        (&cfg.listen.smtp, false, "listen.smtp"),
+        (&cfg.listen.smtps, true, "listen.smtps"),
+    ] {
+        for a in addrs {
+            let l = smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
+            listeners.push((l, implicit));
+        }
+    }
+
+    let paused = store.meta_get(META_PAUSED)?.is_some();
+    let (shutdown_tx, shutdown_rx) = Shutdown::new();
+    let (scheduler, sched_rx) = Scheduler::new();
+    let services = Arc::new(Services {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        history,
+        scheduler,
+        routes: Routes::default(),
+        client_tls,
+        mx_tls,
+        resolver,
+        tls,
+        shutdown: shutdown_rx,
+        paused: AtomicBool::new(paused),
+        started: Instant::now(),
+    });
+
+    let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
+    let conns = Arc::new(Semaphore::new(cfg.listen.max_connections));
+    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    for (l, implicit) in listeners {
+        tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
+        tokio::spawn(smtp_in::accept_loop(
+            services.clone(),
+            l,
+            implicit,
+            conns.clone(),
+            drain_tx.clone(),
+        ));
+    }
+    drop(drain_tx);
+    tracing::info!(
+        queue = store.len(),
+        paused,
+        hostname = %cfg.hostname,
+        "herald started"
+    );
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing sessions in flight");
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after {DRAIN_DEADLINE:?}; closing them");
+    }
+    let _ = sched.await;
+    store.db.flush()?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

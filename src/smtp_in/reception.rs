@@ -1,0 +1,127 @@
+//! The end of DATA: turn a received transaction into a queued message.
+//!
+//! This is where a `250` is earned: the message is prepared (rewrite), put
+//! in the queue with a `received` event per recipient, and committed to disk
+//! before the caller answers.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::history::EventKind;
+use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
+use crate::rewrite;
+use crate::server::Services;
+
+/// One SMTP transaction as the session collected it.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub peer: IpAddr,
+    pub helo: String,
+    pub tls: bool,
+    pub auth_user: Option<String>,
+    /// MAIL FROM as given ("" for the null sender).
+    pub sender: String,
+    pub rcpts: Vec<String>,
+}
+
+fn domain_of(addr: &str) -> Option<&str> {
+    addr.rsplit_once('@').map(|(_, d)| d).filter(|d| !d.is_empty())
+}
+
+/// Queues the message; returns the SMTP reply to send.
+pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String) {
+    let cfg = &s.cfg;
+    let id = s.store.ids.next();
+    let prepared = match rewrite::prepare(cfg, &t, &id, &data) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(peer = %t.peer, error = %e, "message refused");
+            return (554, format!("5.6.0 {e}"));
+        }
+    };
+    let delay = prepared.delay.unwrap_or(cfg.delivery.send_delay);
+    if delay > cfg.delivery.max_age {
+        return (
+            554,
+            format!("5.6.0 X-Herald-Delay is longer than delivery.max_age ({})", humantime::format_duration(cfg.delivery.max_age)),
+        );
+    }
+    let route = cfg.route_for(
+        prepared.author_domain.as_deref().or(domain_of(&t.sender)),
+        t.auth_user.as_deref(),
+    );
+    let upstream = route
+        .map(|r| r.upstream.clone())
+        .unwrap_or_else(|| cfg.delivery.upstream.clone());
+    let now = now_ms();
+    let due = now + delay.as_millis() as u64;
+    let env = Envelope {
+        id: id.clone(),
+        received_at: now,
+        client_ip: t.peer.to_string(),
+        helo: t.helo.clone(),
+        auth_user: t.auth_user.clone(),
+        original_sender: t.sender.clone(),
+        mail_from: cfg.sender.bounce_address.clone(),
+        upstream,
+        tag: prepared.tag.clone(),
+        subject: prepared.subject.clone(),
+        size: prepared.message.len(),
+        rcpts: t
+            .rcpts
+            .iter()
+            .map(|a| Rcpt {
+                addr: a.clone(),
+                status: RcptStatus::Queued,
+                attempts: 0,
+                next_attempt: due,
+                last_reply: None,
+                last_host: None,
+                updated: now,
+            })
+            .collect(),
+    };
+    let stored = s.store.insert(&env, &prepared.message).and_then(|_| {
+        let detail = format!(
+            "from <{}> via {} ({}), {} bytes{}",
+            t.sender,
+            t.peer,
+            t.helo,
+            env.size,
+            if delay.is_zero() {
+                String::new()
+            } else {
+                format!(", held {}", humantime::format_duration(Duration::from_secs(delay.as_secs())))
+            }
+        );
+        for r in &env.rcpts {
+            s.history.record(
+                EventKind::Received,
+                &id,
+                &r.addr,
+                &detail,
+                env.tag.as_deref(),
+                env.subject.as_deref(),
+            )?;
+        }
+        Ok(())
+    });
+    let committed = match stored {
+        Ok(()) => s.store.commit().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        tracing::error!(%id, error = %e, "could not store message");
+        return (451, "4.3.0 Local storage error; try again later".into());
+    }
+    tracing::info!(
+        %id,
+        from = %t.sender,
+        rcpts = env.rcpts.len(),
+        size = env.size,
+        upstream = %env.upstream,
+        "received"
+    );
+    s.scheduler.schedule(&id, due);
+    (250, format!("2.0.0 Ok: queued as {id}"))
+}

@@ -1,0 +1,674 @@
+//! One inbound SMTP session: a tokio loop around `mailin::Session`.
+//!
+//! mailin keeps the SMTP state machine and does AUTH; this loop owns the
+//! I/O and closes mailin's gaps (STACK.md):
+//! - lines are capped ([`MAX_COMMAND_LINE`], [`MAX_DATA_LINE`]) and commands
+//!   must end in CRLF;
+//! - in DATA, a bare LF never ends a line for the purpose of the end-of-data
+//!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling);
+//! - MAIL and RCPT are parsed here (null sender, a space after the colon,
+//!   SIZE=, SMTPUTF8, quoted local parts), and mailin only sees a normalised
+//!   command so that its state follows;
+//! - the EHLO reply adds SIZE and PIPELINING; replies are buffered while the
+//!   client has more commands in flight and written in one go (PIPELINING);
+//! - the message is committed to disk in this loop when the final `.`
+//!   arrives, and only then answered with 250.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailin::{Action, AuthMechanism, Handler, Response, SessionBuilder};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::line::{read_line, Line};
+use super::reception::{self, Transaction};
+use crate::server::Services;
+use crate::tls::Stream;
+
+/// RFC 5321 4.5.3.1.4 says 512 for a command line; AUTH PLAIN with long
+/// credentials can exceed that, so we allow a little more.
+pub const MAX_COMMAND_LINE: usize = 2048;
+/// RFC 5321 4.5.3.1.6: 1000 octets including CRLF.
+pub const MAX_DATA_LINE: usize = 1000;
+/// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const MAX_AUTH_FAILURES: u32 = 3;
+
+/// State the mailin `Handler` shares with the loop.
+struct Shared {
+    data: Vec<u8>,
+    oversize: bool,
+    max_size: usize,
+    auth_user: Option<String>,
+    auth_failures: u32,
+}
+
+struct InHandler {
+    shared: Arc<Mutex<Shared>>,
+    services: Arc<Services>,
+}
+
+impl InHandler {
+    fn check(&self, user: &str, password: &str) -> Response {
+        let ok = self.services.cfg.listen.users.iter().any(|u| {
+            ct_eq(u.username.as_bytes(), user.as_bytes())
+                & ct_eq(u.password.expose().as_bytes(), password.as_bytes())
+        });
+        let mut sh = self.shared.lock().unwrap();
+        if ok {
+            sh.auth_user = Some(user.to_string());
+            Response::custom(235, "2.7.0 Authentication successful".into())
+        } else {
+            sh.auth_failures += 1;
+            tracing::warn!(user, "AUTH failed");
+            Response::custom(535, "5.7.8 Authentication credentials invalid".into())
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not leak a prefix.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for (x, y) in a.iter().zip(b.iter()) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+impl Handler for InHandler {
+    fn data_start(&mut self, _d: &str, _f: &str, _8: bool, _to: &[String]) -> Response {
+        let mut sh = self.shared.lock().unwrap();
+        sh.data.clear();
+        sh.oversize = false;
+        mailin::response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let mut sh = self.shared.lock().unwrap();
+        if sh.oversize {
+            return Ok(());
+        }
+        if sh.data.len() + buf.len() > sh.max_size {
+            // Keep reading to the end of DATA, but stop holding the bytes.
+            sh.oversize = true;
+            sh.data = Vec::new();
+        } else {
+            sh.data.extend_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn auth_plain(&mut self, authz: &str, authn: &str, password: &str) -> Response {
+        if !authz.is_empty() && authz != authn {
+            return Response::custom(535, "5.7.8 Authorization identity not allowed".into());
+        }
+        self.check(authn, password)
+    }
+
+    fn auth_login(&mut self, user: &str, password: &str) -> Response {
+        self.check(user, password)
+    }
+}
+
+fn reply(out: &mut Vec<u8>, code: u16, text: &str) {
+    out.extend_from_slice(format!("{code} {text}\r\n").as_bytes());
+}
+
+fn write_response(out: &mut Vec<u8>, r: &Response) {
+    let _ = r.write_to(out);
+}
+
+/// What a MAIL FROM or RCPT TO line says, parsed leniently.
+#[derive(Debug, PartialEq)]
+pub struct PathArg {
+    pub addr: String,
+    pub params: Vec<(String, Option<String>)>,
+}
+
+/// Parses the argument of `MAIL FROM:` / `RCPT TO:` (after the colon):
+/// optional spaces, `<path>` (or a bare path), then ESMTP parameters.
+pub fn parse_path(arg: &str) -> Result<PathArg, &'static str> {
+    let arg = arg.trim_start();
+    let (addr, rest) = if let Some(stripped) = arg.strip_prefix('<') {
+        // A quoted local part may contain '>'; find the closing bracket
+        // outside quotes.
+        let mut in_quote = false;
+        let mut escaped = false;
+        let mut end = None;
+        for (i, c) in stripped.char_indices() {
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match c {
+                '\\' if in_quote => escaped = true,
+                '"' => in_quote = !in_quote,
+                '>' if !in_quote => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let end = end.ok_or("missing '>'")?;
+        (&stripped[..end], &stripped[end + 1..])
+    } else {
+        match arg.find(' ') {
+            Some(i) => (&arg[..i], &arg[i..]),
+            None => (arg, ""),
+        }
+    };
+    // Source routes (<@a,@b:user@c>) are obsolete; keep the mailbox.
+    let addr = match addr.strip_prefix('@') {
+        Some(r) => r.split_once(':').map(|(_, m)| m).ok_or("bad source route")?,
+        None => addr,
+    };
+    if addr.chars().any(|c| c.is_control()) || addr.len() > 320 {
+        return Err("bad address");
+    }
+    if !rest.is_empty() && !rest.starts_with(' ') {
+        return Err("junk after address");
+    }
+    let mut params = Vec::new();
+    for p in rest.split_ascii_whitespace() {
+        let (k, v) = match p.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (p, None),
+        };
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err("bad parameter");
+        }
+        params.push((k.to_ascii_uppercase(), v));
+    }
+    Ok(PathArg {
+        addr: addr.to_string(),
+        params,
+    })
+}
+
+/// A recipient must be `local@domain` with a dotted or bracketed domain.
+fn valid_recipient(addr: &str) -> bool {
+    match addr.rsplit_once('@') {
+        Some((local, domain)) => {
+            let quoted = local.starts_with('"') && local.ends_with('"') && local.len() >= 2;
+            !local.is_empty()
+                && (quoted || !local.contains(char::is_whitespace))
+                && (domain.contains('.') || domain.starts_with('['))
+                && !domain.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// Runs one connection to its end. `implicit_tls` is set for `smtps`.
+pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+    let cfg = &services.cfg;
+    let _ = tcp.set_nodelay(true);
+    let stream = if implicit_tls {
+        let Some(acceptor) = services.tls.clone() else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    } else {
+        Stream::Plain(tcp)
+    };
+
+    let ip = peer.ip();
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
+    // Clients outside allowed_networks must authenticate; mailin then
+    // refuses MAIL until they have. Clients inside need not, and get no
+    // AUTH (mailin would otherwise demand it of them too).
+    let offer_auth = !allowed && !cfg.listen.users.is_empty();
+    let mut builder = SessionBuilder::new(cfg.hostname.clone());
+    if services.tls.is_some() && !implicit_tls {
+        builder.enable_start_tls();
+    }
+    if offer_auth {
+        builder
+            .enable_auth(AuthMechanism::Plain)
+            .enable_auth(AuthMechanism::Login);
+        if ip.is_loopback() {
+            // Credentials never cross a network in clear text from loopback.
+            builder.insecure_enable_plaintext_auth();
+        }
+    }
+    let shared = Arc::new(Mutex::new(Shared {
+        data: Vec::new(),
+        oversize: false,
+        max_size: cfg.listen.max_message_size,
+        auth_user: None,
+        auth_failures: 0,
+    }));
+    let handler = InHandler {
+        shared: shared.clone(),
+        services: services.clone(),
+    };
+    let mut session = builder.build(ip, handler);
+    if implicit_tls {
+        session.tls_active();
+    }
+
+    let mut reader = BufReader::new(stream);
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut line = Vec::with_capacity(1024);
+    let mut shutdown = services.shutdown.clone();
+    reply(
+        &mut out,
+        220,
+        &format!("{} ESMTP herald", cfg.hostname),
+    );
+
+    let mut helo = String::new();
+    let mut txn: Option<Transaction> = None;
+    let mut in_data = false;
+    let mut data_prev_bare_lf = false;
+    let mut data_line_too_long = false;
+    let mut auth_continuation = false;
+
+    loop {
+        // PIPELINING: answer in one write once the client's batch is read.
+        if !out.is_empty() && reader.buffer().is_empty() {
+            if reader.get_mut().write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        let max = if in_data { MAX_DATA_LINE } else { MAX_COMMAND_LINE };
+        let read = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut reader, &mut line, max)) => r,
+            _ = shutdown.wait(), if !in_data => {
+                reply(&mut out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
+                break;
+            }
+        };
+        let status = match read {
+            Err(_) => {
+                reply(&mut out, 421, &format!("4.4.2 {} Timeout, closing connection", cfg.hostname));
+                break;
+            }
+            Ok(Err(_)) => return,
+            Ok(Ok(Line::Eof)) => return,
+            Ok(Ok(s)) => s,
+        };
+
+        if in_data {
+            if status == Line::TooLong {
+                data_line_too_long = true;
+                data_prev_bare_lf = false;
+                continue;
+            }
+            let bare_lf = !line.ends_with(b"\r\n");
+            if bare_lf {
+                // Normalise to CRLF so what we store and relay is valid.
+                line.pop();
+                line.extend_from_slice(b"\r\n");
+            }
+            let is_end = line == b".\r\n" && !data_prev_bare_lf;
+            if !is_end && data_prev_bare_lf && line.first() == Some(&b'.') {
+                // This line did not start after a CRLF, so it was not
+                // dot-stuffed: protect its leading dot from mailin.
+                line.insert(0, b'.');
+            }
+            data_prev_bare_lf = bare_lf;
+            let r = session.process(&line);
+            if !is_end {
+                if r.action != Action::NoReply {
+                    write_response(&mut out, &r);
+                }
+                continue;
+            }
+            in_data = false;
+            let (data, oversize) = {
+                let mut sh = shared.lock().unwrap();
+                (std::mem::take(&mut sh.data), sh.oversize)
+            };
+            let Some(t) = txn.take() else {
+                reply(&mut out, 503, "5.5.1 Bad sequence of commands");
+                continue;
+            };
+            if oversize {
+                reply(
+                    &mut out,
+                    552,
+                    &format!(
+                        "5.3.4 Message too big (limit {} bytes)",
+                        cfg.listen.max_message_size
+                    ),
+                );
+            } else if data_line_too_long {
+                reply(
+                    &mut out,
+                    500,
+                    &format!("5.5.2 Message line too long (limit {MAX_DATA_LINE} bytes with CRLF)"),
+                );
+            } else {
+                // Anything the client pipelined after the dot waits; the
+                // reply goes out only after the commit.
+                let (code, text) = reception::accept(&services, t, data).await;
+                reply(&mut out, code, &text);
+            }
+            continue;
+        }
+
+        if status == Line::TooLong {
+            reply(
+                &mut out,
+                500,
+                &format!("5.5.2 Line too long (limit {MAX_COMMAND_LINE} bytes)"),
+            );
+            continue;
+        }
+        if !line.ends_with(b"\r\n") {
+            reply(&mut out, 500, "5.5.2 Syntax error: command not terminated by CRLF");
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+        let verb = text
+            .split([' ', ':'])
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let authed = shared.lock().unwrap().auth_user.is_some();
+        if auth_continuation {
+            let r = session.process(&line);
+            auth_continuation = r.code == 334;
+            write_response(&mut out, &r);
+            if shared.lock().unwrap().auth_failures >= MAX_AUTH_FAILURES {
+                reply(&mut out, 421, "4.7.0 Too many authentication failures");
+                break;
+            }
+            continue;
+        }
+
+        match verb.as_str() {
+            "EHLO" | "HELO" => {
+                let r = session.process(&line);
+                if r.code == 250 {
+                    helo = text[4..].trim().to_string();
+                    txn = None;
+                    if verb == "EHLO" {
+                        let mut exts = vec![
+                            "PIPELINING".to_string(),
+                            format!("SIZE {}", cfg.listen.max_message_size),
+                        ];
+                        // Keep what mailin advertises (8BITMIME, STARTTLS, AUTH).
+                        let buf = r.buffer().unwrap_or_default();
+                        for l in String::from_utf8_lossy(&buf).lines().skip(1) {
+                            exts.push(l.get(4..).unwrap_or("").to_string());
+                        }
+                        out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
+                        for (i, e) in exts.iter().enumerate() {
+                            let sep = if i + 1 == exts.len() { ' ' } else { '-' };
+                            out.extend_from_slice(format!("250{sep}{e}\r\n").as_bytes());
+                        }
+                    } else {
+                        reply(&mut out, 250, &cfg.hostname);
+                    }
+                } else {
+                    write_response(&mut out, &r);
+                }
+            }
+            "MAIL" => {
+                let Some(arg) = strip_prefix_ci(&text, "MAIL FROM:") else {
+                    reply(&mut out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
+                    continue;
+                };
+                if helo.is_empty() {
+                    reply(&mut out, 503, "5.5.1 Send EHLO or HELO first");
+                    continue;
+                }
+                if txn.is_some() {
+                    reply(&mut out, 503, "5.5.1 Nested MAIL command");
+                    continue;
+                }
+                if !allowed && !authed {
+                    if offer_auth {
+                        reply(&mut out, 530, "5.7.0 Authentication required");
+                    } else {
+                        reply(
+                            &mut out,
+                            550,
+                            &format!("5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"),
+                        );
+                    }
+                    continue;
+                }
+                let p = match parse_path(arg) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        reply(&mut out, 501, &format!("5.1.7 Bad sender address syntax: {why}"));
+                        continue;
+                    }
+                };
+                if !p.addr.is_empty() && !p.addr.contains('@') {
+                    reply(&mut out, 501, "5.1.7 Bad sender address syntax");
+                    continue;
+                }
+                let mut body8 = false;
+                let mut bad_param = None;
+                for (k, v) in &p.params {
+                    match (k.as_str(), v.as_deref()) {
+                        ("SIZE", Some(n)) => match n.parse::<u64>() {
+                            Ok(n) if n > cfg.listen.max_message_size as u64 => {
+                                bad_param = Some((
+                                    552,
+                                    format!(
+                                        "5.3.4 Message size exceeds limit ({} bytes)",
+                                        cfg.listen.max_message_size
+                                    ),
+                                ));
+                            }
+                            Ok(_) => {}
+                            Err(_) => bad_param = Some((501, "5.5.4 Bad SIZE value".into())),
+                        },
+                        ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
+                        ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
+                        ("SMTPUTF8", None) | ("AUTH", Some(_)) => {}
+                        _ => {
+                            bad_param =
+                                Some((555, format!("5.5.4 Unsupported parameter {k}")));
+                        }
+                    }
+                }
+                if let Some((code, text)) = bad_param {
+                    reply(&mut out, code, &text);
+                    continue;
+                }
+                // mailin only needs to move to its MAIL state.
+                let norm: &[u8] = if body8 {
+                    b"MAIL FROM:<sender@herald.invalid> BODY=8BITMIME\r\n"
+                } else {
+                    b"MAIL FROM:<sender@herald.invalid>\r\n"
+                };
+                let r = session.process(norm);
+                if r.code == 250 {
+                    let auth_user = shared.lock().unwrap().auth_user.clone();
+                    txn = Some(Transaction {
+                        peer: ip,
+                        helo: helo.clone(),
+                        tls: reader.get_ref().is_tls(),
+                        auth_user,
+                        sender: p.addr,
+                        rcpts: Vec::new(),
+                    });
+                    reply(&mut out, 250, "2.1.0 Ok");
+                } else {
+                    write_response(&mut out, &r);
+                }
+            }
+            "RCPT" => {
+                let Some(arg) = strip_prefix_ci(&text, "RCPT TO:") else {
+                    reply(&mut out, 501, "5.5.4 Syntax: RCPT TO:<address>");
+                    continue;
+                };
+                let Some(t) = txn.as_mut() else {
+                    reply(&mut out, 503, "5.5.1 Need MAIL command first");
+                    continue;
+                };
+                let p = match parse_path(arg) {
+                    Ok(p) if valid_recipient(&p.addr) => p,
+                    Ok(_) => {
+                        reply(&mut out, 501, "5.1.3 Bad recipient address syntax");
+                        continue;
+                    }
+                    Err(why) => {
+                        reply(&mut out, 501, &format!("5.1.3 Bad recipient address syntax: {why}"));
+                        continue;
+                    }
+                };
+                if let Some((k, _)) = p.params.first() {
+                    reply(&mut out, 555, &format!("5.5.4 Unsupported parameter {k}"));
+                    continue;
+                }
+                if t.rcpts.len() >= cfg.listen.max_recipients {
+                    reply(
+                        &mut out,
+                        452,
+                        &format!("4.5.3 Too many recipients (limit {})", cfg.listen.max_recipients),
+                    );
+                    continue;
+                }
+                let r = session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
+                if r.code == 250 {
+                    if !t.rcpts.iter().any(|x| x.eq_ignore_ascii_case(&p.addr)) {
+                        t.rcpts.push(p.addr);
+                    }
+                    reply(&mut out, 250, "2.1.5 Ok");
+                } else {
+                    write_response(&mut out, &r);
+                }
+            }
+            "DATA" => {
+                if txn.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
+                    reply(&mut out, 503, "5.5.1 Need RCPT command first");
+                    continue;
+                }
+                let r = session.process(&line);
+                if r.code == 354 {
+                    in_data = true;
+                    data_prev_bare_lf = false;
+                    data_line_too_long = false;
+                    reply(&mut out, 354, "End data with <CR><LF>.<CR><LF>");
+                } else {
+                    write_response(&mut out, &r);
+                }
+            }
+            "RSET" => {
+                txn = None;
+                let r = session.process(b"RSET\r\n");
+                write_response(&mut out, &r);
+            }
+            "BDAT" => reply(&mut out, 502, "5.5.1 BDAT not implemented; use DATA"),
+            "STARTTLS" => {
+                let r = session.process(&line);
+                write_response(&mut out, &r);
+                if r.action != Action::UpgradeTls {
+                    continue;
+                }
+                if reader.get_mut().write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+                // Bytes pipelined after STARTTLS were sent in clear text
+                // and must not be read as if they came over TLS.
+                let stream = reader.into_inner();
+                let (Stream::Plain(tcp), Some(acceptor)) = (stream, services.tls.clone()) else {
+                    return;
+                };
+                let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "STARTTLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                reader = BufReader::new(Stream::ServerTls(Box::new(tls)));
+                session.tls_active();
+                helo.clear();
+                txn = None;
+            }
+            "AUTH" => {
+                if !offer_auth {
+                    reply(&mut out, 503, "5.5.1 AUTH not available (your address is already allowed, or no users are configured)");
+                    continue;
+                }
+                if !reader.get_ref().is_tls() && !ip.is_loopback() {
+                    reply(&mut out, 538, "5.7.11 Encryption required: use STARTTLS first");
+                    continue;
+                }
+                if authed {
+                    reply(&mut out, 503, "5.5.1 Already authenticated");
+                    continue;
+                }
+                let r = session.process(&line);
+                write_response(&mut out, &r);
+                // AUTH LOGIN / AUTH PLAIN without initial response: the
+                // next lines are base64 answers, not commands.
+                auth_continuation = r.code == 334;
+                if shared.lock().unwrap().auth_failures >= MAX_AUTH_FAILURES {
+                    reply(&mut out, 421, "4.7.0 Too many authentication failures");
+                    break;
+                }
+            }
+            "QUIT" => {
+                reply(&mut out, 221, "2.0.0 Bye");
+                break;
+            }
+            "NOOP" => reply(&mut out, 250, "2.0.0 Ok"),
+            "VRFY" => reply(&mut out, 252, "2.5.0 Cannot VRFY user, but will accept message"),
+            "HELP" => reply(&mut out, 214, "2.0.0 See RFC 5321"),
+            _ => reply(&mut out, 500, "5.5.2 Command not recognized"),
+        }
+    }
+    let _ = reader.get_mut().write_all(&out).await;
+    let _ = reader.get_mut().shutdown().await;
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths_leniently() {
+        assert_eq!(parse_path("<>").unwrap().addr, "");
+        assert_eq!(parse_path(" <a@b.c>").unwrap().addr, "a@b.c");
+        let p = parse_path("<a@b.c> SIZE=100 BODY=8BITMIME").unwrap();
+        assert_eq!(p.params[0], ("SIZE".into(), Some("100".into())));
+        assert_eq!(parse_path("a@b.c").unwrap().addr, "a@b.c");
+        assert_eq!(parse_path("<\"x y>\"@b.c>").unwrap().addr, "\"x y>\"@b.c");
+        assert_eq!(parse_path("<@r1,@r2:u@d.e>").unwrap().addr, "u@d.e");
+        assert!(parse_path("<a@b.c").is_err());
+        assert!(parse_path("<a@b.c>junk").is_err());
+    }
+
+    #[test]
+    fn recipients_need_a_domain() {
+        assert!(valid_recipient("a@b.c"));
+        assert!(valid_recipient("\"a b\"@b.c"));
+        assert!(!valid_recipient("postmaster"));
+        assert!(!valid_recipient("a@"));
+        assert!(!valid_recipient("a b@c.d"));
+    }
+}
