@@ -363,7 +363,9 @@ fn socket_addrs(key: &str, v: &[String]) -> Result<Vec<SocketAddr>, ConfigError>
             s.parse::<SocketAddr>().map_err(|_| {
                 bad(
                     key,
-                    format!("{s:?} is not an address:port such as \"127.0.0.1:2525\" or \"[::1]:2525\""),
+                    format!(
+                        "{s:?} is not an address:port such as \"127.0.0.1:2525\" or \"[::1]:2525\""
+                    ),
                 )
             })
         })
@@ -381,7 +383,10 @@ pub fn check_address(key: &str, s: &str) -> Result<String, ConfigError> {
         {
             Ok(s.to_string())
         }
-        _ => Err(bad(key, format!("{s:?} is not an address like user@example.com"))),
+        _ => Err(bad(
+            key,
+            format!("{s:?} is not an address like user@example.com"),
+        )),
     }
 }
 
@@ -590,7 +595,10 @@ impl Config {
             if !p.is_file() {
                 return Err(bad(
                     format!("{key}.private_key"),
-                    format!("{} does not exist (make one with herald dkim-keygen)", p.display()),
+                    format!(
+                        "{} does not exist (make one with herald dkim-keygen)",
+                        p.display()
+                    ),
                 ));
             }
             dkim.push(DkimKey {
@@ -693,10 +701,16 @@ impl Config {
             .map(|s| parse_duration("delivery.retry_schedule", s))
             .collect::<Result<Vec<_>, _>>()?;
         if retry_schedule.is_empty() {
-            return Err(bad("delivery.retry_schedule", "must have at least one value"));
+            return Err(bad(
+                "delivery.retry_schedule",
+                "must have at least one value",
+            ));
         }
         if retry_schedule.iter().any(|d| d.is_zero()) {
-            return Err(bad("delivery.retry_schedule", "values must be longer than 0s"));
+            return Err(bad(
+                "delivery.retry_schedule",
+                "values must be longer than 0s",
+            ));
         }
         let max_age = parse_duration("delivery.max_age", d.max_age.as_deref().unwrap_or("2d"))?;
         if max_age.is_zero() {
@@ -760,12 +774,19 @@ impl Config {
             secret_file: t.secret_file.as_deref().map(rel),
         };
         if tracking.enabled {
-            if !(tracking.base_url.starts_with("http://") || tracking.base_url.starts_with("https://"))
+            if !(tracking.base_url.starts_with("http://")
+                || tracking.base_url.starts_with("https://"))
             {
-                return Err(bad("tracking.base_url", "must be an http:// or https:// URL"));
+                return Err(bad(
+                    "tracking.base_url",
+                    "must be an http:// or https:// URL",
+                ));
             }
             if tracking.secret_file.is_none() {
-                return Err(bad("tracking.secret_file", "required when tracking is enabled"));
+                return Err(bad(
+                    "tracking.secret_file",
+                    "required when tracking is enabled",
+                ));
             }
         }
 
@@ -787,7 +808,10 @@ impl Config {
                 .iter()
                 .map(|s| {
                     s.parse::<SocketAddr>()
-                        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .or_else(|_| {
+                            s.parse::<std::net::IpAddr>()
+                                .map(|ip| SocketAddr::new(ip, 53))
+                        })
                         .map_err(|_| {
                             bad("dns.nameservers", format!("{s:?} is not an IP or IP:port"))
                         })
@@ -813,7 +837,11 @@ impl Config {
 
     /// The upstream for mail with this original sender domain and AUTH user.
     /// First matching `[[routes]]` entry wins; else `[delivery] upstream`.
-    pub fn route_for(&self, sender_domain: Option<&str>, auth_user: Option<&str>) -> Option<&Route> {
+    pub fn route_for(
+        &self,
+        sender_domain: Option<&str>,
+        auth_user: Option<&str>,
+    ) -> Option<&Route> {
         self.routes.iter().find(|r| {
             let dom_ok = match (&r.sender_domain, sender_domain) {
                 (None, _) => true,
@@ -860,9 +888,18 @@ mod tests {
             ("[listen]\nsmtp = [\"nowhere\"]\n", "listen.smtp"),
             ("[listen]\nmax_recipients = 0\n", "listen.max_recipients"),
             ("[delivery]\nupstream = \"nope\"\n", "delivery.upstream"),
-            ("[delivery]\nretry_schedule = []\n", "delivery.retry_schedule"),
-            ("[listen]\nallowed_networks = [\"10.0.0.0/99\"]\n", "listen.allowed_networks"),
-            ("[upstreams.p]\nhost = \"h\"\nsecurity = \"ssl\"\n", "upstreams.p.security"),
+            (
+                "[delivery]\nretry_schedule = []\n",
+                "delivery.retry_schedule",
+            ),
+            (
+                "[listen]\nallowed_networks = [\"10.0.0.0/99\"]\n",
+                "listen.allowed_networks",
+            ),
+            (
+                "[upstreams.p]\nhost = \"h\"\nsecurity = \"ssl\"\n",
+                "upstreams.p.security",
+            ),
             ("[listen]\nbogus = 1\n", "bogus"),
         ];
         for (extra, key) in cases {
@@ -876,7 +913,10 @@ mod tests {
 
     #[test]
     fn backoff_repeats_the_last_value() {
-        let c = parse(&format!("{MIN}[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n")).unwrap();
+        let c = parse(&format!(
+            "{MIN}[delivery]\nretry_schedule = [\"1s\", \"2s\"]\n"
+        ))
+        .unwrap();
         assert_eq!(c.delivery.backoff(1), Duration::from_secs(1));
         assert_eq!(c.delivery.backoff(2), Duration::from_secs(2));
         assert_eq!(c.delivery.backoff(9), Duration::from_secs(2));

@@ -50,7 +50,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("herald: cannot start the runtime: {e}");

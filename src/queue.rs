@@ -337,7 +337,16 @@ mod tests {
             s.insert(&env, b"abc").unwrap();
             s.commit().await.unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        // The committer thread lets go of the database lock when it sees
+        // the channel close; give it a moment.
+        let s = (0..100)
+            .find_map(|_| {
+                Store::open(dir.path()).ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                })
+            })
+            .expect("reopen");
         assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
         assert_eq!(s.all().unwrap().len(), 1);
         s.remove("ID1").unwrap();

@@ -72,9 +72,9 @@ pub fn split(msg: &[u8]) -> Result<(Vec<Field<'_>>, &[u8]), RewriteError> {
             }
         } else {
             let colon = line.iter().position(|&b| b == b':');
-            let name = colon.map(|c| &line[..c]).filter(|n| {
-                !n.is_empty() && n.iter().all(|&b| (33..=126).contains(&b))
-            });
+            let name = colon
+                .map(|c| &line[..c])
+                .filter(|n| !n.is_empty() && n.iter().all(|&b| (33..=126).contains(&b)));
             match name {
                 Some(n) => fields.push(Field {
                     // printable ASCII, so valid UTF-8
@@ -111,7 +111,11 @@ fn received_header(cfg: &Config, t: &Transaction, id: &str) -> String {
     };
     format!(
         "Received: from {} ({})\r\n\tby {} (herald) with {} id {}{};\r\n\t{}\r\n",
-        if t.helo.is_empty() { "unknown" } else { &t.helo },
+        if t.helo.is_empty() {
+            "unknown"
+        } else {
+            &t.helo
+        },
         t.peer,
         cfg.hostname,
         with,
@@ -127,7 +131,11 @@ fn domain_of_mailbox(value: &str) -> Option<String> {
         _ => value,
     };
     addr.rsplit_once('@')
-        .map(|(_, d)| d.trim().trim_end_matches(['>', ';', ',']).to_ascii_lowercase())
+        .map(|(_, d)| {
+            d.trim()
+                .trim_end_matches(['>', ';', ','])
+                .to_ascii_lowercase()
+        })
         .filter(|d| !d.is_empty())
 }
 

@@ -52,7 +52,10 @@ pub fn server_config(cert: &Path, key: &Path) -> io::Result<Arc<rustls::ServerCo
 /// the system roots, or against `ca_file` alone when it is given;
 /// `verify = false` is the explicit opt-out for a relay with a self-made
 /// certificate.
-pub fn client_config(ca_file: Option<&Path>, verify: bool) -> io::Result<Arc<rustls::ClientConfig>> {
+pub fn client_config(
+    ca_file: Option<&Path>,
+    verify: bool,
+) -> io::Result<Arc<rustls::ClientConfig>> {
     let builder = rustls::ClientConfig::builder();
     let cfg = if !verify {
         builder

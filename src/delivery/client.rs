@@ -60,7 +60,14 @@ impl ConnError {
 pub fn reply_text(r: &Response<String>) -> String {
     let msg = r.message.replace(['\r', '\n'], " ");
     if r.esc[0] != 0 {
-        format!("{} {}.{}.{} {}", r.code, r.esc[0], r.esc[1], r.esc[2], msg.trim())
+        format!(
+            "{} {}.{}.{} {}",
+            r.code,
+            r.esc[0],
+            r.esc[1],
+            r.esc[2],
+            msg.trim()
+        )
     } else {
         format!("{} {}", r.code, msg.trim())
     }
@@ -88,20 +95,22 @@ fn classify_reply(host: &str, r: &Response<String>, what: &str) -> ConnError {
     }
 }
 
-async fn tls_wrap(
-    target: &Target,
-    tcp: TcpStream,
-) -> Result<Stream, ConnError> {
-    let name = rustls::pki_types::ServerName::try_from(target.host.clone()).map_err(|_| {
-        ConnError::Route(format!("{}: not a valid TLS server name", target.host))
-    })?;
+async fn tls_wrap(target: &Target, tcp: TcpStream) -> Result<Stream, ConnError> {
+    let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|_| ConnError::Route(format!("{}: not a valid TLS server name", target.host)))?;
     let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
     match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => Ok(Stream::ClientTls(Box::new(s))),
         // A certificate that does not verify is a problem of the route, and
         // retrying soon will not fix it, but the mail must not bounce.
-        Ok(Err(e)) => Err(ConnError::Route(format!("{}: TLS handshake: {e}", target.host))),
-        Err(_) => Err(ConnError::Temporary(format!("{}: TLS handshake timed out", target.host))),
+        Ok(Err(e)) => Err(ConnError::Route(format!(
+            "{}: TLS handshake: {e}",
+            target.host
+        ))),
+        Err(_) => Err(ConnError::Temporary(format!(
+            "{}: TLS handshake timed out",
+            target.host
+        ))),
     }
 }
 
@@ -180,9 +189,8 @@ pub async fn connect(target: &Target) -> Result<Client, ConnError> {
         let creds = mail_send::Credentials::new(user.clone(), pass.expose().to_string());
         if let Err(e) = client.authenticate(&creds, &caps).await {
             return Err(match &e {
-                mail_send::Error::AuthenticationFailed(r) | mail_send::Error::UnexpectedReply(r) => {
-                    classify_reply(&target.host, r, "AUTH")
-                }
+                mail_send::Error::AuthenticationFailed(r)
+                | mail_send::Error::UnexpectedReply(r) => classify_reply(&target.host, r, "AUTH"),
                 mail_send::Error::UnsupportedAuthMechanism => ConnError::Route(format!(
                     "{}: AUTH: the server offers no mechanism we support (PLAIN, LOGIN)",
                     target.host
@@ -206,7 +214,10 @@ pub enum Verdict {
 pub enum Outcome {
     /// A verdict per recipient (same order as given); the connection can be
     /// reused when `reusable`.
-    Judged { verdicts: Vec<Verdict>, reusable: bool },
+    Judged {
+        verdicts: Vec<Verdict>,
+        reusable: bool,
+    },
     /// MAIL FROM refused with 5xx: the route's problem, not the recipients'.
     RouteRefused(String),
     /// The connection failed mid-way; nobody was judged.

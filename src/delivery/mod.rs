@@ -237,10 +237,7 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
         security: u.security,
         opportunistic: false,
         tls,
-        credentials: u
-            .username
-            .clone()
-            .zip(u.password.clone()),
+        credentials: u.username.clone().zip(u.password.clone()),
         helo: s.cfg.hostname.clone(),
     })
 }
@@ -285,10 +282,20 @@ fn apply(
                 r.status = RcptStatus::Deferred;
                 let next = now + cfg.backoff(r.attempts).as_millis() as u64;
                 r.next_attempt = next.min(expires);
-                let what = if route_failure { "route refused" } else { "deferred" };
+                let what = if route_failure {
+                    "route refused"
+                } else {
+                    "deferred"
+                };
                 (
                     EventKind::Deferred,
-                    format!("{t} ({what}; attempt {}, next in {})", r.attempts, humantime::format_duration(Duration::from_secs((r.next_attempt - now) / 1000))),
+                    format!(
+                        "{t} ({what}; attempt {}, next in {})",
+                        r.attempts,
+                        humantime::format_duration(Duration::from_secs(
+                            (r.next_attempt - now) / 1000
+                        ))
+                    ),
                 )
             }
         }
@@ -460,9 +467,8 @@ pub fn client_tls_configs(
             // Never used for TLS, but keeps the map total.
             crate::tls::client_config(None, false)?
         } else {
-            crate::tls::client_config(u.ca_file.as_deref(), u.tls_verify).map_err(|e| {
-                std::io::Error::other(format!("upstreams.{name}: {e}"))
-            })?
+            crate::tls::client_config(u.ca_file.as_deref(), u.tls_verify)
+                .map_err(|e| std::io::Error::other(format!("upstreams.{name}: {e}")))?
         };
         out.insert(name.clone(), c);
     }

@@ -36,7 +36,11 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
                     too_long = true;
                 }
                 r.consume(i + 1);
-                return Ok(if too_long { Line::TooLong } else { Line::Complete });
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Complete
+                });
             }
             None => {
                 let n = avail.len();
@@ -61,10 +65,19 @@ mod tests {
         let input: &[u8] = b"EHLO a\r\nxxxxxxxxxxxxxxxxxxxx\r\nQUIT\r\npartial";
         let mut r = tokio::io::BufReader::with_capacity(4, input);
         let mut buf = Vec::new();
-        assert_eq!(read_line(&mut r, &mut buf, 10).await.unwrap(), Line::Complete);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 10).await.unwrap(),
+            Line::Complete
+        );
         assert_eq!(buf, b"EHLO a\r\n");
-        assert_eq!(read_line(&mut r, &mut buf, 10).await.unwrap(), Line::TooLong);
-        assert_eq!(read_line(&mut r, &mut buf, 10).await.unwrap(), Line::Complete);
+        assert_eq!(
+            read_line(&mut r, &mut buf, 10).await.unwrap(),
+            Line::TooLong
+        );
+        assert_eq!(
+            read_line(&mut r, &mut buf, 10).await.unwrap(),
+            Line::Complete
+        );
         assert_eq!(buf, b"QUIT\r\n");
         assert_eq!(read_line(&mut r, &mut buf, 10).await.unwrap(), Line::Eof);
     }

@@ -25,7 +25,9 @@ pub struct Transaction {
 }
 
 fn domain_of(addr: &str) -> Option<&str> {
-    addr.rsplit_once('@').map(|(_, d)| d).filter(|d| !d.is_empty())
+    addr.rsplit_once('@')
+        .map(|(_, d)| d)
+        .filter(|d| !d.is_empty())
 }
 
 /// Queues the message; returns the SMTP reply to send.
@@ -43,7 +45,10 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
     if delay > cfg.delivery.max_age {
         return (
             554,
-            format!("5.6.0 X-Herald-Delay is longer than delivery.max_age ({})", humantime::format_duration(cfg.delivery.max_age)),
+            format!(
+                "5.6.0 X-Herald-Delay is longer than delivery.max_age ({})",
+                humantime::format_duration(cfg.delivery.max_age)
+            ),
         );
     }
     let route = cfg.route_for(
@@ -91,7 +96,10 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             if delay.is_zero() {
                 String::new()
             } else {
-                format!(", held {}", humantime::format_duration(Duration::from_secs(delay.as_secs())))
+                format!(
+                    ", held {}",
+                    humantime::format_duration(Duration::from_secs(delay.as_secs()))
+                )
             }
         );
         for r in &env.rcpts {

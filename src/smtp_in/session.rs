@@ -162,7 +162,10 @@ pub fn parse_path(arg: &str) -> Result<PathArg, &'static str> {
     };
     // Source routes (<@a,@b:user@c>) are obsolete; keep the mailbox.
     let addr = match addr.strip_prefix('@') {
-        Some(r) => r.split_once(':').map(|(_, m)| m).ok_or("bad source route")?,
+        Some(r) => r
+            .split_once(':')
+            .map(|(_, m)| m)
+            .ok_or("bad source route")?,
         None => addr,
     };
     if addr.chars().any(|c| c.is_control()) || addr.len() > 320 {
@@ -265,11 +268,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut line = Vec::with_capacity(1024);
     let mut shutdown = services.shutdown.clone();
-    reply(
-        &mut out,
-        220,
-        &format!("{} ESMTP herald", cfg.hostname),
-    );
+    reply(&mut out, 220, &format!("{} ESMTP herald", cfg.hostname));
 
     let mut helo = String::new();
     let mut txn: Option<Transaction> = None;
@@ -286,7 +285,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             }
             out.clear();
         }
-        let max = if in_data { MAX_DATA_LINE } else { MAX_COMMAND_LINE };
+        let max = if in_data {
+            MAX_DATA_LINE
+        } else {
+            MAX_COMMAND_LINE
+        };
         let read = tokio::select! {
             r = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut reader, &mut line, max)) => r,
             _ = shutdown.wait(), if !in_data => {
@@ -296,7 +299,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         };
         let status = match read {
             Err(_) => {
-                reply(&mut out, 421, &format!("4.4.2 {} Timeout, closing connection", cfg.hostname));
+                reply(
+                    &mut out,
+                    421,
+                    &format!("4.4.2 {} Timeout, closing connection", cfg.hostname),
+                );
                 break;
             }
             Ok(Err(_)) => return,
@@ -372,7 +379,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             continue;
         }
         if !line.ends_with(b"\r\n") {
-            reply(&mut out, 500, "5.5.2 Syntax error: command not terminated by CRLF");
+            reply(
+                &mut out,
+                500,
+                "5.5.2 Syntax error: command not terminated by CRLF",
+            );
             continue;
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
@@ -441,7 +452,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         reply(
                             &mut out,
                             550,
-                            &format!("5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"),
+                            &format!(
+                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
+                            ),
                         );
                     }
                     continue;
@@ -449,7 +462,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let p = match parse_path(arg) {
                     Ok(p) => p,
                     Err(why) => {
-                        reply(&mut out, 501, &format!("5.1.7 Bad sender address syntax: {why}"));
+                        reply(
+                            &mut out,
+                            501,
+                            &format!("5.1.7 Bad sender address syntax: {why}"),
+                        );
                         continue;
                     }
                 };
@@ -478,8 +495,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
                         ("SMTPUTF8", None) | ("AUTH", Some(_)) => {}
                         _ => {
-                            bad_param =
-                                Some((555, format!("5.5.4 Unsupported parameter {k}")));
+                            bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
                         }
                     }
                 }
@@ -525,7 +541,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         continue;
                     }
                     Err(why) => {
-                        reply(&mut out, 501, &format!("5.1.3 Bad recipient address syntax: {why}"));
+                        reply(
+                            &mut out,
+                            501,
+                            &format!("5.1.3 Bad recipient address syntax: {why}"),
+                        );
                         continue;
                     }
                 };
@@ -537,7 +557,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(
                         &mut out,
                         452,
-                        &format!("4.5.3 Too many recipients (limit {})", cfg.listen.max_recipients),
+                        &format!(
+                            "4.5.3 Too many recipients (limit {})",
+                            cfg.listen.max_recipients
+                        ),
                     );
                     continue;
                 }
@@ -588,7 +611,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let (Stream::Plain(tcp), Some(acceptor)) = (stream, services.tls.clone()) else {
                     return;
                 };
-                let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))
+                    .await
+                {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "STARTTLS handshake failed");
@@ -607,7 +632,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 if !reader.get_ref().is_tls() && !ip.is_loopback() {
-                    reply(&mut out, 538, "5.7.11 Encryption required: use STARTTLS first");
+                    reply(
+                        &mut out,
+                        538,
+                        "5.7.11 Encryption required: use STARTTLS first",
+                    );
                     continue;
                 }
                 if authed {
@@ -629,7 +658,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 break;
             }
             "NOOP" => reply(&mut out, 250, "2.0.0 Ok"),
-            "VRFY" => reply(&mut out, 252, "2.5.0 Cannot VRFY user, but will accept message"),
+            "VRFY" => reply(
+                &mut out,
+                252,
+                "2.5.0 Cannot VRFY user, but will accept message",
+            ),
             "HELP" => reply(&mut out, 214, "2.0.0 See RFC 5321"),
             _ => reply(&mut out, 500, "5.5.2 Command not recognized"),
         }
@@ -639,7 +672,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    if s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    if s.len() >= prefix.len()
+        && s.is_char_boundary(prefix.len())
+        && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
         Some(&s[prefix.len()..])
     } else {
         None

@@ -1,0 +1,687 @@
+//! Test harness: the real `herald` binary on loopback ports, a scriptable
+//! SMTP sink as its upstream, and a line-level SMTP client.
+//!
+//! Every process and server started here is stopped when its handle drops.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    f()
+}
+
+static PROVIDER: Once = Once::new();
+fn provider() {
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+// ---------------------------------------------------------------- TLS ----
+
+/// A test CA and a leaf certificate for localhost / 127.0.0.1 signed by it
+/// (rustls refuses a self-signed CA:TRUE certificate as an end entity).
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "herald test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+        let p = Pki {
+            dir: dir.to_path_buf(),
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&p.ca, ca.pem()).unwrap();
+        std::fs::write(&p.cert, leaf.pem()).unwrap();
+        std::fs::write(&p.key, leaf_key.serialize_pem()).unwrap();
+        p
+    }
+
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        provider();
+        let certs = rustls_pemfile::certs(&mut BufReader::new(
+            std::fs::File::open(&self.cert).unwrap(),
+        ))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+        let key = rustls_pemfile::private_key(&mut BufReader::new(
+            std::fs::File::open(&self.key).unwrap(),
+        ))
+        .unwrap()
+        .unwrap();
+        Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        )
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        provider();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut BufReader::new(std::fs::File::open(&self.ca).unwrap()))
+        {
+            roots.add(c.unwrap()).unwrap();
+        }
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+pub trait Io: Read + Write + Send {}
+impl<T: Read + Write + Send> Io for T {}
+
+// --------------------------------------------------------------- sink ----
+
+/// One message as the sink received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpts: Vec<String>,
+    pub data: Vec<u8>,
+    pub tls: bool,
+    pub auth: Option<String>,
+}
+
+impl Received {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+/// What the sink answers. Replies are full lines without CRLF.
+#[derive(Default)]
+pub struct Script {
+    /// Replies to the end of DATA, used in order; then "250 2.0.0 ok".
+    pub data_replies: VecDeque<String>,
+    /// RCPT TO reply for addresses containing the key.
+    pub rcpt_replies: Vec<(String, String)>,
+    /// MAIL FROM replies used in order; then "250 2.1.0 ok".
+    pub mail_replies: VecDeque<String>,
+    /// Required credentials (AUTH PLAIN or LOGIN); None: AUTH not offered.
+    pub auth: Option<(String, String)>,
+    /// Offer STARTTLS with this config.
+    pub starttls: Option<Arc<rustls::ServerConfig>>,
+    /// Implicit TLS from the first byte.
+    pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+#[derive(Default)]
+pub struct SinkState {
+    pub script: Script,
+    pub messages: Vec<Received>,
+    /// Every RCPT TO seen, accepted or not.
+    pub rcpt_seen: Vec<String>,
+    pub data_attempts: usize,
+    pub connections: usize,
+    pub auth_failures: usize,
+}
+
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<SinkState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start(script: Script) -> Sink {
+        Self::start_on(0, script)
+    }
+
+    pub fn start_on(port: u16, script: Script) -> Sink {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(SinkState {
+            script,
+            ..Default::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((tcp, _)) => {
+                        tcp.set_nonblocking(false).unwrap();
+                        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        let st = st.clone();
+                        thread::spawn(move || {
+                            let _ = sink_session(tcp, st);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Sink {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn messages(&self) -> Vec<Received> {
+        self.state.lock().unwrap().messages.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().messages.len()
+    }
+
+    pub fn wait_for(&self, n: usize, secs: u64) -> Vec<Received> {
+        wait_until(secs, || self.count() >= n);
+        self.messages()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    st.lock().unwrap().connections += 1;
+    let (implicit, starttls, auth) = {
+        let s = st.lock().unwrap();
+        (
+            s.script.implicit_tls.clone(),
+            s.script.starttls.clone(),
+            s.script.auth.clone(),
+        )
+    };
+    let mut tls = implicit.is_some();
+    let stream: Box<dyn Io> = match implicit {
+        Some(cfg) => Box::new(rustls::StreamOwned::new(
+            rustls::ServerConnection::new(cfg).unwrap(),
+            tcp.try_clone()?,
+        )),
+        None => Box::new(tcp.try_clone()?),
+    };
+    let mut rd = BufReader::new(stream);
+    let mut authed: Option<String> = None;
+    let mut from = String::new();
+    let mut rcpts: Vec<String> = Vec::new();
+    macro_rules! say {
+        ($($t:tt)*) => {{ let s = format!($($t)*); rd.get_mut().write_all(s.as_bytes())?; rd.get_mut().flush()?; }};
+    }
+    say!("220 sink.test ESMTP\r\n");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if rd.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let cmd = line.trim_end().to_string();
+        let up = cmd.to_ascii_uppercase();
+        if up.starts_with("EHLO") {
+            let mut caps = vec![
+                "sink.test".to_string(),
+                "8BITMIME".into(),
+                "SIZE 100000000".into(),
+            ];
+            if starttls.is_some() && !tls {
+                caps.push("STARTTLS".into());
+            }
+            if auth.is_some() {
+                caps.push("AUTH PLAIN LOGIN".into());
+            }
+            let n = caps.len();
+            let mut out = String::new();
+            for (i, c) in caps.iter().enumerate() {
+                out.push_str(&format!(
+                    "250{}{}\r\n",
+                    if i + 1 == n { ' ' } else { '-' },
+                    c
+                ));
+            }
+            say!("{out}");
+        } else if up == "STARTTLS" {
+            let Some(cfg) = starttls.clone() else {
+                say!("502 no\r\n");
+                continue;
+            };
+            say!("220 go ahead\r\n");
+            let conn = rustls::ServerConnection::new(cfg).unwrap();
+            rd = BufReader::new(Box::new(rustls::StreamOwned::new(conn, tcp.try_clone()?)));
+            tls = true;
+        } else if up.starts_with("AUTH PLAIN") || up.starts_with("AUTH LOGIN") {
+            let (user, pass) = if up.starts_with("AUTH PLAIN") {
+                let arg = cmd.get(11..).unwrap_or("").trim().to_string();
+                let arg = if arg.is_empty() {
+                    say!("334 \r\n");
+                    line.clear();
+                    rd.read_line(&mut line)?;
+                    line.trim().to_string()
+                } else {
+                    arg
+                };
+                let raw = b64.decode(arg).unwrap_or_default();
+                let parts: Vec<String> = raw
+                    .split(|&b| b == 0)
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect();
+                (
+                    parts.get(1).cloned().unwrap_or_default(),
+                    parts.get(2).cloned().unwrap_or_default(),
+                )
+            } else {
+                say!("334 VXNlcm5hbWU6\r\n");
+                line.clear();
+                rd.read_line(&mut line)?;
+                let u = String::from_utf8_lossy(&b64.decode(line.trim()).unwrap_or_default())
+                    .into_owned();
+                say!("334 UGFzc3dvcmQ6\r\n");
+                line.clear();
+                rd.read_line(&mut line)?;
+                let p = String::from_utf8_lossy(&b64.decode(line.trim()).unwrap_or_default())
+                    .into_owned();
+                (u, p)
+            };
+            let want = st.lock().unwrap().script.auth.clone();
+            if want == Some((user.clone(), pass)) {
+                authed = Some(user);
+                say!("235 2.7.0 ok\r\n");
+            } else {
+                st.lock().unwrap().auth_failures += 1;
+                say!("535 5.7.8 bad credentials\r\n");
+            }
+        } else if up.starts_with("MAIL FROM:") {
+            if auth.is_some() && authed.is_none() {
+                say!("530 5.7.0 auth required\r\n");
+                continue;
+            }
+            let r = st.lock().unwrap().script.mail_replies.pop_front();
+            let r = r.unwrap_or_else(|| "250 2.1.0 ok".into());
+            if r.starts_with('2') {
+                from = cmd[10..]
+                    .split('>')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches('<')
+                    .to_string();
+                rcpts.clear();
+            }
+            say!("{r}\r\n");
+        } else if up.starts_with("RCPT TO:") {
+            let addr = cmd[8..]
+                .split('>')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches('<')
+                .to_string();
+            let r = {
+                let mut s = st.lock().unwrap();
+                s.rcpt_seen.push(addr.clone());
+                s.script
+                    .rcpt_replies
+                    .iter()
+                    .find(|(k, _)| addr.contains(k.as_str()))
+                    .map(|(_, r)| r.clone())
+            };
+            let r = r.unwrap_or_else(|| "250 2.1.5 ok".into());
+            if r.starts_with('2') {
+                rcpts.push(addr);
+            }
+            say!("{r}\r\n");
+        } else if up == "DATA" {
+            say!("354 go\r\n");
+            let mut data = Vec::new();
+            loop {
+                let mut l = Vec::new();
+                rd.read_until(b'\n', &mut l)?;
+                if l.is_empty() {
+                    return Ok(());
+                }
+                if l == b".\r\n" {
+                    break;
+                }
+                if l.starts_with(b".") {
+                    l.remove(0);
+                }
+                data.extend_from_slice(&l);
+            }
+            let r = {
+                let mut s = st.lock().unwrap();
+                s.data_attempts += 1;
+                s.script.data_replies.pop_front()
+            };
+            let r = r.unwrap_or_else(|| "250 2.0.0 ok: queued".into());
+            if r.starts_with('2') {
+                st.lock().unwrap().messages.push(Received {
+                    mail_from: from.clone(),
+                    rcpts: rcpts.clone(),
+                    data,
+                    tls,
+                    auth: authed.clone(),
+                });
+            }
+            say!("{r}\r\n");
+        } else if up == "RSET" {
+            rcpts.clear();
+            say!("250 ok\r\n");
+        } else if up == "QUIT" {
+            say!("221 bye\r\n");
+            return Ok(());
+        } else if up == "NOOP" {
+            say!("250 ok\r\n");
+        } else {
+            say!("502 unknown\r\n");
+        }
+    }
+}
+
+// ------------------------------------------------------------- herald ----
+
+/// A running `herald serve` with its own directory and config.
+pub struct Herald {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub smtp: SocketAddr,
+    pub child: Option<Child>,
+}
+
+pub const BASE: &str = r#"
+hostname = "relay.test"
+[sender]
+default_sender = "notifications@example.com"
+bounce_address = "bounces@example.com"
+"#;
+
+impl Herald {
+    /// Writes `BASE` + `extra` as the config (with `{smtp}` and `{dir}`
+    /// replaced) and starts herald on it.
+    pub fn start(extra: &str) -> Herald {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Herald {
+        let port = free_port();
+        let smtp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut text = format!("{BASE}{extra}");
+        if !extra.contains("[listen]") {
+            text.push_str("\n[listen]\nsmtp = [\"{smtp}\"]\n");
+        }
+        let text = text
+            .replace("{smtp}", &smtp.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        let config = dir.path().join("herald.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut h = Herald {
+            dir,
+            config,
+            smtp,
+            child: None,
+        };
+        h.spawn();
+        h
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("herald.log")).unwrap_or_default()
+    }
+
+    /// (Re)starts the process on the same config and data.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("herald.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("HERALD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.smtp;
+        let up = wait_until(20, || TcpStream::connect(addr).is_ok());
+        assert!(up, "herald did not start:\n{}", self.log());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit; returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.smtp)
+    }
+
+    /// Runs `herald ARGS --config <this config>` and returns (code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Upstream section pointing at a sink.
+pub fn upstream(port: u16, security: &str, extra: &str) -> String {
+    format!(
+        "\n[delivery]\nupstream = \"up\"\nretry_schedule = [\"1s\"]\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"{security}\"\n{extra}\n"
+    )
+}
+
+// ------------------------------------------------------------- client ----
+
+/// A line-level SMTP client: exact bytes in, replies out.
+pub struct Client {
+    rd: BufReader<Box<dyn Io>>,
+    tcp: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client {
+            rd: BufReader::new(Box::new(tcp.try_clone().unwrap())),
+            tcp,
+        };
+        let (code, _) = c.read_reply();
+        assert_eq!(code, 220);
+        c
+    }
+
+    /// Connects with TLS from the first byte.
+    pub fn connect_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Client {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        let s = rustls::StreamOwned::new(conn, tcp.try_clone().unwrap());
+        let mut c = Client {
+            rd: BufReader::new(Box::new(s)),
+            tcp,
+        };
+        let (code, _) = c.read_reply();
+        assert_eq!(code, 220);
+        c
+    }
+
+    pub fn starttls(&mut self, cfg: Arc<rustls::ClientConfig>) {
+        let (code, text) = self.cmd("STARTTLS");
+        assert_eq!(code, 220, "{text}");
+        let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        let s = rustls::StreamOwned::new(conn, self.tcp.try_clone().unwrap());
+        self.rd = BufReader::new(Box::new(s));
+    }
+
+    /// Reads one (possibly multi-line) reply: (code, all text lines).
+    pub fn read_reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.rd.read_line(&mut line).unwrap_or(0);
+            if n == 0 {
+                return (0, text);
+            }
+            text.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return (code, text);
+            }
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.rd.get_mut().write_all(bytes).unwrap();
+        self.rd.get_mut().flush().unwrap();
+    }
+
+    pub fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+    }
+
+    pub fn ehlo(&mut self) -> String {
+        let (code, text) = self.cmd("EHLO client.test");
+        assert_eq!(code, 250, "{text}");
+        text
+    }
+
+    /// A whole transaction; returns the reply to the end of DATA (or the
+    /// first refusal).
+    pub fn send(&mut self, from: &str, rcpts: &[&str], message: &str) -> (u16, String) {
+        let (c, t) = self.cmd(&format!("MAIL FROM:<{from}>"));
+        if c != 250 {
+            return (c, t);
+        }
+        for r in rcpts {
+            let (c, t) = self.cmd(&format!("RCPT TO:<{r}>"));
+            if c != 250 {
+                return (c, t);
+            }
+        }
+        let (c, t) = self.cmd("DATA");
+        if c != 354 {
+            return (c, t);
+        }
+        let mut body = message.replace("\r\n", "\n").replace('\n', "\r\n");
+        if !body.ends_with("\r\n") {
+            body.push_str("\r\n");
+        }
+        // dot-stuff
+        let body = body
+            .split("\r\n")
+            .map(|l| {
+                if l.starts_with('.') {
+                    format!(".{l}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        self.send_raw(body.as_bytes());
+        self.send_raw(b".\r\n");
+        self.read_reply()
+    }
+}
+
+/// A small message with a unique subject.
+pub fn message(subject: &str) -> String {
+    format!(
+        "From: Claire <claire@customer.test>\nTo: louise@dest.test\nSubject: {subject}\n\nHello,\nyour file is ready.\n"
+    )
+}

@@ -1,0 +1,558 @@
+//! Black-box tests of the relay core: the real binary, real sockets.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn relays_one_and_many_recipients_with_rewritten_envelope_sender() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(ehlo.contains("PIPELINING"), "{ehlo}");
+    assert!(ehlo.contains("SIZE 26214400"), "{ehlo}");
+    assert!(ehlo.contains("8BITMIME"), "{ehlo}");
+    let (code, text) = c.send("app@platform.test", &["one@dest.test"], &message("single"));
+    assert_eq!(code, 250, "{text}");
+    assert!(text.contains("queued as"), "{text}");
+    let (code, _) = c.send(
+        "app@platform.test",
+        &["a@dest.test", "b@dest.test", "c@other.test"],
+        &message("multi"),
+    );
+    assert_eq!(code, 250);
+    c.cmd("QUIT");
+
+    let msgs = sink.wait_for(2, 10);
+    assert_eq!(msgs.len(), 2, "{}", h.log());
+    let single = msgs
+        .iter()
+        .find(|m| m.text().contains("Subject: single"))
+        .unwrap();
+    assert_eq!(single.rcpts, vec!["one@dest.test"]);
+    assert_eq!(single.mail_from, "bounces@example.com");
+    assert!(
+        single
+            .text()
+            .starts_with("Received: from client.test (127.0.0.1)"),
+        "{}",
+        single.text()
+    );
+    assert!(single.text().contains("your file is ready."));
+    let multi = msgs
+        .iter()
+        .find(|m| m.text().contains("Subject: multi"))
+        .unwrap();
+    assert_eq!(
+        multi.rcpts,
+        vec!["a@dest.test", "b@dest.test", "c@other.test"]
+    );
+}
+
+#[test]
+fn accepts_null_sender_space_after_colon_and_pipelining() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    // The whole transaction in one write: replies come back in order.
+    c.send_raw(
+        b"MAIL FROM: <> SIZE=200 BODY=8BITMIME\r\nRCPT TO: <x@dest.test>\r\nDATA\r\nSubject: piped\r\n\r\nb\xc3\xa9\r\n.\r\nQUIT\r\n",
+    );
+    let codes: Vec<u16> = (0..5).map(|_| c.read_reply().0).collect();
+    assert_eq!(codes, vec![250, 250, 354, 250, 221]);
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs.len(), 1);
+    assert!(
+        msgs[0].data.ends_with(b"b\xc3\xa9\r\n"),
+        "8-bit body intact"
+    );
+}
+
+#[test]
+fn smuggling_attempt_does_not_create_a_second_message() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(c.cmd("MAIL FROM:<app@platform.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<legit@dest.test>").0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send_raw(
+        b"Subject: smuggle\r\n\r\nhello\n.\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\nsmuggled\r\n.\r\n",
+    );
+    let (code, text) = c.read_reply();
+    assert_eq!(code, 250, "{text}");
+    // Only one reply: nothing after the bare LF was taken as a command.
+    let (code, _) = c.cmd("NOOP");
+    assert_eq!(code, 250);
+    c.cmd("QUIT");
+    let msgs = sink.wait_for(1, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    let msgs_after = sink.messages();
+    assert_eq!(msgs_after.len(), 1, "{msgs:?}");
+    assert_eq!(msgs_after[0].rcpts, vec!["legit@dest.test"]);
+    assert!(!sink
+        .state
+        .lock()
+        .unwrap()
+        .rcpt_seen
+        .iter()
+        .any(|r| r.contains("victim")));
+    assert!(msgs_after[0].text().contains("smuggled"), "stays content");
+}
+
+#[test]
+fn overlong_lines_and_bad_syntax_get_5xx_and_the_session_goes_on() {
+    let h = Herald::start("");
+    let mut c = h.client();
+    c.ehlo();
+    let long = format!("NOOP {}", "x".repeat(5000));
+    assert_eq!(c.cmd(&long).0, 500);
+    assert_eq!(c.cmd("NOOP").0, 250);
+    assert_eq!(c.cmd("FROB").0, 500);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test").0, 501);
+    assert_eq!(c.cmd("MAIL FROM:<not-an-address>").0, 501);
+    assert_eq!(c.cmd("RCPT TO:<x@dest.test>").0, 503);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test> FOO=1").0, 555);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<postmaster>").0, 501);
+    assert_eq!(c.cmd("DATA").0, 503);
+    c.send_raw(b"NOOP\n");
+    assert_eq!(c.read_reply().0, 500, "bare LF command");
+    // A data line over 1000 bytes: the message is refused, not truncated.
+    assert_eq!(c.cmd("RCPT TO:<x@dest.test>").0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send_raw(format!("Subject: x\r\n\r\n{}\r\n.\r\n", "y".repeat(1200)).as_bytes());
+    assert_eq!(c.read_reply().0, 500);
+    assert_eq!(c.cmd("QUIT").0, 221);
+}
+
+#[test]
+fn oversize_gets_552_and_too_many_recipients_452() {
+    let h = Herald::start(
+        "[listen]\nsmtp = [\"{smtp}\"]\nmax_message_size = 1000\nmax_recipients = 2\n",
+    );
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(ehlo.contains("SIZE 1000"), "{ehlo}");
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test> SIZE=5000").0, 552);
+    let (code, _) = c.send(
+        "a@b.test",
+        &["x@dest.test"],
+        &format!(
+            "Subject: big\n\n{}\n",
+            "z".repeat(100)
+                .repeat(20)
+                .chars()
+                .collect::<Vec<_>>()
+                .chunks(80)
+                .map(|c| c.iter().collect::<String>())
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    );
+    assert_eq!(code, 552);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<1@dest.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<2@dest.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<3@dest.test>").0, 452);
+    assert_eq!(c.cmd("RSET").0, 250);
+}
+
+#[test]
+fn relay_from_outside_allowed_networks_is_refused() {
+    // 127.0.0.1 is outside these networks, and nobody can authenticate.
+    let h = Herald::start("[listen]\nsmtp = [\"{smtp}\"]\nallowed_networks = [\"10.0.0.0/8\"]\n");
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let (code, text) = c.cmd("MAIL FROM:<a@b.test>");
+    assert_eq!(code, 550, "{text}");
+    assert!(text.contains("allowed_networks"), "{text}");
+}
+
+#[test]
+fn auth_is_required_outside_allowed_networks_and_checked() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&format!(
+        "[listen]\nsmtp = [\"{{smtp}}\"]\nallowed_networks = []\n[[listen.users]]\nusername = \"platform\"\npassword = \"s3cret\"\n{}",
+        upstream(sink.port(), "none", "")
+    ));
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 530);
+    let bad = b64.encode(b"\0platform\0wrong");
+    assert_eq!(c.cmd(&format!("AUTH PLAIN {bad}")).0, 535);
+    // AUTH LOGIN, answered line by line.
+    assert_eq!(c.cmd("AUTH LOGIN").0, 334);
+    assert_eq!(c.cmd(&b64.encode("platform")).0, 334);
+    assert_eq!(c.cmd(&b64.encode("s3cret")).0, 235);
+    let (code, text) = c.send("a@b.test", &["x@dest.test"], &message("authed"));
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(sink.wait_for(1, 10).len(), 1);
+    assert!(!h.log().contains("s3cret"), "password must never be logged");
+
+    let mut c = h.client();
+    c.ehlo();
+    let good = b64.encode(b"\0platform\0s3cret");
+    assert_eq!(c.cmd(&format!("AUTH PLAIN {good}")).0, 235);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+}
+
+#[test]
+fn starttls_and_implicit_tls_inbound() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script::default());
+    let smtps = free_port();
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[listen]\nsmtp = [\"{{smtp}}\"]\nsmtps = [\"127.0.0.1:{smtps}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    c.starttls(pki.client_config());
+    let ehlo = c.ehlo();
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("starttls")).0,
+        250
+    );
+
+    let mut c = Client::connect_tls(
+        format!("127.0.0.1:{smtps}").parse().unwrap(),
+        pki.client_config(),
+    );
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["y@dest.test"], &message("smtps")).0,
+        250
+    );
+
+    let msgs = sink.wait_for(2, 10);
+    assert_eq!(msgs.len(), 2);
+    let st = msgs
+        .iter()
+        .find(|m| m.text().contains("Subject: starttls"))
+        .unwrap();
+    assert!(st.text().contains("with ESMTPS"), "{}", st.text());
+}
+
+#[test]
+fn temporary_failure_is_retried_then_delivered() {
+    let sink = Sink::start(Script {
+        data_replies: ["451 4.3.0 try again later".to_string()].into(),
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("retry")).0,
+        250
+    );
+    let msgs = sink.wait_for(1, 15);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+    assert_eq!(sink.state.lock().unwrap().data_attempts, 2);
+    assert!(h.log().contains("451 4.3.0 try again later"), "{}", h.log());
+}
+
+#[test]
+fn permanent_failure_bounces_once_and_is_never_retried() {
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![("gone".into(), "550 5.1.1 no such user".into())],
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send(
+            "a@b.test",
+            &["gone@dest.test", "here@dest.test"],
+            &message("bounce")
+        )
+        .0,
+        250
+    );
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs[0].rcpts, vec!["here@dest.test"]);
+    // Retries run every second: wait for three of them.
+    std::thread::sleep(Duration::from_secs(3));
+    let seen = sink.state.lock().unwrap().rcpt_seen.clone();
+    assert_eq!(
+        seen.iter().filter(|r| r.contains("gone")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(sink.count(), 1);
+    assert!(h.log().contains("bounced"), "{}", h.log());
+}
+
+#[test]
+fn upstream_down_defers_then_delivers_when_it_returns() {
+    let port = free_port();
+    let h = Herald::start(&upstream(port, "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("later")).0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("deferred")),
+        "{}",
+        h.log()
+    );
+    let sink = Sink::start_on(port, Script::default());
+    let msgs = sink.wait_for(1, 15);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+}
+
+#[test]
+fn upstream_starttls_with_private_ca_and_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    std::fs::write(dir.path().join("up.pass"), "hunter2\n").unwrap();
+    let sink = Sink::start(Script {
+        starttls: Some(pki.server_config()),
+        auth: Some(("relay".into(), "hunter2".into())),
+        ..Default::default()
+    });
+    let h = Herald::start_in(
+        dir,
+        &upstream(
+            sink.port(),
+            "starttls",
+            "username = \"relay\"\npassword_file = \"up.pass\"\nca_file = \"ca.pem\"\n",
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    for i in 0..3 {
+        assert_eq!(
+            c.send("a@b.test", &["x@dest.test"], &message(&format!("tls {i}")))
+                .0,
+            250
+        );
+    }
+    let msgs = sink.wait_for(3, 15);
+    assert_eq!(msgs.len(), 3, "{}", h.log());
+    assert!(msgs
+        .iter()
+        .all(|m| m.tls && m.auth.as_deref() == Some("relay")));
+    assert!(!h.log().contains("hunter2"));
+}
+
+#[test]
+fn upstream_implicit_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script {
+        implicit_tls: Some(pki.server_config()),
+        ..Default::default()
+    });
+    let h = Herald::start_in(dir, &upstream(sink.port(), "tls", "ca_file = \"ca.pem\"\n"));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("implicit")).0,
+        250
+    );
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+    assert!(msgs[0].tls);
+}
+
+#[test]
+fn upstream_certificate_is_verified_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script {
+        implicit_tls: Some(pki.server_config()),
+        ..Default::default()
+    });
+    // No ca_file: the test CA is not trusted, so nothing is delivered.
+    let h = Herald::start_in(dir, &upstream(sink.port(), "tls", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("untrusted"))
+            .0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("TLS handshake")),
+        "{}",
+        h.log()
+    );
+    assert_eq!(sink.count(), 0);
+}
+
+#[test]
+fn auth_refused_by_upstream_defers_everyone_and_marks_the_route() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("up.pass"), "wrong").unwrap();
+    let sink = Sink::start(Script {
+        auth: Some(("relay".into(), "right".into())),
+        ..Default::default()
+    });
+    let h = Herald::start_in(
+        dir,
+        &upstream(
+            sink.port(),
+            "none",
+            "username = \"relay\"\npassword_file = \"up.pass\"\n",
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test", "y@dest.test"], &message("535"))
+            .0,
+        250
+    );
+    assert!(wait_until(10, || sink.state.lock().unwrap().auth_failures >= 3));
+    let log = h.log();
+    assert!(!log.contains("bounced"), "{log}");
+    assert!(log.contains("deferred"), "{log}");
+    assert!(log.contains("535 5.7.8"), "{log}");
+    assert_eq!(
+        log.matches("route refused by upstream").count(),
+        1,
+        "logged once:\n{log}"
+    );
+    assert_eq!(sink.count(), 0);
+    // The operator fixes the credentials upstream: mail flows.
+    sink.state.lock().unwrap().script.auth = Some(("relay".into(), "wrong".into()));
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs[0].rcpts.len(), 2, "{}", h.log());
+    assert!(wait_until(5, || h.log().contains("route works again")));
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_message() {
+    let port = free_port();
+    let mut h = Herald::start(&upstream(port, "none", ""));
+    let addr = h.smtp;
+    let mut threads = Vec::new();
+    for t in 0..4 {
+        threads.push(std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut c = Client::connect(addr);
+            c.ehlo();
+            for i in 0..25 {
+                let subject = format!("crash {t}-{i}");
+                let (code, _) = c.send("a@b.test", &["x@dest.test"], &message(&subject));
+                if code == 250 {
+                    acked.push(subject);
+                }
+            }
+            acked
+        }));
+    }
+    let acked: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(acked.len(), 100);
+    h.kill9();
+    let sink = Sink::start_on(port, Script::default());
+    h.spawn();
+    let msgs = sink.wait_for(100, 30);
+    for s in &acked {
+        assert!(
+            msgs.iter()
+                .any(|m| m.text().contains(&format!("Subject: {s}\r\n"))),
+            "lost {s}:\n{}",
+            h.log()
+        );
+    }
+}
+
+#[test]
+fn sigterm_lets_a_session_in_flight_finish() {
+    let sink = Sink::start(Script::default());
+    let mut h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<x@dest.test>").0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    let pid = h.child.as_ref().unwrap().id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // New connections are refused while the session in flight goes on.
+    assert!(std::net::TcpStream::connect(h.smtp).is_err());
+    c.send_raw(b"Subject: drain\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(c.read_reply().0, 250);
+    let st = h.terminate();
+    assert!(st.is_some_and(|s| s.success()), "{}", h.log());
+}
+
+#[test]
+fn connection_cap_gets_421() {
+    let h = Herald::start("[listen]\nsmtp = [\"{smtp}\"]\nmax_connections = 2\n");
+    let _a = h.client();
+    let _b = h.client();
+    let mut s = std::net::TcpStream::connect(h.smtp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = String::new();
+    use std::io::Read;
+    let _ = s.read_to_string(&mut buf);
+    assert!(buf.starts_with("421 "), "{buf:?}");
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[delivery]\nmax_age = \"forever\"\n", "delivery.max_age"),
+        (
+            "[listen]\nmax_message_size = -1\n",
+            "listen.max_message_size",
+        ),
+        ("[listen]\nsmtp = [\"localhost\"]\n", "listen.smtp"),
+        ("[delivery]\nupstream = \"nowhere\"\n", "delivery.upstream"),
+        (
+            "[upstreams.p]\nhost = \"h\"\npassword_file = \"missing.pass\"\nusername = \"u\"\n",
+            "upstreams.p.password_file",
+        ),
+        ("[storage]\nretention = \"7d\"\n", "retention"),
+    ];
+    for (extra, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{BASE}{extra}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra}");
+        assert!(err.contains(key), "{extra}: {err}");
+    }
+    // The example config is valid as shipped.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/herald.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
