@@ -332,6 +332,9 @@ fn save(s: &Services, env: &Envelope) {
     }
 }
 
+/// Where a group of recipients can go, or why it cannot go anywhere now.
+type Targets = Result<Vec<Target>, Verdict>;
+
 /// One delivery attempt for the due recipients of one message.
 pub async fn attempt(s: &Services, id: &str) {
     let (mut env, body) = match (s.store.envelope(id), s.store.body(id)) {
@@ -360,7 +363,7 @@ pub async fn attempt(s: &Services, id: &str) {
     }
 
     // Groups of recipients that share a connection target.
-    let groups: Vec<(Result<Vec<Target>, Verdict>, Vec<usize>)> = if env.upstream == "mx" {
+    let groups: Vec<(Targets, Vec<usize>)> = if env.upstream == "mx" {
         let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
         for &i in &due {
             let d = env.rcpts[i]
