@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Compares herald with Postfix on this machine, in the same run, with the
+# shared driver (smtp-source -> relay -> smtp-sink on 127.0.0.1:2600).
+#   bench/compare.sh [MESSAGES] [SESSIONS] [REPETITIONS]
+# Needs root for Postfix (apt-get installs it on first use). Prints the
+# MEDIAN line of each relay; copy them into README.md with the date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-5000} S=${2:-10} R=${3:-3}
+SHARED=${SHARED:-../shared/bench}
+command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || {
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
+}
+cargo build --release --locked
+work=$(mktemp -d)
+cat > "$work/herald.toml" <<CONF
+hostname = "bench.local"
+[listen]
+smtp = ["127.0.0.1:2525"]
+max_connections = 1024
+[storage]
+path = "data"
+[sender]
+default_sender = "notifications@example.com"
+[delivery]
+upstream = "sink"
+concurrency = 16
+[upstreams.sink]
+host = "127.0.0.1"
+port = 2600
+security = "none"
+CONF
+./target/release/herald serve --config "$work/herald.toml" 2>"$work/herald.log" &
+HPID=$!
+trap 'kill $HPID 2>/dev/null; wait $HPID 2>/dev/null; "$SHARED/postfix-peer.sh" stop; rm -rf "$work"' EXIT
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+"$SHARED/postfix-peer.sh" start
+echo "== herald (pid $HPID)"
+"$SHARED/bench.sh" -s "$S" -r "$R" -p "$HPID" -n herald -I 30 127.0.0.1:2525 "$N" | tee "$work/herald.out"
+echo "== postfix"
+"$SHARED/bench.sh" -s "$S" -r "$R" -P "$SHARED/postfix-peer.sh pid" -n postfix -I 30 127.0.0.1:2625 "$N" | tee "$work/postfix.out"
+echo "== summary ($(date -u +%Y-%m-%d), $(nproc) cores, $N msgs x $S sessions, median of $R)"
+grep -h MEDIAN "$work/herald.out" "$work/postfix.out"
