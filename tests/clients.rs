@@ -13,7 +13,12 @@ fn swaks_sends_through_herald() {
     let out = Command::new("swaks")
         .args(["--server", &h.smtp.to_string()])
         .args(["--from", "app@platform.test", "--to", "louise@dest.test"])
-        .args(["--header", "Subject: from swaks", "--body", ".leading dot\nline two"])
+        .args([
+            "--header",
+            "Subject: from swaks",
+            "--body",
+            ".leading dot\nline two",
+        ])
         .output()
         .expect("swaks is required for this test: apt-get install swaks");
     let log = String::from_utf8_lossy(&out.stdout);
@@ -23,7 +28,10 @@ fn swaks_sends_through_herald() {
     assert_eq!(msgs.len(), 1);
     let text = msgs[0].text();
     assert!(text.contains("Subject: from swaks"), "{text}");
-    assert!(text.contains("\r\n.leading dot\r\n"), "dot-stuffing undone both ways: {text}");
+    assert!(
+        text.contains("\r\n.leading dot\r\n"),
+        "dot-stuffing undone both ways: {text}"
+    );
 }
 
 #[test]
@@ -33,7 +41,14 @@ fn swaks_sees_size_limit_and_auth_refusal() {
     );
     let out = Command::new("swaks")
         .args(["--server", &h.smtp.to_string(), "--to", "x@dest.test"])
-        .args(["--auth", "PLAIN", "--auth-user", "p", "--auth-password", "wrong"])
+        .args([
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "p",
+            "--auth-password",
+            "wrong",
+        ])
         .output()
         .expect("swaks is required for this test: apt-get install swaks");
     let log = String::from_utf8_lossy(&out.stdout);
@@ -41,7 +56,14 @@ fn swaks_sees_size_limit_and_auth_refusal() {
     assert!(log.contains("535 5.7.8"), "{log}");
     let out = Command::new("swaks")
         .args(["--server", &h.smtp.to_string(), "--to", "x@dest.test"])
-        .args(["--auth", "LOGIN", "--auth-user", "p", "--auth-password", "right"])
+        .args([
+            "--auth",
+            "LOGIN",
+            "--auth-user",
+            "p",
+            "--auth-password",
+            "right",
+        ])
         .args(["--body", &format!("{}\n", "x".repeat(70)).repeat(30)])
         .output()
         .unwrap();

@@ -78,7 +78,13 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Handler for InHandler {
-    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, _to: &[String]) -> Response {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        _to: &[String],
+    ) -> Response {
         let mut sh = self.shared.lock().unwrap();
         sh.data.clear();
         sh.oversize = false;

@@ -685,3 +685,49 @@ pub fn message(subject: &str) -> String {
         "From: Claire <claire@customer.test>\nTo: louise@dest.test\nSubject: {subject}\n\nHello,\nyour file is ready.\n"
     )
 }
+
+// ---------------------------------------------------------------- dns ----
+
+/// The Python DNS stub (`tests/dns_server.py`) serving `zone` on a free
+/// loopback port; stopped when dropped.
+pub struct Dns {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Dns {
+    pub fn start(zone: &[(&str, &str, &str)]) -> Dns {
+        let dir = tempfile::tempdir().unwrap();
+        let zone_file = dir.path().join("zone.json");
+        let json: Vec<[&str; 3]> = zone.iter().map(|(a, b, c)| [*a, *b, *c]).collect();
+        std::fs::write(&zone_file, serde_json::to_string(&json).unwrap()).unwrap();
+        let port = free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dns_server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&zone_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 with dnslib is required (pip install -r tests/requirements.txt)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "dns_server.py did not start");
+        Dns {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,51 @@
+//! Direct delivery to the recipients' MX, resolved through a local DNS stub.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
+    let sink = Sink::start(Script::default());
+    let dns = Dns::start(&[
+        ("mx.test", "MX", "10 mail.mx.test."),
+        ("mail.mx.test", "A", "127.0.0.1"),
+        ("amx.test", "A", "127.0.0.1"),
+        ("nullmx.test", "MX", "0 ."),
+    ]);
+    let h = Herald::start(&format!(
+        "[delivery]\nupstream = \"mx\"\nmx_port = {}\nretry_schedule = [\"1s\"]\n[dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
+        sink.port(),
+        dns.port
+    ));
+    let mut c = h.client();
+    c.ehlo();
+    let (code, text) = c.send(
+        "app@platform.test",
+        &["a@mx.test", "b@amx.test", "c@nullmx.test", "d@nowhere.test"],
+        &message("mx"),
+    );
+    assert_eq!(code, 250, "{text}");
+    let msgs = sink.wait_for(2, 15);
+    assert_eq!(msgs.len(), 2, "{}", h.log());
+    let mut rcpts: Vec<String> = msgs.iter().flat_map(|m| m.rcpts.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, vec!["a@mx.test", "b@amx.test"]);
+    assert!(
+        wait_until(10, || h.log().contains("null MX")),
+        "{}",
+        h.log()
+    );
+    let log = h.log();
+    let null_line = log
+        .lines()
+        .find(|l| l.contains("c@nullmx.test") && l.contains("null MX"))
+        .unwrap();
+    assert!(null_line.contains("bounced"), "{null_line}");
+    // No address for nowhere.test: deferred, not bounced.
+    let nowhere = log
+        .lines()
+        .find(|l| l.contains("d@nowhere.test") && !l.contains("received"))
+        .unwrap();
+    assert!(nowhere.contains("deferred"), "{nowhere}");
+}
