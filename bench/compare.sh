@@ -12,6 +12,8 @@ command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || {
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
 }
+# Debian's "No configuration" install leaves no main.cf; postconf needs one.
+[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
 cargo build --release --locked
 work=$(mktemp -d)
 cat > "$work/herald.toml" <<CONF
