@@ -556,3 +556,35 @@ fn check_config_names_the_bad_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn idle_upstream_connection_is_reused_for_the_next_message() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    for i in 1..=3 {
+        assert_eq!(c.send("a@b.test", &["x@dest.test"], &message(&format!("reuse {i}"))).0, 250);
+        assert_eq!(sink.wait_for(i, 10).len(), i);
+    }
+    assert_eq!(sink.state.lock().unwrap().connections, 1, "{}", h.log());
+}
+
+#[test]
+fn recipients_expire_after_max_age() {
+    let port = free_port();
+    let h = Herald::start(&format!(
+        "[delivery]\nupstream = \"up\"\nretry_schedule = [\"1s\"]\nmax_age = \"2s\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\n"
+    ));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(c.send("a@b.test", &["x@dest.test"], &message("stale")).0, 250);
+    assert!(wait_until(10, || h.log().contains("expired")), "{}", h.log());
+    let log = h.log();
+    let line = log.lines().find(|l| l.contains("expired")).unwrap();
+    assert!(line.contains("delivery.max_age"), "{line}");
+    // Nothing is tried after expiry: a sink that comes up gets nothing.
+    let sink = Sink::start_on(port, Script::default());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink.count(), 0);
+}
