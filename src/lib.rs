@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod history;
 pub mod queue;

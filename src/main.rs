@@ -24,6 +24,18 @@ enum Cmd {
     Serve,
     /// Check the configuration; exit 0 when it is valid
     CheckConfig,
+    /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
+    DkimKeygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        algorithm: String,
+        /// Where to write the private key (must not exist yet)
+        #[arg(long, value_name = "KEY.pem")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +49,25 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::DkimKeygen {
+            domain,
+            selector,
+            algorithm,
+            out,
+        } => match herald::dkim::keygen(&domain, &selector, &algorithm, &out) {
+            Ok(g) => {
+                println!("Wrote {} ({algorithm}, mode 0600).", out.display());
+                println!("Publish this TXT record:\n");
+                println!("{}", g.zone_line());
+                println!("\nThen add to the configuration:\n");
+                println!("[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nprivate_key = \"{}\"", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald: {e:#}");
                 ExitCode::from(1)
             }
         },

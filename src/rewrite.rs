@@ -1,8 +1,12 @@
 //! The rewrite stage between receipt and queue, on raw bytes.
 //!
-//! It reads and removes the `X-Herald-*` control headers, notes the
-//! Subject and the author's domain, and adds a `Received:` trace header.
-//! The body is never touched.
+//! It makes platform mail deliverable: `From:` becomes an authorized sender
+//! (keeping the display name, the original author moves to `Reply-To:`),
+//! missing `Message-ID:`/`Date:` are added, `Bcc:` is dropped, the
+//! `X-Herald-*` control headers are read and removed, and a `Received:`
+//! trace header goes on top. Header fields keep their order and bytes unless
+//! they are rewritten; the body is never touched. DKIM signing comes after
+//! (see `crate::dkim`).
 
 use std::time::Duration;
 
@@ -24,8 +28,20 @@ pub struct Prepared {
     /// `X-Herald-Track: no` turns the pixel off for this message.
     pub track: bool,
     pub subject: Option<String>,
-    /// Domain of the original `From:` address, for routing.
-    pub author_domain: Option<String>,
+    /// The original `From:` address, if there was one.
+    pub author: Option<String>,
+    /// The `From:` address the message leaves with (its domain picks the
+    /// DKIM key).
+    pub from: String,
+    /// Name in `[upstreams]` (or "mx") the route chose.
+    pub upstream: String,
+}
+
+/// A mailbox as read from a header: decoded display name and address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mailbox {
+    pub name: Option<String>,
+    pub addr: String,
 }
 
 /// One header field: its name and the whole raw field, folds and CRLF
@@ -125,23 +141,82 @@ fn received_header(cfg: &Config, t: &Transaction, id: &str) -> String {
     )
 }
 
-fn domain_of_mailbox(value: &str) -> Option<String> {
-    let addr = match (value.rfind('<'), value.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &value[a + 1..b],
-        _ => value,
+/// Reads the first mailbox of an address header value with mail-parser
+/// (RFC 2047 encoded words, quoted names, comments, groups, 8-bit UTF-8).
+pub fn parse_mailbox(raw_value: &[u8]) -> Option<Mailbox> {
+    let mut buf = Vec::with_capacity(raw_value.len() + 16);
+    buf.extend_from_slice(b"From:");
+    buf.extend_from_slice(raw_value);
+    if !buf.ends_with(b"\n") {
+        buf.extend_from_slice(b"\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+    let msg = mail_parser::MessageParser::default().parse(&buf)?;
+    let first = match msg.from()? {
+        mail_parser::Address::List(list) => list.iter().find(|a| a.address.is_some())?.clone(),
+        mail_parser::Address::Group(groups) => groups
+            .iter()
+            .flat_map(|g| g.addresses.iter())
+            .find(|a| a.address.is_some())?
+            .clone(),
     };
+    let addr = first.address?.trim().to_string();
+    if !addr.contains('@') {
+        return None;
+    }
+    let name = first
+        .name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty() && *n != addr);
+    Some(Mailbox { name, addr })
+}
+
+/// Encodes a display name for a header: a quoted string when it is ASCII,
+/// else RFC 2047 `B` encoded words of at most 75 characters each.
+pub fn encode_name(name: &str) -> String {
+    if name.is_ascii() && !name.chars().any(|c| c.is_ascii_control()) {
+        let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
+        return format!("\"{escaped}\"");
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in name.chars().filter(|c| !c.is_control()) {
+        // 45 bytes of input -> 60 of base64 -> 72 with =?UTF-8?B?...?=
+        if chunk.len() + c.len_utf8() > 45 {
+            words.push(std::mem::take(&mut chunk));
+        }
+        chunk.push(c);
+    }
+    if !chunk.is_empty() {
+        words.push(chunk);
+    }
+    words
+        .iter()
+        .map(|w| format!("=?UTF-8?B?{}?=", base64::Engine::encode(&b64, w.as_bytes())))
+        .collect::<Vec<_>>()
+        .join("\r\n ")
+}
+
+fn mailbox_header(field: &str, name: Option<&str>, addr: &str) -> String {
+    match name {
+        Some(n) => format!("{field}: {} <{addr}>\r\n", encode_name(n)),
+        None => format!("{field}: {addr}\r\n"),
+    }
+}
+
+fn domain_of(addr: &str) -> Option<&str> {
     addr.rsplit_once('@')
-        .map(|(_, d)| {
-            d.trim()
-                .trim_end_matches(['>', ';', ','])
-                .to_ascii_lowercase()
-        })
+        .map(|(_, d)| d)
         .filter(|d| !d.is_empty())
 }
 
-/// Prepares a received message for the queue.
+/// Prepares a received message for the queue. `has_dkim_key` says whether a
+/// `[[dkim]]` key covers a domain (mail for a domain we cannot sign keeps
+/// failing DMARC unless From is rewritten).
 pub fn prepare(
     cfg: &Config,
+    has_dkim_key: &dyn Fn(&str) -> bool,
     t: &Transaction,
     id: &str,
     data: &[u8],
@@ -151,7 +226,59 @@ pub fn prepare(
         track: true,
         ..Default::default()
     };
-    let mut out = Vec::with_capacity(data.len() + 256);
+
+    let from_fields: Vec<&Field> = fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("from"))
+        .collect();
+    if from_fields.len() > 1 {
+        return Err(RewriteError::Header(format!(
+            "message has {} From: header fields; RFC 5322 allows one",
+            from_fields.len()
+        )));
+    }
+    let author = from_fields
+        .first()
+        .and_then(|f| parse_mailbox(&f.raw[f.name.len() + 1..]));
+    p.author = author.as_ref().map(|m| m.addr.clone());
+    let has = |n: &str| fields.iter().any(|f| f.name.eq_ignore_ascii_case(n));
+
+    // Route: by the author's domain (else the envelope sender's) and AUTH user.
+    let route_domain = p
+        .author
+        .as_deref()
+        .and_then(domain_of)
+        .or(domain_of(&t.sender));
+    let route = cfg.route_for(route_domain, t.auth_user.as_deref());
+    p.upstream = route
+        .map(|r| r.upstream.clone())
+        .unwrap_or_else(|| cfg.delivery.upstream.clone());
+    let default_sender = route
+        .and_then(|r| r.default_sender.clone())
+        .unwrap_or_else(|| cfg.sender.default_sender.clone());
+
+    let rewrite_from = match &author {
+        None => true,
+        Some(a) => {
+            cfg.sender.always_default_sender || !domain_of(&a.addr).is_some_and(|d| has_dkim_key(d))
+        }
+    };
+    let new_from = if rewrite_from {
+        let name = author.as_ref().and_then(|a| a.name.as_deref());
+        p.from = default_sender.clone();
+        Some(mailbox_header("From", name, &default_sender))
+    } else {
+        p.from = author.as_ref().map(|a| a.addr.clone()).unwrap_or_default();
+        None
+    };
+    let reply_to = match &author {
+        Some(a) if rewrite_from && cfg.sender.reply_to_original && !has("reply-to") => {
+            Some(mailbox_header("Reply-To", a.name.as_deref(), &a.addr))
+        }
+        _ => None,
+    };
+
+    let mut out = Vec::with_capacity(data.len() + 512);
     out.extend_from_slice(received_header(cfg, t, id).as_bytes());
     for f in &fields {
         let n = f.name.to_ascii_lowercase();
@@ -176,14 +303,52 @@ pub fn prepare(
                 p.track = !f.value().eq_ignore_ascii_case("no");
                 continue;
             }
-            "subject" if p.subject.is_none() => p.subject = Some(f.value()),
-            "from" if p.author_domain.is_none() => p.author_domain = domain_of_mailbox(&f.value()),
+            "bcc" => continue,
+            "from" => {
+                match &new_from {
+                    Some(h) => out.extend_from_slice(h.as_bytes()),
+                    None => out.extend_from_slice(f.raw),
+                }
+                if let Some(r) = &reply_to {
+                    out.extend_from_slice(r.as_bytes());
+                }
+                continue;
+            }
+            "subject" if p.subject.is_none() => {
+                let v = parse_text(f);
+                p.subject = Some(v);
+            }
             _ => {}
         }
         out.extend_from_slice(f.raw);
+        if !f.raw.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if from_fields.is_empty() {
+        if let Some(h) = &new_from {
+            out.extend_from_slice(h.as_bytes());
+        }
+    }
+    if !has("date") {
+        out.extend_from_slice(format!("Date: {}\r\n", chrono::Utc::now().to_rfc2822()).as_bytes());
+    }
+    if !has("message-id") {
+        out.extend_from_slice(format!("Message-ID: <{id}@{}>\r\n", cfg.hostname).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
     p.message = out;
     Ok(p)
+}
+
+/// An unstructured header (Subject) decoded for history: encoded words and
+/// 8-bit UTF-8 become text.
+fn parse_text(f: &Field) -> String {
+    let mut buf = f.raw.to_vec();
+    buf.extend_from_slice(b"\r\n");
+    mail_parser::MessageParser::default()
+        .parse(&buf)
+        .and_then(|m| m.subject().map(str::to_string))
+        .unwrap_or_else(|| f.value())
 }

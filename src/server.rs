@@ -32,6 +32,7 @@ pub struct Services {
     pub mx_tls: Arc<rustls::ClientConfig>,
     pub resolver: hickory_resolver::TokioResolver,
     pub tls: Option<TlsAcceptor>,
+    pub signers: crate::dkim::Signers,
     pub shutdown: Shutdown,
     pub paused: AtomicBool,
     pub started: Instant,
@@ -54,6 +55,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let signers = crate::dkim::Signers::from_config(&cfg).context("dkim")?;
+    for sender in std::iter::once(&cfg.sender.default_sender)
+        .chain(cfg.routes.iter().filter_map(|r| r.default_sender.as_ref()))
+    {
+        let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+        if !signers.has_key_for(domain) {
+            tracing::warn!(
+                sender = %sender,
+                "no [[dkim]] key for {domain}: mail sent as {sender} will be unsigned and may fail DMARC"
+            );
+        }
+    }
     let client_tls = delivery::client_tls_configs(&cfg)?;
     let mx_tls = crate::tls::client_config(None, false)?;
     let resolver = crate::dns::resolver(&cfg).map_err(anyhow::Error::msg)?;
@@ -82,6 +95,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         mx_tls,
         resolver,
         tls,
+        signers,
         shutdown: shutdown_rx,
         paused: AtomicBool::new(paused),
         started: Instant::now(),

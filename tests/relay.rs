@@ -564,7 +564,15 @@ fn idle_upstream_connection_is_reused_for_the_next_message() {
     let mut c = h.client();
     c.ehlo();
     for i in 1..=3 {
-        assert_eq!(c.send("a@b.test", &["x@dest.test"], &message(&format!("reuse {i}"))).0, 250);
+        assert_eq!(
+            c.send(
+                "a@b.test",
+                &["x@dest.test"],
+                &message(&format!("reuse {i}"))
+            )
+            .0,
+            250
+        );
         assert_eq!(sink.wait_for(i, 10).len(), i);
     }
     assert_eq!(sink.state.lock().unwrap().connections, 1, "{}", h.log());
@@ -578,8 +586,15 @@ fn recipients_expire_after_max_age() {
     ));
     let mut c = h.client();
     c.ehlo();
-    assert_eq!(c.send("a@b.test", &["x@dest.test"], &message("stale")).0, 250);
-    assert!(wait_until(10, || h.log().contains("expired")), "{}", h.log());
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("stale")).0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("expired")),
+        "{}",
+        h.log()
+    );
     let log = h.log();
     let line = log.lines().find(|l| l.contains("expired")).unwrap();
     assert!(line.contains("delivery.max_age"), "{line}");

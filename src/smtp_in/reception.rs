@@ -24,17 +24,12 @@ pub struct Transaction {
     pub rcpts: Vec<String>,
 }
 
-fn domain_of(addr: &str) -> Option<&str> {
-    addr.rsplit_once('@')
-        .map(|(_, d)| d)
-        .filter(|d| !d.is_empty())
-}
-
 /// Queues the message; returns the SMTP reply to send.
 pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String) {
     let cfg = &s.cfg;
     let id = s.store.ids.next();
-    let prepared = match rewrite::prepare(cfg, &t, &id, &data) {
+    let has_key = |d: &str| s.signers.has_key_for(d);
+    let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(peer = %t.peer, error = %e, "message refused");
@@ -51,13 +46,27 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             ),
         );
     }
-    let route = cfg.route_for(
-        prepared.author_domain.as_deref().or(domain_of(&t.sender)),
-        t.auth_user.as_deref(),
-    );
-    let upstream = route
-        .map(|r| r.upstream.clone())
-        .unwrap_or_else(|| cfg.delivery.upstream.clone());
+    // DKIM last, over the final headers and body.
+    match s.signers.sign(
+        prepared.from.rsplit_once('@').map(|(_, d)| d).unwrap_or(""),
+        &prepared.message,
+    ) {
+        Ok(Some(sig)) => {
+            let mut signed = Vec::with_capacity(sig.len() + prepared.message.len());
+            signed.extend_from_slice(sig.as_bytes());
+            signed.extend_from_slice(&prepared.message);
+            prepared.message = signed;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(%id, error = %e, "DKIM signing failed");
+            return (
+                451,
+                "4.3.0 Local error while signing; try again later".into(),
+            );
+        }
+    }
+    let upstream = prepared.upstream.clone();
     let now = now_ms();
     let due = now + delay.as_millis() as u64;
     let env = Envelope {

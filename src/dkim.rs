@@ -1,0 +1,218 @@
+//! DKIM: signers built once at start-up from `[[dkim]]`, the choice of key
+//! by the final From domain, and `herald dkim-keygen`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+use aws_lc_rs::signature::KeyPair as _;
+use base64::Engine;
+use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::config::Config;
+
+/// Signed header fields. From is listed twice: the second, unmatched entry
+/// "oversigns" it, so that a From added in transit breaks the signature.
+/// Fields listed but absent are signed as absent (mail-auth appends them),
+/// so nobody can add a Cc or Reply-To later either.
+pub const SIGNED_HEADERS: [&str; 11] = [
+    "From",
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DkimError {
+    #[error("{path}: {problem}")]
+    Key { path: String, problem: String },
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+struct Signer {
+    domain: String,
+    signer: DkimSigner<DkimKey, Done>,
+}
+
+/// All configured signers.
+#[derive(Default)]
+pub struct Signers {
+    list: Vec<Signer>,
+}
+
+/// Loads a PKCS#8 (or PKCS#1 RSA) PEM private key for DKIM.
+pub fn load_key(path: &Path) -> Result<DkimKey, DkimError> {
+    let err = |problem: String| DkimError::Key {
+        path: path.display().to_string(),
+        problem,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| err(format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| err("no PEM private key found".into()))?;
+    match der {
+        PrivateKeyDer::Pkcs8(p8) => {
+            let bytes = p8.secret_pkcs8_der().to_vec();
+            if let Ok(k) = RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs8(
+                PrivatePkcs8KeyDer::from(bytes.clone()),
+            )) {
+                return Ok(DkimKey::Rsa(k));
+            }
+            Ed25519Key::from_pkcs8_der(&bytes)
+                .or_else(|_| Ed25519Key::from_pkcs8_maybe_unchecked_der(&bytes))
+                .map(DkimKey::Ed25519)
+                .map_err(|_| err("PKCS#8 key is neither RSA nor Ed25519".into()))
+        }
+        other @ PrivateKeyDer::Pkcs1(_) => RsaKey::<Sha256>::from_key_der(other)
+            .map(DkimKey::Rsa)
+            .map_err(|e| err(format!("bad RSA key: {e}"))),
+        _ => Err(err(
+            "unsupported key type (use RSA or Ed25519, PKCS#8 PEM)".into()
+        )),
+    }
+}
+
+impl Signers {
+    /// Builds every signer; a key that does not load is an error naming
+    /// its file.
+    pub fn from_config(cfg: &Config) -> Result<Signers, DkimError> {
+        let mut list = Vec::new();
+        for d in &cfg.dkim {
+            let key = load_key(&d.private_key)?;
+            let signer = DkimSigner::from_key(key)
+                .domain(d.domain.clone())
+                .selector(d.selector.clone())
+                .headers(SIGNED_HEADERS)
+                .header_canonicalization(Canonicalization::Relaxed)
+                .body_canonicalization(Canonicalization::Relaxed);
+            list.push(Signer {
+                domain: d.domain.clone(),
+                signer,
+            });
+        }
+        Ok(Signers { list })
+    }
+
+    /// The signer for `domain`: an exact match, else the nearest parent.
+    fn find(&self, domain: &str) -> Option<&Signer> {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let mut d = domain.as_str();
+        loop {
+            if let Some(s) = self.list.iter().find(|s| s.domain == d) {
+                return Some(s);
+            }
+            match d.split_once('.') {
+                Some((_, parent)) if parent.contains('.') => d = parent,
+                _ => return None,
+            }
+        }
+    }
+
+    pub fn has_key_for(&self, domain: &str) -> bool {
+        self.find(domain).is_some()
+    }
+
+    /// Returns the DKIM-Signature header (with CRLF) for the message, or
+    /// None when no key covers the From domain.
+    pub fn sign(&self, from_domain: &str, message: &[u8]) -> Result<Option<String>, DkimError> {
+        let Some(s) = self.find(from_domain) else {
+            return Ok(None);
+        };
+        let sig = s
+            .signer
+            .sign(message)
+            .map_err(|e| DkimError::Sign(e.to_string()))?;
+        Ok(Some(sig.to_header()))
+    }
+}
+
+/// What `dkim-keygen` made: the DNS name and TXT record to publish.
+pub struct Generated {
+    pub name: String,
+    pub record: String,
+}
+
+impl Generated {
+    /// The record split in quoted strings of at most 255 characters, as a
+    /// zone file or a DNS console wants it.
+    pub fn zone_line(&self) -> String {
+        let parts: Vec<String> = self
+            .record
+            .as_bytes()
+            .chunks(255)
+            .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+            .collect();
+        format!("{}. IN TXT ( {} )", self.name, parts.join(" "))
+    }
+}
+
+/// Generates a key, writes it as PKCS#8 PEM with mode 0600 (refusing to
+/// overwrite), and returns the record to publish.
+pub fn keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    out: &Path,
+) -> anyhow::Result<Generated> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (pkcs8, k, public) = match algorithm {
+        "rsa" => {
+            let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+            let der: Pkcs8V1Der = kp
+                .as_der()
+                .map_err(|_| anyhow::anyhow!("encoding failed"))?;
+            let spki: PublicKeyX509Der = kp
+                .public_key()
+                .as_der()
+                .map_err(|_| anyhow::anyhow!("encoding failed"))?;
+            (der.as_ref().to_vec(), "rsa", spki.as_ref().to_vec())
+        }
+        "ed25519" => {
+            let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8v1(
+                &aws_lc_rs::rand::SystemRandom::new(),
+            )
+            .map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?;
+            let kp = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(doc.as_ref())
+                .map_err(|_| anyhow::anyhow!("Ed25519 key generation failed"))?;
+            // RFC 8463: p= is the raw 32-byte public key.
+            (
+                doc.as_ref().to_vec(),
+                "ed25519",
+                kp.public_key().as_ref().to_vec(),
+            )
+        }
+        other => anyhow::bail!("--algorithm: {other:?} is not rsa or ed25519"),
+    };
+    let body = b64.encode(&pkcs8);
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
+    f.write_all(pem.as_bytes())?;
+    f.sync_all()?;
+    Ok(Generated {
+        name: format!("{selector}._domainkey.{domain}"),
+        record: format!("v=DKIM1; k={k}; p={}", b64.encode(public)),
+    })
+}

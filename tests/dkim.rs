@@ -1,0 +1,195 @@
+//! End to end: a notification sent as claire@customer.com leaves from the
+//! authorized sender, DKIM-signed, and an independent verifier (dkimpy)
+//! accepts the signature with the record `herald dkim-keygen` printed.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `herald dkim-keygen` and returns (DNS name, record) from its output.
+fn keygen(dir: &Path, domain: &str, selector: &str, alg: &str, file: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "dkim-keygen",
+            "--domain",
+            domain,
+            "--selector",
+            selector,
+            "--algorithm",
+            alg,
+            "--out",
+        ])
+        .arg(dir.join(file))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join(file))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let line = stdout.lines().find(|l| l.contains(" IN TXT ")).unwrap();
+    let name = line
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('.')
+        .to_string();
+    assert_eq!(name, format!("{selector}._domainkey.{domain}"));
+    let parts: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+    assert!(parts.iter().all(|p| p.len() <= 255));
+    (name, parts.concat())
+}
+
+fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), msg).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(f.path());
+    for (n, r) in records {
+        cmd.arg(format!("{n}={r}"));
+    }
+    let out = cmd.output().expect("python3 with dkimpy is required");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+const BODY: &str = "Bonjour Louise,\n\nLe fichier « rapport.pdf » est prêt.\n.une ligne qui commence par un point\n..et deux\n\n-- \nPlateforme\n";
+
+#[test]
+fn signed_with_rsa_and_ed25519_and_verified_by_dkimpy() {
+    let dir = tempfile::tempdir().unwrap();
+    let rsa = keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
+    let ed = keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
+    let sink = Sink::start(Script::default());
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"rsa.pem\"\n\
+             [[dkim]]\ndomain = \"ed.example\"\nselector = \"ed1\"\nprivate_key = \"ed.pem\"\n\
+             [[routes]]\nsender_domain = \"edcustomer.test\"\nupstream = \"up\"\ndefault_sender = \"notify@ed.example\"\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    let msg = format!(
+        "From: Claire Martin <claire@customer.com>\nTo: louise@dest.test\nSubject: =?UTF-8?Q?Nouveau_fichier_d=C3=A9pos=C3=A9?=\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{BODY}"
+    );
+    assert_eq!(
+        c.send("app@platform.test", &["louise@dest.test"], &msg).0,
+        250
+    );
+    let msg2 = msg.replace("claire@customer.com", "bob@edcustomer.test");
+    assert_eq!(
+        c.send("app@platform.test", &["louise@dest.test"], &msg2).0,
+        250
+    );
+    let msgs = sink.wait_for(2, 10);
+    assert_eq!(msgs.len(), 2, "{}", h.log());
+
+    let m1 = msgs
+        .iter()
+        .find(|m| m.text().contains("claire@customer.com"))
+        .unwrap();
+    let t1 = m1.text();
+    assert!(t1.starts_with("DKIM-Signature: "), "{t1}");
+    assert!(
+        t1.contains("\r\nFrom: \"Claire Martin\" <notifications@example.com>\r\n"),
+        "{t1}"
+    );
+    assert!(
+        t1.contains("\r\nReply-To: \"Claire Martin\" <claire@customer.com>\r\n"),
+        "{t1}"
+    );
+    assert!(t1.contains("d=example.com"), "{t1}");
+    assert!(
+        t1.ends_with(&BODY.replace('\n', "\r\n")),
+        "body intact: {t1}"
+    );
+    let v = dkimpy(&m1.data, &[rsa.clone()]).unwrap_or_else(|e| panic!("dkimpy: {e}\n{t1}"));
+    assert!(
+        v.contains("pass d=example.com s=herald a=rsa-sha256"),
+        "{v}"
+    );
+
+    let m2 = msgs
+        .iter()
+        .find(|m| m.text().contains("bob@edcustomer.test"))
+        .unwrap();
+    let t2 = m2.text();
+    assert!(
+        t2.contains("\r\nFrom: \"Claire Martin\" <notify@ed.example>\r\n"),
+        "{t2}"
+    );
+    let v = dkimpy(&m2.data, &[ed.clone()]).unwrap_or_else(|e| panic!("dkimpy: {e}\n{t2}"));
+    assert!(
+        v.contains("pass d=ed.example s=ed1 a=ed25519-sha256"),
+        "{v}"
+    );
+
+    // The verifier is not a rubber stamp: a changed body or the wrong key fails.
+    let mut tampered = m1.data.clone();
+    let n = tampered.len();
+    tampered[n - 5] = b'X';
+    assert!(dkimpy(&tampered, &[rsa]).is_err());
+    assert!(dkimpy(
+        &m1.data,
+        &[(
+            ed.0.replace("ed1._domainkey.ed.example", "herald._domainkey.example.com"),
+            ed.1
+        )]
+    )
+    .is_err());
+}
+
+#[test]
+fn a_key_that_does_not_load_stops_startup_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.pem"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("herald.toml");
+    std::fs::write(
+        &cfg,
+        format!("{BASE}[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nprivate_key = \"bad.pem\"\n[listen]\nsmtp = [\"127.0.0.1:{}\"]\n", free_port()),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bad.pem"), "{err}");
+}
+
+#[test]
+fn warns_at_startup_when_the_default_sender_cannot_be_signed() {
+    let h = Herald::start("");
+    assert!(
+        wait_until(5, || h.log().contains("no [[dkim]] key for example.com")),
+        "{}",
+        h.log()
+    );
+}
