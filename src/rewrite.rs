@@ -260,7 +260,7 @@ pub fn prepare(
     let rewrite_from = match &author {
         None => true,
         Some(a) => {
-            cfg.sender.always_default_sender || !domain_of(&a.addr).is_some_and(|d| has_dkim_key(d))
+            cfg.sender.always_default_sender || !domain_of(&a.addr).is_some_and(has_dkim_key)
         }
     };
     let new_from = if rewrite_from {

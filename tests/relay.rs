@@ -603,3 +603,41 @@ fn recipients_expire_after_max_age() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sink.count(), 0);
 }
+
+#[test]
+fn malformed_headers_and_bad_control_headers_get_554() {
+    let h = Herald::start("");
+    let mut c = h.client();
+    c.ehlo();
+    let (code, text) = c.send(
+        "a@b.test",
+        &["x@dest.test"],
+        "From: a@b.test\nnot a header line\n\nbody\n",
+    );
+    assert_eq!(code, 554, "{text}");
+    assert!(text.contains("malformed header"), "{text}");
+    let (code, text) = c.send(
+        "a@b.test",
+        &["x@dest.test"],
+        "From: a@b.test\nFrom: c@d.test\n\nbody\n",
+    );
+    assert_eq!(code, 554, "{text}");
+    let (code, text) = c.send(
+        "a@b.test",
+        &["x@dest.test"],
+        "X-Herald-Delay: soon\nFrom: a@b.test\n\nbody\n",
+    );
+    assert_eq!(code, 554, "{text}");
+    assert!(text.contains("X-Herald-Delay"), "{text}");
+    let (code, text) = c.send(
+        "a@b.test",
+        &["x@dest.test"],
+        "X-Herald-Delay: 30d\nFrom: a@b.test\n\nbody\n",
+    );
+    assert_eq!(code, 554, "longer than max_age: {text}");
+    // The session is still usable.
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("fine")).0,
+        250
+    );
+}
