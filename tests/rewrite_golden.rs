@@ -119,7 +119,7 @@ fn golden_rewrite_cases() {
         let text = String::from_utf8_lossy(&p.message).into_owned();
         // Our Received: header comes first, then the message as rewritten.
         assert!(text.starts_with("Received: from client.test (127.0.0.1)\r\n\tby relay.test (herald) with ESMTP id QUEUEID\r\n\tfor <a@dest.test>;\r\n\t"), "{name}: {text}");
-        let after = text.splitn(2, "\r\n\t").nth(1).unwrap();
+        let after = text.split_once("\r\n\t").unwrap().1;
         let after = after.splitn(4, "\r\n").nth(3).unwrap();
         if !matches(&want, after) {
             failures.push(format!("{name}:\n--- want\n{want}\n--- got\n{after}"));
