@@ -2,7 +2,9 @@
 //!
 //! smtp_in -> rewrite -> queue -> delivery -> upstream, with history beside.
 
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
@@ -12,6 +14,7 @@ pub mod rewrite;
 pub mod server;
 pub mod shutdown;
 pub mod smtp_in;
+pub mod suppression;
 pub mod tls;
 
 /// Logs to stderr (journald picks it up under systemd); `RUST_LOG` or

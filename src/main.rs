@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use herald::cli::CliError;
 use herald::config::Config;
 
 #[derive(Parser)]
@@ -24,6 +25,65 @@ enum Cmd {
     Serve,
     /// Check the configuration; exit 0 when it is valid
     CheckConfig,
+    /// Paused?, queue size, counts, route health, uptime
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queued messages and per-recipient state
+    Queue {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message: envelope, headers, attempts, last response, history
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make deferred recipients due now
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Drop queued mail (event `cancelled`)
+    Cancel {
+        #[arg(required_unless_present = "tag", conflicts_with = "tag")]
+        id: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Stop all outbound delivery (accepting goes on); kept across restarts
+    Pause,
+    /// Restart outbound delivery
+    Resume,
+    /// Events, oldest first
+    History {
+        #[arg(long)]
+        rcpt: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only the last DURATION, e.g. 2h
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known about one recipient, newest first, and a diagnosis
+    Trace {
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The suppression list
+    Suppression {
+        #[command(subcommand)]
+        cmd: SuppressionCmd,
+    },
     /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
     DkimKeygen {
         #[arg(long)]
@@ -36,6 +96,135 @@ enum Cmd {
         #[arg(long, value_name = "KEY.pem")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SuppressionCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Add {
+        addr: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Remove {
+        addr: String,
+    },
+    /// Write the list as CSV to stdout
+    Export,
+    /// Add the addresses of a CSV file (as written by export)
+    Import {
+        file: PathBuf,
+    },
+}
+
+/// Runs a client subcommand against the daemon's control socket.
+fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
+    use herald::cli::*;
+    use herald::control::Request;
+    let sock = socket_path(path)?;
+    let ask = |r: Request| request(&sock, &r);
+    match cmd {
+        Cmd::Status { json } => print_status(&ask(Request::Status)?, json),
+        Cmd::Queue { json } => print_queue(&ask(Request::Queue)?, json),
+        Cmd::Show { id, json } => print_show(&ask(Request::Show { id })?, json),
+        Cmd::Retry { id, all } => {
+            let v = ask(Request::Retry { id, all })?;
+            println!("{} recipient(s) due now", v["retried"]);
+        }
+        Cmd::Cancel { id, tag } => {
+            let v = ask(Request::Cancel { id, tag })?;
+            let cancelled = v["cancelled"].as_array().cloned().unwrap_or_default();
+            for c in &cancelled {
+                println!(
+                    "cancelled {} {}",
+                    c["id"].as_str().unwrap_or(""),
+                    c["rcpt"].as_str().unwrap_or("")
+                );
+            }
+            for f in v["already_final"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "already {} {} {} at {}: nothing changed",
+                    f["event"].as_str().unwrap_or(""),
+                    f["id"].as_str().unwrap_or(""),
+                    f["rcpt"].as_str().unwrap_or(""),
+                    f["time"].as_str().unwrap_or("")
+                );
+            }
+            if cancelled.is_empty() {
+                println!("nothing was cancelled");
+            }
+        }
+        Cmd::Pause => {
+            ask(Request::Pause)?;
+            println!("outbound delivery paused (mail is still accepted and queued); herald resume restarts it");
+        }
+        Cmd::Resume => {
+            ask(Request::Resume)?;
+            println!("outbound delivery resumed");
+        }
+        Cmd::History {
+            rcpt,
+            id,
+            tag,
+            since,
+            json,
+        } => {
+            let since_s = match since {
+                Some(s) => Some(
+                    humantime::parse_duration(&s)
+                        .map_err(|e| CliError::Failed(format!("--since {s:?}: {e}")))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            print_history(
+                &ask(Request::History {
+                    rcpt,
+                    id,
+                    tag,
+                    since_s,
+                })?,
+                json,
+            )
+        }
+        Cmd::Trace { addr, json } => print_trace(&ask(Request::Trace { addr })?, json),
+        Cmd::Suppression { cmd } => match cmd {
+            SuppressionCmd::List { json } => {
+                print_suppressions(&ask(Request::SuppressionList)?, json)
+            }
+            SuppressionCmd::Add { addr, reason } => {
+                ask(Request::SuppressionAdd {
+                    addr: addr.clone(),
+                    reason,
+                })?;
+                println!("{addr} suppressed");
+            }
+            SuppressionCmd::Remove { addr } => {
+                let v = ask(Request::SuppressionRemove { addr: addr.clone() })?;
+                if v["removed"] == serde_json::Value::Bool(true) {
+                    println!("{addr}: suppression lifted");
+                } else {
+                    println!("{addr} was not suppressed");
+                }
+            }
+            SuppressionCmd::Export => {
+                print!("{}", suppressions_csv(&ask(Request::SuppressionList)?)?)
+            }
+            SuppressionCmd::Import { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+                let entries = parse_suppressions_csv(&text)
+                    .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+                let v = ask(Request::SuppressionImport { entries })?;
+                println!("imported {} address(es)", v["imported"]);
+            }
+        },
+        Cmd::Serve | Cmd::CheckConfig | Cmd::DkimKeygen { .. } => unreachable!(),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -71,34 +260,43 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Serve => {
-            herald::init_logging();
-            herald::tls::install_provider();
-            let cfg = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("herald: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("herald: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(herald::server::serve(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("herald: {e:#}");
-                    ExitCode::from(1)
-                }
+        Cmd::Serve => serve(&path),
+        other => match client(&path, other) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald: {}", e.message());
+                ExitCode::from(e.exit_code())
             }
+        },
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    herald::init_logging();
+    herald::tls::install_provider();
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(herald::server::serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("herald: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -165,6 +165,9 @@ pub struct Store {
     envelopes: sled::Tree,
     meta: sled::Tree,
     commit_tx: mpsc::Sender<Waiter>,
+    /// Serialises read-modify-write of envelopes (delivery results, cancel,
+    /// retry) so that one never overwrites another's change.
+    update_lock: Arc<std::sync::Mutex<()>>,
     pub ids: Arc<IdGen>,
 }
 
@@ -187,6 +190,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             commit_tx,
+            update_lock: Arc::default(),
             ids: Arc::new(IdGen::new()),
         })
     }
@@ -225,6 +229,23 @@ impl Store {
 
     pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.bodies.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Reads, changes and writes back one envelope atomically with respect
+    /// to other updates; removes the message when every recipient is final.
+    /// Returns the envelope as changed (None when it is not queued).
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Envelope)) -> Result<Option<Envelope>> {
+        let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut env) = self.envelope(id)? else {
+            return Ok(None);
+        };
+        f(&mut env);
+        if env.is_done() {
+            self.remove(id)?;
+        } else {
+            self.put_envelope(&env)?;
+        }
+        Ok(Some(env))
     }
 
     /// Drops a message whose recipients are all final: only history remains.

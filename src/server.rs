@@ -24,6 +24,7 @@ pub struct Services {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub history: History,
+    pub suppression: crate::suppression::Suppression,
     pub scheduler: Scheduler,
     pub routes: Routes,
     pub client_tls: HashMap<String, Arc<rustls::ClientConfig>>,
@@ -49,6 +50,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         )
     })?;
     let history = History::open(&store.db)?;
+    let suppression = crate::suppression::Suppression::open(&store.db)?;
     let tls = match &cfg.listen.tls {
         Some(t) => Some(TlsAcceptor::from(
             crate::tls::server_config(&t.cert, &t.key).context("listen.tls")?,
@@ -82,6 +84,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
 
+    let control = crate::control::bind(&cfg.control.socket)?;
     let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
@@ -89,6 +92,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         store: store.clone(),
         history,
+        suppression,
         scheduler,
         routes: Routes::default(),
         client_tls,
@@ -102,6 +106,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     });
 
     let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
+    let control_task = tokio::spawn(crate::control::serve(
+        services.clone(),
+        control,
+        cfg.control.socket.clone(),
+    ));
+    tokio::spawn(purge_history(services.clone()));
     let conns = Arc::new(Semaphore::new(cfg.listen.max_connections));
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     for (l, implicit) in listeners {
@@ -132,6 +142,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("sessions still open after {DRAIN_DEADLINE:?}; closing them");
     }
     let _ = sched.await;
+    let _ = control_task.await;
     store.db.flush()?;
     tracing::info!("stopped");
     Ok(())
@@ -144,5 +155,25 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+/// Deletes events older than `history_retention`, at start and then
+/// periodically (every minute, or every half retention if that is shorter).
+async fn purge_history(s: Arc<Services>) {
+    let retention = s.cfg.storage.history_retention;
+    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let mut shutdown = s.shutdown.clone();
+    loop {
+        let before = crate::queue::now_ms().saturating_sub(retention.as_millis() as u64);
+        match s.history.purge_before(before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "history purged"),
+            Err(e) => tracing::error!(error = %e, "history purge failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait() => return,
+        }
     }
 }

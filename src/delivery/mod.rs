@@ -259,11 +259,29 @@ fn apply(
     let (kind, text) = match verdict {
         Verdict::Delivered(t) => {
             r.status = RcptStatus::Delivered;
+            if let Err(e) = s.suppression.note_delivered(&r.addr) {
+                tracing::error!(error = %e, "cannot update bounce counts");
+            }
             (EventKind::Delivered, t.clone())
         }
         Verdict::Bounced(t) => {
             r.attempts += 1;
             r.status = RcptStatus::Bounced;
+            match s.suppression.note_bounce(
+                &r.addr,
+                t,
+                &env.id,
+                cfg.suppress_after_bounces,
+                cfg.suppression_expiry,
+            ) {
+                Ok(Some(e)) => tracing::warn!(
+                    rcpt = %r.addr,
+                    reason = %e.reason,
+                    "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
+            }
             (EventKind::Bounced, t.clone())
         }
         Verdict::Deferred(t) => {
@@ -320,13 +338,18 @@ fn apply(
     }
 }
 
-/// Saves the envelope, or removes the message when every recipient is final.
+/// Writes the attempt's results back. A recipient cancelled or suppressed
+/// while the attempt ran keeps that state, unless the attempt delivered it
+/// (then the record says what really happened).
 fn save(s: &Services, env: &Envelope) {
-    let res = if env.is_done() {
-        s.store.remove(&env.id)
-    } else {
-        s.store.put_envelope(env)
-    };
+    let res = s.store.update(&env.id, |cur| {
+        for (c, n) in cur.rcpts.iter_mut().zip(&env.rcpts) {
+            if c.status.is_final() && n.status != RcptStatus::Delivered {
+                continue;
+            }
+            *c = n.clone();
+        }
+    });
     if let Err(e) = res {
         tracing::error!(id = %env.id, error = %e, "cannot update the queue");
     }
@@ -358,7 +381,20 @@ pub async fn attempt(s: &Services, id: &str) {
         .filter(|(_, r)| !r.status.is_final() && r.next_attempt <= now + 1000)
         .map(|(i, _)| i)
         .collect();
+    // Suppressed since it was queued: never attempted.
+    let mut due = due;
+    due.retain(|&i| {
+        let addr = env.rcpts[i].addr.clone();
+        match s.suppression.get(&addr) {
+            Ok(Some(entry)) => {
+                mark_suppressed(s, &mut env, i, &entry);
+                false
+            }
+            _ => true,
+        }
+    });
     if due.is_empty() {
+        save(s, &env);
         return;
     }
 
@@ -476,4 +512,35 @@ pub fn client_tls_configs(
         out.insert(name.clone(), c);
     }
     Ok(out)
+}
+
+/// The `suppressed` outcome: recorded, never attempted.
+pub fn suppressed_detail(e: &crate::suppression::Entry) -> String {
+    let mut d = format!("address is suppressed ({}", e.reason);
+    if let Some(r) = &e.reply {
+        d.push_str(&format!(": {r}"));
+    }
+    d.push_str("); not attempted. Lift with: herald suppression remove ");
+    d.push_str(&e.addr);
+    d
+}
+
+fn mark_suppressed(s: &Services, env: &mut Envelope, i: usize, e: &crate::suppression::Entry) {
+    let detail = suppressed_detail(e);
+    let r = &mut env.rcpts[i];
+    r.status = RcptStatus::Suppressed;
+    r.updated = now_ms();
+    r.last_reply = Some(detail.clone());
+    tracing::info!(id = %env.id, rcpt = %r.addr, "suppressed");
+    let addr = r.addr.clone();
+    if let Err(err) = s.history.record(
+        EventKind::Suppressed,
+        &env.id,
+        &addr,
+        &detail,
+        env.tag.as_deref(),
+        env.subject.as_deref(),
+    ) {
+        tracing::error!(error = %err, "cannot record history");
+    }
 }

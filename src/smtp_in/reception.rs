@@ -95,7 +95,22 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             })
             .collect(),
     };
-    let stored = s.store.insert(&env, &prepared.message).and_then(|_| {
+    // Suppressed recipients are accepted, recorded, and never attempted.
+    let mut env = env;
+    let mut suppressed = Vec::new();
+    for r in env.rcpts.iter_mut() {
+        if let Ok(Some(e)) = s.suppression.get(&r.addr) {
+            r.status = RcptStatus::Suppressed;
+            r.last_reply = Some(crate::delivery::suppressed_detail(&e));
+            suppressed.push(r.addr.clone());
+        }
+    }
+    let stored = (if env.is_done() {
+        Ok(())
+    } else {
+        s.store.insert(&env, &prepared.message)
+    })
+    .and_then(|_| {
         let detail = format!(
             "from <{}> via {} ({}), {} bytes{}",
             t.sender,
@@ -120,6 +135,16 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
                 env.tag.as_deref(),
                 env.subject.as_deref(),
             )?;
+            if r.status == RcptStatus::Suppressed {
+                s.history.record(
+                    EventKind::Suppressed,
+                    &id,
+                    &r.addr,
+                    r.last_reply.as_deref().unwrap_or(""),
+                    env.tag.as_deref(),
+                    env.subject.as_deref(),
+                )?;
+            }
         }
         Ok(())
     });
@@ -139,6 +164,11 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         upstream = %env.upstream,
         "received"
     );
-    s.scheduler.schedule(&id, due);
+    for r in &suppressed {
+        tracing::info!(%id, rcpt = %r, "suppressed");
+    }
+    if !env.is_done() {
+        s.scheduler.schedule(&id, due);
+    }
     (250, format!("2.0.0 Ok: queued as {id}"))
 }

@@ -1,0 +1,124 @@
+//! The control socket: JSON Lines over a Unix socket. Each request is one
+//! JSON object on a line (`{"cmd":"status"}`), each answer one JSON object
+//! on a line with `"ok": true` and the data, or `"ok": false` and `"error"`.
+//! The `herald` CLI is one client; `socat` is another (see README).
+
+pub mod ops;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::server::Services;
+use crate::suppression::Entry;
+
+/// Every request the socket understands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Queue,
+    Show {
+        id: String,
+    },
+    Retry {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    Cancel {
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        tag: Option<String>,
+    },
+    Pause,
+    Resume,
+    History {
+        #[serde(default)]
+        rcpt: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        tag: Option<String>,
+        /// Only events of the last this many seconds.
+        #[serde(default)]
+        since_s: Option<u64>,
+    },
+    Trace {
+        addr: String,
+    },
+    SuppressionList,
+    SuppressionAdd {
+        addr: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    SuppressionRemove {
+        addr: String,
+    },
+    SuppressionImport {
+        entries: Vec<Entry>,
+    },
+}
+
+/// Binds the socket: creates its directory, replaces a stale socket (one
+/// nobody answers on), refuses to steal a live one, and sets mode 0660.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "control.socket: {} is in use: is another herald running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("control.socket: cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// Serves the socket until shutdown, then removes it.
+pub async fn serve(services: Arc<Services>, listener: UnixListener, path: PathBuf) {
+    let mut shutdown = services.shutdown.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => {
+                if let Ok((stream, _)) = r {
+                    tokio::spawn(connection(services.clone(), stream));
+                }
+            }
+            _ = shutdown.wait() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn connection(services: Arc<Services>, stream: UnixStream) {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => ops::handle(&services, req).await,
+            Err(e) => ops::error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+        out.push(b'\n');
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! What each control request does. Answers are JSON objects; the CLI
+//! renders them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::Request;
+use crate::history::{Event, EventKind};
+use crate::queue::{now_ms, Envelope, RcptStatus};
+use crate::server::{Services, META_PAUSED};
+use crate::suppression::Entry;
+
+pub fn error(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+fn ok(mut v: Value) -> Value {
+    if let Value::Object(m) = &mut v {
+        m.insert("ok".into(), Value::Bool(true));
+    }
+    v
+}
+
+pub async fn handle(s: &Services, req: Request) -> Value {
+    let res = match req {
+        Request::Status => status(s),
+        Request::Queue => queue(s),
+        Request::Show { id } => show(s, &id),
+        Request::Retry { id, all } => retry(s, id.as_deref(), all),
+        Request::Cancel { id, tag } => cancel(s, id.as_deref(), tag.as_deref()).await,
+        Request::Pause => set_paused(s, true).await,
+        Request::Resume => set_paused(s, false).await,
+        Request::History {
+            rcpt,
+            id,
+            tag,
+            since_s,
+        } => history(s, rcpt.as_deref(), id.as_deref(), tag.as_deref(), since_s),
+        Request::Trace { addr } => trace(s, &addr),
+        Request::SuppressionList => s
+            .suppression
+            .list()
+            .map(|e| json!({ "entries": e }))
+            .map_err(|e| e.to_string()),
+        Request::SuppressionAdd { addr, reason } => suppression_add(s, &addr, reason).await,
+        Request::SuppressionRemove { addr } => match s.suppression.remove(&addr) {
+            Ok(removed) => {
+                let _ = s.store.commit().await;
+                tracing::info!(rcpt = %addr, removed, "suppression removed by operator");
+                Ok(json!({ "removed": removed, "addr": addr }))
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Request::SuppressionImport { entries } => suppression_import(s, entries).await,
+    };
+    match res {
+        Ok(v) => ok(v),
+        Err(e) => error(e),
+    }
+}
+
+type Answer = Result<Value, String>;
+
+fn route_health(s: &Services) -> Vec<Value> {
+    let health = s.routes.health.lock().unwrap().clone();
+    let mut names: Vec<String> = s.cfg.upstreams.keys().cloned().collect();
+    if s.cfg.delivery.upstream == "mx" || s.cfg.routes.iter().any(|r| r.upstream == "mx") {
+        names.push("mx".into());
+    }
+    names
+        .into_iter()
+        .map(|n| match health.get(&n) {
+            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms}),
+            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null}),
+        })
+        .collect()
+}
+
+fn status(s: &Services) -> Answer {
+    let all = s.store.all().map_err(|e| e.to_string())?;
+    let mut by_status: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for env in &all {
+        for r in env.pending() {
+            *by_status.entry(r.status.as_str()).or_default() += 1;
+        }
+    }
+    let since = now_ms().saturating_sub(86_400_000);
+    let mut last_24h: BTreeMap<&'static str, usize> = BTreeMap::new();
+    s.history
+        .query(since, |e| {
+            *last_24h.entry(e.event.as_str()).or_default() += 1;
+            false
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(json!({
+        "paused": s.paused.load(Ordering::Relaxed),
+        "messages": all.len(),
+        "recipients": by_status,
+        "last_24h": last_24h,
+        "uptime_s": s.started.elapsed().as_secs(),
+        "routes": route_health(s),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+fn queue(s: &Services) -> Answer {
+    let all = s.store.all().map_err(|e| e.to_string())?;
+    Ok(json!({ "messages": all }))
+}
+
+fn header_block(body: &[u8]) -> String {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(body.len());
+    String::from_utf8_lossy(&body[..end]).into_owned()
+}
+
+fn show(s: &Services, id: &str) -> Answer {
+    let events = s
+        .history
+        .query(0, |e| e.id == id)
+        .map_err(|e| e.to_string())?;
+    let env = s.store.envelope(id).map_err(|e| e.to_string())?;
+    let headers = s
+        .store
+        .body(id)
+        .map_err(|e| e.to_string())?
+        .map(|b| header_block(&b));
+    if env.is_none() && events.is_empty() {
+        return Err(format!(
+            "no message {id} in the queue or in the last {} of history",
+            humantime::format_duration(s.cfg.storage.history_retention)
+        ));
+    }
+    Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events }))
+}
+
+fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
+    let ids: Vec<String> = match (id, all) {
+        (Some(id), false) => vec![id.to_string()],
+        (None, true) => s
+            .store
+            .all()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|e| e.id)
+            .collect(),
+        _ => return Err("give a queue id or --all".into()),
+    };
+    let now = now_ms();
+    let mut made_due = 0;
+    let mut found = false;
+    for id in &ids {
+        let env = s
+            .store
+            .update(id, |env| {
+                for r in env.rcpts.iter_mut() {
+                    if r.status == RcptStatus::Deferred {
+                        r.next_attempt = now;
+                        made_due += 1;
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if env.is_some() {
+            found = true;
+            s.scheduler.schedule(id, now);
+        }
+    }
+    if !all && !found {
+        return Err(format!("{} is not in the queue", ids[0]));
+    }
+    Ok(json!({ "retried": made_due }))
+}
+
+async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
+    let targets: Vec<Envelope> = match (id, tag) {
+        (Some(id), None) => s
+            .store
+            .envelope(id)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect(),
+        (None, Some(tag)) => s
+            .store
+            .all()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|e| e.tag.as_deref() == Some(tag))
+            .collect(),
+        _ => return Err("give a queue id or --tag TAG".into()),
+    };
+    let mut cancelled = Vec::new();
+    for t in &targets {
+        let mut newly = Vec::new();
+        s.store
+            .update(&t.id, |env| {
+                for r in env.rcpts.iter_mut() {
+                    if !r.status.is_final() {
+                        r.status = RcptStatus::Cancelled;
+                        r.updated = now_ms();
+                        r.last_reply = Some("cancelled by operator".into());
+                        newly.push(r.addr.clone());
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        for rcpt in newly {
+            s.history
+                .record(
+                    EventKind::Cancelled,
+                    &t.id,
+                    &rcpt,
+                    "cancelled by operator before delivery",
+                    t.tag.as_deref(),
+                    t.subject.as_deref(),
+                )
+                .map_err(|e| e.to_string())?;
+            tracing::info!(id = %t.id, rcpt = %rcpt, "cancelled");
+            cancelled.push(json!({"id": t.id, "rcpt": rcpt}));
+        }
+    }
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    // What had already reached a final state: say so, change nothing.
+    let already: Vec<Value> = s
+        .history
+        .query(0, |e| match (id, tag) {
+            (Some(id), _) => e.id == id,
+            (_, Some(tag)) => e.tag.as_deref() == Some(tag),
+            _ => false,
+        })
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.event,
+                EventKind::Delivered
+                    | EventKind::Bounced
+                    | EventKind::Expired
+                    | EventKind::Suppressed
+            )
+        })
+        .map(|e| json!({"id": e.id, "rcpt": e.rcpt, "event": e.event, "time": e.time}))
+        .collect();
+    if cancelled.is_empty() && already.is_empty() {
+        return Err(match (id, tag) {
+            (Some(id), _) => format!("no message {id} in the queue or history"),
+            (_, Some(tag)) => format!("no mail with tag {tag:?} in the queue or history"),
+            _ => unreachable!(),
+        });
+    }
+    Ok(json!({ "cancelled": cancelled, "already_final": already }))
+}
+
+async fn set_paused(s: &Services, paused: bool) -> Answer {
+    s.store
+        .meta_set(META_PAUSED, paused.then_some(b"1".as_slice()))
+        .map_err(|e| e.to_string())?;
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.paused.store(paused, Ordering::Relaxed);
+    s.scheduler.wake();
+    tracing::warn!(
+        paused,
+        "outbound delivery {}",
+        if paused { "paused" } else { "resumed" }
+    );
+    Ok(json!({ "paused": paused }))
+}
+
+fn history(
+    s: &Services,
+    rcpt: Option<&str>,
+    id: Option<&str>,
+    tag: Option<&str>,
+    since_s: Option<u64>,
+) -> Answer {
+    let since = since_s
+        .map(|secs| now_ms().saturating_sub(secs * 1000))
+        .unwrap_or(0);
+    let events = s
+        .history
+        .query(since, |e| {
+            rcpt.is_none_or(|r| e.rcpt.eq_ignore_ascii_case(r))
+                && id.is_none_or(|i| e.id == i)
+                && tag.is_none_or(|t| e.tag.as_deref() == Some(t))
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(json!({ "events": events }))
+}
+
+fn ago(ms: u64) -> String {
+    let now = now_ms();
+    if ms <= now {
+        format!(
+            "{} ago",
+            humantime::format_duration(Duration::from_secs((now - ms) / 1000))
+        )
+    } else {
+        format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs((ms - now) / 1000))
+        )
+    }
+}
+
+/// One line that answers "what happened to the mail for this address?".
+fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) -> String {
+    let lift = format!("lift with: herald suppression remove {addr}");
+    if events.is_empty() {
+        let mut d = format!(
+            "no mail for {addr} in the last {}: herald never received any, so the platform did not send it (check the platform's logs and the address it used)",
+            humantime::format_duration(s.cfg.storage.history_retention)
+        );
+        if let Some(e) = supp {
+            d.push_str(&format!(
+                "; note: the address is suppressed ({}), {lift}",
+                e.reason
+            ));
+        }
+        return d;
+    }
+    // The newest message decides; events are newest first.
+    let latest_id = &events[0].id;
+    let of_latest: Vec<&Event> = events.iter().filter(|e| &e.id == latest_id).collect();
+    let last = of_latest[0];
+    match last.event {
+        EventKind::Delivered | EventKind::Opened => {
+            let delivered = of_latest.iter().find(|e| e.event == EventKind::Delivered);
+            let opened = of_latest.iter().find(|e| e.event == EventKind::Opened);
+            let mut d = match delivered {
+                Some(e) => format!(
+                    "delivered {} (queue id {}): {}; if the user cannot find it, it is in their mailbox provider's hands (spam folder, filters)",
+                    ago(e.time_ms),
+                    e.id,
+                    e.detail
+                ),
+                None => format!("message {} was opened", last.id),
+            };
+            if let Some(o) = opened {
+                d.push_str(&format!("; opened {}", ago(o.time_ms)));
+            }
+            d
+        }
+        EventKind::Deferred => {
+            let next = s
+                .store
+                .envelope(latest_id)
+                .ok()
+                .flatten()
+                .and_then(|env| {
+                    env.rcpts
+                        .iter()
+                        .find(|r| r.addr.eq_ignore_ascii_case(addr))
+                        .map(|r| r.next_attempt)
+                });
+            let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
+            if let Some(n) = next {
+                d.push_str(&format!("; next attempt {}", ago(n)));
+            }
+            d.push_str(&format!("; resend now with: herald retry {}", last.id));
+            d
+        }
+        EventKind::Bounced => {
+            let mut d = format!(
+                "bounced {} (queue id {}): {}",
+                ago(last.time_ms),
+                last.id,
+                last.detail
+            );
+            if supp.is_some() {
+                d.push_str(&format!("; the address is now suppressed, {lift}"));
+            }
+            d
+        }
+        EventKind::Suppressed => match supp {
+            Some(e) => format!(
+                "not sent: the address is suppressed since {} ({}{}); {lift}",
+                ago(e.added_ms),
+                e.reason,
+                e.reply.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            ),
+            None => format!(
+                "not sent {} because the address was suppressed; the suppression has since been lifted, so new mail will go out",
+                ago(last.time_ms)
+            ),
+        },
+        EventKind::Cancelled => format!(
+            "cancelled {} before delivery (queue id {}{})",
+            ago(last.time_ms),
+            last.id,
+            last.tag.as_deref().map(|t| format!(", tag {t}")).unwrap_or_default()
+        ),
+        EventKind::Expired => format!(
+            "expired {} (queue id {}): {}",
+            ago(last.time_ms),
+            last.id,
+            last.detail
+        ),
+        EventKind::Received => {
+            let next = s
+                .store
+                .envelope(latest_id)
+                .ok()
+                .flatten()
+                .and_then(|env| env.next_due());
+            let paused = if s.paused.load(Ordering::Relaxed) {
+                " (delivery is PAUSED: herald resume)"
+            } else {
+                ""
+            };
+            match next {
+                Some(n) if n > now_ms() => format!(
+                    "received {} (queue id {}), held until its first attempt {}{paused}",
+                    ago(last.time_ms),
+                    last.id,
+                    ago(n)
+                ),
+                _ => format!(
+                    "received {} (queue id {}), waiting for its first attempt{paused}",
+                    ago(last.time_ms),
+                    last.id
+                ),
+            }
+        }
+    }
+}
+
+fn trace(s: &Services, addr: &str) -> Answer {
+    let mut events = s
+        .history
+        .query(0, |e| e.rcpt.eq_ignore_ascii_case(addr))
+        .map_err(|e| e.to_string())?;
+    events.reverse();
+    let supp = s.suppression.get(addr).map_err(|e| e.to_string())?;
+    let diagnosis = diagnose(s, addr, &events, supp.as_ref());
+    let unhealthy: Vec<Value> = route_health(s)
+        .into_iter()
+        .filter(|r| r["healthy"] == Value::Bool(false))
+        .collect();
+    Ok(json!({
+        "addr": addr,
+        "events": events,
+        "suppression": supp,
+        "diagnosis": diagnosis,
+        "unhealthy_routes": unhealthy,
+    }))
+}
+
+async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> Answer {
+    if !addr.contains('@') {
+        return Err(format!("{addr:?} is not an address"));
+    }
+    let e = Entry {
+        addr: addr.trim().to_lowercase(),
+        reason: reason.unwrap_or_else(|| "added by operator".into()),
+        reply: None,
+        source_id: None,
+        added_ms: now_ms(),
+        expires_ms: None,
+        automatic: false,
+    };
+    s.suppression.put(&e).map_err(|e| e.to_string())?;
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    tracing::info!(rcpt = %e.addr, "suppression added by operator");
+    Ok(json!({ "entry": e }))
+}
+
+async fn suppression_import(s: &Services, entries: Vec<Entry>) -> Answer {
+    let n = entries.len();
+    for e in entries {
+        if !e.addr.contains('@') {
+            return Err(format!("{:?} is not an address", e.addr));
+        }
+        s.suppression.put(&e).map_err(|e| e.to_string())?;
+    }
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    Ok(json!({ "imported": n }))
+}
