@@ -195,6 +195,28 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
             .collect(),
         _ => return Err("give a queue id or --tag TAG".into()),
     };
+    // What had already reached a final state: say so, change nothing.
+    let already: Vec<Value> = s
+        .history
+        .query(0, |e| match (id, tag) {
+            (Some(id), _) => e.id == id,
+            (_, Some(tag)) => e.tag.as_deref() == Some(tag),
+            _ => false,
+        })
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.event,
+                EventKind::Delivered
+                    | EventKind::Bounced
+                    | EventKind::Expired
+                    | EventKind::Suppressed
+                    | EventKind::Cancelled
+            )
+        })
+        .map(|e| json!({"id": e.id, "rcpt": e.rcpt, "event": e.event, "time": e.time}))
+        .collect();
     let mut cancelled = Vec::new();
     for t in &targets {
         let mut newly = Vec::new();
@@ -226,27 +248,6 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         }
     }
     s.store.commit().await.map_err(|e| e.to_string())?;
-    // What had already reached a final state: say so, change nothing.
-    let already: Vec<Value> = s
-        .history
-        .query(0, |e| match (id, tag) {
-            (Some(id), _) => e.id == id,
-            (_, Some(tag)) => e.tag.as_deref() == Some(tag),
-            _ => false,
-        })
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|e| {
-            matches!(
-                e.event,
-                EventKind::Delivered
-                    | EventKind::Bounced
-                    | EventKind::Expired
-                    | EventKind::Suppressed
-            )
-        })
-        .map(|e| json!({"id": e.id, "rcpt": e.rcpt, "event": e.event, "time": e.time}))
-        .collect();
     if cancelled.is_empty() && already.is_empty() {
         return Err(match (id, tag) {
             (Some(id), _) => format!("no message {id} in the queue or history"),

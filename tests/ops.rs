@@ -1,0 +1,352 @@
+//! Operations end to end: the real daemon, the real CLI on its control
+//! socket, a sink as upstream.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+fn ok(h: &Herald, args: &[&str]) -> String {
+    let (code, out, err) = h.cli(args);
+    assert_eq!(code, 0, "herald {args:?}: {out}{err}");
+    out
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn queue_id(reply: &str) -> String {
+    reply.trim().rsplit(' ').next().unwrap().to_string()
+}
+
+#[test]
+fn pause_survives_restart_queue_lists_held_mail_and_resume_delivers() {
+    let sink = Sink::start(Script::default());
+    let mut h = Herald::start(&upstream(sink.port(), "none", ""));
+    let out = ok(&h, &["pause"]);
+    assert!(out.contains("paused"), "{out}");
+    let mut c = h.client();
+    c.ehlo();
+    let (code, reply) = c.send("a@b.test", &["louise@dest.test"], &message("paused"));
+    assert_eq!(code, 250);
+    let id = queue_id(&reply);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.count(), 0, "paused: nothing goes out");
+    let q = ok(&h, &["queue"]);
+    assert!(
+        q.contains(&id) && q.contains("louise@dest.test") && q.contains("queued"),
+        "{q}"
+    );
+    assert!(q.starts_with("ID "), "a table with headers: {q}");
+
+    h.terminate().unwrap();
+    h.spawn();
+    let st = ok(&h, &["status"]);
+    assert!(st.contains("PAUSED"), "{st}");
+    assert!(st.contains("queue: 1 message"), "{st}");
+    let st = json_lines(&ok(&h, &["status", "--json"]));
+    assert_eq!(st[0]["paused"], Value::Bool(true));
+    let q = json_lines(&ok(&h, &["queue", "--json"]));
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0]["id"], Value::String(id.clone()));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(sink.count(), 0, "still paused after restart");
+
+    ok(&h, &["resume"]);
+    assert_eq!(sink.wait_for(1, 10).len(), 1, "{}", h.log());
+    let st = json_lines(&ok(&h, &["status", "--json"]));
+    assert_eq!(st[0]["paused"], Value::Bool(false));
+    assert_eq!(st[0]["messages"], 0, "delivered mail leaves the queue");
+}
+
+#[test]
+fn history_shows_received_and_delivered_and_show_explains_a_message() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    let (_, reply) = c.send("a@b.test", &["Louise@Dest.test"], &message("history"));
+    let id = queue_id(&reply);
+    sink.wait_for(1, 10);
+    assert!(wait_until(5, || ok(&h, &["history", "--id", &id])
+        .contains("delivered")));
+    let ev = json_lines(&ok(
+        &h,
+        &["history", "--rcpt", "louise@dest.test", "--json"],
+    ));
+    let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        vec!["received", "delivered"],
+        "case-insensitive rcpt search"
+    );
+    assert_eq!(ev[1]["subject"], "history");
+    assert!(
+        ev[1]["detail"].as_str().unwrap().contains("250 2.0.0 ok"),
+        "{:?}",
+        ev[1]
+    );
+    assert!(ev[0]["time"].as_str().unwrap().ends_with('Z'));
+    let human = ok(&h, &["history", "--since", "1h"]);
+    assert!(
+        human.contains("TIME") && human.contains("delivered"),
+        "{human}"
+    );
+    let shown = ok(&h, &["show", &id]);
+    assert!(
+        shown.contains("no longer queued") && shown.contains("delivered"),
+        "{shown}"
+    );
+    let (code, _, err) = h.cli(&["show", "NOSUCHID"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no message NOSUCHID"), "{err}");
+}
+
+#[test]
+fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![(
+            "gone".into(),
+            "550 5.1.1 <gone@dest.test>: no such user".into(),
+        )],
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["gone@dest.test"], &message("first")).0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("address suppressed")),
+        "{}",
+        h.log()
+    );
+
+    let list = ok(&h, &["suppression", "list"]);
+    assert!(
+        list.contains("gone@dest.test") && list.contains("550 5.1.1"),
+        "{list}"
+    );
+    // The next mail is accepted, recorded as suppressed, and never attempted.
+    assert_eq!(
+        c.send("a@b.test", &["gone@dest.test"], &message("second"))
+            .0,
+        250
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = sink.state.lock().unwrap().rcpt_seen.clone();
+    assert_eq!(
+        seen.iter().filter(|r| r.contains("gone")).count(),
+        1,
+        "{seen:?}"
+    );
+
+    let t = ok(&h, &["trace", "GONE@dest.test"]);
+    assert!(t.contains("SUPPRESSED"), "{t}");
+    assert!(t.contains("550 5.1.1"), "{t}");
+    assert!(
+        t.contains("diagnosis: not sent: the address is suppressed"),
+        "{t}"
+    );
+    assert!(t.contains("herald suppression remove"), "{t}");
+    let tj = json_lines(&ok(&h, &["trace", "gone@dest.test", "--json"]));
+    let kinds: Vec<&str> = tj[0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["suppressed", "received", "bounced", "received"],
+        "newest first"
+    );
+
+    let out = ok(&h, &["suppression", "remove", "gone@dest.test"]);
+    assert!(out.contains("lifted"), "{out}");
+    sink.state.lock().unwrap().script.rcpt_replies.clear();
+    assert_eq!(
+        c.send("a@b.test", &["gone@dest.test"], &message("third")).0,
+        250
+    );
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs.len(), 1);
+    assert!(msgs[0].text().contains("Subject: third"));
+    assert!(wait_until(5, || ok(&h, &["trace", "gone@dest.test"])
+        .contains("diagnosis: delivered")));
+}
+
+#[test]
+fn delayed_mail_cancelled_by_tag_never_goes_out() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    let msg = format!(
+        "X-Herald-Tag: file-1234\nX-Herald-Delay: 1h\n{}",
+        message("upload")
+    );
+    let (code, reply) = c.send("a@b.test", &["louise@dest.test", "paul@dest.test"], &msg);
+    assert_eq!(code, 250);
+    let id = queue_id(&reply);
+    let q = ok(&h, &["queue"]);
+    assert!(
+        q.contains("file-1234") && q.contains("in 59m"),
+        "held an hour: {q}"
+    );
+    let t = ok(&h, &["trace", "louise@dest.test"]);
+    assert!(t.contains("held until its first attempt"), "{t}");
+
+    let out = ok(&h, &["cancel", "--tag", "file-1234"]);
+    assert_eq!(out.matches("cancelled ").count(), 2, "{out}");
+    ok(&h, &["retry", "--all"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(sink.count(), 0);
+    let ev = json_lines(&ok(&h, &["history", "--tag", "file-1234", "--json"]));
+    assert_eq!(
+        ev.iter().filter(|e| e["event"] == "cancelled").count(),
+        2,
+        "{ev:?}"
+    );
+    assert!(ok(&h, &["queue"]).contains("queue is empty"));
+    let t = ok(&h, &["trace", "paul@dest.test"]);
+    assert!(t.contains("diagnosis: cancelled"), "{t}");
+    // Cancelling again changes nothing and says so.
+    let out = ok(&h, &["cancel", &id]);
+    assert!(
+        out.contains("already cancelled") && out.contains("nothing was cancelled"),
+        "{out}"
+    );
+
+    // Cancelling mail that is already delivered says so and changes nothing.
+    let msg = format!("X-Herald-Tag: file-99\n{}", message("sent"));
+    assert_eq!(c.send("a@b.test", &["louise@dest.test"], &msg).0, 250);
+    sink.wait_for(1, 10);
+    assert!(wait_until(5, || ok(&h, &["history", "--tag", "file-99"])
+        .contains("delivered")));
+    let out = ok(&h, &["cancel", "--tag", "file-99"]);
+    assert!(out.contains("already delivered"), "{out}");
+    let (code, _, err) = h.cli(&["cancel", "--tag", "never-seen"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no mail with tag"), "{err}");
+}
+
+#[test]
+fn retry_makes_deferred_mail_due_now() {
+    let port = free_port();
+    let h = Herald::start(&format!(
+        "[delivery]\nupstream = \"up\"\nretry_schedule = [\"1h\"]\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\n"
+    ));
+    let mut c = h.client();
+    c.ehlo();
+    let (_, reply) = c.send("a@b.test", &["louise@dest.test"], &message("resend"));
+    let id = queue_id(&reply);
+    assert!(wait_until(10, || ok(&h, &["queue"]).contains("deferred")));
+    let t = ok(&h, &["trace", "louise@dest.test"]);
+    assert!(
+        t.contains("diagnosis: deferred") && t.contains("next attempt in 59m"),
+        "{t}"
+    );
+    assert!(t.contains(&format!("herald retry {id}")), "{t}");
+    let sink = Sink::start_on(port, Script::default());
+    let out = ok(&h, &["retry", &id]);
+    assert!(out.contains("1 recipient(s) due now"), "{out}");
+    assert_eq!(sink.wait_for(1, 10).len(), 1, "{}", h.log());
+    let (code, _, _) = h.cli(&["retry", "NOSUCHID"]);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn history_is_purged_after_retention() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&format!(
+        "[storage]\nhistory_retention = \"2s\"\n{}",
+        upstream(sink.port(), "none", "")
+    ));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["louise@dest.test"], &message("old")).0,
+        250
+    );
+    sink.wait_for(1, 10);
+    assert!(!json_lines(&ok(&h, &["history", "--json"])).is_empty());
+    assert!(
+        wait_until(8, || ok(&h, &["history", "--json"]).trim().is_empty()),
+        "{}",
+        ok(&h, &["history"])
+    );
+    let t = ok(&h, &["trace", "louise@dest.test"]);
+    assert!(
+        t.contains("diagnosis: no mail for louise@dest.test in the last 2s"),
+        "{t}"
+    );
+}
+
+#[test]
+fn suppression_add_export_import_round_trip() {
+    let h = Herald::start("");
+    ok(
+        &h,
+        &[
+            "suppression",
+            "add",
+            "x@dest.test",
+            "--reason",
+            "asked to stop",
+        ],
+    );
+    let csv = ok(&h, &["suppression", "export"]);
+    assert!(csv.starts_with("address,reason"), "{csv}");
+    assert!(csv.contains("x@dest.test,asked to stop"), "{csv}");
+    ok(&h, &["suppression", "remove", "x@dest.test"]);
+    assert!(ok(&h, &["suppression", "list"]).contains("no suppressed addresses"));
+    let file = h.path("list.csv");
+    std::fs::write(&file, format!("{csv}y@dest.test,,,,,,\n")).unwrap();
+    let out = ok(&h, &["suppression", "import", file.to_str().unwrap()]);
+    assert!(out.contains("imported 2"), "{out}");
+    let list = json_lines(&ok(&h, &["suppression", "list", "--json"]));
+    let addrs: Vec<&str> = list.iter().map(|e| e["addr"].as_str().unwrap()).collect();
+    assert!(
+        addrs.contains(&"x@dest.test") && addrs.contains(&"y@dest.test"),
+        "{addrs:?}"
+    );
+    std::fs::write(&file, "address\nnot-an-address\n").unwrap();
+    let (code, _, err) = h.cli(&["suppression", "import", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an address"), "{err}");
+}
+
+#[test]
+fn cli_against_a_stopped_daemon_exits_2_with_one_line() {
+    let mut h = Herald::start("");
+    let sock = h.path("data/herald.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660);
+    assert!(h.terminate().unwrap().success());
+    assert!(!sock.exists(), "socket removed on clean exit");
+    for args in [
+        &["status"][..],
+        &["queue", "--json"],
+        &["trace", "a@b.test"],
+        &["pause"],
+    ] {
+        let (code, out, err) = h.cli(args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("not running"), "{err}");
+    }
+    // A stale socket left by a crash is replaced at start.
+    h.spawn();
+    h.kill9();
+    assert!(sock.exists());
+    h.spawn();
+    ok(&h, &["status"]);
+}
