@@ -216,3 +216,43 @@ pub fn keygen(
         record: format!("v=DKIM1; k={k}; p={}", b64.encode(public)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_chosen_by_exact_then_parent_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        keygen("example.com", "a", "ed25519", &dir.path().join("a.pem")).unwrap();
+        keygen("mail.example.com", "b", "rsa", &dir.path().join("b.pem")).unwrap();
+        let text = "[sender]\ndefault_sender = \"n@example.com\"\n\
+            [[dkim]]\ndomain = \"example.com\"\nselector = \"a\"\nprivate_key = \"a.pem\"\n\
+            [[dkim]]\ndomain = \"mail.example.com\"\nselector = \"b\"\nprivate_key = \"b.pem\"\n";
+        let cfg = Config::parse(text, &dir.path().join("h.toml")).unwrap();
+        let s = Signers::from_config(&cfg).unwrap();
+        assert_eq!(
+            s.find("mail.example.com").unwrap().domain,
+            "mail.example.com"
+        );
+        assert_eq!(
+            s.find("x.mail.example.com").unwrap().domain,
+            "mail.example.com"
+        );
+        assert_eq!(s.find("news.example.com").unwrap().domain, "example.com");
+        assert_eq!(s.find("EXAMPLE.COM").unwrap().domain, "example.com");
+        assert!(s.find("example.org").is_none());
+        assert!(s.find("com").is_none());
+        let msg = b"From: n@news.example.com\r\nSubject: x\r\n\r\nbody\r\n";
+        let sig = s.sign("news.example.com", msg).unwrap().unwrap();
+        assert!(
+            sig.contains("d=example.com") && sig.contains("s=a"),
+            "{sig}"
+        );
+        assert!(
+            sig.contains(":From:From:To:Cc:"),
+            "From oversigned, absent Cc signed: {sig}"
+        );
+        assert!(keygen("example.com", "a", "dsa", &dir.path().join("c.pem")).is_err());
+    }
+}
