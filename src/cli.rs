@@ -86,9 +86,12 @@ pub fn request(socket: &Path, req: &Request) -> Result<Value, CliError> {
             "herald closed the control connection without answering".into(),
         ));
     }
-    let v: Value = serde_json::from_str(&answer)
+    let mut v: Value = serde_json::from_str(&answer)
         .map_err(|e| CliError::Failed(format!("bad answer from herald: {e}")))?;
     if v["ok"] == Value::Bool(true) {
+        if let Value::Object(m) = &mut v {
+            m.remove("ok");
+        }
         Ok(v)
     } else {
         Err(CliError::Failed(
@@ -172,11 +175,7 @@ fn arr(v: &Value, key: &str) -> Vec<Value> {
 
 pub fn print_status(v: &Value, json: bool) {
     if json {
-        let mut v = v.clone();
-        if let Value::Object(m) = &mut v {
-            m.remove("ok");
-        }
-        json_lines(&[v]);
+        json_lines(std::slice::from_ref(v));
         return;
     }
     let paused = v["paused"].as_bool().unwrap_or(false);
@@ -312,11 +311,7 @@ pub fn print_history(v: &Value, json: bool) {
 
 pub fn print_show(v: &Value, json: bool) {
     if json {
-        let mut v = v.clone();
-        if let Value::Object(m) = &mut v {
-            m.remove("ok");
-        }
-        json_lines(&[v]);
+        json_lines(std::slice::from_ref(v));
         return;
     }
     println!("id: {}", s(&v["id"]));
@@ -372,11 +367,7 @@ pub fn print_show(v: &Value, json: bool) {
 
 pub fn print_trace(v: &Value, json: bool) {
     if json {
-        let mut v = v.clone();
-        if let Value::Object(m) = &mut v {
-            m.remove("ok");
-        }
-        json_lines(&[v]);
+        json_lines(std::slice::from_ref(v));
         return;
     }
     println!("{}", s(&v["addr"]));
