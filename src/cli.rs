@@ -225,7 +225,7 @@ pub fn print_status(v: &Value, json: bool) {
                 relative(r["since_ms"].as_u64()),
                 s(&r["last_error"])
             ),
-            None => "not used yet".to_string(),
+            None => "no refusal seen".to_string(),
         };
         println!("route {}: {state}", s(&r["name"]));
     }
