@@ -179,11 +179,12 @@ impl Store {
             .flush_every_ms(Some(500))
             .open()?;
         let db_file = File::open(path.join("db"))?;
+        let blobs = path.join("blobs");
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
         let committer_db = db.clone();
         std::thread::Builder::new()
             .name("herald-commit".into())
-            .spawn(move || committer(committer_db, db_file, commit_rx))?;
+            .spawn(move || committer(committer_db, db_file, blobs, commit_rx))?;
         Ok(Store {
             bodies: db.open_tree("bodies")?,
             envelopes: db.open_tree("envelopes")?,
@@ -289,20 +290,51 @@ impl Store {
     }
 }
 
+/// sled writes values larger than a quarter segment (large messages) to
+/// files of their own under `blobs/`, and never fsyncs them. This syncs
+/// the blob files written since `since`, and the directory that names them.
+fn sync_new_blobs(dir: &Path, since: SystemTime) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut any = false;
+    for entry in entries {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_file() && meta.modified()? >= since {
+            File::open(entry.path())?.sync_all()?;
+            any = true;
+        }
+    }
+    if any {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// The group-commit loop: take every waiter that is queued, make the
 /// database durable once, answer them all.
-fn committer(db: sled::Db, file: File, rx: mpsc::Receiver<Waiter>) {
+fn committer(db: sled::Db, file: File, blobs: std::path::PathBuf, rx: mpsc::Receiver<Waiter>) {
+    // Blob files are synced by modification time, with a margin for
+    // clock granularity.
+    let margin = std::time::Duration::from_secs(2);
+    let mut last = SystemTime::now() - margin;
     while let Ok(first) = rx.recv() {
         let mut waiters = vec![first];
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
+        let started = SystemTime::now();
         // sled's flush() only does sync_file_range; the fsync makes it
         // survive a power cut, not just a process crash.
         let res = db
             .flush()
             .map_err(|e| e.to_string())
+            .and_then(|_| sync_new_blobs(&blobs, last - margin).map_err(|e| e.to_string()))
             .and_then(|_| file.sync_all().map_err(|e| e.to_string()));
+        last = started;
         if let Err(e) = &res {
             tracing::error!(error = %e, "storage commit failed");
         }

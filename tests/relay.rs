@@ -641,3 +641,56 @@ fn malformed_headers_and_bad_control_headers_get_554() {
         250
     );
 }
+
+#[test]
+fn other_smuggling_variants_are_content_too() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let smuggled =
+        "MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\nsmuggled\r\n";
+    let long = "y".repeat(1200);
+    let cases: Vec<(String, u16)> = vec![
+        // "." + bare LF after a CRLF line.
+        (
+            format!("Subject: a\r\n\r\nhello\r\n.\n{smuggled}.\r\n"),
+            250,
+        ),
+        // "." + bare LF after a bare LF line.
+        (format!("Subject: b\r\n\r\nhello\n.\n{smuggled}.\r\n"), 250),
+        // <LF>.<CR><LF> right after an over-long line.
+        (
+            format!("Subject: c\r\n\r\n{long}\n.\r\n{smuggled}.\r\n"),
+            500,
+        ),
+        // A bare CR is not a line end either.
+        (
+            format!("Subject: d\r\n\r\nhello\r.\r\n{smuggled}.\r\n"),
+            250,
+        ),
+    ];
+    for (i, (data, want)) in cases.iter().enumerate() {
+        let mut c = h.client();
+        c.ehlo();
+        assert_eq!(c.cmd("MAIL FROM:<app@platform.test>").0, 250);
+        assert_eq!(c.cmd(&format!("RCPT TO:<legit{i}@dest.test>")).0, 250);
+        assert_eq!(c.cmd("DATA").0, 354);
+        c.send_raw(data.as_bytes());
+        let (code, text) = c.read_reply();
+        assert_eq!(code, *want, "case {i}: {text}");
+        let (code, text) = c.cmd("NOOP");
+        assert_eq!(code, 250, "case {i}: exactly one reply to the data: {text}");
+    }
+    sink.wait_for(3, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!sink
+        .state
+        .lock()
+        .unwrap()
+        .rcpt_seen
+        .iter()
+        .any(|r| r.contains("victim")));
+    for m in sink.messages() {
+        assert_eq!(m.rcpts.len(), 1);
+        assert!(m.text().contains("smuggled"), "stays content: {}", m.text());
+    }
+}

@@ -10,8 +10,9 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 pub enum Line {
     /// `buf` holds one line, ending in LF (CRLF when the client is correct).
     Complete,
-    /// The line was longer than the cap; it was discarded.
-    TooLong,
+    /// The line was longer than the cap; it was discarded. `crlf` tells
+    /// whether it ended in CRLF (a bare LF matters for the end of DATA).
+    TooLong { crlf: bool },
     /// The connection closed (a partial line, if any, is dropped).
     Eof,
 }
@@ -23,6 +24,8 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
 ) -> std::io::Result<Line> {
     buf.clear();
     let mut too_long = false;
+    // Last byte of a discarded chunk, to see a CR split from its LF.
+    let mut last = 0u8;
     loop {
         let avail = r.fill_buf().await?;
         if avail.is_empty() {
@@ -32,14 +35,18 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
             Some(i) => {
                 if !too_long && buf.len() + i < max {
                     buf.extend_from_slice(&avail[..=i]);
-                } else {
-                    too_long = true;
+                    r.consume(i + 1);
+                    return Ok(Line::Complete);
                 }
+                let before = match (i, buf.last()) {
+                    (0, Some(&b)) => b,
+                    (0, None) => last,
+                    _ => avail[i - 1],
+                };
                 r.consume(i + 1);
-                return Ok(if too_long {
-                    Line::TooLong
-                } else {
-                    Line::Complete
+                buf.clear();
+                return Ok(Line::TooLong {
+                    crlf: before == b'\r',
                 });
             }
             None => {
@@ -48,6 +55,7 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
                     buf.extend_from_slice(avail);
                 } else {
                     too_long = true;
+                    last = avail[n - 1];
                     buf.clear();
                 }
                 r.consume(n);
@@ -72,7 +80,7 @@ mod tests {
         assert_eq!(buf, b"EHLO a\r\n");
         assert_eq!(
             read_line(&mut r, &mut buf, 10).await.unwrap(),
-            Line::TooLong
+            Line::TooLong { crlf: true }
         );
         assert_eq!(
             read_line(&mut r, &mut buf, 10).await.unwrap(),
@@ -80,5 +88,19 @@ mod tests {
         );
         assert_eq!(buf, b"QUIT\r\n");
         assert_eq!(read_line(&mut r, &mut buf, 10).await.unwrap(), Line::Eof);
+        // A long line ending in a bare LF says so, wherever the buffer splits.
+        for cap in [3, 4, 7, 64] {
+            let input: &[u8] = b"yyyyyyyyyyyyyyyyyyyyyyy\nok\r\n";
+            let mut r = tokio::io::BufReader::with_capacity(cap, input);
+            assert_eq!(
+                read_line(&mut r, &mut buf, 10).await.unwrap(),
+                Line::TooLong { crlf: false }
+            );
+            assert_eq!(
+                read_line(&mut r, &mut buf, 10).await.unwrap(),
+                Line::Complete
+            );
+            assert_eq!(buf, b"ok\r\n");
+        }
     }
 }

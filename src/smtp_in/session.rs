@@ -318,21 +318,23 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         };
 
         if in_data {
-            if status == Line::TooLong {
+            if let Line::TooLong { crlf } = status {
                 data_line_too_long = true;
-                data_prev_bare_lf = false;
+                data_prev_bare_lf = !crlf;
                 continue;
             }
+            // Decide the end of DATA on the bytes as sent: only CRLF "." CRLF.
             let bare_lf = !line.ends_with(b"\r\n");
+            let is_end = !bare_lf && line == b".\r\n" && !data_prev_bare_lf;
             if bare_lf {
                 // Normalise to CRLF so what we store and relay is valid.
                 line.pop();
                 line.extend_from_slice(b"\r\n");
             }
-            let is_end = line == b".\r\n" && !data_prev_bare_lf;
-            if !is_end && data_prev_bare_lf && line.first() == Some(&b'.') {
-                // This line did not start after a CRLF, so it was not
-                // dot-stuffed: protect its leading dot from mailin.
+            if !is_end && (line == b".\r\n" || (data_prev_bare_lf && line.first() == Some(&b'.'))) {
+                // Not the end marker, and either it only looks like one
+                // after normalising, or it did not start after a CRLF and
+                // so was not dot-stuffed: protect its dot from mailin.
                 line.insert(0, b'.');
             }
             data_prev_bare_lf = bare_lf;
@@ -376,7 +378,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             continue;
         }
 
-        if status == Line::TooLong {
+        if matches!(status, Line::TooLong { .. }) {
             reply(
                 &mut out,
                 500,
