@@ -25,7 +25,9 @@ pub fn init_logging() {
         .ok()
         .and_then(|s| EnvFilter::try_new(s).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new("info"))
+        // mailin traces every line it sees, message content included.
+        .add_directive("mailin=warn".parse().expect("static directive"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -694,3 +694,48 @@ fn other_smuggling_variants_are_content_too() {
         assert!(m.text().contains("smuggled"), "stays content: {}", m.text());
     }
 }
+
+#[test]
+fn authenticated_session_sends_several_messages_and_routes_by_auth_user() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let main_sink = Sink::start(Script::default());
+    let acme_sink = Sink::start(Script::default());
+    // Loopback is in allowed_networks, yet the platform logs in: AUTH is
+    // offered and its user picks the route.
+    let h = Herald::start(&format!(
+        "[[listen.users]]\nusername = \"acme\"\npassword = \"pw\"\n\
+         [[routes]]\nauth_user = \"acme\"\nupstream = \"acme\"\n\
+         [upstreams.acme]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n{}",
+        acme_sink.port(),
+        upstream(main_sink.port(), "none", "")
+    ));
+    let mut c = h.client();
+    let ehlo = c.ehlo();
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    // Without AUTH a loopback client may relay: it goes the default route.
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("anon")).0,
+        250
+    );
+    assert_eq!(c.cmd("AUTH PLAIN").0, 334);
+    assert_eq!(c.cmd("*").0, 501, "cancelled");
+    assert_eq!(c.cmd("AUTH CRAM-MD5").0, 504);
+    assert_eq!(c.cmd("AUTH PLAIN").0, 334);
+    assert_eq!(c.cmd("not base64!").0, 501);
+    assert_eq!(c.cmd("AUTH PLAIN").0, 334);
+    assert_eq!(c.cmd(&b64.encode("\0acme\0pw")).0, 235);
+    assert_eq!(c.cmd("AUTH PLAIN").0, 503, "already authenticated");
+    assert_eq!(
+        c.send("a@b.test", &["y@dest.test"], &message("acme 1")).0,
+        250
+    );
+    assert_eq!(c.cmd("RSET").0, 250);
+    assert_eq!(c.cmd("EHLO again.test").0, 250);
+    let (code, text) = c.send("a@b.test", &["z@dest.test"], &message("acme 2"));
+    assert_eq!(code, 250, "still authenticated after RSET and EHLO: {text}");
+    assert_eq!(main_sink.wait_for(1, 10).len(), 1);
+    let acme = acme_sink.wait_for(2, 10);
+    assert_eq!(acme.len(), 2, "{}", h.log());
+    assert!(acme[0].text().contains("with ESMTPA"), "{}", acme[0].text());
+}

@@ -1,7 +1,7 @@
 //! One inbound SMTP session: a tokio loop around `mailin::Session`.
 //!
-//! mailin keeps the SMTP state machine and does AUTH; this loop owns the
-//! I/O and closes mailin's gaps (STACK.md):
+//! mailin keeps the SMTP state machine; this loop owns the I/O and AUTH,
+//! and closes mailin's gaps (STACK.md):
 //! - lines are capped ([`MAX_COMMAND_LINE`], [`MAX_DATA_LINE`]) and commands
 //!   must end in CRLF;
 //! - in DATA, a bare LF never ends a line for the purpose of the end-of-data
@@ -18,7 +18,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mailin::{Action, AuthMechanism, Handler, Response, SessionBuilder};
+use base64::Engine;
+use mailin::{Action, Handler, Response, SessionBuilder};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -36,36 +37,82 @@ pub const MAX_DATA_LINE: usize = 1000;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_AUTH_FAILURES: u32 = 3;
 
-/// State the mailin `Handler` shares with the loop.
+/// State the mailin `Handler` shares with the loop: the message being
+/// received.
 struct Shared {
     data: Vec<u8>,
     oversize: bool,
     max_size: usize,
-    auth_user: Option<String>,
-    auth_failures: u32,
 }
 
 struct InHandler {
     shared: Arc<Mutex<Shared>>,
-    services: Arc<Services>,
 }
 
-impl InHandler {
-    fn check(&self, user: &str, password: &str) -> Response {
-        let ok = self.services.cfg.listen.users.iter().any(|u| {
-            ct_eq(u.username.as_bytes(), user.as_bytes())
-                & ct_eq(u.password.expose().as_bytes(), password.as_bytes())
-        });
-        let mut sh = self.shared.lock().unwrap();
-        if ok {
-            sh.auth_user = Some(user.to_string());
-            Response::custom(235, "2.7.0 Authentication successful".into())
-        } else {
-            sh.auth_failures += 1;
-            tracing::warn!(user, "AUTH failed");
-            Response::custom(535, "5.7.8 Authentication credentials invalid".into())
-        }
+/// Where an AUTH exchange stands. AUTH is handled here rather than by
+/// mailin, whose state machine demands AUTH of every client once it is
+/// enabled and forgets a successful one after RSET.
+enum AuthStep {
+    Idle,
+    PlainWait,
+    LoginUser,
+    LoginPass(String),
+}
+
+/// Checks credentials against `[[listen.users]]`.
+fn credentials_ok(services: &Services, user: &str, password: &str) -> bool {
+    services.cfg.listen.users.iter().any(|u| {
+        ct_eq(u.username.as_bytes(), user.as_bytes())
+            & ct_eq(u.password.expose().as_bytes(), password.as_bytes())
+    })
+}
+
+/// Decodes an AUTH PLAIN response into (user, password).
+fn decode_plain(b64: &str) -> Option<(String, String)> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let mut parts = raw.split(|&b| b == 0);
+    let authz = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    if parts.next().is_some() || (!authz.is_empty() && authz != user) {
+        return None;
     }
+    Some((user, pass))
+}
+
+/// Checks the credentials and answers 235 or 535; returns true when the
+/// session must close (too many failures).
+fn finish_auth(
+    services: &Services,
+    peer: SocketAddr,
+    (user, pass): (String, String),
+    auth_user: &mut Option<String>,
+    failures: &mut u32,
+    out: &mut Vec<u8>,
+) -> bool {
+    if credentials_ok(services, &user, &pass) {
+        tracing::info!(%peer, user, "AUTH ok");
+        *auth_user = Some(user);
+        reply(out, 235, "2.7.0 Authentication successful");
+        return false;
+    }
+    *failures += 1;
+    tracing::warn!(%peer, user, "AUTH failed");
+    reply(out, 535, "5.7.8 Authentication credentials invalid");
+    if *failures >= MAX_AUTH_FAILURES {
+        reply(out, 421, "4.7.0 Too many authentication failures");
+        return true;
+    }
+    false
+}
+
+fn decode_b64(b64: &str) -> Option<String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    String::from_utf8(raw).ok()
 }
 
 /// Compares without an early exit, so timing does not leak a prefix.
@@ -104,17 +151,6 @@ impl Handler for InHandler {
             sh.data.extend_from_slice(buf);
         }
         Ok(())
-    }
-
-    fn auth_plain(&mut self, authz: &str, authn: &str, password: &str) -> Response {
-        if !authz.is_empty() && authz != authn {
-            return Response::custom(535, "5.7.8 Authorization identity not allowed".into());
-        }
-        self.check(authn, password)
-    }
-
-    fn auth_login(&mut self, user: &str, password: &str) -> Response {
-        self.check(user, password)
     }
 }
 
@@ -237,33 +273,17 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         v4 => v4,
     };
     let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
-    // Clients outside allowed_networks must authenticate; mailin then
-    // refuses MAIL until they have. Clients inside need not, and get no
-    // AUTH (mailin would otherwise demand it of them too).
-    let offer_auth = !allowed && !cfg.listen.users.is_empty();
     let mut builder = SessionBuilder::new(cfg.hostname.clone());
     if services.tls.is_some() && !implicit_tls {
         builder.enable_start_tls();
-    }
-    if offer_auth {
-        builder
-            .enable_auth(AuthMechanism::Plain)
-            .enable_auth(AuthMechanism::Login);
-        if ip.is_loopback() {
-            // Credentials never cross a network in clear text from loopback.
-            builder.insecure_enable_plaintext_auth();
-        }
     }
     let shared = Arc::new(Mutex::new(Shared {
         data: Vec::new(),
         oversize: false,
         max_size: cfg.listen.max_message_size,
-        auth_user: None,
-        auth_failures: 0,
     }));
     let handler = InHandler {
         shared: shared.clone(),
-        services: services.clone(),
     };
     let mut session = builder.build(ip, handler);
     if implicit_tls {
@@ -281,7 +301,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut in_data = false;
     let mut data_prev_bare_lf = false;
     let mut data_line_too_long = false;
-    let mut auth_continuation = false;
+    let mut auth_step = AuthStep::Idle;
+    let mut auth_user: Option<String> = None;
+    let mut auth_failures = 0u32;
 
     loop {
         // PIPELINING: answer in one write once the client's batch is read.
@@ -400,17 +422,45 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             .next()
             .unwrap_or("")
             .to_ascii_uppercase();
-        let authed = shared.lock().unwrap().auth_user.is_some();
-        if auth_continuation {
-            let r = session.process(&line);
-            auth_continuation = r.code == 334;
-            write_response(&mut out, &r);
-            if shared.lock().unwrap().auth_failures >= MAX_AUTH_FAILURES {
-                reply(&mut out, 421, "4.7.0 Too many authentication failures");
-                break;
+        let tls_active = reader.get_ref().is_tls();
+        // Credentials never cross a network in clear text.
+        let can_auth = !cfg.listen.users.is_empty() && (tls_active || ip.is_loopback());
+        if !matches!(auth_step, AuthStep::Idle) {
+            let answer = text.trim();
+            let step = std::mem::replace(&mut auth_step, AuthStep::Idle);
+            let creds = if answer == "*" {
+                reply(&mut out, 501, "5.7.0 Authentication cancelled");
+                continue;
+            } else {
+                match step {
+                    AuthStep::PlainWait => decode_plain(answer).map(Some),
+                    AuthStep::LoginUser => decode_b64(answer).map(|u| {
+                        auth_step = AuthStep::LoginPass(u);
+                        None
+                    }),
+                    AuthStep::LoginPass(u) => decode_b64(answer).map(|p| Some((u, p))),
+                    AuthStep::Idle => unreachable!(),
+                }
+            };
+            match creds {
+                None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
+                Some(None) => reply(&mut out, 334, "UGFzc3dvcmQ6"),
+                Some(Some(creds)) => {
+                    if finish_auth(
+                        &services,
+                        peer,
+                        creds,
+                        &mut auth_user,
+                        &mut auth_failures,
+                        &mut out,
+                    ) {
+                        break;
+                    }
+                }
             }
             continue;
         }
+        let authed = auth_user.is_some();
 
         match verb.as_str() {
             "EHLO" | "HELO" => {
@@ -423,10 +473,13 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                             "PIPELINING".to_string(),
                             format!("SIZE {}", cfg.listen.max_message_size),
                         ];
-                        // Keep what mailin advertises (8BITMIME, STARTTLS, AUTH).
+                        // Keep what mailin advertises (8BITMIME, STARTTLS).
                         let buf = r.buffer().unwrap_or_default();
                         for l in String::from_utf8_lossy(&buf).lines().skip(1) {
                             exts.push(l.get(4..).unwrap_or("").to_string());
+                        }
+                        if can_auth {
+                            exts.push("AUTH PLAIN LOGIN".into());
                         }
                         out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
                         for (i, e) in exts.iter().enumerate() {
@@ -454,7 +507,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 if !allowed && !authed {
-                    if offer_auth {
+                    if !cfg.listen.users.is_empty() {
                         reply(&mut out, 530, "5.7.0 Authentication required");
                     } else {
                         reply(
@@ -519,12 +572,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 };
                 let r = session.process(norm);
                 if r.code == 250 {
-                    let auth_user = shared.lock().unwrap().auth_user.clone();
                     txn = Some(Transaction {
                         peer: ip,
                         helo: helo.clone(),
-                        tls: reader.get_ref().is_tls(),
-                        auth_user,
+                        tls: tls_active,
+                        auth_user: auth_user.clone(),
                         sender: p.addr,
                         rcpts: Vec::new(),
                     });
@@ -633,13 +685,19 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 session.tls_active();
                 helo.clear();
                 txn = None;
+                auth_user = None;
+                auth_step = AuthStep::Idle;
             }
             "AUTH" => {
-                if !offer_auth {
-                    reply(&mut out, 503, "5.5.1 AUTH not available (your address is already allowed, or no users are configured)");
+                if cfg.listen.users.is_empty() {
+                    reply(
+                        &mut out,
+                        503,
+                        "5.5.1 AUTH not available: no users are configured",
+                    );
                     continue;
                 }
-                if !reader.get_ref().is_tls() && !ip.is_loopback() {
+                if !can_auth {
                     reply(
                         &mut out,
                         538,
@@ -651,14 +709,53 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(&mut out, 503, "5.5.1 Already authenticated");
                     continue;
                 }
-                let r = session.process(&line);
-                write_response(&mut out, &r);
-                // AUTH LOGIN / AUTH PLAIN without initial response: the
-                // next lines are base64 answers, not commands.
-                auth_continuation = r.code == 334;
-                if shared.lock().unwrap().auth_failures >= MAX_AUTH_FAILURES {
-                    reply(&mut out, 421, "4.7.0 Too many authentication failures");
-                    break;
+                if txn.is_some() {
+                    reply(
+                        &mut out,
+                        503,
+                        "5.5.1 AUTH not allowed during a mail transaction",
+                    );
+                    continue;
+                }
+                let mut words = text.split_ascii_whitespace().skip(1);
+                let mech = words.next().unwrap_or("").to_ascii_uppercase();
+                let initial = words.next();
+                match (mech.as_str(), initial) {
+                    ("PLAIN", None) => {
+                        auth_step = AuthStep::PlainWait;
+                        reply(&mut out, 334, "");
+                    }
+                    ("LOGIN", None) => {
+                        auth_step = AuthStep::LoginUser;
+                        reply(&mut out, 334, "VXNlcm5hbWU6");
+                    }
+                    ("PLAIN", Some(b64)) => match decode_plain(b64) {
+                        Some(creds) => {
+                            if finish_auth(
+                                &services,
+                                peer,
+                                creds,
+                                &mut auth_user,
+                                &mut auth_failures,
+                                &mut out,
+                            ) {
+                                break;
+                            }
+                        }
+                        None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
+                    },
+                    ("LOGIN", Some(b64)) => match decode_b64(b64) {
+                        Some(u) => {
+                            auth_step = AuthStep::LoginPass(u);
+                            reply(&mut out, 334, "UGFzc3dvcmQ6");
+                        }
+                        None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
+                    },
+                    _ => reply(
+                        &mut out,
+                        504,
+                        "5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)",
+                    ),
                 }
             }
             "QUIT" => {
