@@ -106,6 +106,9 @@ pub struct Sender {
     pub default_sender: String,
     pub always_default_sender: bool,
     pub bounce_address: String,
+    /// `bounce_address` was written in the config; otherwise a route's own
+    /// `default_sender` is its envelope sender too.
+    pub bounce_explicit: bool,
     pub reply_to_original: bool,
 }
 
@@ -570,6 +573,7 @@ impl Config {
                 )
             })?,
         )?;
+        let bounce_explicit = se.bounce_address.is_some();
         let bounce_address = match se.bounce_address {
             Some(b) => check_address("sender.bounce_address", &b)?,
             None => default_sender.clone(),
@@ -578,6 +582,7 @@ impl Config {
             default_sender,
             always_default_sender: se.always_default_sender.unwrap_or(true),
             bounce_address,
+            bounce_explicit,
             reply_to_original: se.reply_to_original.unwrap_or(true),
         };
 

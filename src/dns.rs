@@ -53,6 +53,13 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
                 _ => None,
             })
             .collect(),
+        // RFC 5321 5.1: a domain that does not exist takes no mail.
+        Err(e) if e.is_nx_domain() => {
+            return Err(Verdict::Bounced(format!(
+                "{domain}: no such domain (NXDOMAIN)"
+            )))
+        }
+        // No MX: the domain's own address is its implicit MX.
         Err(e) if e.is_no_records_found() => vec![(0, fqdn.clone())],
         Err(e) => return Err(Verdict::Deferred(format!("MX lookup for {domain}: {e}"))),
     };

@@ -35,6 +35,8 @@ pub struct Prepared {
     pub from: String,
     /// Name in `[upstreams]` (or "mx") the route chose.
     pub upstream: String,
+    /// The envelope sender (MAIL FROM) to use outbound.
+    pub mail_from: String,
 }
 
 /// A mailbox as read from a header: decoded display name and address.
@@ -253,9 +255,12 @@ pub fn prepare(
     p.upstream = route
         .map(|r| r.upstream.clone())
         .unwrap_or_else(|| cfg.delivery.upstream.clone());
-    let default_sender = route
-        .and_then(|r| r.default_sender.clone())
-        .unwrap_or_else(|| cfg.sender.default_sender.clone());
+    let route_sender = route.and_then(|r| r.default_sender.clone());
+    p.mail_from = match &route_sender {
+        Some(rs) if !cfg.sender.bounce_explicit => rs.clone(),
+        _ => cfg.sender.bounce_address.clone(),
+    };
+    let default_sender = route_sender.unwrap_or_else(|| cfg.sender.default_sender.clone());
 
     let rewrite_from = match &author {
         None => true,

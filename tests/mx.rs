@@ -12,6 +12,7 @@ fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
         ("mail.mx.test", "A", "127.0.0.1"),
         ("amx.test", "A", "127.0.0.1"),
         ("nullmx.test", "MX", "0 ."),
+        ("noaddr.test", "TXT", "v=spf1 -all"),
     ]);
     let h = Herald::start(&format!(
         "[delivery]\nupstream = \"mx\"\nmx_port = {}\nretry_schedule = [\"1s\"]\n[dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
@@ -22,7 +23,13 @@ fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
     c.ehlo();
     let (code, text) = c.send(
         "app@platform.test",
-        &["a@mx.test", "b@amx.test", "c@nullmx.test", "d@nowhere.test"],
+        &[
+            "a@mx.test",
+            "b@amx.test",
+            "c@nullmx.test",
+            "d@nowhere.test",
+            "e@noaddr.test",
+        ],
         &message("mx"),
     );
     assert_eq!(code, 250, "{text}");
@@ -42,10 +49,19 @@ fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
         .find(|l| l.contains("c@nullmx.test") && l.contains("null MX"))
         .unwrap();
     assert!(null_line.contains("bounced"), "{null_line}");
-    // No address for nowhere.test: deferred, not bounced.
+    // A domain that does not exist bounces; one that exists but has no
+    // address yet is deferred.
     let nowhere = log
         .lines()
-        .find(|l| l.contains("d@nowhere.test") && !l.contains("received"))
-        .unwrap();
-    assert!(nowhere.contains("deferred"), "{nowhere}");
+        .find(|l| l.contains("d@nowhere.test") && l.contains("NXDOMAIN"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(nowhere.contains("bounced"), "{nowhere}");
+    let noaddr = log
+        .lines()
+        .find(|l| l.contains("e@noaddr.test"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        noaddr.contains("deferred") && noaddr.contains("no address"),
+        "{noaddr}"
+    );
 }

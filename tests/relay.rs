@@ -739,3 +739,82 @@ fn authenticated_session_sends_several_messages_and_routes_by_auth_user() {
     assert_eq!(acme.len(), 2, "{}", h.log());
     assert!(acme[0].text().contains("with ESMTPA"), "{}", acme[0].text());
 }
+
+#[test]
+fn sender_refusal_at_rcpt_is_a_route_failure_not_a_bounce() {
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![(
+            "@".into(),
+            "553 5.7.1 <bounces@example.com>: Sender address rejected: not owned by user relay"
+                .into(),
+        )],
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send(
+            "a@b.test",
+            &["x@dest.test", "y@dest.test"],
+            &message("owned")
+        )
+        .0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("route refused by upstream")),
+        "{}",
+        h.log()
+    );
+    let log = h.log();
+    assert!(!log.contains("bounced"), "{log}");
+    assert!(!log.contains("address suppressed"), "{log}");
+    // Fixed upstream-side: delivered on the next retry.
+    sink.state.lock().unwrap().script.rcpt_replies.clear();
+    assert_eq!(sink.wait_for(1, 10)[0].rcpts.len(), 2, "{}", h.log());
+}
+
+#[test]
+fn mail_held_past_max_age_expires_instead_of_going_out_late() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&format!(
+        "[delivery]\nupstream = \"up\"\nretry_schedule = [\"1s\"]\nmax_age = \"2s\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
+        sink.port()
+    ));
+    let (code, out, err) = h.cli(&["pause"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("stale")).0,
+        250
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, _, _) = h.cli(&["resume"]);
+    assert_eq!(code, 0);
+    assert!(wait_until(5, || h.log().contains("expired")), "{}", h.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.count(), 0);
+    assert!(sink.state.lock().unwrap().rcpt_seen.is_empty());
+}
+
+#[test]
+fn large_message_survives_kill_9() {
+    let port = free_port();
+    let mut h = Herald::start(&upstream(port, "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    // ~400 KB: sled keeps values this large in blob files of their own.
+    let line = "0123456789".repeat(7);
+    let body = format!("{}\n", line).repeat(6000);
+    let msg = format!("From: a@b.test\nSubject: big\n\n{body}");
+    assert_eq!(c.send("a@b.test", &["x@dest.test"], &msg).0, 250);
+    h.kill9();
+    let sink = Sink::start_on(port, Script::default());
+    h.spawn();
+    let msgs = sink.wait_for(1, 20);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+    assert!(msgs[0].data.len() > 400_000);
+    assert!(msgs[0].text().ends_with(&format!("{line}\r\n")));
+}

@@ -107,6 +107,7 @@ fn golden_rewrite_cases() {
                         }
                         "subject" => p.subject.clone().unwrap_or_default(),
                         "upstream" => p.upstream.clone(),
+                        "mail_from" => p.mail_from.clone(),
                         other => panic!("{name}: unknown meta {other}"),
                     };
                     if got != v {

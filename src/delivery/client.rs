@@ -17,10 +17,19 @@ use crate::tls::Stream;
 
 pub type Client = SmtpClient<BufWriter<Stream>>;
 
+/// An open session and what its server offered.
+pub struct Conn {
+    pub client: Client,
+    /// The server advertised SIZE: we may send `SIZE=` with MAIL FROM.
+    pub size: bool,
+}
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// RFC 5321 4.5.3.2 allows up to 10 minutes for the reply after DATA; a
-/// notification relay that waits that long is stuck, so we use less.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// RFC 5321 4.5.3.2: 5 minutes for the greeting and most replies.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// RFC 5321 4.5.3.2.6: 10 minutes for the reply to the end of DATA; giving
+/// up sooner risks a duplicate of mail the server did accept.
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where and how to connect.
 #[derive(Clone)]
@@ -122,8 +131,22 @@ async fn ehlo(client: &mut Client, target: &Target) -> Result<EhloResponse<Strin
 }
 
 /// Opens a ready-to-use session: greeted, EHLO'd, TLS as configured, and
-/// authenticated when credentials are set.
-pub async fn connect(target: &Target) -> Result<Client, ConnError> {
+/// authenticated when credentials are set. For MX delivery, a server whose
+/// STARTTLS fails is tried again in clear text, as Postfix does at
+/// `smtp_tls_security_level = may`.
+pub async fn connect(target: &Target) -> Result<Conn, ConnError> {
+    match connect_once(target).await {
+        Err(ConnError::Route(why)) if target.opportunistic && why.contains("TLS") => {
+            tracing::info!(host = %target.host, error = %why, "STARTTLS failed; retrying without TLS");
+            let mut plain = target.clone();
+            plain.opportunistic = false;
+            connect_once(&plain).await
+        }
+        other => other,
+    }
+}
+
+async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     let addr = match target.connect_to {
         Some(ip) => std::net::SocketAddr::new(ip, target.port).to_string(),
         None => format!("{}:{}", target.host, target.port),
@@ -143,10 +166,18 @@ pub async fn connect(target: &Target) -> Result<Client, ConnError> {
         stream: BufWriter::new(stream),
         timeout: COMMAND_TIMEOUT,
     };
-    let greeting = client
-        .read()
-        .await
-        .map_err(|e| ConnError::Temporary(io_text(&target.host, &e)))?;
+    // mail-send's read() has no timeout of its own: a server that accepts
+    // and never greets must not hold a delivery slot forever.
+    let greeting = match tokio::time::timeout(COMMAND_TIMEOUT, client.read()).await {
+        Ok(r) => r.map_err(|e| ConnError::Temporary(io_text(&target.host, &e)))?,
+        Err(_) => {
+            return Err(ConnError::Temporary(format!(
+                "{}: no greeting within {}s",
+                target.host,
+                COMMAND_TIMEOUT.as_secs()
+            )))
+        }
+    };
     if greeting.code != 220 {
         return Err(classify_reply(&target.host, &greeting, "greeting"));
     }
@@ -199,7 +230,10 @@ pub async fn connect(target: &Target) -> Result<Client, ConnError> {
             });
         }
     }
-    Ok(client)
+    Ok(Conn {
+        size: caps.has_capability(smtp_proto::EXT_SIZE),
+        client,
+    })
 }
 
 /// What the upstream said about one recipient.
@@ -252,17 +286,46 @@ fn verdict_for(r: &Response<String>, host: &str) -> Verdict {
     }
 }
 
+/// A refusal at RCPT that is about the sender, the login or relaying, not
+/// about the recipient: Postfix, for one, reports sender restrictions at
+/// RCPT time. Such a reply must not bounce (or suppress) anybody.
+fn refuses_route(r: &Response<String>) -> bool {
+    let esc = (r.esc[0], r.esc[1], r.esc[2]);
+    let text = r.message.to_ascii_lowercase();
+    r.code == 530
+        || r.code == 535
+        || matches!(esc, (5, 7, 0) | (5, 7, 8) | (5, 1, 7) | (5, 1, 8))
+        || [
+            "sender address rejected",
+            "not owned",
+            "relay access denied",
+            "authentication required",
+        ]
+        .iter()
+        .any(|p| text.contains(p))
+}
+
+async fn rset_ok(client: &mut Client) -> bool {
+    matches!(client.cmd(b"RSET\r\n").await, Ok(r) if r.code == 250)
+}
+
 /// Runs MAIL, RCPT for each recipient, and DATA.
 pub async fn transact(
-    client: &mut Client,
+    conn: &mut Conn,
     host: &str,
     mail_from: &str,
     rcpts: &[String],
     message: &[u8],
 ) -> Outcome {
+    let client = &mut conn.client;
     let broken = |e: mail_send::Error| Outcome::Broken(io_text(host, &e));
+    let size = if conn.size {
+        format!(" SIZE={}", message.len())
+    } else {
+        String::new()
+    };
     let r = match client
-        .cmd(format!("MAIL FROM:<{mail_from}> SIZE={}\r\n", message.len()).as_bytes())
+        .cmd(format!("MAIL FROM:<{mail_from}>{size}\r\n").as_bytes())
         .await
     {
         Ok(r) => r,
@@ -273,10 +336,10 @@ pub async fn transact(
     }
     if r.code >= 300 {
         let v = Verdict::Deferred(format!("{host}: MAIL FROM: {}", reply_text(&r)));
-        let _ = client.cmd(b"RSET\r\n").await;
+        let reusable = rset_ok(client).await;
         return Outcome::Judged {
             verdicts: vec![v; rcpts.len()],
-            reusable: true,
+            reusable,
         };
     }
     let mut verdicts = Vec::with_capacity(rcpts.len());
@@ -285,30 +348,52 @@ pub async fn transact(
             Ok(r) => r,
             Err(e) => return broken(e),
         };
+        if r.code >= 500 && refuses_route(&r) {
+            let _ = rset_ok(client).await;
+            return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(&r)));
+        }
         verdicts.push(match verdict_for(&r, host) {
             // Accepted at RCPT: the verdict comes after DATA.
             Verdict::Delivered(_) => None,
+            // RFC 5321 4.5.3.1.10: 552 at RCPT is a temporary condition.
+            Verdict::Bounced(t) if r.code == 552 => Some(Verdict::Deferred(t)),
             v => Some(v),
         });
     }
     if verdicts.iter().all(Option::is_some) {
-        let _ = client.cmd(b"RSET\r\n").await;
+        let reusable = rset_ok(client).await;
         return Outcome::Judged {
             verdicts: verdicts.into_iter().flatten().collect(),
-            reusable: true,
+            reusable,
         };
     }
     let r = match client.cmd(b"DATA\r\n").await {
         Ok(r) => r,
         Err(e) => return broken(e),
     };
-    let final_reply = if r.code == 354 {
-        match client.cmd(dot_stuff(message)).await {
-            Ok(r) => r,
-            Err(e) => return broken(e),
-        }
-    } else {
-        r
+    if r.code != 354 {
+        // A refusal of the DATA command judges the transaction, not the
+        // recipients (only RCPT and the end of DATA do).
+        let text = format!("{host}: DATA: {}", reply_text(&r));
+        let _ = rset_ok(client).await;
+        return if r.code >= 500 {
+            Outcome::RouteRefused(text)
+        } else {
+            Outcome::Judged {
+                verdicts: verdicts
+                    .into_iter()
+                    .map(|x| x.unwrap_or_else(|| Verdict::Deferred(text.clone())))
+                    .collect(),
+                reusable: false,
+            }
+        };
+    }
+    client.timeout = DATA_END_TIMEOUT;
+    let final_reply = client.cmd(dot_stuff(message)).await;
+    client.timeout = COMMAND_TIMEOUT;
+    let final_reply = match final_reply {
+        Ok(r) => r,
+        Err(e) => return broken(e),
     };
     let v = verdict_for(&final_reply, host);
     Outcome::Judged {

@@ -20,7 +20,7 @@ use crate::config::Security;
 use crate::history::EventKind;
 use crate::queue::{now_ms, Envelope, RcptStatus};
 use crate::server::Services;
-use client::{Client, ConnError, Outcome, Target, Verdict};
+use client::{Conn, ConnError, Outcome, Target, Verdict};
 
 /// How long an idle upstream connection is kept for the next message.
 const POOL_IDLE: Duration = Duration::from_secs(30);
@@ -72,12 +72,12 @@ pub struct RouteHealth {
 /// Connections and health per upstream, shared by all attempts.
 #[derive(Default)]
 pub struct Routes {
-    pool: Mutex<HashMap<String, Vec<(Instant, Client)>>>,
+    pool: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
     pub health: Mutex<HashMap<String, RouteHealth>>,
 }
 
 impl Routes {
-    fn take(&self, key: &str) -> Option<Client> {
+    fn take(&self, key: &str) -> Option<Conn> {
         let mut pool = self.pool.lock().unwrap();
         let list = pool.get_mut(key)?;
         while let Some((t, c)) = list.pop() {
@@ -88,7 +88,7 @@ impl Routes {
         None
     }
 
-    fn put(&self, key: &str, c: Client) {
+    fn put(&self, key: &str, c: Conn) {
         let mut pool = self.pool.lock().unwrap();
         let list = pool.entry(key.to_string()).or_default();
         list.retain(|(t, _)| t.elapsed() < POOL_IDLE);
@@ -215,6 +215,15 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
             }
             _ = shutdown.wait() => break,
         }
+    }
+    // Let attempts in flight record their outcome (a delivery the upstream
+    // accepted but we did not record would be sent again after restart).
+    let all = services.cfg.delivery.concurrency as u32;
+    if tokio::time::timeout(Duration::from_secs(20), sem.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("deliveries still in flight at shutdown; they will be retried");
     }
 }
 
@@ -381,8 +390,22 @@ pub async fn attempt(s: &Services, id: &str) {
         .filter(|(_, r)| !r.status.is_final() && r.next_attempt <= now + 1000)
         .map(|(i, _)| i)
         .collect();
-    // Suppressed since it was queued: never attempted.
+    // Past max_age (after a long pause, say): a stale notification is
+    // worse than none, so it expires instead of going out late.
+    let expires = env.received_at + s.cfg.delivery.max_age.as_millis() as u64;
     let mut due = due;
+    if now >= expires {
+        for &i in &due {
+            let last = env.rcpts[i]
+                .last_reply
+                .clone()
+                .unwrap_or_else(|| "none (never attempted)".into());
+            apply(s, &mut env, i, &Verdict::Deferred(last), "-", false);
+        }
+        save(s, &env);
+        return;
+    }
+    // Suppressed since it was queued: never attempted.
     due.retain(|&i| {
         let addr = env.rcpts[i].addr.clone();
         match s.suppression.get(&addr) {
@@ -446,17 +469,17 @@ async fn deliver_group(
     targets: &[Target],
     idx: &[usize],
 ) {
-    let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
+    let mut idx = idx.to_vec();
     let mut last_err = ConnError::Temporary("no host to try".into());
     for target in targets {
         let pool_key = format!("{route}/{}:{}", target.host, target.port);
         let mut reused = s.routes.take(&pool_key);
         if let Some(c) = reused.as_mut() {
-            if c.rset().await.is_err() {
+            if c.client.rset().await.is_err() {
                 reused = None;
             }
         }
-        let mut client = match reused {
+        let mut conn = match reused {
             Some(c) => c,
             None => match client::connect(target).await {
                 Ok(c) => c,
@@ -469,14 +492,23 @@ async fn deliver_group(
                 }
             },
         };
-        match client::transact(&mut client, &target.host, &env.mail_from, &rcpts, body).await {
+        // Cancelled (or suppressed) while we were connecting: leave them out.
+        if let Ok(Some(cur)) = s.store.envelope(&env.id) {
+            idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()));
+        }
+        if idx.is_empty() {
+            s.routes.put(&pool_key, conn);
+            return;
+        }
+        let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
+        match client::transact(&mut conn, &target.host, &env.mail_from, &rcpts, body).await {
             Outcome::Judged { verdicts, reusable } => {
                 s.routes.mark_healthy(route);
                 for (&i, v) in idx.iter().zip(verdicts.iter()) {
                     apply(s, env, i, v, &target.host, false);
                 }
                 if reusable {
-                    s.routes.put(&pool_key, client);
+                    s.routes.put(&pool_key, conn);
                 }
                 return;
             }
@@ -491,7 +523,7 @@ async fn deliver_group(
     }
     let route_failure = matches!(last_err, ConnError::Route(_));
     let v = Verdict::Deferred(last_err.text().to_string());
-    for &i in idx {
+    for &i in &idx {
         apply(s, env, i, &v, route, route_failure);
     }
 }

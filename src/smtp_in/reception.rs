@@ -76,7 +76,7 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         helo: t.helo.clone(),
         auth_user: t.auth_user.clone(),
         original_sender: t.sender.clone(),
-        mail_from: cfg.sender.bounce_address.clone(),
+        mail_from: prepared.mail_from.clone(),
         upstream,
         tag: prepared.tag.clone(),
         subject: prepared.subject.clone(),
