@@ -202,7 +202,12 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                     inflight.insert(id.clone());
                     let s = services.clone();
                     tokio::spawn(async move {
-                        attempt(&s, &id).await;
+                        // Run the attempt as its own task so that a panic in
+                        // it cannot leave the message marked in flight.
+                        let (s2, id2) = (s.clone(), id.clone());
+                        if let Err(e) = tokio::spawn(async move { attempt(&s2, &id2).await }).await {
+                            tracing::error!(%id, error = %e, "delivery attempt failed unexpectedly");
+                        }
                         s.scheduler.done(&id);
                         if let Ok(Some(env)) = s.store.envelope(&id) {
                             if let Some(t) = env.next_due() {

@@ -153,6 +153,9 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         Err(e) => Err(e),
     };
     if let Err(e) = committed {
+        // Not acknowledged, so it must not go out either: the client will
+        // send it again.
+        let _ = s.store.remove(&id);
         tracing::error!(%id, error = %e, "could not store message");
         return (451, "4.3.0 Local storage error; try again later".into());
     }
