@@ -818,3 +818,24 @@ fn large_message_survives_kill_9() {
     assert!(msgs[0].data.len() > 400_000);
     assert!(msgs[0].text().ends_with(&format!("{line}\r\n")));
 }
+
+#[test]
+fn tls_verify_false_is_the_explicit_opt_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script {
+        implicit_tls: Some(pki.server_config()),
+        ..Default::default()
+    });
+    let h = Herald::start_in(dir, &upstream(sink.port(), "tls", "tls_verify = false\n"));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("unverified"))
+            .0,
+        250
+    );
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+    assert!(msgs[0].tls);
+}
