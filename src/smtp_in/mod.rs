@@ -1,5 +1,6 @@
 //! Inbound SMTP: listeners, the connection cap, and draining on shutdown.
 
+pub mod auth;
 pub mod line;
 pub mod reception;
 pub mod session;

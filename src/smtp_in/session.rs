@@ -18,11 +18,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
 use mailin::{Action, Handler, Response, SessionBuilder};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use super::auth::Auth;
 use super::line::{read_line, Line};
 use super::reception::{self, Transaction};
 use crate::server::Services;
@@ -35,7 +35,6 @@ pub const MAX_COMMAND_LINE: usize = 2048;
 pub const MAX_DATA_LINE: usize = 1000;
 /// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-const MAX_AUTH_FAILURES: u32 = 3;
 
 /// State the mailin `Handler` shares with the loop: the message being
 /// received.
@@ -47,81 +46,6 @@ struct Shared {
 
 struct InHandler {
     shared: Arc<Mutex<Shared>>,
-}
-
-/// Where an AUTH exchange stands. AUTH is handled here rather than by
-/// mailin, whose state machine demands AUTH of every client once it is
-/// enabled and forgets a successful one after RSET.
-enum AuthStep {
-    Idle,
-    PlainWait,
-    LoginUser,
-    LoginPass(String),
-}
-
-/// Checks credentials against `[[listen.users]]`.
-fn credentials_ok(services: &Services, user: &str, password: &str) -> bool {
-    services.cfg.listen.users.iter().any(|u| {
-        ct_eq(u.username.as_bytes(), user.as_bytes())
-            & ct_eq(u.password.expose().as_bytes(), password.as_bytes())
-    })
-}
-
-/// Decodes an AUTH PLAIN response into (user, password).
-fn decode_plain(b64: &str) -> Option<(String, String)> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    let mut parts = raw.split(|&b| b == 0);
-    let authz = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    if parts.next().is_some() || (!authz.is_empty() && authz != user) {
-        return None;
-    }
-    Some((user, pass))
-}
-
-/// Checks the credentials and answers 235 or 535; returns true when the
-/// session must close (too many failures).
-fn finish_auth(
-    services: &Services,
-    peer: SocketAddr,
-    (user, pass): (String, String),
-    auth_user: &mut Option<String>,
-    failures: &mut u32,
-    out: &mut Vec<u8>,
-) -> bool {
-    if credentials_ok(services, &user, &pass) {
-        tracing::info!(%peer, user, "AUTH ok");
-        *auth_user = Some(user);
-        reply(out, 235, "2.7.0 Authentication successful");
-        return false;
-    }
-    *failures += 1;
-    tracing::warn!(%peer, user, "AUTH failed");
-    reply(out, 535, "5.7.8 Authentication credentials invalid");
-    if *failures >= MAX_AUTH_FAILURES {
-        reply(out, 421, "4.7.0 Too many authentication failures");
-        return true;
-    }
-    false
-}
-
-fn decode_b64(b64: &str) -> Option<String> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .ok()?;
-    String::from_utf8(raw).ok()
-}
-
-/// Compares without an early exit, so timing does not leak a prefix.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() != b.len()) as u8;
-    for (x, y) in a.iter().zip(b.iter()) {
-        diff |= x ^ y;
-    }
-    diff == 0
 }
 
 impl Handler for InHandler {
@@ -301,9 +225,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut in_data = false;
     let mut data_prev_bare_lf = false;
     let mut data_line_too_long = false;
-    let mut auth_step = AuthStep::Idle;
-    let mut auth_user: Option<String> = None;
-    let mut auth_failures = 0u32;
+    let mut auth = Auth::default();
 
     loop {
         // PIPELINING: answer in one write once the client's batch is read.
@@ -425,42 +347,13 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         let tls_active = reader.get_ref().is_tls();
         // Credentials never cross a network in clear text.
         let can_auth = !cfg.listen.users.is_empty() && (tls_active || ip.is_loopback());
-        if !matches!(auth_step, AuthStep::Idle) {
-            let answer = text.trim();
-            let step = std::mem::replace(&mut auth_step, AuthStep::Idle);
-            let creds = if answer == "*" {
-                reply(&mut out, 501, "5.7.0 Authentication cancelled");
-                continue;
-            } else {
-                match step {
-                    AuthStep::PlainWait => decode_plain(answer).map(Some),
-                    AuthStep::LoginUser => decode_b64(answer).map(|u| {
-                        auth_step = AuthStep::LoginPass(u);
-                        None
-                    }),
-                    AuthStep::LoginPass(u) => decode_b64(answer).map(|p| Some((u, p))),
-                    AuthStep::Idle => unreachable!(),
-                }
-            };
-            match creds {
-                None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
-                Some(None) => reply(&mut out, 334, "UGFzc3dvcmQ6"),
-                Some(Some(creds)) => {
-                    if finish_auth(
-                        &services,
-                        peer,
-                        creds,
-                        &mut auth_user,
-                        &mut auth_failures,
-                        &mut out,
-                    ) {
-                        break;
-                    }
-                }
+        if auth.in_progress() {
+            if auth.answer(&services, peer, text.trim(), &mut out) {
+                break;
             }
             continue;
         }
-        let authed = auth_user.is_some();
+        let authed = auth.user.is_some();
 
         match verb.as_str() {
             "EHLO" | "HELO" => {
@@ -576,7 +469,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         peer: ip,
                         helo: helo.clone(),
                         tls: tls_active,
-                        auth_user: auth_user.clone(),
+                        auth_user: auth.user.clone(),
                         sender: p.addr,
                         rcpts: Vec::new(),
                     });
@@ -685,8 +578,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 session.tls_active();
                 helo.clear();
                 txn = None;
-                auth_user = None;
-                auth_step = AuthStep::Idle;
+                auth = Auth::default();
             }
             "AUTH" => {
                 if cfg.listen.users.is_empty() {
@@ -718,44 +610,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 let mut words = text.split_ascii_whitespace().skip(1);
-                let mech = words.next().unwrap_or("").to_ascii_uppercase();
-                let initial = words.next();
-                match (mech.as_str(), initial) {
-                    ("PLAIN", None) => {
-                        auth_step = AuthStep::PlainWait;
-                        reply(&mut out, 334, "");
-                    }
-                    ("LOGIN", None) => {
-                        auth_step = AuthStep::LoginUser;
-                        reply(&mut out, 334, "VXNlcm5hbWU6");
-                    }
-                    ("PLAIN", Some(b64)) => match decode_plain(b64) {
-                        Some(creds) => {
-                            if finish_auth(
-                                &services,
-                                peer,
-                                creds,
-                                &mut auth_user,
-                                &mut auth_failures,
-                                &mut out,
-                            ) {
-                                break;
-                            }
-                        }
-                        None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
-                    },
-                    ("LOGIN", Some(b64)) => match decode_b64(b64) {
-                        Some(u) => {
-                            auth_step = AuthStep::LoginPass(u);
-                            reply(&mut out, 334, "UGFzc3dvcmQ6");
-                        }
-                        None => reply(&mut out, 501, "5.5.2 Cannot decode the AUTH response"),
-                    },
-                    _ => reply(
-                        &mut out,
-                        504,
-                        "5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)",
-                    ),
+                let mech = words.next().unwrap_or("");
+                if auth.start(&services, peer, mech, words.next(), &mut out) {
+                    break;
                 }
             }
             "QUIT" => {
