@@ -300,12 +300,22 @@ fn sync_new_blobs(dir: &Path, since: SystemTime) -> std::io::Result<()> {
         Err(e) => return Err(e),
     };
     let mut any = false;
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     for entry in entries {
+        // sled deletes blobs of delivered messages at any time: a file that
+        // vanished needs no sync.
         let entry = entry?;
-        let meta = entry.metadata()?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
         if meta.is_file() && meta.modified()? >= since {
-            File::open(entry.path())?.sync_all()?;
-            any = true;
+            match File::open(entry.path()).and_then(|f| f.sync_all()) {
+                Ok(()) => any = true,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     if any {

@@ -6,7 +6,10 @@ use common::*;
 
 #[test]
 fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
-    let sink = Sink::start(Script::default());
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![("denied".into(), "554 5.7.1 Relay access denied".into())],
+        ..Default::default()
+    });
     let dns = Dns::start(&[
         ("mx.test", "MX", "10 mail.mx.test."),
         ("mail.mx.test", "A", "127.0.0.1"),
@@ -29,6 +32,7 @@ fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
             "c@nullmx.test",
             "d@nowhere.test",
             "e@noaddr.test",
+            "denied@mx.test",
         ],
         &message("mx"),
     );
@@ -56,6 +60,12 @@ fn delivers_to_mx_implicit_mx_and_bounces_null_mx() {
         .find(|l| l.contains("d@nowhere.test") && l.contains("NXDOMAIN"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(nowhere.contains("bounced"), "{nowhere}");
+    // At a recipient's own MX, a policy refusal judges the recipient.
+    let denied = log
+        .lines()
+        .find(|l| l.contains("denied@mx.test") && l.contains("Relay access denied"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(denied.contains("bounced"), "{denied}");
     let noaddr = log
         .lines()
         .find(|l| l.contains("e@noaddr.test"))

@@ -136,7 +136,8 @@ async fn ehlo(client: &mut Client, target: &Target) -> Result<EhloResponse<Strin
 /// `smtp_tls_security_level = may`.
 pub async fn connect(target: &Target) -> Result<Conn, ConnError> {
     match connect_once(target).await {
-        Err(ConnError::Route(why)) if target.opportunistic && why.contains("TLS") => {
+        Err(e) if target.opportunistic && e.text().contains("TLS handshake") => {
+            let why = e.text().to_string();
             tracing::info!(host = %target.host, error = %why, "STARTTLS failed; retrying without TLS");
             let mut plain = target.clone();
             plain.opportunistic = false;
@@ -309,10 +310,13 @@ async fn rset_ok(client: &mut Client) -> bool {
     matches!(client.cmd(b"RSET\r\n").await, Ok(r) if r.code == 250)
 }
 
-/// Runs MAIL, RCPT for each recipient, and DATA.
+/// Runs MAIL, RCPT for each recipient, and DATA. `smart_host` is true for
+/// a configured upstream (a relay that judges our route), false for a
+/// recipient's MX (whose refusals judge the recipients).
 pub async fn transact(
     conn: &mut Conn,
     host: &str,
+    smart_host: bool,
     mail_from: &str,
     rcpts: &[String],
     message: &[u8],
@@ -348,7 +352,7 @@ pub async fn transact(
             Ok(r) => r,
             Err(e) => return broken(e),
         };
-        if r.code >= 500 && refuses_route(&r) {
+        if smart_host && r.code >= 500 && refuses_route(&r) {
             let _ = rset_ok(client).await;
             return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(&r)));
         }
@@ -376,8 +380,16 @@ pub async fn transact(
         // recipients (only RCPT and the end of DATA do).
         let text = format!("{host}: DATA: {}", reply_text(&r));
         let _ = rset_ok(client).await;
-        return if r.code >= 500 {
+        return if r.code >= 500 && smart_host {
             Outcome::RouteRefused(text)
+        } else if r.code >= 500 {
+            Outcome::Judged {
+                verdicts: verdicts
+                    .into_iter()
+                    .map(|x| x.unwrap_or_else(|| Verdict::Bounced(text.clone())))
+                    .collect(),
+                reusable: false,
+            }
         } else {
             Outcome::Judged {
                 verdicts: verdicts

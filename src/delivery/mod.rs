@@ -161,7 +161,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         Err(e) => tracing::error!(error = %e, "cannot read the queue"),
     }
 
-    loop {
+    'run: loop {
         let paused = services.paused.load(Ordering::Relaxed);
         let next = due.first().map(|(t, _)| *t).filter(|_| !paused);
         let sleep = match next {
@@ -197,7 +197,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                     let mut stop = services.shutdown.clone();
                     let permit = tokio::select! {
                         p = sem.clone().acquire_owned() => p.expect("semaphore closed"),
-                        _ = stop.wait() => return,
+                        _ = stop.wait() => break 'run,
                     };
                     inflight.insert(id.clone());
                     let s = services.clone();
@@ -206,7 +206,14 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                         // it cannot leave the message marked in flight.
                         let (s2, id2) = (s.clone(), id.clone());
                         if let Err(e) = tokio::spawn(async move { attempt(&s2, &id2).await }).await {
-                            tracing::error!(%id, error = %e, "delivery attempt failed unexpectedly");
+                            tracing::error!(%id, error = %e, "delivery attempt failed unexpectedly; next try in 5 minutes");
+                            // Not at once again: that would spin on the same fault.
+                            let later = now_ms() + 300_000;
+                            let _ = s.store.update(&id, |env| {
+                                for r in env.rcpts.iter_mut().filter(|r| !r.status.is_final()) {
+                                    r.next_attempt = r.next_attempt.max(later);
+                                }
+                            });
                         }
                         s.scheduler.done(&id);
                         if let Ok(Some(env)) = s.store.envelope(&id) {
@@ -399,16 +406,22 @@ pub async fn attempt(s: &Services, id: &str) {
     // worse than none, so it expires instead of going out late.
     let expires = env.received_at + s.cfg.delivery.max_age.as_millis() as u64;
     let mut due = due;
-    if now >= expires {
-        for &i in &due {
+    // The last retry is scheduled at `expires` itself and still runs; a
+    // recipient that was due earlier and is only now reached is stale.
+    let stale: Vec<usize> = due
+        .iter()
+        .copied()
+        .filter(|&i| now >= expires && env.rcpts[i].next_attempt < expires)
+        .collect();
+    if !stale.is_empty() {
+        for &i in &stale {
             let last = env.rcpts[i]
                 .last_reply
                 .clone()
                 .unwrap_or_else(|| "none (never attempted)".into());
             apply(s, &mut env, i, &Verdict::Deferred(last), "-", false);
         }
-        save(s, &env);
-        return;
+        due.retain(|i| !stale.contains(i));
     }
     // Suppressed since it was queued: never attempted.
     due.retain(|&i| {
@@ -498,15 +511,31 @@ async fn deliver_group(
             },
         };
         // Cancelled (or suppressed) while we were connecting: leave them out.
-        if let Ok(Some(cur)) = s.store.envelope(&env.id) {
-            idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()));
+        match s.store.envelope(&env.id) {
+            Ok(Some(cur)) => {
+                idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()))
+            }
+            // Every recipient became final (a cancel) and the message left.
+            Ok(None) => idx.clear(),
+            Err(_) => {}
         }
+        idx.retain(|&i| !matches!(s.suppression.get(&env.rcpts[i].addr), Ok(Some(_))));
         if idx.is_empty() {
             s.routes.put(&pool_key, conn);
             return;
         }
         let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
-        match client::transact(&mut conn, &target.host, &env.mail_from, &rcpts, body).await {
+        let smart_host = env.upstream != "mx";
+        match client::transact(
+            &mut conn,
+            &target.host,
+            smart_host,
+            &env.mail_from,
+            &rcpts,
+            body,
+        )
+        .await
+        {
             Outcome::Judged { verdicts, reusable } => {
                 s.routes.mark_healthy(route);
                 for (&i, v) in idx.iter().zip(verdicts.iter()) {

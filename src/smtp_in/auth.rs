@@ -72,6 +72,11 @@ fn decode_text(b64: &str) -> Option<String> {
 }
 
 impl Auth {
+    /// Abandons an exchange (the client sent something that is no answer).
+    pub fn abort(&mut self) {
+        self.step = Step::Idle;
+    }
+
     /// An exchange is waiting for the client's next base64 line.
     pub fn in_progress(&self) -> bool {
         !matches!(self.step, Step::Idle)

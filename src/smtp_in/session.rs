@@ -323,6 +323,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         }
 
         if matches!(status, Line::TooLong { .. }) {
+            auth.abort();
             reply(
                 &mut out,
                 500,
@@ -331,6 +332,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             continue;
         }
         if !line.ends_with(b"\r\n") {
+            auth.abort();
             reply(
                 &mut out,
                 500,
