@@ -2,9 +2,12 @@
 //! `history_retention` so that "what happened to the mail for X?" has an
 //! answer after the message itself is gone from the queue.
 //!
-//! Only this module writes the `events` tree. Keys are the event time in
-//! milliseconds (big endian, so the tree iterates in time order) followed by a
-//! sequence number that makes them unique.
+//! Only this module writes the `events` tree and its index. Keys are the
+//! event time in milliseconds (big endian, so the tree iterates in time
+//! order) followed by a sequence number that makes them unique. The
+//! `events_index` tree maps recipient (lowercased), queue id and tag to
+//! event keys, so that `trace`, `show` and `cancel --tag` read only the
+//! events they need, however long the history.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,7 +62,44 @@ pub struct Event {
 #[derive(Clone)]
 pub struct History {
     events: sled::Tree,
+    index: sled::Tree,
     seq: Arc<AtomicU64>,
+}
+
+/// An indexed field to look events up by.
+#[derive(Debug, Clone, Copy)]
+pub enum By<'a> {
+    Rcpt(&'a str),
+    Id(&'a str),
+    Tag(&'a str),
+}
+
+impl By<'_> {
+    fn prefix(&self) -> Vec<u8> {
+        let (kind, value) = match self {
+            By::Rcpt(r) => (b'r', r.to_lowercase()),
+            By::Id(i) => (b'i', i.to_string()),
+            By::Tag(t) => (b't', t.to_string()),
+        };
+        let mut p = vec![kind, 0];
+        p.extend_from_slice(value.as_bytes());
+        p.push(0);
+        p
+    }
+}
+
+fn index_keys(ev: &Event, key: &[u8]) -> Vec<Vec<u8>> {
+    let mut bys = vec![By::Rcpt(&ev.rcpt), By::Id(&ev.id)];
+    if let Some(t) = &ev.tag {
+        bys.push(By::Tag(t));
+    }
+    bys.iter()
+        .map(|b| {
+            let mut k = b.prefix();
+            k.extend_from_slice(key);
+            k
+        })
+        .collect()
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 UTC with seconds.
@@ -72,6 +112,7 @@ impl History {
     pub fn open(db: &sled::Db) -> Result<History, QueueError> {
         Ok(History {
             events: db.open_tree("events")?,
+            index: db.open_tree("events_index")?,
             seq: Arc::new(AtomicU64::new(now_ms())),
         })
     }
@@ -103,7 +144,40 @@ impl History {
         key[8..].copy_from_slice(&self.seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
         self.events.insert(key, v)?;
+        for k in index_keys(&ev, &key) {
+            self.index.insert(k, &[])?;
+        }
         Ok(ev)
+    }
+
+    /// Events with this recipient, id or tag, at or after `since_ms`,
+    /// oldest first, that `keep` accepts.
+    pub fn query_by(
+        &self,
+        by: By,
+        since_ms: u64,
+        mut keep: impl FnMut(&Event) -> bool,
+    ) -> Result<Vec<Event>, QueueError> {
+        let prefix = by.prefix();
+        let mut out = Vec::new();
+        for item in self.index.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let key = &k[prefix.len()..];
+            if key.len() != 16
+                || u64::from_be_bytes(key[..8].try_into().unwrap_or([0; 8])) < since_ms
+            {
+                continue;
+            }
+            if let Some(v) = self.events.get(key)? {
+                if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
+                    if keep(&ev) {
+                        out.push(ev);
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|e| e.time_ms);
+        Ok(out)
     }
 
     /// Events at or after `since_ms`, oldest first, that `keep` accepts.
@@ -128,10 +202,69 @@ impl History {
     pub fn purge_before(&self, before_ms: u64) -> Result<usize, QueueError> {
         let mut n = 0;
         for item in self.events.range(..before_ms.to_be_bytes()) {
-            let (k, _) = item?;
+            let (k, v) = item?;
+            if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
+                for ik in index_keys(&ev, &k) {
+                    self.index.remove(ik)?;
+                }
+            }
             self.events.remove(k)?;
             n += 1;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_finds_by_rcpt_id_and_tag_and_purge_cleans_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .temporary(true)
+            .open()
+            .unwrap();
+        let h = History::open(&db).unwrap();
+        h.record(
+            EventKind::Received,
+            "ID1",
+            "Louise@X.test",
+            "d",
+            Some("file-1"),
+            None,
+        )
+        .unwrap();
+        h.record(
+            EventKind::Received,
+            "ID1",
+            "paul@x.test",
+            "d",
+            Some("file-1"),
+            None,
+        )
+        .unwrap();
+        h.record(EventKind::Received, "ID2", "louise@x.test", "d", None, None)
+            .unwrap();
+        let r = h.query_by(By::Rcpt("LOUISE@x.test"), 0, |_| true).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(h.query_by(By::Id("ID1"), 0, |_| true).unwrap().len(), 2);
+        assert_eq!(h.query_by(By::Tag("file-1"), 0, |_| true).unwrap().len(), 2);
+        assert_eq!(
+            h.query_by(By::Tag("file"), 0, |_| true).unwrap().len(),
+            0,
+            "no prefix match"
+        );
+        assert_eq!(h.query_by(By::Id("ID"), 0, |_| true).unwrap().len(), 0);
+        assert_eq!(h.purge_before(now_ms() + 1000).unwrap(), 3);
+        assert_eq!(
+            h.query_by(By::Rcpt("louise@x.test"), 0, |_| true)
+                .unwrap()
+                .len(),
+            0
+        );
+        assert!(h.index.is_empty());
     }
 }

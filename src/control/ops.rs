@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::Request;
-use crate::history::{Event, EventKind};
+use crate::history::{By, Event, EventKind};
 use crate::queue::{now_ms, Envelope, RcptStatus};
 use crate::server::{Services, META_PAUSED};
 use crate::suppression::Entry;
@@ -123,7 +123,7 @@ fn header_block(body: &[u8]) -> String {
 fn show(s: &Services, id: &str) -> Answer {
     let events = s
         .history
-        .query(0, |e| e.id == id)
+        .query_by(By::Id(id), 0, |_| true)
         .map_err(|e| e.to_string())?;
     let env = s.store.envelope(id).map_err(|e| e.to_string())?;
     let headers = s
@@ -196,13 +196,14 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         _ => return Err("give a queue id or --tag TAG".into()),
     };
     // What had already reached a final state: say so, change nothing.
+    let by = match (id, tag) {
+        (Some(id), _) => By::Id(id),
+        (_, Some(tag)) => By::Tag(tag),
+        _ => return Err("give a queue id or --tag TAG".into()),
+    };
     let already: Vec<Value> = s
         .history
-        .query(0, |e| match (id, tag) {
-            (Some(id), _) => e.id == id,
-            (_, Some(tag)) => e.tag.as_deref() == Some(tag),
-            _ => false,
-        })
+        .query_by(by, 0, |_| true)
         .map_err(|e| e.to_string())?
         .into_iter()
         .filter(|e| {
@@ -283,14 +284,22 @@ fn history(
     let since = since_s
         .map(|secs| now_ms().saturating_sub(secs * 1000))
         .unwrap_or(0);
-    let events = s
-        .history
-        .query(since, |e| {
-            rcpt.is_none_or(|r| e.rcpt.eq_ignore_ascii_case(r))
-                && id.is_none_or(|i| e.id == i)
-                && tag.is_none_or(|t| e.tag.as_deref() == Some(t))
-        })
-        .map_err(|e| e.to_string())?;
+    let keep = |e: &Event| {
+        rcpt.is_none_or(|r| e.rcpt.eq_ignore_ascii_case(r))
+            && id.is_none_or(|i| e.id == i)
+            && tag.is_none_or(|t| e.tag.as_deref() == Some(t))
+    };
+    let by = match (rcpt, id, tag) {
+        (Some(r), _, _) => Some(By::Rcpt(r)),
+        (_, Some(i), _) => Some(By::Id(i)),
+        (_, _, Some(t)) => Some(By::Tag(t)),
+        _ => None,
+    };
+    let events = match by {
+        Some(by) => s.history.query_by(by, since, keep),
+        None => s.history.query(since, keep),
+    }
+    .map_err(|e| e.to_string())?;
     Ok(json!({ "events": events }))
 }
 
@@ -434,7 +443,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
 fn trace(s: &Services, addr: &str) -> Answer {
     let mut events = s
         .history
-        .query(0, |e| e.rcpt.eq_ignore_ascii_case(addr))
+        .query_by(By::Rcpt(addr), 0, |_| true)
         .map_err(|e| e.to_string())?;
     events.reverse();
     let supp = s.suppression.get(addr).map_err(|e| e.to_string())?;
