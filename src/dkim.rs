@@ -138,6 +138,58 @@ impl Signers {
     }
 }
 
+fn record(k: &str, public: &[u8]) -> String {
+    format!(
+        "v=DKIM1; k={k}; p={}",
+        base64::engine::general_purpose::STANDARD.encode(public)
+    )
+}
+
+/// The TXT record (`v=DKIM1; k=...; p=...`) that goes with a private key
+/// file: p= is the SubjectPublicKeyInfo for RSA, the raw key for Ed25519.
+pub fn public_record(path: &Path) -> Result<String, DkimError> {
+    let err = |problem: String| DkimError::Key {
+        path: path.display().to_string(),
+        problem,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| err(format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| err("no PEM private key found".into()))?;
+    let rsa = match &der {
+        PrivateKeyDer::Pkcs8(p8) => aws_lc_rs::rsa::KeyPair::from_pkcs8(p8.secret_pkcs8_der()).ok(),
+        PrivateKeyDer::Pkcs1(p1) => aws_lc_rs::rsa::KeyPair::from_der(p1.secret_pkcs1_der()).ok(),
+        _ => None,
+    };
+    if let Some(kp) = rsa {
+        let spki: PublicKeyX509Der = kp
+            .public_key()
+            .as_der()
+            .map_err(|_| err("cannot encode the public key".into()))?;
+        return Ok(record("rsa", spki.as_ref()));
+    }
+    if let PrivateKeyDer::Pkcs8(p8) = &der {
+        if let Ok(kp) =
+            aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(p8.secret_pkcs8_der())
+        {
+            return Ok(record("ed25519", kp.public_key().as_ref()));
+        }
+    }
+    Err(err("neither an RSA nor an Ed25519 key".into()))
+}
+
+/// Whether a published p= is our key. RSA records may carry the
+/// SubjectPublicKeyInfo (what we print) or only the PKCS#1 key inside it.
+pub fn same_public_key(ours_b64: &str, published_b64: &str) -> bool {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match (b64.decode(ours_b64), b64.decode(published_b64)) {
+        (Ok(ours), Ok(theirs)) => {
+            !theirs.is_empty() && (ours == theirs || (theirs.len() > 64 && ours.ends_with(&theirs)))
+        }
+        _ => false,
+    }
+}
+
 /// What `dkim-keygen` made: the DNS name and TXT record to publish.
 pub struct Generated {
     pub name: String,
@@ -213,7 +265,7 @@ pub fn keygen(
     f.sync_all()?;
     Ok(Generated {
         name: format!("{selector}._domainkey.{domain}"),
-        record: format!("v=DKIM1; k={k}; p={}", b64.encode(public)),
+        record: record(k, &public),
     })
 }
 

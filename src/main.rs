@@ -84,6 +84,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SuppressionCmd,
     },
+    /// Check SPF, the DKIM key record, DMARC and alignment; hints to fix
+    CheckDns {
+        /// Only this From domain (default: every sending domain of the config)
+        domain: Option<String>,
+    },
     /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
     DkimKeygen {
         #[arg(long)]
@@ -222,7 +227,9 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                 println!("imported {} address(es)", v["imported"]);
             }
         },
-        Cmd::Serve | Cmd::CheckConfig | Cmd::DkimKeygen { .. } => unreachable!(),
+        Cmd::Serve | Cmd::CheckConfig | Cmd::CheckDns { .. } | Cmd::DkimKeygen { .. } => {
+            unreachable!()
+        }
     }
     Ok(())
 }
@@ -261,6 +268,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Serve => serve(&path),
+        Cmd::CheckDns { domain } => check_dns(&path, domain.as_deref()),
         other => match client(&path, other) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -268,6 +276,35 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+    }
+}
+
+fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
+    herald::tls::install_provider();
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(herald::check_dns::run(&cfg, domain)) {
+        Ok(results) if herald::check_dns::print(&results) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -1,0 +1,474 @@
+//! `herald check-dns [DOMAIN]`: does DNS authorize the mail herald sends?
+//!
+//! For each sending domain (the `default_sender` of `[sender]` and of each
+//! route, or the domain given) it checks, as a receiver would:
+//! - SPF of the envelope (bounce) domain, evaluated with mail-auth for the
+//!   addresses of the upstream relay when one is configured;
+//! - the DKIM key record herald's key needs, compared with the private key;
+//! - the DMARC record, and whether DKIM and SPF align with the From domain.
+//!
+//! Each finding is ok, warn or FAIL with a hint that says what to publish.
+
+use std::net::IpAddr;
+
+use hickory_resolver::proto::rr::RData;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{MessageAuthenticator, SpfResult};
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub level: Level,
+    pub check: &'static str,
+    pub text: String,
+    pub hint: Option<String>,
+}
+
+/// One sending identity: the From domain and what goes with it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub from_domain: String,
+    pub envelope_domain: String,
+    pub upstream: String,
+}
+
+fn domain_of(addr: &str) -> String {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// The identities herald sends as, or the one for `domain`.
+pub fn identities(cfg: &Config, domain: Option<&str>) -> Vec<Identity> {
+    let mut out: Vec<Identity> = Vec::new();
+    let mut push = |from: &str, envelope: &str, upstream: &str| {
+        let id = Identity {
+            from_domain: domain_of(from),
+            envelope_domain: domain_of(envelope),
+            upstream: upstream.to_string(),
+        };
+        if !out
+            .iter()
+            .any(|o| o.from_domain == id.from_domain && o.upstream == id.upstream)
+        {
+            out.push(id);
+        }
+    };
+    push(
+        &cfg.sender.default_sender,
+        &cfg.sender.bounce_address,
+        &cfg.delivery.upstream,
+    );
+    for r in &cfg.routes {
+        if let Some(ds) = &r.default_sender {
+            let env = if cfg.sender.bounce_explicit {
+                &cfg.sender.bounce_address
+            } else {
+                ds
+            };
+            push(ds, env, &r.upstream);
+        }
+    }
+    match domain {
+        None => out,
+        Some(d) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            let mut mine: Vec<Identity> = out.into_iter().filter(|i| i.from_domain == d).collect();
+            if mine.is_empty() {
+                mine.push(Identity {
+                    from_domain: d.clone(),
+                    envelope_domain: d,
+                    upstream: cfg.delivery.upstream.clone(),
+                });
+            }
+            mine
+        }
+    }
+}
+
+/// The organizational domain, approximated as the last two labels (no
+/// public suffix list: good enough for alignment hints, not for verdicts on
+/// domains like example.co.uk, which the output then calls strict).
+fn org(domain: &str) -> String {
+    let labels: Vec<&str> = domain.trim_end_matches('.').split('.').collect();
+    labels[labels.len().saturating_sub(2)..].join(".")
+}
+
+fn aligned(a: &str, b: &str, strict: bool) -> bool {
+    if strict {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        org(&a.to_ascii_lowercase()) == org(&b.to_ascii_lowercase())
+    }
+}
+
+/// TXT strings of `name`, each record's strings joined.
+async fn txt(auth: &MessageAuthenticator, name: &str) -> Result<Vec<String>, String> {
+    match auth.resolver().txt_lookup(format!("{name}.")).await {
+        Ok(l) => Ok(l
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(
+                    t.txt_data
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect()),
+        Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+        Err(e) => Err(format!("{name}: DNS error: {e}")),
+    }
+}
+
+/// Tag value of a `k=v; k=v` record.
+fn tag<'a>(record: &'a str, name: &str) -> Option<&'a str> {
+    record.split(';').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim().eq_ignore_ascii_case(name)).then_some(v.trim())
+    })
+}
+
+async fn check_spf(
+    cfg: &Config,
+    auth: &MessageAuthenticator,
+    id: &Identity,
+    out: &mut Vec<Finding>,
+) {
+    let d = &id.envelope_domain;
+    let mut f = |level, text: String, hint: Option<String>| {
+        out.push(Finding {
+            level,
+            check: "SPF",
+            text,
+            hint,
+        })
+    };
+    let records = match txt(auth, d).await {
+        Ok(r) => r,
+        Err(e) => return f(Level::Warn, e, None),
+    };
+    let spf: Vec<&String> = records
+        .iter()
+        .filter(|r| r.to_ascii_lowercase().starts_with("v=spf1"))
+        .collect();
+    let upstream = cfg.upstreams.get(&id.upstream);
+    let suggestion = match upstream {
+        Some(u) => format!(
+            "publish TXT {d} \"v=spf1 include:<{}'s SPF domain> -all\" (your provider documents it)",
+            u.host
+        ),
+        None => format!("publish TXT {d} \"v=spf1 ip4:<this server's public IP> -all\""),
+    };
+    match spf.len() {
+        0 => {
+            return f(
+                Level::Fail,
+                format!("{d} (envelope sender domain) has no SPF record"),
+                Some(suggestion),
+            )
+        }
+        1 => {}
+        n => {
+            return f(
+                Level::Fail,
+                format!("{d} has {n} SPF records: receivers treat that as an error (permerror)"),
+                Some("merge them into one v=spf1 record".into()),
+            )
+        }
+    }
+    let record = spf[0];
+    let Some(u) = upstream else {
+        return f(
+            Level::Ok,
+            format!("{d}: \"{record}\" (direct MX delivery: make sure it lists this server's public address)"),
+            None,
+        );
+    };
+    // The relay's own address stands in for the address it sends from.
+    let ips: Vec<IpAddr> = match u.host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => match auth.resolver().lookup_ip(format!("{}.", u.host)).await {
+            Ok(l) => l.iter().collect(),
+            Err(e) => {
+                return f(
+                    Level::Warn,
+                    format!("{d}: \"{record}\"; cannot resolve upstream {}: {e}", u.host),
+                    None,
+                )
+            }
+        },
+    };
+    let sender = format!("postmaster@{d}");
+    let mut results = Vec::new();
+    let mut all_pass = true;
+    for ip in &ips {
+        let res = auth
+            .verify_spf(SpfParameters::verify_mail_from(
+                *ip,
+                &cfg.hostname,
+                &cfg.hostname,
+                &sender,
+            ))
+            .await
+            .result();
+        all_pass &= res == SpfResult::Pass;
+        results.push(format!("{ip}: {res}"));
+    }
+    if all_pass {
+        f(
+            Level::Ok,
+            format!(
+                "{d}: \"{record}\" authorizes upstream {} ({})",
+                u.host,
+                results.join(", ")
+            ),
+            None,
+        )
+    } else {
+        f(
+            Level::Warn,
+            format!(
+                "{d}: \"{record}\" does not authorize upstream {} ({})",
+                u.host,
+                results.join(", ")
+            ),
+            Some(format!(
+                "if {} relays from other addresses, add its SPF include to the record; else {suggestion}",
+                u.host
+            )),
+        )
+    }
+}
+
+/// Returns the DKIM domain that signs for this From domain, if any.
+async fn check_dkim(
+    cfg: &Config,
+    auth: &MessageAuthenticator,
+    id: &Identity,
+    out: &mut Vec<Finding>,
+) -> Option<String> {
+    let d = &id.from_domain;
+    let key = cfg
+        .dkim
+        .iter()
+        .filter(|k| d == &k.domain || d.ends_with(&format!(".{}", k.domain)))
+        .max_by_key(|k| k.domain.len());
+    let Some(key) = key else {
+        out.push(Finding {
+            level: Level::Fail,
+            check: "DKIM",
+            text: format!("no [[dkim]] key covers {d}: mail From {d} leaves unsigned"),
+            hint: Some(format!(
+                "herald dkim-keygen --domain {d} --selector herald --out dkim/{d}.pem, publish the record it prints, add the [[dkim]] block"
+            )),
+        });
+        return None;
+    };
+    let name = format!("{}._domainkey.{}", key.selector, key.domain);
+    let ours = match crate::dkim::public_record(&key.private_key) {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(Finding {
+                level: Level::Fail,
+                check: "DKIM",
+                text: format!("{}: {e}", key.private_key.display()),
+                hint: None,
+            });
+            return None;
+        }
+    };
+    let publish = format!("publish TXT {name} \"{ours}\"");
+    let published = match txt(auth, &name).await {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(Finding {
+                level: Level::Warn,
+                check: "DKIM",
+                text: e,
+                hint: None,
+            });
+            return Some(key.domain.clone());
+        }
+    };
+    let ours_p = tag(&ours, "p").unwrap_or("");
+    let (level, text, hint) = match published.iter().find(|r| tag(r, "p").is_some()) {
+        None => (
+            Level::Fail,
+            format!("{name}: no key record published"),
+            Some(publish),
+        ),
+        Some(r) => {
+            let p: String = tag(r, "p").unwrap_or("").split_whitespace().collect();
+            if crate::dkim::same_public_key(ours_p, &p) {
+                (
+                    Level::Ok,
+                    format!(
+                        "{name}: published key matches {}",
+                        key.private_key.display()
+                    ),
+                    None,
+                )
+            } else if p.is_empty() {
+                (
+                    Level::Fail,
+                    format!("{name}: the published key is revoked (empty p=)"),
+                    Some(publish),
+                )
+            } else {
+                (
+                    Level::Fail,
+                    format!(
+                        "{name}: the published key is not the one in {}",
+                        key.private_key.display()
+                    ),
+                    Some(publish),
+                )
+            }
+        }
+    };
+    out.push(Finding {
+        level,
+        check: "DKIM",
+        text,
+        hint,
+    });
+    Some(key.domain.clone())
+}
+
+async fn check_dmarc(
+    auth: &MessageAuthenticator,
+    id: &Identity,
+    dkim_domain: Option<&str>,
+    out: &mut Vec<Finding>,
+) {
+    let d = &id.from_domain;
+    let mut record = None;
+    for name in [format!("_dmarc.{d}"), format!("_dmarc.{}", org(d))] {
+        match txt(auth, &name).await {
+            Ok(r) => {
+                if let Some(r) = r.into_iter().find(|r| r.starts_with("v=DMARC1")) {
+                    record = Some((name, r));
+                    break;
+                }
+            }
+            Err(e) => {
+                out.push(Finding {
+                    level: Level::Warn,
+                    check: "DMARC",
+                    text: e,
+                    hint: None,
+                });
+                return;
+            }
+        }
+    }
+    let (adkim_strict, aspf_strict) = match &record {
+        None => {
+            out.push(Finding {
+                level: Level::Warn,
+                check: "DMARC",
+                text: format!("no DMARC record for {d}: receivers apply their own policy"),
+                hint: Some(format!(
+                    "publish TXT _dmarc.{d} \"v=DMARC1; p=none; rua=mailto:dmarc-reports@{d}\", then tighten p= once reports are clean"
+                )),
+            });
+            (false, false)
+        }
+        Some((name, r)) => {
+            out.push(Finding {
+                level: Level::Ok,
+                check: "DMARC",
+                text: format!("{name}: \"{r}\""),
+                hint: None,
+            });
+            (tag(r, "adkim") == Some("s"), tag(r, "aspf") == Some("s"))
+        }
+    };
+    let dkim_ok = dkim_domain.is_some_and(|k| aligned(k, d, adkim_strict));
+    let spf_ok = aligned(&id.envelope_domain, d, aspf_strict);
+    let how = |strict| if strict { "strict" } else { "relaxed" };
+    let text = format!(
+        "From {d}: DKIM d={} {} ({}), SPF domain {} {} ({})",
+        dkim_domain.unwrap_or("-"),
+        if dkim_ok { "aligned" } else { "not aligned" },
+        how(adkim_strict),
+        id.envelope_domain,
+        if spf_ok { "aligned" } else { "not aligned" },
+        how(aspf_strict),
+    );
+    let (level, hint) = match (dkim_ok, spf_ok) {
+        (true, _) => (Level::Ok, None),
+        (false, true) => (
+            Level::Warn,
+            Some("DMARC then rests on SPF alone, which forwarding breaks: sign with a key of the From domain".into()),
+        ),
+        (false, false) => (
+            Level::Fail,
+            Some(format!("mail From {d} fails DMARC: add a [[dkim]] key for {d} (or rewrite From to a signed domain)")),
+        ),
+    };
+    out.push(Finding {
+        level,
+        check: "align",
+        text,
+        hint,
+    });
+}
+
+/// Runs every check for every identity.
+pub async fn run(
+    cfg: &Config,
+    domain: Option<&str>,
+) -> Result<Vec<(Identity, Vec<Finding>)>, String> {
+    let auth = match crate::dns::resolver_config(cfg) {
+        Some(rc) => MessageAuthenticator::new(rc, Default::default()),
+        None => MessageAuthenticator::new_system_conf(),
+    }
+    .map_err(|e| format!("dns: {e}"))?;
+    let mut all = Vec::new();
+    for id in identities(cfg, domain) {
+        let mut out = Vec::new();
+        check_spf(cfg, &auth, &id, &mut out).await;
+        let dkim_domain = check_dkim(cfg, &auth, &id, &mut out).await;
+        check_dmarc(&auth, &id, dkim_domain.as_deref(), &mut out).await;
+        all.push((id, out));
+    }
+    Ok(all)
+}
+
+/// Prints the findings; returns true when nothing failed.
+pub fn print(results: &[(Identity, Vec<Finding>)]) -> bool {
+    let mut ok = true;
+    for (id, findings) in results {
+        println!(
+            "{} (envelope {}, route {})",
+            id.from_domain, id.envelope_domain, id.upstream
+        );
+        for f in findings {
+            let level = match f.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Fail => {
+                    ok = false;
+                    "FAIL"
+                }
+            };
+            println!("  {level}  {:<5}  {}", f.check, f.text);
+            if let Some(h) = &f.hint {
+                println!("               hint: {h}");
+            }
+        }
+    }
+    ok
+}

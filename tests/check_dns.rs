@@ -1,0 +1,127 @@
+//! `herald check-dns` against a local DNS stub: what is right is ok, what
+//! is missing or wrong fails with a hint that says what to publish.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn keygen(dir: &std::path::Path, domain: &str, file: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "dkim-keygen",
+            "--domain",
+            domain,
+            "--selector",
+            "herald",
+            "--out",
+        ])
+        .arg(dir.join(file))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout.lines().find(|l| l.contains(" IN TXT ")).unwrap();
+    line.split('"')
+        .skip(1)
+        .step_by(2)
+        .collect::<Vec<_>>()
+        .concat()
+}
+
+fn check(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("check-dns")
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("herald.toml"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_dns_reports_spf_dkim_dmarc_and_alignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = keygen(dir.path(), "example.com", "example.pem");
+    let other = keygen(dir.path(), "wrong.test", "wrong.pem");
+    let dns = Dns::start(&[
+        ("example.com", "TXT", "v=spf1 ip4:127.0.0.1 -all"),
+        ("herald._domainkey.example.com", "TXT", &record),
+        ("_dmarc.example.com", "TXT", "v=DMARC1; p=reject; adkim=s"),
+        // wrong.test is signed with example.pem, but another key is published.
+        ("herald._domainkey.wrong.test", "TXT", &other),
+        ("wrong.test", "TXT", "v=spf1 ip4:192.0.2.1 -all"),
+        ("wrong.test", "TXT", "v=spf1 -all"),
+    ]);
+    let config = format!(
+        "{BASE}[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"example.pem\"\n\
+         [[dkim]]\ndomain = \"wrong.test\"\nselector = \"herald\"\nprivate_key = \"example.pem\"\n\
+         [[routes]]\nsender_domain = \"acme.test\"\nupstream = \"up\"\ndefault_sender = \"notify@acme.test\"\n\
+         [delivery]\nupstream = \"up\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = 2600\nsecurity = \"none\"\n\
+         [dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
+        dns.port
+    );
+    std::fs::write(dir.path().join("herald.toml"), config).unwrap();
+
+    let (code, out) = check(dir.path(), &["example.com"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "ok    SPF    example.com: \"v=spf1 ip4:127.0.0.1 -all\" authorizes upstream 127.0.0.1"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok    DKIM   herald._domainkey.example.com: published key matches"),
+        "{out}"
+    );
+    assert!(out.contains("ok    DMARC  _dmarc.example.com"), "{out}");
+    assert!(out.contains("DKIM d=example.com aligned (strict)"), "{out}");
+
+    // The whole config: the acme route has no key, so its From fails DMARC.
+    let (code, out) = check(dir.path(), &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL  DKIM   no [[dkim]] key covers acme.test"),
+        "{out}"
+    );
+    assert!(
+        out.contains("hint: herald dkim-keygen --domain acme.test"),
+        "{out}"
+    );
+    assert!(out.contains("FAIL  align  From acme.test"), "{out}");
+
+    // A published key that is not ours, and two SPF records.
+    let (code, out) = check(dir.path(), &["wrong.test"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not the one in"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "hint: publish TXT herald._domainkey.wrong.test \"{record}\""
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  SPF    wrong.test has 2 SPF records"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warn  DMARC  no DMARC record for wrong.test"),
+        "{out}"
+    );
+
+    // A domain nobody configured: nothing published at all.
+    let (code, out) = check(dir.path(), &["nothing.test"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL  SPF    nothing.test (envelope sender domain) has no SPF record"),
+        "{out}"
+    );
+}
