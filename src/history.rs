@@ -64,7 +64,21 @@ pub struct History {
     events: sled::Tree,
     index: sled::Tree,
     seq: Arc<AtomicU64>,
+    /// Events recorded since start, per kind (for /metrics).
+    counts: Arc<[AtomicU64; 8]>,
 }
+
+/// Every kind, in the order of the counters.
+pub const KINDS: [EventKind; 8] = [
+    EventKind::Received,
+    EventKind::Deferred,
+    EventKind::Delivered,
+    EventKind::Bounced,
+    EventKind::Suppressed,
+    EventKind::Cancelled,
+    EventKind::Expired,
+    EventKind::Opened,
+];
 
 /// An indexed field to look events up by.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +128,7 @@ impl History {
             events: db.open_tree("events")?,
             index: db.open_tree("events_index")?,
             seq: Arc::new(AtomicU64::new(now_ms())),
+            counts: Arc::new(Default::default()),
         })
     }
 
@@ -147,7 +162,19 @@ impl History {
         for k in index_keys(&ev, &key) {
             self.index.insert(k, &[])?;
         }
+        if let Some(i) = KINDS.iter().position(|k| *k == kind) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
         Ok(ev)
+    }
+
+    /// Events recorded since start, per kind.
+    pub fn counts(&self) -> Vec<(EventKind, u64)> {
+        KINDS
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Events with this recipient, id or tag, at or after `since_ms`,

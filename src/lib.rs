@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod history;
+pub mod metrics;
 pub mod queue;
 pub mod rewrite;
 pub mod server;

@@ -85,6 +85,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let control = crate::control::bind(&cfg.control.socket)?;
+    let metrics = match cfg.control.metrics_listen {
+        Some(a) => Some(crate::metrics::bind(a).await?),
+        None => None,
+    };
     let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
@@ -112,6 +116,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.control.socket.clone(),
     ));
     tokio::spawn(purge_history(services.clone()));
+    if let Some(l) = metrics {
+        tracing::info!(addr = %l.local_addr()?, "metrics listening");
+        tokio::spawn(crate::metrics::serve(services.clone(), l));
+    }
     let conns = Arc::new(Semaphore::new(cfg.listen.max_connections));
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     for (l, implicit) in listeners {

@@ -1,0 +1,118 @@
+//! `[control] metrics_listen`: `/healthz` for load balancers and systemd
+//! watchdogs, `/metrics` in the Prometheus text format.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::server::Services;
+
+/// 200 while the storage answers; the body says whether delivery is paused.
+async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
+    match s.store.meta_get(crate::server::META_PAUSED) {
+        Ok(_) if s.paused.load(Ordering::Relaxed) => (StatusCode::OK, "ok (delivery paused)\n"),
+        Ok(_) => (StatusCode::OK, "ok\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage error\n"),
+    }
+}
+
+async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let all = s.store.all().unwrap_or_default();
+    gauge(
+        "herald_queue_messages",
+        "Messages in the queue.",
+        vec![(String::new(), all.len() as f64)],
+    );
+    let mut by_status = std::collections::BTreeMap::new();
+    for r in all.iter().flat_map(|e| e.pending()) {
+        *by_status.entry(r.status.as_str()).or_insert(0u64) += 1;
+    }
+    gauge(
+        "herald_queue_recipients",
+        "Recipients waiting, by state.",
+        ["queued", "deferred"]
+            .iter()
+            .map(|st| {
+                (
+                    format!("{{status=\"{st}\"}}"),
+                    *by_status.get(st).unwrap_or(&0) as f64,
+                )
+            })
+            .collect(),
+    );
+    gauge(
+        "herald_paused",
+        "1 while outbound delivery is paused.",
+        vec![(String::new(), s.paused.load(Ordering::Relaxed) as u8 as f64)],
+    );
+    let health = s.routes.health.lock().unwrap().clone();
+    gauge(
+        "herald_route_healthy",
+        "0 while the upstream refuses the route (5xx to AUTH, MAIL FROM, ...).",
+        s.cfg
+            .upstreams
+            .keys()
+            .map(|n| {
+                let ok = health.get(n).is_none_or(|h| h.healthy);
+                (format!("{{route=\"{n}\"}}"), ok as u8 as f64)
+            })
+            .collect(),
+    );
+    gauge(
+        "herald_uptime_seconds",
+        "Seconds since start.",
+        vec![(String::new(), s.started.elapsed().as_secs() as f64)],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP herald_events_total Events recorded since start, by kind."
+    );
+    let _ = writeln!(out, "# TYPE herald_events_total counter");
+    for (k, n) in s.history.counts() {
+        let _ = writeln!(out, "herald_events_total{{event=\"{}\"}} {n}", k.as_str());
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+/// Serves until shutdown.
+pub async fn serve(services: Arc<Services>, listener: tokio::net::TcpListener) {
+    let mut shutdown = services.shutdown.clone();
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .with_state(services);
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "metrics listener failed");
+    }
+}
+
+/// Binds `control.metrics_listen`.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("control.metrics_listen: cannot listen on {addr}: {e}"))
+}
