@@ -18,6 +18,7 @@ pub mod shutdown;
 pub mod smtp_in;
 pub mod suppression;
 pub mod tls;
+pub mod tracking;
 
 /// Logs to stderr (journald picks it up under systemd); `RUST_LOG` or
 /// `HERALD_LOG` set the filter, default `info`.

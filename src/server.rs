@@ -34,6 +34,8 @@ pub struct Services {
     pub resolver: hickory_resolver::TokioResolver,
     pub tls: Option<TlsAcceptor>,
     pub signers: crate::dkim::Signers,
+    /// HMAC key for pixel tokens, when tracking is enabled.
+    pub tracking_key: Option<Vec<u8>>,
     pub shutdown: Shutdown,
     pub paused: AtomicBool,
     pub started: Instant,
@@ -85,6 +87,26 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let control = crate::control::bind(&cfg.control.socket)?;
+    let (tracking_key, tracking) = if cfg.tracking.enabled {
+        let path = cfg.tracking.secret_file.clone().unwrap_or_default();
+        let key = std::fs::read(&path)
+            .with_context(|| format!("tracking.secret_file: cannot read {}", path.display()))?;
+        if key.len() < 16 {
+            anyhow::bail!(
+                "tracking.secret_file: {} holds {} bytes; use at least 16 (head -c 32 /dev/urandom > FILE)",
+                path.display(),
+                key.len()
+            );
+        }
+        let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
+            .await
+            .with_context(|| {
+                format!("tracking.listen: cannot listen on {}", cfg.tracking.listen)
+            })?;
+        (Some(key), Some(l))
+    } else {
+        (None, None)
+    };
     let metrics = match cfg.control.metrics_listen {
         Some(a) => Some(crate::metrics::bind(a).await?),
         None => None,
@@ -104,6 +126,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         resolver,
         tls,
         signers,
+        tracking_key,
         shutdown: shutdown_rx,
         paused: AtomicBool::new(paused),
         started: Instant::now(),
@@ -116,6 +139,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.control.socket.clone(),
     ));
     tokio::spawn(purge_history(services.clone()));
+    if let Some(l) = tracking {
+        tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
+        tokio::spawn(crate::tracking::serve(services.clone(), l));
+    }
     if let Some(l) = metrics {
         tracing::info!(addr = %l.local_addr()?, "metrics listening");
         tokio::spawn(crate::metrics::serve(services.clone(), l));

@@ -46,6 +46,14 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             ),
         );
     }
+    if let (Some(key), true) = (s.tracking_key.as_deref(), prepared.track) {
+        let url = format!(
+            "{}/o/{}.gif",
+            cfg.tracking.base_url.trim_end_matches('/'),
+            crate::tracking::token(key, &id)
+        );
+        prepared.message = crate::tracking::inject(&prepared.message, &url);
+    }
     // DKIM last, over the final headers and body.
     match s.signers.sign(
         prepared.from.rsplit_once('@').map(|(_, d)| d).unwrap_or(""),
