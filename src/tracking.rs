@@ -8,12 +8,14 @@
 //! as is, quoted-printable as encoded text, base64 decoded and re-encoded),
 //! just before `</body>`, else at the end of the part.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::hmac;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -88,22 +90,33 @@ fn insert_html(html: &[u8], tag: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The tag as quoted-printable, in soft-broken lines.
-fn qp_encode(tag: &str) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut line = 0;
-    for b in tag.bytes() {
-        let enc = if b == b'=' || !(33..=126).contains(&b) && b != b' ' {
-            format!("={b:02X}")
-        } else {
-            (b as char).to_string()
-        };
-        if line + enc.len() > 72 {
-            out.extend_from_slice(b"=\r\n");
-            line = 0;
+/// Quoted-printable encoding (RFC 2045 6.7) of text with CRLF line
+/// breaks: hard breaks kept, lines soft-broken before 76 characters,
+/// `=`, non-ASCII and line-final blanks encoded.
+fn qp_encode(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 8);
+    let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
+    for (n, raw_line) in lines.iter().enumerate() {
+        let line = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
+        let mut width = 0;
+        for (i, &b) in line.iter().enumerate() {
+            let last = i + 1 == line.len();
+            let plain = (33..=126).contains(&b) && b != b'=' || (b == b' ' || b == b'\t') && !last;
+            let enc = if plain {
+                vec![b]
+            } else {
+                format!("={b:02X}").into_bytes()
+            };
+            if width + enc.len() > 75 {
+                out.extend_from_slice(b"=\r\n");
+                width = 0;
+            }
+            width += enc.len();
+            out.extend_from_slice(&enc);
         }
-        line += enc.len();
-        out.extend_from_slice(enc.as_bytes());
+        if n + 1 < lines.len() {
+            out.extend_from_slice(b"\r\n");
+        }
     }
     out
 }
@@ -119,14 +132,20 @@ fn base64_lines(data: &[u8]) -> Vec<u8> {
 }
 
 /// The body of one HTML part with the pixel, in the part's own encoding.
+/// The tag goes on a line of its own so that no line grows past the
+/// RFC 5322 limit.
 fn rewrite_part(raw: &[u8], encoding: Encoding, tag: &str) -> Option<Vec<u8>> {
+    let line = format!("\r\n{tag}\r\n");
     match encoding {
-        Encoding::None => Some(insert_html(raw, tag.as_bytes())),
+        Encoding::None => Some(insert_html(raw, line.as_bytes())),
         Encoding::QuotedPrintable => {
-            let mut t = b"=\r\n".to_vec();
-            t.extend(qp_encode(tag));
-            t.extend_from_slice(b"=\r\n");
-            Some(insert_html(raw, &t))
+            // Decode first: `</body>` may be split by a soft line break.
+            let html = mail_parser::decoders::quoted_printable::quoted_printable_decode(raw)?;
+            let mut out = qp_encode(&insert_html(&html, line.as_bytes()));
+            if raw.ends_with(b"\n") && !out.ends_with(b"\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+            Some(out)
         }
         Encoding::Base64 => {
             let clean: Vec<u8> = raw
@@ -137,7 +156,7 @@ fn rewrite_part(raw: &[u8], encoding: Encoding, tag: &str) -> Option<Vec<u8>> {
             let html = base64::engine::general_purpose::STANDARD
                 .decode(clean)
                 .ok()?;
-            let mut out = base64_lines(&insert_html(&html, tag.as_bytes()));
+            let mut out = base64_lines(&insert_html(&html, line.as_bytes()));
             // Keep the part's trailing line break where the original had one.
             if !raw.ends_with(b"\n") {
                 out.truncate(out.len() - 2);
@@ -155,13 +174,17 @@ pub fn inject(message: &[u8], url: &str) -> Vec<u8> {
     };
     let tag = pixel_tag(url);
     let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::new();
-    for part in &msg.parts {
+    for (i, part) in msg.parts.iter().enumerate() {
         if !matches!(part.body, PartType::Html(_)) || part.is_encoding_problem {
             continue;
         }
-        let attachment = part
-            .content_disposition()
-            .is_some_and(|d| d.ctype().eq_ignore_ascii_case("attachment"));
+        // An attached .html file is the customer's document, not the mail:
+        // mail-parser lists it among the attachments (disposition or name).
+        let attachment = msg.attachments.contains(&(i as u32))
+            || part.attachment_name().is_some()
+            || part
+                .content_disposition()
+                .is_some_and(|d| d.ctype().eq_ignore_ascii_case("attachment"));
         if attachment {
             continue;
         }
@@ -191,9 +214,33 @@ pub fn inject(message: &[u8], url: &str) -> Vec<u8> {
     out
 }
 
+/// Opens of one message within this window count once.
+const OPEN_WINDOW: Duration = Duration::from_secs(600);
+
+/// Whether an open of `id` now is new (not within `OPEN_WINDOW` of the
+/// last one recorded), remembering it if so.
+fn first_open(id: &str) -> bool {
+    static SEEN: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.len() > 100_000 {
+        seen.retain(|_, t| t.elapsed() < OPEN_WINDOW);
+    }
+    match seen.get(id) {
+        Some(t) if t.elapsed() < OPEN_WINDOW => false,
+        _ => {
+            seen.insert(id.to_string(), Instant::now());
+            true
+        }
+    }
+}
+
 async fn open(
     State(s): State<Arc<Services>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
     headers: HeaderMap,
     Path(file): Path<String>,
 ) -> impl IntoResponse {
@@ -203,7 +250,10 @@ async fn open(
     let Some(id) = id else {
         return (
             StatusCode::NOT_FOUND,
-            [(header::CONTENT_TYPE, "text/plain")],
+            [
+                (header::CONTENT_TYPE, "text/plain"),
+                (header::CACHE_CONTROL, "no-store, private"),
+            ],
             b"not found\n".to_vec(),
         );
     };
@@ -211,13 +261,32 @@ async fn open(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    let pixel = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (header::CACHE_CONTROL, "no-store, private"),
+        ],
+        GIF.to_vec(),
+    );
+    // HEAD probes and repeated fetches (reloads, proxies) are not new opens.
+    if method != Method::GET || !first_open(&id) {
+        return pixel;
+    }
+    // Behind the HTTPS proxy of base_url, the client is the first hop.
+    let client = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| peer.ip().to_string());
     let received = s
         .history
         .query_by(By::Id(&id), 0, |e| e.event == EventKind::Received)
         .unwrap_or_default();
     let n = received.len();
     for e in &received {
-        let mut detail = format!("pixel fetched from {} ({agent})", peer.ip());
+        let mut detail = format!("pixel fetched from {client} ({agent})");
         if n > 1 {
             detail.push_str(&format!(
                 "; the message had {n} recipients, any of them may have opened it"
@@ -235,11 +304,7 @@ async fn open(
         }
     }
     tracing::info!(%id, recipients = n, "opened");
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "image/gif")],
-        GIF.to_vec(),
-    )
+    pixel
 }
 
 /// Serves the pixel until shutdown.
@@ -281,7 +346,7 @@ mod tests {
         );
         let s = String::from_utf8(plain).unwrap();
         assert!(
-            s.contains("Hi<img src=\"https://t.example/o/X.Y.gif\""),
+            s.contains("Hi\r\n<img src=\"https://t.example/o/X.Y.gif\""),
             "{s}"
         );
         assert!(s.ends_with("</body></html>\r\n"), "{s}");
@@ -293,7 +358,7 @@ mod tests {
         let parsed = MessageParser::default().parse(&qp).unwrap();
         let html = parsed.body_html(0).unwrap();
         assert!(
-            html.contains("café</p><img src=\"https://t.example/o/X.Y.gif\""),
+            html.contains("café</p>\r\n<img src=\"https://t.example/o/X.Y.gif\""),
             "{html}"
         );
         assert!(String::from_utf8_lossy(&qp).lines().all(|l| l.len() <= 76));
@@ -304,12 +369,38 @@ mod tests {
         );
         let out = inject(msg.as_bytes(), url);
         let parsed = MessageParser::default().parse(&out).unwrap();
-        assert!(parsed.body_html(0).unwrap().contains("Hello<img src="));
+        assert!(parsed.body_html(0).unwrap().contains("Hello\r\n<img src="));
         assert_eq!(parsed.body_text(0).unwrap(), "Hello");
         assert!(String::from_utf8_lossy(&out)
             .contains("\r\n--b\r\nContent-Type: text/plain\r\n\r\nHello\r\n--b\r\n"));
 
         let text_only = b"Content-Type: text/plain\r\n\r\nno html\r\n";
         assert_eq!(inject(text_only, url), text_only.to_vec());
+
+        // An attached HTML file (named, no disposition) is left alone.
+        let attached = b"Content-Type: multipart/mixed; boundary=\"m\"\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n--m\r\nContent-Type: text/html; name=\"invoice.html\"\r\n\r\n<body>INVOICE</body>\r\n--m--\r\n";
+        assert_eq!(inject(attached, url), attached.to_vec());
+
+        // </body> split by a soft line break is still found.
+        let split = inject(
+            b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<p>x</p></bo=\r\ndy>=\r\n",
+            url,
+        );
+        let parsed = MessageParser::default().parse(&split).unwrap();
+        assert!(!parsed.parts[0].is_encoding_problem);
+        let html = parsed.body_html(0).unwrap();
+        assert!(
+            html.contains("</p>\r\n<img") && html.contains(">\r\n</body>"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn qp_round_trip() {
+        let text = "a=b café \t\r\nline with trailing space \r\n".to_string() + &"x".repeat(200);
+        let enc = qp_encode(text.as_bytes());
+        assert!(String::from_utf8_lossy(&enc).lines().all(|l| l.len() <= 76));
+        let dec = mail_parser::decoders::quoted_printable::quoted_printable_decode(&enc).unwrap();
+        assert_eq!(String::from_utf8(dec).unwrap(), text);
     }
 }

@@ -65,7 +65,10 @@ fn pixel_is_injected_and_its_fetch_records_opened() {
     let html = parsed.body_html(0).unwrap().into_owned();
     let prefix = format!("<img src=\"http://127.0.0.1:{port}/o/{id}.");
     let at = html.find(&prefix).unwrap_or_else(|| panic!("{html}"));
-    assert!(html[at..].contains("\"></body>"), "before </body>: {html}");
+    assert!(
+        html[at..].contains("\">\r\n</body>"),
+        "before </body>: {html}"
+    );
     assert_eq!(parsed.body_text(0).unwrap().trim(), "Your file is ready.");
     let url = html[at + 10..].split('"').next().unwrap().to_string();
 
@@ -84,6 +87,8 @@ fn pixel_is_injected_and_its_fetch_records_opened() {
     let (code, body) = http_get(&addr, &path);
     assert_eq!(code, 200);
     assert!(body.starts_with(b"GIF89a"));
+    let (code, _) = http_get(&addr, &path);
+    assert_eq!(code, 200, "a reload gets the pixel but is not a new open");
     let (code, _) = http_get(&addr, &path.replace(&id, "M00000000000"));
     assert_eq!(code, 404, "a forged token records nothing");
 
