@@ -68,13 +68,31 @@ pub fn identities(cfg: &Config, domain: Option<&str>) -> Vec<Identity> {
         &cfg.delivery.upstream,
     );
     for r in &cfg.routes {
-        if let Some(ds) = &r.default_sender {
-            let env = if cfg.sender.bounce_explicit {
-                &cfg.sender.bounce_address
-            } else {
-                ds
-            };
-            push(ds, env, &r.upstream);
+        match &r.default_sender {
+            Some(ds) => {
+                let env = if cfg.sender.bounce_explicit {
+                    &cfg.sender.bounce_address
+                } else {
+                    ds
+                };
+                push(ds, env, &r.upstream);
+            }
+            // The global sender, through this route's upstream.
+            None => push(
+                &cfg.sender.default_sender,
+                &cfg.sender.bounce_address,
+                &r.upstream,
+            ),
+        }
+    }
+    // Authors whose domain has a key keep their own From.
+    if !cfg.sender.always_default_sender {
+        for k in &cfg.dkim {
+            push(
+                &format!("x@{}", k.domain),
+                &cfg.sender.bounce_address,
+                &cfg.delivery.upstream,
+            );
         }
     }
     match domain {
@@ -94,20 +112,21 @@ pub fn identities(cfg: &Config, domain: Option<&str>) -> Vec<Identity> {
     }
 }
 
-/// The organizational domain, approximated as the last two labels (no
-/// public suffix list: good enough for alignment hints, not for verdicts on
-/// domains like example.co.uk, which the output then calls strict).
+/// The parent to look for a DMARC record at: the last two labels (no
+/// public suffix list, so for example.co.uk this asks co.uk, which has none).
 fn org(domain: &str) -> String {
     let labels: Vec<&str> = domain.trim_end_matches('.').split('.').collect();
     labels[labels.len().saturating_sub(2)..].join(".")
 }
 
+/// DMARC alignment. Relaxed alignment really compares organizational
+/// domains; without a public suffix list we only count one domain being the
+/// other or a subdomain of it, which never calls aligned what is not
+/// (siblings such as a.example.com and b.example.com are reported as not
+/// aligned although DMARC would accept them).
 fn aligned(a: &str, b: &str, strict: bool) -> bool {
-    if strict {
-        a.eq_ignore_ascii_case(b)
-    } else {
-        org(&a.to_ascii_lowercase()) == org(&b.to_ascii_lowercase())
-    }
+    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    a == b || (!strict && (a.ends_with(&format!(".{b}")) || b.ends_with(&format!(".{a}"))))
 }
 
 /// TXT strings of `name`, each record's strings joined.
@@ -139,7 +158,19 @@ fn tag<'a>(record: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Returns whether SPF can pass for this envelope domain.
 async fn check_spf(
+    cfg: &Config,
+    auth: &MessageAuthenticator,
+    id: &Identity,
+    out: &mut Vec<Finding>,
+) -> bool {
+    let before = out.len();
+    spf_findings(cfg, auth, id, out).await;
+    out[before..].iter().all(|f| f.level == Level::Ok)
+}
+
+async fn spf_findings(
     cfg: &Config,
     auth: &MessageAuthenticator,
     id: &Identity,
@@ -251,7 +282,8 @@ async fn check_spf(
     }
 }
 
-/// Returns the DKIM domain that signs for this From domain, if any.
+/// Returns the DKIM domain that signs for this From domain, when its
+/// published key matches (else DKIM cannot pass).
 async fn check_dkim(
     cfg: &Config,
     auth: &MessageAuthenticator,
@@ -298,7 +330,7 @@ async fn check_dkim(
                 text: e,
                 hint: None,
             });
-            return Some(key.domain.clone());
+            return None;
         }
     };
     let ours_p = tag(&ours, "p").unwrap_or("");
@@ -337,19 +369,21 @@ async fn check_dkim(
             }
         }
     };
+    let passes = level == Level::Ok;
     out.push(Finding {
         level,
         check: "DKIM",
         text,
         hint,
     });
-    Some(key.domain.clone())
+    passes.then(|| key.domain.clone())
 }
 
 async fn check_dmarc(
     auth: &MessageAuthenticator,
     id: &Identity,
     dkim_domain: Option<&str>,
+    spf_passes: bool,
     out: &mut Vec<Finding>,
 ) {
     let d = &id.from_domain;
@@ -396,17 +430,31 @@ async fn check_dmarc(
         }
     };
     let dkim_ok = dkim_domain.is_some_and(|k| aligned(k, d, adkim_strict));
-    let spf_ok = aligned(&id.envelope_domain, d, aspf_strict);
+    let spf_aligned = aligned(&id.envelope_domain, d, aspf_strict);
+    let spf_ok = spf_aligned && spf_passes;
     let how = |strict| if strict { "strict" } else { "relaxed" };
-    let text = format!(
-        "From {d}: DKIM d={} {} ({}), SPF domain {} {} ({})",
-        dkim_domain.unwrap_or("-"),
-        if dkim_ok { "aligned" } else { "not aligned" },
-        how(adkim_strict),
-        id.envelope_domain,
-        if spf_ok { "aligned" } else { "not aligned" },
-        how(aspf_strict),
-    );
+    let dkim_state = match dkim_domain {
+        None => "cannot pass (see DKIM above)".to_string(),
+        Some(k) if dkim_ok => format!("d={k} passes and is aligned ({})", how(adkim_strict)),
+        Some(k) => format!("d={k} is not aligned ({})", how(adkim_strict)),
+    };
+    let spf_state = match (spf_aligned, spf_passes) {
+        (true, true) => format!(
+            "{} passes and is aligned ({})",
+            id.envelope_domain,
+            how(aspf_strict)
+        ),
+        (true, false) => format!(
+            "{} is aligned but may not pass (see SPF above)",
+            id.envelope_domain
+        ),
+        (false, _) => format!(
+            "{} is not aligned ({})",
+            id.envelope_domain,
+            how(aspf_strict)
+        ),
+    };
+    let text = format!("From {d}: DKIM {dkim_state}; SPF {spf_state}");
     let (level, hint) = match (dkim_ok, spf_ok) {
         (true, _) => (Level::Ok, None),
         (false, true) => (
@@ -439,9 +487,9 @@ pub async fn run(
     let mut all = Vec::new();
     for id in identities(cfg, domain) {
         let mut out = Vec::new();
-        check_spf(cfg, &auth, &id, &mut out).await;
+        let spf_passes = check_spf(cfg, &auth, &id, &mut out).await;
         let dkim_domain = check_dkim(cfg, &auth, &id, &mut out).await;
-        check_dmarc(&auth, &id, dkim_domain.as_deref(), &mut out).await;
+        check_dmarc(&auth, &id, dkim_domain.as_deref(), spf_passes, &mut out).await;
         all.push((id, out));
     }
     Ok(all)

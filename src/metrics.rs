@@ -23,7 +23,18 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
+async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
+    // A storage error must not look like an empty queue.
+    let all = match s.store.all() {
+        Ok(a) => a,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("storage error: {e}\n"),
+            )
+                .into_response()
+        }
+    };
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -32,7 +43,6 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let all = s.store.all().unwrap_or_default();
     gauge(
         "herald_queue_messages",
         "Messages in the queue.",
@@ -93,6 +103,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> impl IntoResponse {
         )],
         out,
     )
+        .into_response()
 }
 
 /// Serves until shutdown.

@@ -83,7 +83,7 @@ fn check_dns_reports_spf_dkim_dmarc_and_alignment() {
         "{out}"
     );
     assert!(out.contains("ok    DMARC  _dmarc.example.com"), "{out}");
-    assert!(out.contains("DKIM d=example.com aligned (strict)"), "{out}");
+    assert!(out.contains("ok    align  From example.com: DKIM d=example.com passes and is aligned (strict); SPF example.com passes and is aligned (relaxed)"), "{out}");
 
     // The whole config: the acme route has no key, so its From fails DMARC.
     let (code, out) = check(dir.path(), &[]);
@@ -102,6 +102,10 @@ fn check_dns_reports_spf_dkim_dmarc_and_alignment() {
     let (code, out) = check(dir.path(), &["wrong.test"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("is not the one in"), "{out}");
+    assert!(
+        out.contains("FAIL  align  From wrong.test: DKIM cannot pass"),
+        "{out}"
+    );
     assert!(
         out.contains(&format!(
             "hint: publish TXT herald._domainkey.wrong.test \"{record}\""
