@@ -52,16 +52,25 @@ pub struct Signers {
     list: Vec<Signer>,
 }
 
-/// Loads a PKCS#8 (or PKCS#1 RSA) PEM private key for DKIM.
-pub fn load_key(path: &Path) -> Result<DkimKey, DkimError> {
-    let err = |problem: String| DkimError::Key {
+fn key_error(path: &Path, problem: String) -> DkimError {
+    DkimError::Key {
         path: path.display().to_string(),
         problem,
-    };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| err(format!("not a PEM private key: {e}")))?
-        .ok_or_else(|| err("no PEM private key found".into()))?;
+    }
+}
+
+/// Reads the first private key of a PEM file.
+fn read_pem_key(path: &Path) -> Result<PrivateKeyDer<'static>, DkimError> {
+    let pem = std::fs::read(path).map_err(|e| key_error(path, e.to_string()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| key_error(path, format!("not a PEM private key: {e}")))?
+        .ok_or_else(|| key_error(path, "no PEM private key found".into()))
+}
+
+/// Loads a PKCS#8 (or PKCS#1 RSA) PEM private key for DKIM.
+pub fn load_key(path: &Path) -> Result<DkimKey, DkimError> {
+    let err = |problem: String| key_error(path, problem);
+    let der = read_pem_key(path)?;
     match der {
         PrivateKeyDer::Pkcs8(p8) => {
             let bytes = p8.secret_pkcs8_der().to_vec();
@@ -148,14 +157,8 @@ fn record(k: &str, public: &[u8]) -> String {
 /// The TXT record (`v=DKIM1; k=...; p=...`) that goes with a private key
 /// file: p= is the SubjectPublicKeyInfo for RSA, the raw key for Ed25519.
 pub fn public_record(path: &Path) -> Result<String, DkimError> {
-    let err = |problem: String| DkimError::Key {
-        path: path.display().to_string(),
-        problem,
-    };
-    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let der = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| err(format!("not a PEM private key: {e}")))?
-        .ok_or_else(|| err("no PEM private key found".into()))?;
+    let err = |problem: String| key_error(path, problem);
+    let der = read_pem_key(path)?;
     let rsa = match &der {
         PrivateKeyDer::Pkcs8(p8) => aws_lc_rs::rsa::KeyPair::from_pkcs8(p8.secret_pkcs8_der()).ok(),
         PrivateKeyDer::Pkcs1(p1) => aws_lc_rs::rsa::KeyPair::from_der(p1.secret_pkcs1_der()).ok(),

@@ -279,24 +279,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
+/// Loads the configuration and a runtime for a command that needs both;
+/// on failure says why and gives the exit code.
+fn prepare(
+    path: &std::path::Path,
+    runtime: tokio::runtime::Builder,
+) -> Result<(Config, tokio::runtime::Runtime), ExitCode> {
     herald::tls::install_provider();
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return ExitCode::from(1);
-        }
+    let cfg = Config::load(path).map_err(|e| {
+        eprintln!("herald: {e}");
+        ExitCode::from(1)
+    })?;
+    let mut runtime = runtime;
+    let rt = runtime.enable_all().build().map_err(|e| {
+        eprintln!("herald: cannot start the runtime: {e}");
+        ExitCode::from(1)
+    })?;
+    Ok((cfg, rt))
+}
+
+fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
+    let (cfg, rt) = match prepare(path, tokio::runtime::Builder::new_current_thread()) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     match rt.block_on(herald::check_dns::run(&cfg, domain)) {
         Ok(results) if herald::check_dns::print(&results) => ExitCode::SUCCESS,
@@ -310,23 +315,9 @@ fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
 
 fn serve(path: &std::path::Path) -> ExitCode {
     herald::init_logging();
-    herald::tls::install_provider();
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("herald: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("herald: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let (cfg, rt) = match prepare(path, tokio::runtime::Builder::new_multi_thread()) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     match rt.block_on(herald::server::serve(cfg)) {
         Ok(()) => ExitCode::SUCCESS,

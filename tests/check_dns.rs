@@ -6,28 +6,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn keygen(dir: &std::path::Path, domain: &str, file: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "dkim-keygen",
-            "--domain",
-            domain,
-            "--selector",
-            "herald",
-            "--out",
-        ])
-        .arg(dir.join(file))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = stdout.lines().find(|l| l.contains(" IN TXT ")).unwrap();
-    line.split('"')
-        .skip(1)
-        .step_by(2)
-        .collect::<Vec<_>>()
-        .concat()
-}
-
 fn check(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("check-dns")
@@ -49,8 +27,8 @@ fn check(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
 #[test]
 fn check_dns_reports_spf_dkim_dmarc_and_alignment() {
     let dir = tempfile::tempdir().unwrap();
-    let record = keygen(dir.path(), "example.com", "example.pem");
-    let other = keygen(dir.path(), "wrong.test", "wrong.pem");
+    let record = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "example.pem").1;
+    let other = dkim_keygen(dir.path(), "wrong.test", "herald", "rsa", "wrong.pem").1;
     let dns = Dns::start(&[
         ("example.com", "TXT", "v=spf1 ip4:127.0.0.1 -all"),
         ("herald._domainkey.example.com", "TXT", &record),

@@ -5,49 +5,7 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 use std::process::Command;
-
-/// Runs `herald dkim-keygen` and returns (DNS name, record) from its output.
-fn keygen(dir: &Path, domain: &str, selector: &str, alg: &str, file: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "dkim-keygen",
-            "--domain",
-            domain,
-            "--selector",
-            selector,
-            "--algorithm",
-            alg,
-            "--out",
-        ])
-        .arg(dir.join(file))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join(file))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
-    let line = stdout.lines().find(|l| l.contains(" IN TXT ")).unwrap();
-    let name = line
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_end_matches('.')
-        .to_string();
-    assert_eq!(name, format!("{selector}._domainkey.{domain}"));
-    let parts: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
-    assert!(parts.iter().all(|p| p.len() <= 255));
-    (name, parts.concat())
-}
 
 fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
     let f = tempfile::NamedTempFile::new().unwrap();
@@ -76,8 +34,8 @@ const BODY: &str = "Bonjour Louise,\n\nLe fichier « rapport.pdf » est prêt.\n
 #[test]
 fn signed_with_rsa_and_ed25519_and_verified_by_dkimpy() {
     let dir = tempfile::tempdir().unwrap();
-    let rsa = keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
-    let ed = keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
+    let rsa = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
+    let ed = dkim_keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
     let sink = Sink::start(Script::default());
     let h = Herald::start_in(
         dir,
@@ -170,19 +128,10 @@ fn a_key_that_does_not_load_stops_startup_naming_the_file() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    let cfg = dir.path().join("herald.toml");
-    std::fs::write(
-        &cfg,
-        format!("{BASE}[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nprivate_key = \"bad.pem\"\n[listen]\nsmtp = [\"127.0.0.1:{}\"]\n", free_port()),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = serve_fails(
+        dir.path(),
+        &format!("{BASE}[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nprivate_key = \"bad.pem\"\n[listen]\nsmtp = [\"127.0.0.1:{}\"]\n", free_port()),
+    );
     assert!(err.contains("bad.pem"), "{err}");
 }
 

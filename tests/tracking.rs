@@ -111,23 +111,14 @@ fn pixel_is_injected_and_its_fetch_records_opened() {
 #[test]
 fn tracking_needs_a_readable_key() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("herald.toml");
     std::fs::write(dir.path().join("short.key"), "abc").unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
+    let err = serve_fails(
+        dir.path(),
+        &format!(
             "{BASE}[listen]\nsmtp = [\"127.0.0.1:{}\"]\n[tracking]\nenabled = true\nlisten = \"127.0.0.1:{}\"\nbase_url = \"https://t.example\"\nsecret_file = \"short.key\"\n",
             free_port(),
             free_port()
         ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
     assert!(err.contains("tracking.secret_file"), "{err}");
 }

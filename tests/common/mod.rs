@@ -731,3 +731,66 @@ impl Drop for Dns {
         let _ = self.child.wait();
     }
 }
+
+// ------------------------------------------------------------- config ----
+
+/// Runs `herald dkim-keygen` (checking the key file is mode 0600) and returns (DNS name, record) from its output.
+pub fn dkim_keygen(
+    dir: &Path,
+    domain: &str,
+    selector: &str,
+    alg: &str,
+    file: &str,
+) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "dkim-keygen",
+            "--domain",
+            domain,
+            "--selector",
+            selector,
+            "--algorithm",
+            alg,
+            "--out",
+        ])
+        .arg(dir.join(file))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join(file))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let line = stdout.lines().find(|l| l.contains(" IN TXT ")).unwrap();
+    let name = line
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('.')
+        .to_string();
+    assert_eq!(name, format!("{selector}._domainkey.{domain}"));
+    let parts: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+    assert!(parts.iter().all(|p| p.len() <= 255));
+    (name, parts.concat())
+}
+
+/// Writes `config` as `dir/herald.toml`, runs `herald serve` on it, expects
+/// it to refuse to start, and returns what it said.
+pub fn serve_fails(dir: &Path, config: &str) -> String {
+    let cfg = dir.join("herald.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "herald started on a bad config");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
