@@ -173,6 +173,21 @@ fn arr(v: &Value, key: &str) -> Vec<Value> {
     v[key].as_array().cloned().unwrap_or_default()
 }
 
+/// The part every listing shares: `--json` prints the items as JSON Lines,
+/// an empty list prints `empty`. Returns the items when a table is wanted.
+fn listing(v: &Value, key: &str, json: bool, empty: &str) -> Option<Vec<Value>> {
+    let items = arr(v, key);
+    if json {
+        json_lines(&items);
+        return None;
+    }
+    if items.is_empty() {
+        println!("{empty}");
+        return None;
+    }
+    Some(items)
+}
+
 pub fn print_status(v: &Value, json: bool) {
     if json {
         json_lines(std::slice::from_ref(v));
@@ -232,15 +247,9 @@ pub fn print_status(v: &Value, json: bool) {
 }
 
 pub fn print_queue(v: &Value, json: bool) {
-    let msgs = arr(v, "messages");
-    if json {
-        json_lines(&msgs);
+    let Some(msgs) = listing(v, "messages", json, "queue is empty") else {
         return;
-    }
-    if msgs.is_empty() {
-        println!("queue is empty");
-        return;
-    }
+    };
     let mut rows = Vec::new();
     for m in &msgs {
         for r in arr(m, "rcpts") {
@@ -297,15 +306,9 @@ fn event_rows(events: &[Value]) -> Vec<Vec<String>> {
 const EVENT_HEADERS: [&str; 7] = ["TIME", "AGE", "ID", "EVENT", "RECIPIENT", "TAG", "DETAIL"];
 
 pub fn print_history(v: &Value, json: bool) {
-    let events = arr(v, "events");
-    if json {
-        json_lines(&events);
+    let Some(events) = listing(v, "events", json, "no matching events") else {
         return;
-    }
-    if events.is_empty() {
-        println!("no matching events");
-        return;
-    }
+    };
     print!("{}", table(&EVENT_HEADERS, &event_rows(&events)));
 }
 
@@ -404,15 +407,9 @@ pub fn print_trace(v: &Value, json: bool) {
 }
 
 pub fn print_suppressions(v: &Value, json: bool) {
-    let entries = arr(v, "entries");
-    if json {
-        json_lines(&entries);
+    let Some(entries) = listing(v, "entries", json, "no suppressed addresses") else {
         return;
-    }
-    if entries.is_empty() {
-        println!("no suppressed addresses");
-        return;
-    }
+    };
     let rows: Vec<Vec<String>> = entries
         .iter()
         .map(|e| {

@@ -351,23 +351,9 @@ fn cli_against_a_stopped_daemon_exits_2_with_one_line() {
     ok(&h, &["status"]);
 }
 
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+fn get_text(addr: &str, path: &str) -> (u16, String) {
+    let (code, body) = http_get(addr, path);
+    (code, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[test]
@@ -380,7 +366,7 @@ fn healthz_and_metrics() {
     ));
     let addr = format!("127.0.0.1:{port}");
     assert!(wait_until(10, || std::net::TcpStream::connect(&addr).is_ok()));
-    let (code, body) = http_get(&addr, "/healthz");
+    let (code, body) = get_text(&addr, "/healthz");
     assert_eq!((code, body.as_str()), (200, "ok\n"));
     let mut c = h.client();
     c.ehlo();
@@ -390,10 +376,10 @@ fn healthz_and_metrics() {
         250
     );
     sink.wait_for(1, 10);
-    assert!(wait_until(5, || http_get(&addr, "/metrics")
+    assert!(wait_until(5, || get_text(&addr, "/metrics")
         .1
         .contains("herald_events_total{event=\"delivered\"} 2")));
-    let (code, m) = http_get(&addr, "/metrics");
+    let (code, m) = get_text(&addr, "/metrics");
     assert_eq!(code, 200);
     assert!(
         m.contains("herald_events_total{event=\"received\"} 2"),
@@ -403,7 +389,7 @@ fn healthz_and_metrics() {
     assert!(m.contains("herald_route_healthy{route=\"up\"} 1"), "{m}");
     assert!(m.contains("herald_paused 0"), "{m}");
     ok(&h, &["pause"]);
-    assert!(http_get(&addr, "/metrics").1.contains("herald_paused 1"));
-    assert_eq!(http_get(&addr, "/healthz").1, "ok (delivery paused)\n");
-    assert_eq!(http_get(&addr, "/nope").0, 404);
+    assert!(get_text(&addr, "/metrics").1.contains("herald_paused 1"));
+    assert_eq!(get_text(&addr, "/healthz").1, "ok (delivery paused)\n");
+    assert_eq!(get_text(&addr, "/nope").0, 404);
 }

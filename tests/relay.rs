@@ -354,14 +354,21 @@ fn upstream_starttls_with_private_ca_and_auth() {
     assert!(!h.log().contains("hunter2"));
 }
 
-#[test]
-fn upstream_implicit_tls() {
+/// A sink speaking implicit TLS with a certificate of a fresh test CA,
+/// and the directory holding `ca.pem` for herald's config.
+fn implicit_tls_sink() -> (tempfile::TempDir, Sink) {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let sink = Sink::start(Script {
         implicit_tls: Some(pki.server_config()),
         ..Default::default()
     });
+    (dir, sink)
+}
+
+#[test]
+fn upstream_implicit_tls() {
+    let (dir, sink) = implicit_tls_sink();
     let h = Herald::start_in(dir, &upstream(sink.port(), "tls", "ca_file = \"ca.pem\"\n"));
     let mut c = h.client();
     c.ehlo();
@@ -376,12 +383,7 @@ fn upstream_implicit_tls() {
 
 #[test]
 fn upstream_certificate_is_verified_by_default() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let sink = Sink::start(Script {
-        implicit_tls: Some(pki.server_config()),
-        ..Default::default()
-    });
+    let (dir, sink) = implicit_tls_sink();
     // No ca_file: the test CA is not trusted, so nothing is delivered.
     let h = Herald::start_in(dir, &upstream(sink.port(), "tls", ""));
     let mut c = h.client();
@@ -821,12 +823,7 @@ fn large_message_survives_kill_9() {
 
 #[test]
 fn tls_verify_false_is_the_explicit_opt_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path());
-    let sink = Sink::start(Script {
-        implicit_tls: Some(pki.server_config()),
-        ..Default::default()
-    });
+    let (dir, sink) = implicit_tls_sink();
     let h = Herald::start_in(dir, &upstream(sink.port(), "tls", "tls_verify = false\n"));
     let mut c = h.client();
     c.ehlo();

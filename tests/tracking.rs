@@ -4,27 +4,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::time::Duration;
-
-fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: test-mua\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let code = String::from_utf8_lossy(&raw[9..12]).parse().unwrap_or(0);
-    let body = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| raw[p + 4..].to_vec())
-        .unwrap_or_default();
-    (code, body)
-}
 
 const HTML: &str = "From: Claire <claire@customer.test>\nTo: louise@dest.test\nSubject: Your file\nX-Herald-Tag: file-7\nMIME-Version: 1.0\nContent-Type: multipart/alternative; boundary=\"zz\"\n\n--zz\nContent-Type: text/plain; charset=utf-8\n\nYour file is ready.\n--zz\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n<html><body><p style=3D\"color:red\">Your file is ready.</p></body></html>\n--zz--\n";
 

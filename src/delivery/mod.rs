@@ -347,14 +347,14 @@ fn apply(
         tracing::warn!(id = %env.id, rcpt = %r.addr, reply = %text, "{}", kind.as_str());
     }
     let addr = r.addr.clone();
-    if let Err(e) = s.history.record(
-        kind,
-        &env.id,
-        &addr,
-        &text,
-        env.tag.as_deref(),
-        env.subject.as_deref(),
-    ) {
+    record(s, env, kind, &addr, &text);
+}
+
+/// Records an event for a recipient of `env`. A history failure is logged,
+/// never allowed to stop delivery.
+fn record(s: &Services, env: &Envelope, kind: EventKind, rcpt: &str, detail: &str) {
+    let (tag, subject) = (env.tag.as_deref(), env.subject.as_deref());
+    if let Err(e) = s.history.record(kind, &env.id, rcpt, detail, tag, subject) {
         tracing::error!(error = %e, "cannot record history");
     }
 }
@@ -599,14 +599,5 @@ fn mark_suppressed(s: &Services, env: &mut Envelope, i: usize, e: &crate::suppre
     r.last_reply = Some(detail.clone());
     tracing::info!(id = %env.id, rcpt = %r.addr, "suppressed");
     let addr = r.addr.clone();
-    if let Err(err) = s.history.record(
-        EventKind::Suppressed,
-        &env.id,
-        &addr,
-        &detail,
-        env.tag.as_deref(),
-        env.subject.as_deref(),
-    ) {
-        tracing::error!(error = %err, "cannot record history");
-    }
+    record(s, env, EventKind::Suppressed, &addr, &detail);
 }

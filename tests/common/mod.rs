@@ -794,3 +794,26 @@ pub fn serve_fails(dir: &Path, config: &str) -> String {
     assert!(!out.status.success(), "herald started on a bad config");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+// --------------------------------------------------------------- http ----
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: test-mua\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let code = String::from_utf8_lossy(&raw[9..12]).parse().unwrap_or(0);
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| raw[p + 4..].to_vec())
+        .unwrap_or_default();
+    (code, body)
+}
