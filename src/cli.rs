@@ -295,6 +295,7 @@ fn event_rows(events: &[Value]) -> Vec<Vec<String>> {
                 relative(e["time_ms"].as_u64()),
                 s(&e["id"]),
                 s(&e["event"]),
+                s(&e["class"]),
                 s(&e["rcpt"]),
                 s(&e["tag"]),
                 s(&e["detail"]),
@@ -303,7 +304,16 @@ fn event_rows(events: &[Value]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const EVENT_HEADERS: [&str; 7] = ["TIME", "AGE", "ID", "EVENT", "RECIPIENT", "TAG", "DETAIL"];
+const EVENT_HEADERS: [&str; 8] = [
+    "TIME",
+    "AGE",
+    "ID",
+    "EVENT",
+    "CLASS",
+    "RECIPIENT",
+    "TAG",
+    "DETAIL",
+];
 
 pub fn print_history(v: &Value, json: bool) {
     let Some(events) = listing(v, "events", json, "no matching events") else {
@@ -344,6 +354,7 @@ pub fn print_show(v: &Value, json: bool) {
                 vec![
                     s(&r["addr"]),
                     s(&r["status"]),
+                    s(&r["class"]),
                     s(&r["attempts"]),
                     relative(r["next_attempt"].as_u64()),
                     s(&r["last_reply"]),
@@ -353,7 +364,14 @@ pub fn print_show(v: &Value, json: bool) {
         print!(
             "{}",
             table(
-                &["RECIPIENT", "STATUS", "TRIES", "NEXT", "LAST REPLY"],
+                &[
+                    "RECIPIENT",
+                    "STATUS",
+                    "CLASS",
+                    "TRIES",
+                    "NEXT",
+                    "LAST REPLY"
+                ],
                 &rows
             )
         );

@@ -10,6 +10,7 @@ use hickory_resolver::{Resolver, TokioResolver};
 
 use crate::config::{Config, Security};
 use crate::delivery::client::{Target, Verdict};
+use crate::reply::Class;
 use crate::server::Services;
 
 /// At most this many addresses are tried per domain and attempt.
@@ -62,18 +63,25 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
             .collect(),
         // RFC 5321 5.1: a domain that does not exist takes no mail.
         Err(e) if e.is_nx_domain() => {
-            return Err(Verdict::Bounced(format!(
-                "{domain}: no such domain (NXDOMAIN)"
-            )))
+            return Err(Verdict::Bounced(
+                format!("{domain}: no such domain (NXDOMAIN)"),
+                Class::Hard,
+            ))
         }
         // No MX: the domain's own address is its implicit MX.
         Err(e) if e.is_no_records_found() => vec![(0, fqdn.clone())],
-        Err(e) => return Err(Verdict::Deferred(format!("MX lookup for {domain}: {e}"))),
+        Err(e) => {
+            return Err(Verdict::Deferred(
+                format!("MX lookup for {domain}: {e}"),
+                Class::Transient,
+            ))
+        }
     };
     if hosts.len() == 1 && (hosts[0].1 == "." || hosts[0].1.is_empty()) {
-        return Err(Verdict::Bounced(format!(
-            "{domain} does not accept mail (null MX, RFC 7505)"
-        )));
+        return Err(Verdict::Bounced(
+            format!("{domain} does not accept mail (null MX, RFC 7505)"),
+            Class::Hard,
+        ));
     }
     hosts.sort();
     let mut targets = Vec::new();
@@ -93,6 +101,7 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
                 tls: s.mx_tls.clone(),
                 credentials: None,
                 helo: s.cfg.hostname.clone(),
+                smart_host: false,
             });
             if targets.len() >= MAX_MX_TARGETS {
                 return Ok(targets);
@@ -100,9 +109,10 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
         }
     }
     if targets.is_empty() {
-        return Err(Verdict::Deferred(format!(
-            "no address found for the mail servers of {domain}"
-        )));
+        return Err(Verdict::Deferred(
+            format!("no address found for the mail servers of {domain}"),
+            Class::Transient,
+        ));
     }
     Ok(targets)
 }

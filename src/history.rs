@@ -9,14 +9,16 @@
 //! event keys, so that `trace`, `show` and `cancel --tag` read only the
 //! events they need, however long the history.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::queue::{now_ms, QueueError};
+use crate::reply::Class;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     Received,
@@ -57,15 +59,21 @@ pub struct Event {
     pub detail: String,
     pub tag: Option<String>,
     pub subject: Option<String>,
+    /// The class of the reply behind a deferral, bounce or expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
 }
+
+/// Events since start per (kind, class).
+type Counts = BTreeMap<(EventKind, Option<Class>), u64>;
 
 #[derive(Clone)]
 pub struct History {
     events: sled::Tree,
     index: sled::Tree,
     seq: Arc<AtomicU64>,
-    /// Events recorded since start, per kind (for /metrics).
-    counts: Arc<[AtomicU64; 8]>,
+    /// Events recorded since start, per kind and class (for /metrics).
+    counts: Arc<Mutex<Counts>>,
 }
 
 /// Every kind, in the order of the counters.
@@ -143,6 +151,21 @@ impl History {
         tag: Option<&str>,
         subject: Option<&str>,
     ) -> Result<Event, QueueError> {
+        self.record_classed(kind, None, id, rcpt, detail, tag, subject)
+    }
+
+    /// [`History::record`] with the class of the reply behind the event.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_classed(
+        &self,
+        kind: EventKind,
+        class: Option<Class>,
+        id: &str,
+        rcpt: &str,
+        detail: &str,
+        tag: Option<&str>,
+        subject: Option<&str>,
+    ) -> Result<Event, QueueError> {
         let t = now_ms();
         let ev = Event {
             time: rfc3339(t),
@@ -153,6 +176,7 @@ impl History {
             detail: detail.to_string(),
             tag: tag.map(str::to_string),
             subject: subject.map(str::to_string),
+            class,
         };
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&t.to_be_bytes());
@@ -162,19 +186,27 @@ impl History {
         for k in index_keys(&ev, &key) {
             self.index.insert(k, &[])?;
         }
-        if let Some(i) = KINDS.iter().position(|k| *k == kind) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((kind, class))
+            .or_insert(0) += 1;
         Ok(ev)
     }
 
-    /// Events recorded since start, per kind.
-    pub fn counts(&self) -> Vec<(EventKind, u64)> {
-        KINDS
-            .iter()
-            .zip(self.counts.iter())
-            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
-            .collect()
+    /// Events recorded since start, per kind and class: every kind appears
+    /// (with class None) even before its first event.
+    pub fn counts(&self) -> Vec<(EventKind, Option<Class>, u64)> {
+        let mut all = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for k in KINDS {
+            all.entry((k, None)).or_insert(0);
+        }
+        all.into_iter().map(|((k, c), n)| (k, c, n)).collect()
     }
 
     /// Events with this recipient, id or tag, at or after `since_ms`,

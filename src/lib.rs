@@ -12,6 +12,7 @@ pub mod dns;
 pub mod history;
 pub mod metrics;
 pub mod queue;
+pub mod reply;
 pub mod rewrite;
 pub mod server;
 pub mod shutdown;

@@ -90,11 +90,16 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
     );
     let _ = writeln!(
         out,
-        "# HELP herald_events_total Events recorded since start, by kind."
+        "# HELP herald_events_total Events recorded since start, by kind and reply class."
     );
     let _ = writeln!(out, "# TYPE herald_events_total counter");
-    for (k, n) in s.history.counts() {
-        let _ = writeln!(out, "herald_events_total{{event=\"{}\"}} {n}", k.as_str());
+    for (k, class, n) in s.history.counts() {
+        let class = class.map(|c| c.as_str()).unwrap_or("");
+        let _ = writeln!(
+            out,
+            "herald_events_total{{event=\"{}\",class=\"{class}\"}} {n}",
+            k.as_str()
+        );
     }
     (
         [(

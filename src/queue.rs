@@ -108,7 +108,7 @@ impl RcptStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rcpt {
     pub addr: String,
     pub status: RcptStatus,
@@ -118,6 +118,9 @@ pub struct Rcpt {
     pub last_reply: Option<String>,
     pub last_host: Option<String>,
     pub updated: u64,
+    /// The class of the last refusal (None until one, or once delivered).
+    #[serde(default)]
+    pub class: Option<crate::reply::Class>,
 }
 
 /// Everything about a queued message except its bytes.

@@ -75,6 +75,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mx_tls = crate::tls::client_config(None, false)?;
     let resolver = crate::dns::resolver(&cfg).map_err(anyhow::Error::msg)?;
 
+    // Signal handlers first: a SIGTERM that arrives while we start (the
+    // listeners are already bound) must drain, not kill.
+    let signals = Signals::install()?;
     let mut listeners = Vec::new();
     for (addrs, implicit, key) in [
         (&cfg.listen.smtp, false, "listen.smtp"),
@@ -167,7 +170,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         "herald started"
     );
 
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down: no new connections, finishing sessions in flight");
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
@@ -183,13 +186,26 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the start of `serve`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
     }
 }
 

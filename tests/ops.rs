@@ -376,13 +376,13 @@ fn healthz_and_metrics() {
         250
     );
     sink.wait_for(1, 10);
-    assert!(wait_until(5, || get_text(&addr, "/metrics")
-        .1
-        .contains("herald_events_total{event=\"delivered\"} 2")));
+    assert!(wait_until(5, || get_text(&addr, "/metrics").1.contains(
+        "herald_events_total{event=\"delivered\",class=\"\"} 2"
+    )));
     let (code, m) = get_text(&addr, "/metrics");
     assert_eq!(code, 200);
     assert!(
-        m.contains("herald_events_total{event=\"received\"} 2"),
+        m.contains("herald_events_total{event=\"received\",class=\"\"} 2"),
         "{m}"
     );
     assert!(m.contains("herald_queue_messages 0"), "{m}");

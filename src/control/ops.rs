@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::Request;
 use crate::history::{By, Event, EventKind};
 use crate::queue::{now_ms, Envelope, RcptStatus};
+use crate::reply::Class;
 use crate::server::{Services, META_PAUSED};
 use crate::suppression::Entry;
 
@@ -369,6 +370,9 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
                         .map(|r| r.next_attempt)
                 });
             let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
+            if let Some(c @ (Class::Route | Class::Throttle | Class::Soft)) = last.class {
+                d.push_str(&format!("; {}", c.advice()));
+            }
             if let Some(n) = next {
                 d.push_str(&format!("; next attempt {}", ago(n)));
             }
@@ -382,6 +386,9 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
                 last.id,
                 last.detail
             );
+            if let Some(c) = last.class {
+                d.push_str(&format!("; {}", c.advice()));
+            }
             if supp.is_some() {
                 d.push_str(&format!("; the address is now suppressed, {lift}"));
             }

@@ -13,6 +13,7 @@ use tokio::io::BufWriter;
 use tokio::net::TcpStream;
 
 use crate::config::{Secret, Security};
+use crate::reply::{classify, Class, Effect, Stage};
 use crate::tls::Stream;
 
 pub type Client = SmtpClient<BufWriter<Stream>>;
@@ -45,22 +46,53 @@ pub struct Target {
     pub tls: Arc<rustls::ClientConfig>,
     pub credentials: Option<(String, Secret)>,
     pub helo: String,
+    /// A configured upstream (its refusals before RCPT are about herald's
+    /// route), not a recipient's MX.
+    pub smart_host: bool,
 }
 
-/// Why a connection could not be used.
+/// Why a connection could not be used, classified like any reply.
 #[derive(Debug, Clone)]
-pub enum ConnError {
-    /// Try again later (network error, timeout, 4xx greeting).
-    Temporary(String),
-    /// The route itself is refused (5xx greeting, AUTH 535, TLS required but
-    /// unavailable): every recipient on it waits, none is judged.
-    Route(String),
+pub struct ConnError {
+    pub text: String,
+    pub class: Class,
+    /// The reply code, or 0 for network and TLS failures.
+    pub code: u16,
 }
 
 impl ConnError {
+    /// Try again later (network error, timeout).
+    pub fn temporary(text: impl Into<String>) -> ConnError {
+        ConnError {
+            text: text.into(),
+            class: Class::Transient,
+            code: 0,
+        }
+    }
+
+    /// The route itself is refused (TLS required but unavailable, a
+    /// certificate that does not verify): every recipient on it waits.
+    pub fn route(text: impl Into<String>) -> ConnError {
+        ConnError {
+            text: text.into(),
+            class: Class::Route,
+            code: 0,
+        }
+    }
+
     pub fn text(&self) -> &str {
-        match self {
-            ConnError::Temporary(s) | ConnError::Route(s) => s,
+        &self.text
+    }
+
+    pub fn effect(&self) -> Effect {
+        self.class.effect(self.code)
+    }
+
+    /// What this failure means for the recipients that could not be sent.
+    pub fn verdict(&self) -> Verdict {
+        match self.effect() {
+            Effect::Bounce => Verdict::Bounced(self.text.clone(), self.class),
+            _ => Verdict::Deferred(self.text.clone(), self.class),
         }
     }
 }
@@ -95,28 +127,33 @@ fn io_text(host: &str, e: &mail_send::Error) -> String {
     }
 }
 
-fn classify_reply(host: &str, r: &Response<String>, what: &str) -> ConnError {
-    let text = format!("{host}: {what}: {}", reply_text(r));
-    if r.code >= 500 {
-        ConnError::Route(text)
-    } else {
-        ConnError::Temporary(text)
+/// The class of a reply at `stage`.
+pub fn class_of(r: &Response<String>, stage: Stage, smart_host: bool) -> Class {
+    let esc = [r.esc[0] as u16, r.esc[1] as u16, r.esc[2] as u16];
+    classify(r.code, esc, &r.message, stage, smart_host)
+}
+
+fn classify_reply(target: &Target, r: &Response<String>, what: &str, stage: Stage) -> ConnError {
+    ConnError {
+        text: format!("{}: {what}: {}", target.host, reply_text(r)),
+        class: class_of(r, stage, target.smart_host),
+        code: r.code,
     }
 }
 
 async fn tls_wrap(target: &Target, tcp: TcpStream) -> Result<Stream, ConnError> {
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-        .map_err(|_| ConnError::Route(format!("{}: not a valid TLS server name", target.host)))?;
+        .map_err(|_| ConnError::route(format!("{}: not a valid TLS server name", target.host)))?;
     let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
     match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => Ok(Stream::ClientTls(Box::new(s))),
         // A certificate that does not verify is a problem of the route, and
         // retrying soon will not fix it, but the mail must not bounce.
-        Ok(Err(e)) => Err(ConnError::Route(format!(
+        Ok(Err(e)) => Err(ConnError::route(format!(
             "{}: TLS handshake: {e}",
             target.host
         ))),
-        Err(_) => Err(ConnError::Temporary(format!(
+        Err(_) => Err(ConnError::temporary(format!(
             "{}: TLS handshake timed out",
             target.host
         ))),
@@ -125,8 +162,8 @@ async fn tls_wrap(target: &Target, tcp: TcpStream) -> Result<Stream, ConnError> 
 
 async fn ehlo(client: &mut Client, target: &Target) -> Result<EhloResponse<String>, ConnError> {
     client.ehlo(&target.helo).await.map_err(|e| match &e {
-        mail_send::Error::UnexpectedReply(r) => classify_reply(&target.host, r, "EHLO"),
-        _ => ConnError::Temporary(io_text(&target.host, &e)),
+        mail_send::Error::UnexpectedReply(r) => classify_reply(target, r, "EHLO", Stage::Ehlo),
+        _ => ConnError::temporary(io_text(&target.host, &e)),
     })
 }
 
@@ -154,8 +191,8 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ConnError::Temporary(format!("{addr}: connect: {e}"))),
-        Err(_) => return Err(ConnError::Temporary(format!("{addr}: connect timed out"))),
+        Ok(Err(e)) => return Err(ConnError::temporary(format!("{addr}: connect: {e}"))),
+        Err(_) => return Err(ConnError::temporary(format!("{addr}: connect timed out"))),
     };
     let _ = tcp.set_nodelay(true);
     let stream = if target.security == Security::Tls {
@@ -170,9 +207,9 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     // mail-send's read() has no timeout of its own: a server that accepts
     // and never greets must not hold a delivery slot forever.
     let greeting = match tokio::time::timeout(COMMAND_TIMEOUT, client.read()).await {
-        Ok(r) => r.map_err(|e| ConnError::Temporary(io_text(&target.host, &e)))?,
+        Ok(r) => r.map_err(|e| ConnError::temporary(io_text(&target.host, &e)))?,
         Err(_) => {
-            return Err(ConnError::Temporary(format!(
+            return Err(ConnError::temporary(format!(
                 "{}: no greeting within {}s",
                 target.host,
                 COMMAND_TIMEOUT.as_secs()
@@ -180,7 +217,12 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
         }
     };
     if greeting.code != 220 {
-        return Err(classify_reply(&target.host, &greeting, "greeting"));
+        return Err(classify_reply(
+            target,
+            &greeting,
+            "greeting",
+            Stage::Greeting,
+        ));
     }
     let mut caps = ehlo(&mut client, target).await?;
 
@@ -188,7 +230,7 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
         || (target.opportunistic && caps.has_capability(EXT_START_TLS))
     {
         if !caps.has_capability(EXT_START_TLS) {
-            return Err(ConnError::Route(format!(
+            return Err(ConnError::route(format!(
                 "{}: STARTTLS required (security = \"starttls\") but not offered",
                 target.host
             )));
@@ -196,13 +238,13 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
         let r = client
             .cmd(b"STARTTLS\r\n")
             .await
-            .map_err(|e| ConnError::Temporary(io_text(&target.host, &e)))?;
+            .map_err(|e| ConnError::temporary(io_text(&target.host, &e)))?;
         if r.code != 220 {
-            return Err(classify_reply(&target.host, &r, "STARTTLS"));
+            return Err(classify_reply(target, &r, "STARTTLS", Stage::StartTls));
         }
         let tcp = match client.stream.into_inner() {
             Stream::Plain(tcp) => tcp,
-            _ => return Err(ConnError::Temporary("STARTTLS on a TLS stream".into())),
+            _ => return Err(ConnError::temporary("STARTTLS on a TLS stream")),
         };
         client = SmtpClient {
             stream: BufWriter::new(tls_wrap(target, tcp).await?),
@@ -213,7 +255,7 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
 
     if let Some((user, pass)) = &target.credentials {
         if !client.stream.get_ref().is_tls() && target.security != Security::None {
-            return Err(ConnError::Route(format!(
+            return Err(ConnError::route(format!(
                 "{}: refusing to send credentials without TLS",
                 target.host
             )));
@@ -222,12 +264,14 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
         if let Err(e) = client.authenticate(&creds, &caps).await {
             return Err(match &e {
                 mail_send::Error::AuthenticationFailed(r)
-                | mail_send::Error::UnexpectedReply(r) => classify_reply(&target.host, r, "AUTH"),
-                mail_send::Error::UnsupportedAuthMechanism => ConnError::Route(format!(
+                | mail_send::Error::UnexpectedReply(r) => {
+                    classify_reply(target, r, "AUTH", Stage::Auth)
+                }
+                mail_send::Error::UnsupportedAuthMechanism => ConnError::route(format!(
                     "{}: AUTH: the server offers no mechanism we support (PLAIN, LOGIN)",
                     target.host
                 )),
-                _ => ConnError::Temporary(io_text(&target.host, &e)),
+                _ => ConnError::temporary(io_text(&target.host, &e)),
             });
         }
     }
@@ -237,12 +281,21 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     })
 }
 
-/// What the upstream said about one recipient.
+/// What the upstream said about one recipient, with the class of the reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Delivered(String),
-    Deferred(String),
-    Bounced(String),
+    Deferred(String, Class),
+    Bounced(String, Class),
+}
+
+impl Verdict {
+    pub fn class(&self) -> Option<Class> {
+        match self {
+            Verdict::Delivered(_) => None,
+            Verdict::Deferred(_, c) | Verdict::Bounced(_, c) => Some(*c),
+        }
+    }
 }
 
 /// The result of one transaction.
@@ -253,7 +306,8 @@ pub enum Outcome {
         verdicts: Vec<Verdict>,
         reusable: bool,
     },
-    /// MAIL FROM refused with 5xx: the route's problem, not the recipients'.
+    /// A reply of class `route` (login, sender, relaying): the route's
+    /// problem, not the recipients'.
     RouteRefused(String),
     /// The connection failed mid-way; nobody was judged.
     Broken(String),
@@ -278,32 +332,33 @@ pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
     out
 }
 
-fn verdict_for(r: &Response<String>, host: &str) -> Verdict {
-    let text = format!("{host}: {}", reply_text(r));
-    match r.code {
-        200..=299 => Verdict::Delivered(text),
-        500..=599 => Verdict::Bounced(text),
-        _ => Verdict::Deferred(text),
+/// What a reply at `stage` means for the recipients it judges.
+fn verdict_for(r: &Response<String>, host: &str, what: &str, stage: Stage, smart: bool) -> Verdict {
+    let text = if what.is_empty() {
+        format!("{host}: {}", reply_text(r))
+    } else {
+        format!("{host}: {what}: {}", reply_text(r))
+    };
+    if (200..300).contains(&r.code) {
+        return Verdict::Delivered(text);
+    }
+    let class = class_of(r, stage, smart);
+    match class.effect(r.code) {
+        Effect::Bounce => Verdict::Bounced(text, class),
+        Effect::Defer | Effect::RouteFailure => Verdict::Deferred(text, class),
     }
 }
 
-/// A refusal at RCPT that is about the sender, the login or relaying, not
-/// about the recipient: Postfix, for one, reports sender restrictions at
-/// RCPT time. Such a reply must not bounce (or suppress) anybody.
-fn refuses_route(r: &Response<String>) -> bool {
-    let esc = (r.esc[0], r.esc[1], r.esc[2]);
-    let text = r.message.to_ascii_lowercase();
-    r.code == 530
-        || r.code == 535
-        || matches!(esc, (5, 7, 0) | (5, 7, 8) | (5, 1, 7) | (5, 1, 8))
-        || [
-            "sender address rejected",
-            "not owned",
-            "relay access denied",
-            "authentication required",
-        ]
-        .iter()
-        .any(|p| text.contains(p))
+/// The outcome of a reply that judges every recipient of the transaction
+/// at once (MAIL FROM).
+fn judge_all(v: Verdict, n: usize, reusable: bool) -> Outcome {
+    match v {
+        Verdict::Deferred(t, Class::Route) => Outcome::RouteRefused(t),
+        v => Outcome::Judged {
+            verdicts: vec![v; n],
+            reusable,
+        },
+    }
 }
 
 async fn rset_ok(client: &mut Client) -> bool {
@@ -335,16 +390,10 @@ pub async fn transact(
         Ok(r) => r,
         Err(e) => return broken(e),
     };
-    if r.code >= 500 {
-        return Outcome::RouteRefused(format!("{host}: MAIL FROM: {}", reply_text(&r)));
-    }
     if r.code >= 300 {
-        let v = Verdict::Deferred(format!("{host}: MAIL FROM: {}", reply_text(&r)));
+        let v = verdict_for(&r, host, "MAIL FROM", Stage::Mail, smart_host);
         let reusable = rset_ok(client).await;
-        return Outcome::Judged {
-            verdicts: vec![v; rcpts.len()],
-            reusable,
-        };
+        return judge_all(v, rcpts.len(), reusable);
     }
     let mut verdicts = Vec::with_capacity(rcpts.len());
     for rcpt in rcpts {
@@ -352,15 +401,16 @@ pub async fn transact(
             Ok(r) => r,
             Err(e) => return broken(e),
         };
-        if smart_host && r.code >= 500 && refuses_route(&r) {
+        let v = verdict_for(&r, host, "", Stage::Rcpt, smart_host);
+        // A refusal of the sender or the login, reported at RCPT (Postfix
+        // does): at a smart host it stops the whole transaction.
+        if smart_host && v.class() == Some(Class::Route) {
             let _ = rset_ok(client).await;
             return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(&r)));
         }
-        verdicts.push(match verdict_for(&r, host) {
+        verdicts.push(match v {
             // Accepted at RCPT: the verdict comes after DATA.
             Verdict::Delivered(_) => None,
-            // RFC 5321 4.5.3.1.10: 552 at RCPT is a temporary condition.
-            Verdict::Bounced(t) if r.code == 552 => Some(Verdict::Deferred(t)),
             v => Some(v),
         });
     }
@@ -376,28 +426,19 @@ pub async fn transact(
         Err(e) => return broken(e),
     };
     if r.code != 354 {
-        // A refusal of the DATA command judges the transaction, not the
-        // recipients (only RCPT and the end of DATA do).
-        let text = format!("{host}: DATA: {}", reply_text(&r));
+        // A refusal of the DATA command judges the transaction: every
+        // recipient accepted at RCPT gets its verdict.
+        let v = verdict_for(&r, host, "DATA", Stage::Data, smart_host);
         let _ = rset_ok(client).await;
-        return if r.code >= 500 && smart_host {
-            Outcome::RouteRefused(text)
-        } else if r.code >= 500 {
-            Outcome::Judged {
-                verdicts: verdicts
-                    .into_iter()
-                    .map(|x| x.unwrap_or_else(|| Verdict::Bounced(text.clone())))
-                    .collect(),
-                reusable: false,
-            }
-        } else {
-            Outcome::Judged {
-                verdicts: verdicts
-                    .into_iter()
-                    .map(|x| x.unwrap_or_else(|| Verdict::Deferred(text.clone())))
-                    .collect(),
-                reusable: false,
-            }
+        if let Verdict::Deferred(t, Class::Route) = &v {
+            return Outcome::RouteRefused(t.clone());
+        }
+        return Outcome::Judged {
+            verdicts: verdicts
+                .into_iter()
+                .map(|x| x.unwrap_or_else(|| v.clone()))
+                .collect(),
+            reusable: false,
         };
     }
     client.timeout = DATA_END_TIMEOUT;
@@ -405,9 +446,29 @@ pub async fn transact(
     client.timeout = COMMAND_TIMEOUT;
     let final_reply = match final_reply {
         Ok(r) => r,
-        Err(e) => return broken(e),
+        // The message went out and no reply came: it may have been
+        // delivered. Defer (another MX now could make a second copy).
+        Err(e) => {
+            let v = Verdict::Deferred(
+                format!(
+                    "{} (after the message was sent: it may have been delivered)",
+                    io_text(host, &e)
+                ),
+                Class::Transient,
+            );
+            return Outcome::Judged {
+                verdicts: verdicts
+                    .into_iter()
+                    .map(|x| x.unwrap_or_else(|| v.clone()))
+                    .collect(),
+                reusable: false,
+            };
+        }
     };
-    let v = verdict_for(&final_reply, host);
+    let v = verdict_for(&final_reply, host, "", Stage::DataEnd, smart_host);
+    if smart_host && v.class() == Some(Class::Route) {
+        return Outcome::RouteRefused(format!("{host}: end of DATA: {}", reply_text(&final_reply)));
+    }
     Outcome::Judged {
         verdicts: verdicts
             .into_iter()

@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::config::Security;
 use crate::history::EventKind;
-use crate::queue::{now_ms, Envelope, RcptStatus};
+use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
+use crate::reply::Class;
 use crate::server::Services;
 use client::{Conn, ConnError, Outcome, Target, Verdict};
 
@@ -260,53 +261,58 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
         tls,
         credentials: u.username.clone().zip(u.password.clone()),
         helo: s.cfg.hostname.clone(),
+        smart_host: true,
     })
 }
 
-/// Applies one recipient verdict, records the event. Returns the event.
-fn apply(
-    s: &Services,
-    env: &mut Envelope,
-    idx: usize,
-    verdict: &Verdict,
-    host: &str,
-    route_failure: bool,
-) {
+/// Applies one recipient verdict and records the event.
+fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: &str) {
     let now = now_ms();
     let cfg = &s.cfg.delivery;
     let r = &mut env.rcpts[idx];
     r.updated = now;
     r.last_host = Some(host.to_string());
-    let (kind, text) = match verdict {
+    let (kind, text, class) = match verdict {
         Verdict::Delivered(t) => {
             r.status = RcptStatus::Delivered;
+            r.class = None;
             if let Err(e) = s.suppression.note_delivered(&r.addr) {
                 tracing::error!(error = %e, "cannot update bounce counts");
             }
-            (EventKind::Delivered, t.clone())
+            (EventKind::Delivered, t.clone(), None)
         }
-        Verdict::Bounced(t) => {
+        Verdict::Bounced(t, class) => {
             r.attempts += 1;
             r.status = RcptStatus::Bounced;
-            match s.suppression.note_bounce(
-                &r.addr,
-                t,
-                &env.id,
-                cfg.suppress_after_bounces,
-                cfg.suppression_expiry,
-            ) {
-                Ok(Some(e)) => tracing::warn!(
-                    rcpt = %r.addr,
-                    reason = %e.reason,
-                    "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
+            r.class = Some(*class);
+            // Only a hard bounce says the address is bad: a full mailbox or
+            // a refusal of the message never suppresses anybody.
+            if class.suppresses() {
+                match s.suppression.note_bounce(
+                    &r.addr,
+                    t,
+                    &env.id,
+                    cfg.suppress_after_bounces,
+                    cfg.suppression_expiry,
+                ) {
+                    Ok(Some(e)) => tracing::warn!(
+                        rcpt = %r.addr,
+                        reason = %e.reason,
+                        "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
+                }
             }
-            (EventKind::Bounced, t.clone())
+            (
+                EventKind::Bounced,
+                format!("{t} ({class}: {})", class.meaning()),
+                Some(*class),
+            )
         }
-        Verdict::Deferred(t) => {
+        Verdict::Deferred(t, class) => {
             r.attempts += 1;
+            r.class = Some(*class);
             let expires = env.received_at + cfg.max_age.as_millis() as u64;
             if now >= expires {
                 r.status = RcptStatus::Expired;
@@ -316,55 +322,67 @@ fn apply(
                         "gave up after {} (delivery.max_age); last reply: {t}",
                         humantime::format_duration(cfg.max_age)
                     ),
+                    Some(*class),
                 )
             } else {
                 r.status = RcptStatus::Deferred;
                 let next = now + cfg.backoff(r.attempts).as_millis() as u64;
                 r.next_attempt = next.min(expires);
-                let what = if route_failure {
-                    "route refused"
-                } else {
-                    "deferred"
-                };
                 (
                     EventKind::Deferred,
                     format!(
-                        "{t} ({what}; attempt {}, next in {})",
+                        "{t} (deferred, {class}; attempt {}, next in {})",
                         r.attempts,
                         humantime::format_duration(Duration::from_secs(
                             (r.next_attempt - now) / 1000
                         ))
                     ),
+                    Some(*class),
                 )
             }
         }
     };
     r.last_reply = Some(text.clone());
-    let level_info = matches!(kind, EventKind::Delivered);
-    if level_info {
+    let cls = class.map(|c| c.as_str()).unwrap_or("");
+    if kind == EventKind::Delivered {
         tracing::info!(id = %env.id, rcpt = %r.addr, reply = %text, "delivered");
     } else {
-        tracing::warn!(id = %env.id, rcpt = %r.addr, reply = %text, "{}", kind.as_str());
+        tracing::warn!(id = %env.id, rcpt = %r.addr, class = cls, reply = %text, "{}", kind.as_str());
     }
     let addr = r.addr.clone();
-    record(s, env, kind, &addr, &text);
+    record(s, env, kind, class, &addr, &text);
 }
 
 /// Records an event for a recipient of `env`. A history failure is logged,
 /// never allowed to stop delivery.
-fn record(s: &Services, env: &Envelope, kind: EventKind, rcpt: &str, detail: &str) {
+fn record(
+    s: &Services,
+    env: &Envelope,
+    kind: EventKind,
+    class: Option<Class>,
+    rcpt: &str,
+    detail: &str,
+) {
     let (tag, subject) = (env.tag.as_deref(), env.subject.as_deref());
-    if let Err(e) = s.history.record(kind, &env.id, rcpt, detail, tag, subject) {
+    if let Err(e) = s
+        .history
+        .record_classed(kind, class, &env.id, rcpt, detail, tag, subject)
+    {
         tracing::error!(error = %e, "cannot record history");
     }
 }
 
-/// Writes the attempt's results back. A recipient cancelled or suppressed
-/// while the attempt ran keeps that state, unless the attempt delivered it
-/// (then the record says what really happened).
-fn save(s: &Services, env: &Envelope) {
+/// Writes the attempt's results back: only the recipients this attempt
+/// changed (those equal to `before` keep what others wrote meanwhile, a
+/// `retry` say). A recipient cancelled or suppressed while the attempt ran
+/// keeps that state, unless the attempt delivered it (then the record says
+/// what really happened).
+fn save(s: &Services, env: &Envelope, before: &[Rcpt]) {
     let res = s.store.update(&env.id, |cur| {
-        for (c, n) in cur.rcpts.iter_mut().zip(&env.rcpts) {
+        for ((c, n), b) in cur.rcpts.iter_mut().zip(&env.rcpts).zip(before) {
+            if n == b {
+                continue;
+            }
             if c.status.is_final() && n.status != RcptStatus::Delivered {
                 continue;
             }
@@ -388,12 +406,29 @@ pub async fn attempt(s: &Services, id: &str) {
             tracing::error!(%id, error = %e, "cannot read queued message");
             return;
         }
-        (Ok(Some(_)), Ok(None)) => {
-            tracing::error!(%id, "queued message has no body; dropping it");
-            let _ = s.store.remove(id);
+        (Ok(Some(mut env)), Ok(None)) => {
+            // Nothing can be sent; say so in the history of each recipient
+            // rather than leave them looking deferred.
+            tracing::error!(%id, "queued message has no body; its recipients expire");
+            let before = env.rcpts.clone();
+            let why =
+                "the message body is missing from the spool (storage damage); nothing can be sent";
+            for i in 0..env.rcpts.len() {
+                if env.rcpts[i].status.is_final() {
+                    continue;
+                }
+                let r = &mut env.rcpts[i];
+                r.status = RcptStatus::Expired;
+                r.updated = now_ms();
+                r.last_reply = Some(why.into());
+                let addr = r.addr.clone();
+                record(s, &env, EventKind::Expired, None, &addr, why);
+            }
+            save(s, &env, &before);
             return;
         }
     };
+    let before = env.rcpts.clone();
     let now = now_ms();
     let due: Vec<usize> = env
         .rcpts
@@ -419,7 +454,8 @@ pub async fn attempt(s: &Services, id: &str) {
                 .last_reply
                 .clone()
                 .unwrap_or_else(|| "none (never attempted)".into());
-            apply(s, &mut env, i, &Verdict::Deferred(last), "-", false);
+            let class = env.rcpts[i].class.unwrap_or(Class::Transient);
+            apply(s, &mut env, i, &Verdict::Deferred(last, class), "-");
         }
         due.retain(|i| !stale.contains(i));
     }
@@ -435,7 +471,7 @@ pub async fn attempt(s: &Services, id: &str) {
         }
     });
     if due.is_empty() {
-        save(s, &env);
+        save(s, &env, &before);
         return;
     }
 
@@ -458,7 +494,7 @@ pub async fn attempt(s: &Services, id: &str) {
     } else {
         let t = upstream_target(s, &env.upstream)
             .map(|t| vec![t])
-            .map_err(Verdict::Deferred);
+            .map_err(|t| Verdict::Deferred(t, Class::Route));
         vec![(t, due)]
     };
 
@@ -468,14 +504,17 @@ pub async fn attempt(s: &Services, id: &str) {
             Ok(t) => t,
             Err(v) => {
                 for &i in &idx {
-                    apply(s, &mut env, i, &v, &route, false);
+                    apply(s, &mut env, i, &v, &route);
                 }
+                save(s, &env, &before);
                 continue;
             }
         };
         deliver_group(s, &mut env, &body, &route, &targets, &idx).await;
+        // Saved after each destination: a crash later in this attempt must
+        // not resend groups already delivered.
+        save(s, &env, &before);
     }
-    save(s, &env);
 }
 
 /// Tries the targets in order until one judges the recipients.
@@ -488,77 +527,87 @@ async fn deliver_group(
     idx: &[usize],
 ) {
     let mut idx = idx.to_vec();
-    let mut last_err = ConnError::Temporary("no host to try".into());
+    let mut last_err = ConnError::temporary("no host to try");
+    let smart = env.upstream != "mx";
     for target in targets {
         let pool_key = format!("{route}/{}:{}", target.host, target.port);
-        let mut reused = s.routes.take(&pool_key);
-        if let Some(c) = reused.as_mut() {
-            if c.client.rset().await.is_err() {
-                reused = None;
+        // A pooled connection that turns out dead is replaced by a fresh
+        // one at once: that is not the recipients' deferral.
+        let mut fresh_only = false;
+        loop {
+            let mut reused = if fresh_only {
+                None
+            } else {
+                s.routes.take(&pool_key)
+            };
+            if let Some(c) = reused.as_mut() {
+                if c.client.rset().await.is_err() {
+                    reused = None;
+                }
             }
-        }
-        let mut conn = match reused {
-            Some(c) => c,
-            None => match client::connect(target).await {
-                Ok(c) => c,
-                Err(e) => {
-                    if matches!(e, ConnError::Route(_)) && env.upstream != "mx" {
-                        s.routes.mark_unhealthy(route, e.text());
+            let was_reused = reused.is_some();
+            let mut conn = match reused {
+                Some(c) => c,
+                None => match client::connect(target).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        if e.class == Class::Route && smart {
+                            s.routes.mark_unhealthy(route, e.text());
+                        }
+                        last_err = e;
+                        break;
                     }
-                    last_err = e;
-                    continue;
+                },
+            };
+            // Cancelled (or suppressed) while we were connecting: leave them out.
+            match s.store.envelope(&env.id) {
+                Ok(Some(cur)) => {
+                    idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()))
                 }
-            },
-        };
-        // Cancelled (or suppressed) while we were connecting: leave them out.
-        match s.store.envelope(&env.id) {
-            Ok(Some(cur)) => {
-                idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()))
+                // Every recipient became final (a cancel) and the message left.
+                Ok(None) => idx.clear(),
+                Err(_) => {}
             }
-            // Every recipient became final (a cancel) and the message left.
-            Ok(None) => idx.clear(),
-            Err(_) => {}
-        }
-        idx.retain(|&i| !matches!(s.suppression.get(&env.rcpts[i].addr), Ok(Some(_))));
-        if idx.is_empty() {
-            s.routes.put(&pool_key, conn);
-            return;
-        }
-        let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
-        let smart_host = env.upstream != "mx";
-        match client::transact(
-            &mut conn,
-            &target.host,
-            smart_host,
-            &env.mail_from,
-            &rcpts,
-            body,
-        )
-        .await
-        {
-            Outcome::Judged { verdicts, reusable } => {
-                s.routes.mark_healthy(route);
-                for (&i, v) in idx.iter().zip(verdicts.iter()) {
-                    apply(s, env, i, v, &target.host, false);
-                }
-                if reusable {
-                    s.routes.put(&pool_key, conn);
-                }
+            idx.retain(|&i| !matches!(s.suppression.get(&env.rcpts[i].addr), Ok(Some(_))));
+            if idx.is_empty() {
+                s.routes.put(&pool_key, conn);
                 return;
             }
-            Outcome::RouteRefused(why) => {
-                if env.upstream != "mx" {
-                    s.routes.mark_unhealthy(route, &why);
+            let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
+            match client::transact(&mut conn, &target.host, smart, &env.mail_from, &rcpts, body)
+                .await
+            {
+                Outcome::Judged { verdicts, reusable } => {
+                    s.routes.mark_healthy(route);
+                    for (&i, v) in idx.iter().zip(verdicts.iter()) {
+                        apply(s, env, i, v, &target.host);
+                    }
+                    if reusable {
+                        s.routes.put(&pool_key, conn);
+                    }
+                    return;
                 }
-                last_err = ConnError::Route(why);
+                Outcome::RouteRefused(why) => {
+                    if smart {
+                        s.routes.mark_unhealthy(route, &why);
+                    }
+                    last_err = ConnError::route(why);
+                    break;
+                }
+                Outcome::Broken(why) if was_reused => {
+                    tracing::debug!(host = %target.host, error = %why, "pooled connection was dead; opening a fresh one");
+                    fresh_only = true;
+                }
+                Outcome::Broken(why) => {
+                    last_err = ConnError::temporary(why);
+                    break;
+                }
             }
-            Outcome::Broken(why) => last_err = ConnError::Temporary(why),
         }
     }
-    let route_failure = matches!(last_err, ConnError::Route(_));
-    let v = Verdict::Deferred(last_err.text().to_string());
+    let v = last_err.verdict();
     for &i in &idx {
-        apply(s, env, i, &v, route, route_failure);
+        apply(s, env, i, &v, route);
     }
 }
 
@@ -599,5 +648,5 @@ fn mark_suppressed(s: &Services, env: &mut Envelope, i: usize, e: &crate::suppre
     r.last_reply = Some(detail.clone());
     tracing::info!(id = %env.id, rcpt = %r.addr, "suppressed");
     let addr = r.addr.clone();
-    record(s, env, EventKind::Suppressed, &addr, &detail);
+    record(s, env, EventKind::Suppressed, None, &addr, &detail);
 }

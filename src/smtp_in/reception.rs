@@ -100,6 +100,7 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
                 last_reply: None,
                 last_host: None,
                 updated: now,
+                class: None,
             })
             .collect(),
     };

@@ -149,6 +149,9 @@ pub struct Script {
     pub starttls: Option<Arc<rustls::ServerConfig>>,
     /// Implicit TLS from the first byte.
     pub implicit_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Greeting line instead of "220 sink.test ESMTP"; a non-220 greeting
+    /// is followed by closing the connection.
+    pub greeting: Option<String>,
 }
 
 #[derive(Default)]
@@ -261,7 +264,15 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
     macro_rules! say {
         ($($t:tt)*) => {{ let s = format!($($t)*); rd.get_mut().write_all(s.as_bytes())?; rd.get_mut().flush()?; }};
     }
-    say!("220 sink.test ESMTP\r\n");
+    let greeting = st.lock().unwrap().script.greeting.clone();
+    match greeting {
+        Some(g) if !g.starts_with("220") => {
+            say!("{g}\r\n");
+            return Ok(());
+        }
+        Some(g) => say!("{g}\r\n"),
+        None => say!("220 sink.test ESMTP\r\n"),
+    }
     let mut line = String::new();
     loop {
         line.clear();
