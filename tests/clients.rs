@@ -1,16 +1,16 @@
 //! herald with other people's SMTP clients: swaks and Python's smtplib.
-//! Both must be installed (`.ci/run` does it); a missing tool fails the test.
+//! Both come from `./test` (swaks from Debian, Python from .venv/); a missing
+//! tool fails the test.
 
 mod common;
 
 use common::*;
-use std::process::Command;
 
 #[test]
 fn swaks_sends_through_herald() {
     let sink = Sink::start(Script::default());
     let h = Herald::start(&upstream(sink.port(), "none", ""));
-    let out = Command::new("swaks")
+    let out = tool("swaks")
         .args(["--server", &h.smtp.to_string()])
         .args(["--from", "app@platform.test", "--to", "louise@dest.test"])
         .args([
@@ -20,7 +20,7 @@ fn swaks_sends_through_herald() {
             ".leading dot\nline two",
         ])
         .output()
-        .expect("swaks is required for this test: apt-get install swaks");
+        .unwrap();
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("<-  250 2.0.0 Ok: queued as"), "{log}");
@@ -39,7 +39,7 @@ fn swaks_sees_size_limit_and_auth_refusal() {
     let h = Herald::start(
         "[listen]\nsmtp = [\"{smtp}\"]\nmax_message_size = 500\nallowed_networks = []\n[[listen.users]]\nusername = \"p\"\npassword = \"right\"\n",
     );
-    let out = Command::new("swaks")
+    let out = tool("swaks")
         .args(["--server", &h.smtp.to_string(), "--to", "x@dest.test"])
         .args([
             "--auth",
@@ -50,11 +50,11 @@ fn swaks_sees_size_limit_and_auth_refusal() {
             "wrong",
         ])
         .output()
-        .expect("swaks is required for this test: apt-get install swaks");
+        .unwrap();
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(log.contains("535 5.7.8"), "{log}");
-    let out = Command::new("swaks")
+    let out = tool("swaks")
         .args(["--server", &h.smtp.to_string(), "--to", "x@dest.test"])
         .args([
             "--auth",
@@ -99,10 +99,7 @@ print("ok")
 "#,
         port = h.smtp.port()
     );
-    let out = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .expect("python3 is required");
+    let out = tool(python()).args(["-c", &script]).output().unwrap();
     assert!(
         out.status.success(),
         "{}{}",

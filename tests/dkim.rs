@@ -5,18 +5,17 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 
 fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), msg).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py");
-    let mut cmd = Command::new("python3");
+    let mut cmd = tool(python());
     cmd.arg(script).arg(f.path());
     for (n, r) in records {
         cmd.arg(format!("{n}={r}"));
     }
-    let out = cmd.output().expect("python3 with dkimpy is required");
+    let out = cmd.output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -699,6 +699,44 @@ pub fn message(subject: &str) -> String {
 
 // ---------------------------------------------------------------- dns ----
 
+// ------------------------------------------------------ outside tools ----
+
+/// The interpreter of the Python test helpers (tests/requirements.txt): the
+/// virtual environment that `./test` sets up, named by `HERALD_TEST_PYTHON`,
+/// else `.venv/bin/python` in this repo. The one place that names it; run it
+/// with `tool(python())`.
+pub fn python() -> PathBuf {
+    match std::env::var_os("HERALD_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    }
+}
+
+/// A `Command` for an outside tool (a name looked up on `PATH`, such as
+/// `swaks`, or a path such as `python()`). A missing one fails the test with
+/// the command that installs it.
+pub fn tool(program: impl AsRef<Path>) -> Command {
+    let program = program.as_ref();
+    let found = if program.components().count() > 1 {
+        is_executable(program)
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|d| is_executable(&d.join(program)))
+        })
+    };
+    assert!(
+        found,
+        "{} is missing: run ./test (it installs what the tests need)",
+        program.display()
+    );
+    Command::new(program)
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// The Python DNS stub (`tests/dns_server.py`) serving `zone` on a free
 /// loopback port; stopped when dropped.
 pub struct Dns {
@@ -715,19 +753,23 @@ impl Dns {
         std::fs::write(&zone_file, serde_json::to_string(&json).unwrap()).unwrap();
         let port = free_port();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dns_server.py");
-        let mut child = Command::new("python3")
+        let mut child = tool(python())
             .arg(script)
             .arg(port.to_string())
             .arg(&zone_file)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("python3 with dnslib is required (pip install -r tests/requirements.txt)");
+            .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
-        assert_eq!(line.trim(), "ready", "dns_server.py did not start");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "dns_server.py did not start (its modules come from tests/requirements.txt: run ./test)"
+        );
         Dns {
             port,
             child,
