@@ -207,6 +207,13 @@ pub fn print_status(v: &Value, json: bool) {
             "active"
         }
     );
+    if v["storage"]["ok"] == Value::Bool(false) {
+        println!(
+            "storage: FAILED {}: {} (new mail gets 451, delivery is held; herald probes the disk every 2s)",
+            relative(v["storage"]["since_ms"].as_u64()),
+            s(&v["storage"]["error"])
+        );
+    }
     let recips: Vec<String> = v["recipients"]
         .as_object()
         .map(|m| m.iter().map(|(k, n)| format!("{n} {k}")).collect())
@@ -247,11 +254,35 @@ pub fn print_status(v: &Value, json: bool) {
 }
 
 pub fn print_queue(v: &Value, json: bool) {
-    let Some(msgs) = listing(v, "messages", json, "queue is empty") else {
-        return;
-    };
+    let quarantined = arr(v, "quarantined");
+    if let Some(msgs) = listing(v, "messages", json, "queue is empty") {
+        print_queue_table(&msgs);
+    }
+    if json {
+        let q: Vec<Value> = quarantined
+            .iter()
+            .map(|q| serde_json::json!({"quarantined": q["id"], "error": q["error"], "at_ms": q["at_ms"]}))
+            .collect();
+        json_lines(&q);
+    } else if !quarantined.is_empty() {
+        println!(
+            "quarantined: {} record(s) that do not decode (herald cancel ID removes one):",
+            quarantined.len()
+        );
+        for q in &quarantined {
+            println!(
+                "  {}  {}  {}",
+                s(&q["id"]),
+                relative(q["at_ms"].as_u64()),
+                s(&q["error"])
+            );
+        }
+    }
+}
+
+fn print_queue_table(msgs: &[Value]) {
     let mut rows = Vec::new();
-    for m in &msgs {
+    for m in msgs {
         for r in arr(m, "rcpts") {
             let status = s(&r["status"]);
             if matches!(status.as_str(), "queued" | "deferred") {

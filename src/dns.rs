@@ -11,7 +11,7 @@ use hickory_resolver::{Resolver, TokioResolver};
 use crate::config::{Config, Security};
 use crate::delivery::client::{Target, Verdict};
 use crate::reply::Class;
-use crate::server::Services;
+use crate::services::Services;
 
 /// At most this many addresses are tried per domain and attempt.
 const MAX_MX_TARGETS: usize = 5;

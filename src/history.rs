@@ -74,7 +74,12 @@ pub struct History {
     seq: Arc<AtomicU64>,
     /// Events recorded since start, per kind and class (for /metrics).
     counts: Arc<Mutex<Counts>>,
+    /// Events per hour (hour number since the epoch) over the last day,
+    /// for `status`: counted once at start, then as they happen.
+    hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
 }
+
+const HOUR_MS: u64 = 3_600_000;
 
 /// Every kind, in the order of the counters.
 pub const KINDS: [EventKind; 8] = [
@@ -137,7 +142,39 @@ impl History {
             index: db.open_tree("events_index")?,
             seq: Arc::new(AtomicU64::new(now_ms())),
             counts: Arc::new(Default::default()),
+            hourly: Arc::new(Default::default()),
         })
+    }
+
+    /// Counts the last day's events once (at start-up), so that
+    /// [`History::last_24h`] never scans.
+    pub fn load_hourly(&self) -> Result<(), QueueError> {
+        let since = now_ms().saturating_sub(24 * HOUR_MS);
+        let mut hourly = BTreeMap::<u64, BTreeMap<EventKind, u64>>::new();
+        self.query(since, |e| {
+            *hourly
+                .entry(e.time_ms / HOUR_MS)
+                .or_default()
+                .entry(e.event)
+                .or_default() += 1;
+            false
+        })?;
+        *self.hourly.lock().unwrap_or_else(|e| e.into_inner()) = hourly;
+        Ok(())
+    }
+
+    /// Events per kind in the last 24 hours (counted by the hour).
+    pub fn last_24h(&self) -> BTreeMap<EventKind, u64> {
+        let first = now_ms() / HOUR_MS - 23;
+        let mut h = self.hourly.lock().unwrap_or_else(|e| e.into_inner());
+        h.retain(|hour, _| *hour >= first);
+        let mut out = BTreeMap::new();
+        for kinds in h.values() {
+            for (k, n) in kinds {
+                *out.entry(*k).or_insert(0) += n;
+            }
+        }
+        out
     }
 
     /// Records an event now. Durability follows the next queue commit (or
@@ -191,6 +228,14 @@ impl History {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((kind, class))
+            .or_insert(0) += 1;
+        *self
+            .hourly
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(t / HOUR_MS)
+            .or_default()
+            .entry(kind)
             .or_insert(0) += 1;
         Ok(ev)
     }

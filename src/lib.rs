@@ -15,6 +15,7 @@ pub mod queue;
 pub mod reply;
 pub mod rewrite;
 pub mod server;
+pub mod services;
 pub mod shutdown;
 pub mod smtp_in;
 pub mod suppression;

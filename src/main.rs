@@ -158,7 +158,9 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                     f["time"].as_str().unwrap_or("")
                 );
             }
-            if cancelled.is_empty() {
+            if let Some(q) = v["quarantine_removed"].as_str() {
+                println!("removed quarantined record {q}");
+            } else if cancelled.is_empty() {
                 println!("nothing was cancelled");
             }
         }

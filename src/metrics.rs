@@ -12,29 +12,32 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::server::Services;
+use crate::services::Services;
 
-/// 200 while the storage answers; the body says whether delivery is paused.
+/// 200 while the storage can be trusted; the body says whether delivery is
+/// paused. 503 once a flush or fsync failed, until a probe succeeds.
 async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
-    match s.store.meta_get(crate::server::META_PAUSED) {
-        Ok(_) if s.paused.load(Ordering::Relaxed) => (StatusCode::OK, "ok (delivery paused)\n"),
-        Ok(_) => (StatusCode::OK, "ok\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage error\n"),
+    if let Some((_, why)) = s.store.health.failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage failed: {why}\n"),
+        );
+    }
+    match s.store.meta_get(crate::services::META_PAUSED) {
+        Ok(_) if s.paused.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "ok (delivery paused)\n".to_string())
+        }
+        Ok(_) => (StatusCode::OK, "ok\n".to_string()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage error: {e}\n"),
+        ),
     }
 }
 
 async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
-    // A storage error must not look like an empty queue.
-    let all = match s.store.all() {
-        Ok(a) => a,
-        Err(e) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("storage error: {e}\n"),
-            )
-                .into_response()
-        }
-    };
+    // Counts kept as the queue changes: a scrape never decodes the queue.
+    let (messages, queued, deferred) = s.store.stats.get();
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -46,24 +49,20 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
     gauge(
         "herald_queue_messages",
         "Messages in the queue.",
-        vec![(String::new(), all.len() as f64)],
+        vec![(String::new(), messages as f64)],
     );
-    let mut by_status = std::collections::BTreeMap::new();
-    for r in all.iter().flat_map(|e| e.pending()) {
-        *by_status.entry(r.status.as_str()).or_insert(0u64) += 1;
-    }
     gauge(
         "herald_queue_recipients",
         "Recipients waiting, by state.",
-        ["queued", "deferred"]
-            .iter()
-            .map(|st| {
-                (
-                    format!("{{status=\"{st}\"}}"),
-                    *by_status.get(st).unwrap_or(&0) as f64,
-                )
-            })
-            .collect(),
+        vec![
+            ("{status=\"queued\"}".into(), queued as f64),
+            ("{status=\"deferred\"}".into(), deferred as f64),
+        ],
+    );
+    gauge(
+        "herald_storage_healthy",
+        "0 once a flush or fsync failed, until a probe write succeeds.",
+        vec![(String::new(), !s.store.health.is_failed() as u8 as f64)],
     );
     gauge(
         "herald_paused",

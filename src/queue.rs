@@ -8,11 +8,12 @@
 //! sync per batch rather than per message. One thread also sidesteps sled's
 //! deadlock when many tasks call `flush_async` at once (see STACK.md).
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -27,6 +28,10 @@ pub enum QueueError {
     Corrupt(String),
     #[error("storage: committer stopped")]
     Stopped,
+    #[error("storage: queue id {0} already exists")]
+    Exists(String),
+    #[error("storage: {0}")]
+    Failed(String),
 }
 
 pub type Result<T> = std::result::Result<T, QueueError>;
@@ -76,10 +81,11 @@ impl IdGen {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RcptStatus {
     /// Waiting for its first attempt (possibly held by a send delay).
+    #[default]
     Queued,
     /// Tried and refused temporarily; retried at `next_attempt`.
     Deferred,
@@ -108,7 +114,12 @@ impl RcptStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The version of the records this build writes. Fields added later carry
+/// serde defaults, so a spool written by an older herald still reads.
+pub const RECORD_VERSION: u32 = 2;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Rcpt {
     pub addr: String,
     pub status: RcptStatus,
@@ -124,8 +135,11 @@ pub struct Rcpt {
 }
 
 /// Everything about a queued message except its bytes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Envelope {
+    /// [`RECORD_VERSION`] of the herald that wrote it (0: before versions).
+    pub v: u32,
     pub id: String,
     pub received_at: u64,
     pub client_ip: String,
@@ -160,6 +174,99 @@ impl Envelope {
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// How long a commit may take before herald stops waiting for the disk.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Whether the storage can be trusted with a `250`. Once a flush or fsync
+/// fails (or hangs), nothing written before is known to be on disk
+/// (fsyncgate): herald stops acknowledging until a probe (a write, flush and
+/// fsync of its own) succeeds again.
+#[derive(Default)]
+pub struct Health {
+    failed: AtomicBool,
+    /// The disk works again but sled keeps its I/O error for good: only
+    /// reopening the database (a restart) recovers.
+    restart: AtomicBool,
+    reason: Mutex<Option<(u64, String)>>,
+}
+
+impl Health {
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Since when (ms) and why the storage failed, while it is failed.
+    pub fn failure(&self) -> Option<(u64, String)> {
+        if self.is_failed() {
+            self.reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        } else {
+            None
+        }
+    }
+
+    /// Marks the storage failed; logs only on the change of state.
+    pub fn fail(&self, why: &str) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                error = why,
+                "storage failed: new mail gets 451 and delivery is held until a probe write succeeds"
+            );
+            *r = Some((now_ms(), why.to_string()));
+        }
+    }
+
+    /// True once the storage can only be recovered by a restart.
+    pub fn needs_restart(&self) -> bool {
+        self.restart.load(Ordering::SeqCst)
+    }
+
+    fn recover(&self) {
+        let _r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failed.swap(false, Ordering::SeqCst) {
+            tracing::info!("storage works again: accepting and delivering");
+        }
+    }
+}
+
+/// Counts kept as the queue changes, so that `status` and `/metrics` never
+/// decode the whole queue.
+#[derive(Default)]
+pub struct Stats {
+    pub messages: AtomicI64,
+    pub queued: AtomicI64,
+    pub deferred: AtomicI64,
+}
+
+impl Stats {
+    fn add(&self, env: &Envelope, sign: i64) {
+        self.messages.fetch_add(sign, Ordering::Relaxed);
+        for r in &env.rcpts {
+            match r.status {
+                RcptStatus::Queued => self.queued.fetch_add(sign, Ordering::Relaxed),
+                RcptStatus::Deferred => self.deferred.fetch_add(sign, Ordering::Relaxed),
+                _ => 0,
+            };
+        }
+    }
+
+    pub fn get(&self) -> (u64, u64, u64) {
+        let g = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
+        (g(&self.messages), g(&self.queued), g(&self.deferred))
+    }
+}
+
+/// A queued record that does not decode, set aside.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub id: String,
+    pub error: String,
+    pub at_ms: u64,
+}
+
 /// The sled database and the committer that makes writes durable.
 #[derive(Clone)]
 pub struct Store {
@@ -167,11 +274,14 @@ pub struct Store {
     bodies: sled::Tree,
     envelopes: sled::Tree,
     meta: sled::Tree,
+    quarantine: sled::Tree,
     commit_tx: mpsc::Sender<Waiter>,
     /// Serialises read-modify-write of envelopes (delivery results, cancel,
     /// retry) so that one never overwrites another's change.
     update_lock: Arc<std::sync::Mutex<()>>,
     pub ids: Arc<IdGen>,
+    pub health: Arc<Health>,
+    pub stats: Arc<Stats>,
 }
 
 impl Store {
@@ -184,51 +294,147 @@ impl Store {
         let db_file = File::open(path.join("db"))?;
         let blobs = path.join("blobs");
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
-        let committer_db = db.clone();
+        let health: Arc<Health> = Arc::default();
+        let meta = db.open_tree("meta")?;
+        let c = Committer {
+            db: db.clone(),
+            file: db_file,
+            blobs,
+            synced: HashSet::new(),
+            health: health.clone(),
+            meta: meta.clone(),
+        };
         std::thread::Builder::new()
             .name("herald-commit".into())
-            .spawn(move || committer(committer_db, db_file, blobs, commit_rx))?;
-        Ok(Store {
+            .spawn(move || c.run(commit_rx))?;
+        let store = Store {
             bodies: db.open_tree("bodies")?,
             envelopes: db.open_tree("envelopes")?,
-            meta: db.open_tree("meta")?,
+            quarantine: db.open_tree("quarantine")?,
+            meta,
             db,
             commit_tx,
             update_lock: Arc::default(),
             ids: Arc::new(IdGen::new()),
-        })
+            health,
+            stats: Arc::default(),
+        };
+        // One scan at start: counts, and the quarantine of what no longer
+        // decodes.
+        for env in store.all()? {
+            store.stats.add(&env, 1);
+        }
+        Ok(store)
     }
 
-    /// Waits until everything written before this call is on disk.
+    /// Waits until everything written before this call is on disk. Fails at
+    /// once while the storage is failed, and after [`COMMIT_TIMEOUT`] when
+    /// the disk does not answer: a client gets `451`, never a hang.
     pub async fn commit(&self) -> Result<()> {
+        if let Some((_, why)) = self.health.failure() {
+            return Err(QueueError::Failed(why));
+        }
         let (tx, rx) = oneshot::channel();
         self.commit_tx.send(tx).map_err(|_| QueueError::Stopped)?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(QueueError::Io(std::io::Error::other(e))),
-            Err(_) => Err(QueueError::Stopped),
+        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(QueueError::Failed(e)),
+            Ok(Err(_)) => Err(QueueError::Stopped),
+            Err(_) => {
+                let why = format!(
+                    "the disk did not complete a sync within {}s",
+                    COMMIT_TIMEOUT.as_secs()
+                );
+                self.health.fail(&why);
+                Err(QueueError::Failed(why))
+            }
         }
     }
 
-    /// Writes a new message (not yet durable: call [`Store::commit`]).
+    /// Writes a new message (not yet durable: call [`Store::commit`]). A
+    /// queue id that exists already is refused, never overwritten.
     pub fn insert(&self, env: &Envelope, body: &[u8]) -> Result<()> {
-        self.bodies.insert(env.id.as_bytes(), body)?;
-        self.put_envelope(env)
+        let mut env = env.clone();
+        env.v = RECORD_VERSION;
+        let v = serde_json::to_vec(&env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
+        let id = env.id.as_bytes();
+        if self
+            .envelopes
+            .compare_and_swap(id, None as Option<&[u8]>, Some(v))?
+            .is_err()
+        {
+            return Err(QueueError::Exists(env.id.clone()));
+        }
+        if let Err(e) = self.bodies.insert(id, body) {
+            let _ = self.envelopes.remove(id);
+            return Err(e.into());
+        }
+        self.stats.add(&env, 1);
+        Ok(())
     }
 
-    pub fn put_envelope(&self, env: &Envelope) -> Result<()> {
-        let v = serde_json::to_vec(env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
+    fn put_envelope(&self, env: &Envelope) -> Result<()> {
+        let mut env = env.clone();
+        env.v = RECORD_VERSION;
+        let v = serde_json::to_vec(&env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
         self.envelopes.insert(env.id.as_bytes(), v)?;
         Ok(())
     }
 
+    /// The envelope of a queued message. One that does not decode is moved
+    /// to the quarantine (and reads as absent) so that it cannot stop the
+    /// rest of the queue.
     pub fn envelope(&self, id: &str) -> Result<Option<Envelope>> {
         match self.envelopes.get(id.as_bytes())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|_| QueueError::Corrupt(id.to_string())),
+            Some(v) => match serde_json::from_slice(&v) {
+                Ok(env) => Ok(Some(env)),
+                Err(e) => {
+                    self.quarantine_record(id, &e.to_string())?;
+                    Ok(None)
+                }
+            },
         }
+    }
+
+    fn quarantine_record(&self, id: &str, error: &str) -> Result<()> {
+        tracing::error!(
+            %id,
+            error,
+            "queued record does not decode: moved to quarantine (herald queue lists it, herald cancel removes it)"
+        );
+        let q = Quarantined {
+            id: id.to_string(),
+            error: error.to_string(),
+            at_ms: now_ms(),
+        };
+        let v = serde_json::to_vec(&q).map_err(|_| QueueError::Corrupt(id.into()))?;
+        self.quarantine.insert(id.as_bytes(), v)?;
+        self.envelopes.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Records set aside because they do not decode.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>> {
+        let mut out = Vec::new();
+        for item in self.quarantine.iter() {
+            let (k, v) = item?;
+            out.push(serde_json::from_slice(&v).unwrap_or_else(|_| Quarantined {
+                id: String::from_utf8_lossy(&k).into_owned(),
+                error: "unreadable".into(),
+                at_ms: 0,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a quarantined record and its body; true when there was one.
+    pub fn drop_quarantined(&self, id: &str) -> Result<bool> {
+        let had = self.quarantine.remove(id.as_bytes())?.is_some();
+        if had {
+            self.bodies.remove(id.as_bytes())?;
+        }
+        Ok(had)
     }
 
     pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>> {
@@ -243,40 +449,67 @@ impl Store {
         let Some(mut env) = self.envelope(id)? else {
             return Ok(None);
         };
+        let old = env.clone();
         f(&mut env);
-        if env.is_done() {
-            self.remove(id)?;
+        let res = if env.is_done() {
+            self.remove_unlocked(id)
         } else {
-            self.put_envelope(&env)?;
+            self.put_envelope(&env)
+        };
+        if let Err(e) = res {
+            self.health.fail(&e.to_string());
+            return Err(e);
+        }
+        self.stats.add(&old, -1);
+        if !env.is_done() {
+            self.stats.add(&env, 1);
         }
         Ok(Some(env))
     }
 
-    /// Drops a message whose recipients are all final: only history remains.
+    /// Drops a message (its recipients are all final, or it was never
+    /// acknowledged): only history remains.
     pub fn remove(&self, id: &str) -> Result<()> {
+        let _guard = self.update_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(Some(env)) = self.envelope(id) {
+            self.remove_unlocked(id)?;
+            self.stats.add(&env, -1);
+            return Ok(());
+        }
+        self.remove_unlocked(id)
+    }
+
+    fn remove_unlocked(&self, id: &str) -> Result<()> {
         self.bodies.remove(id.as_bytes())?;
         self.envelopes.remove(id.as_bytes())?;
         Ok(())
     }
 
-    /// Every queued envelope, oldest first.
+    /// Every queued envelope, oldest first. Records that do not decode are
+    /// quarantined and left out.
     pub fn all(&self) -> Result<Vec<Envelope>> {
         let mut out = Vec::new();
+        let mut bad = Vec::new();
         for item in self.envelopes.iter() {
             let (k, v) = item?;
-            let env: Envelope = serde_json::from_slice(&v)
-                .map_err(|_| QueueError::Corrupt(String::from_utf8_lossy(&k).into_owned()))?;
-            out.push(env);
+            match serde_json::from_slice::<Envelope>(&v) {
+                Ok(env) => out.push(env),
+                Err(e) => bad.push((String::from_utf8_lossy(&k).into_owned(), e.to_string())),
+            }
+        }
+        for (id, e) in bad {
+            self.quarantine_record(&id, &e)?;
         }
         Ok(out)
     }
 
+    /// Messages in the queue (kept as a count, not scanned).
     pub fn len(&self) -> usize {
-        self.envelopes.len()
+        self.stats.get().0 as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
+        self.len() == 0
     }
 
     /// Small persistent flags (e.g. "paused").
@@ -293,67 +526,135 @@ impl Store {
     }
 }
 
-/// sled writes values larger than a quarter segment (large messages) to
-/// files of their own under `blobs/`, and never fsyncs them. This syncs
-/// the blob files written since `since`, and the directory that names them.
-fn sync_new_blobs(dir: &Path, since: SystemTime) -> std::io::Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let mut any = false;
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    for entry in entries {
-        // sled deletes blobs of delivered messages at any time: a file that
-        // vanished needs no sync.
-        let entry = entry?;
-        let meta = match entry.metadata() {
-            Ok(m) => m,
-            Err(e) if gone(&e) => continue,
+/// The group-commit thread: take every waiter that is queued, make the
+/// database durable once, answer them all. While the storage is failed it
+/// probes it every few seconds.
+struct Committer {
+    db: sled::Db,
+    file: File,
+    /// sled writes values larger than a quarter segment (large messages) to
+    /// files of their own under `blobs/`, and never fsyncs them.
+    blobs: std::path::PathBuf,
+    /// Blob files already synced, by name (never by modification time:
+    /// clocks and coarse timestamps cannot be trusted with durability).
+    synced: HashSet<std::ffi::OsString>,
+    health: Arc<Health>,
+    meta: sled::Tree,
+}
+
+impl Committer {
+    fn run(mut self, rx: mpsc::Receiver<Waiter>) {
+        const PROBE_EVERY: Duration = Duration::from_secs(2);
+        loop {
+            let first = match rx.recv_timeout(PROBE_EVERY) {
+                Ok(w) => w,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.health.is_failed() && !self.health.needs_restart() {
+                        match self.probe() {
+                            Ok(()) => self.health.recover(),
+                            // sled keeps an I/O error for good; when the
+                            // filesystem itself works again, a restart
+                            // (reopening the database) recovers.
+                            Err(_) if self.filesystem_works() => {
+                                tracing::error!("the disk works again but the database keeps its error: restarting herald to reopen it");
+                                self.health.restart.store(true, Ordering::SeqCst);
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut waiters = vec![first];
+            while let Ok(w) = rx.try_recv() {
+                waiters.push(w);
+            }
+            let res = if let Some((_, why)) = self.health.failure() {
+                Err(why)
+            } else {
+                let health = self.health.clone();
+                self.sync().inspect_err(|e| health.fail(e))
+            };
+            if let Err(e) = &res {
+                tracing::debug!(error = %e, waiters = waiters.len(), "storage commit failed");
+            }
+            for w in waiters {
+                let _ = w.send(res.clone());
+            }
+        }
+    }
+
+    /// sled's flush() only does sync_file_range; the fsync makes it survive
+    /// a power cut, not just a process crash.
+    fn sync(&mut self) -> std::result::Result<(), String> {
+        self.db.flush().map_err(|e| format!("flush: {e}"))?;
+        self.sync_new_blobs()
+            .map_err(|e| format!("fsync of {}: {e}", self.blobs.display()))?;
+        self.file
+            .sync_all()
+            .map_err(|e| format!("fsync of the database: {e}"))
+    }
+
+    /// A write of our own, flushed and synced: the storage works again.
+    fn probe(&mut self) -> std::result::Result<(), String> {
+        self.meta
+            .insert("probe", &now_ms().to_be_bytes())
+            .map_err(|e| e.to_string())?;
+        self.sync()
+    }
+
+    /// A small file of our own written and synced beside the database.
+    fn filesystem_works(&self) -> bool {
+        use std::io::Write;
+        let Some(dir) = self.blobs.parent() else {
+            return false;
+        };
+        let path = dir.join("probe.tmp");
+        let ok = File::create(&path)
+            .and_then(|mut f| {
+                f.write_all(&[0u8; 65536])?;
+                f.sync_all()
+            })
+            .is_ok();
+        let _ = std::fs::remove_file(&path);
+        ok
+    }
+
+    /// Syncs the blob files not synced yet, and the directory that names
+    /// them.
+    fn sync_new_blobs(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        if meta.is_file() && meta.modified()? >= since {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let mut present = HashSet::new();
+        let mut any = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            present.insert(name.clone());
+            if self.synced.contains(&name) {
+                continue;
+            }
+            // sled deletes blobs of delivered messages at any time: a file
+            // that vanished needs no sync.
             match File::open(entry.path()).and_then(|f| f.sync_all()) {
-                Ok(()) => any = true,
+                Ok(()) => {
+                    any = true;
+                    self.synced.insert(name);
+                }
                 Err(e) if gone(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-    }
-    if any {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// The group-commit loop: take every waiter that is queued, make the
-/// database durable once, answer them all.
-fn committer(db: sled::Db, file: File, blobs: std::path::PathBuf, rx: mpsc::Receiver<Waiter>) {
-    // Blob files are synced by modification time, with a margin for
-    // clock granularity.
-    let margin = std::time::Duration::from_secs(2);
-    let mut last = SystemTime::now() - margin;
-    while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        while let Ok(w) = rx.try_recv() {
-            waiters.push(w);
+        self.synced.retain(|n| present.contains(n));
+        if any {
+            File::open(&self.blobs)?.sync_all()?;
         }
-        let started = SystemTime::now();
-        // sled's flush() only does sync_file_range; the fsync makes it
-        // survive a power cut, not just a process crash.
-        let res = db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| sync_new_blobs(&blobs, last - margin).map_err(|e| e.to_string()))
-            .and_then(|_| file.sync_all().map_err(|e| e.to_string()));
-        last = started;
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "storage commit failed");
-        }
-        for w in waiters {
-            let _ = w.send(res.clone());
-        }
+        Ok(())
     }
 }
 
@@ -389,14 +690,15 @@ mod tests {
             received_at: 1,
             client_ip: "127.0.0.1".into(),
             helo: "x".into(),
-            auth_user: None,
             original_sender: "a@b.c".into(),
             mail_from: "n@example.com".into(),
             upstream: "mx".into(),
-            tag: None,
-            subject: None,
             size: 3,
-            rcpts: vec![],
+            rcpts: vec![Rcpt {
+                addr: "x@y.test".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
         };
         {
             let s = Store::open(dir.path()).unwrap();
@@ -415,7 +717,29 @@ mod tests {
             .expect("reopen");
         assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
         assert_eq!(s.all().unwrap().len(), 1);
+        assert_eq!(s.stats.get(), (1, 1, 0));
+        // The same id again is refused, never overwritten.
+        assert!(matches!(
+            s.insert(&env, b"other"),
+            Err(QueueError::Exists(_))
+        ));
+        assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
         s.remove("ID1").unwrap();
         assert!(s.is_empty());
+        assert_eq!(s.stats.get(), (0, 0, 0));
+    }
+
+    #[test]
+    fn an_older_record_still_reads() {
+        // Written before versions, classes and tags existed.
+        let old = r#"{"id":"OLD1","received_at":5,"client_ip":"::1","helo":"h","auth_user":null,
+            "original_sender":"a@b.c","mail_from":"n@example.com","upstream":"up","size":9,
+            "rcpts":[{"addr":"x@y.test","status":"deferred","attempts":2,"next_attempt":7,
+            "last_reply":"451 later","last_host":"up","updated":6}]}"#;
+        let env: Envelope = serde_json::from_str(old).unwrap();
+        assert_eq!(env.v, 0);
+        assert_eq!(env.tag, None);
+        assert_eq!(env.rcpts[0].status, RcptStatus::Deferred);
+        assert_eq!(env.rcpts[0].class, None);
     }
 }

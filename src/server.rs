@@ -1,47 +1,22 @@
 //! `herald serve`: wires storage, listeners, delivery and shutdown together.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
 use crate::delivery::{self, Routes, Scheduler};
 use crate::history::History;
 use crate::queue::Store;
+use crate::services::{Services, META_PAUSED};
 use crate::shutdown::Shutdown;
 use crate::smtp_in;
 
 /// How long running SMTP sessions may take to finish after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Everything a session or a delivery attempt needs, built once.
-pub struct Services {
-    pub cfg: Arc<Config>,
-    pub store: Store,
-    pub history: History,
-    pub suppression: crate::suppression::Suppression,
-    pub scheduler: Scheduler,
-    pub routes: Routes,
-    pub client_tls: HashMap<String, Arc<rustls::ClientConfig>>,
-    /// Opportunistic TLS to MX hosts: encrypt when offered, never verify
-    /// (like Postfix's `smtp_tls_security_level = may`).
-    pub mx_tls: Arc<rustls::ClientConfig>,
-    pub resolver: hickory_resolver::TokioResolver,
-    pub tls: Option<TlsAcceptor>,
-    pub signers: crate::dkim::Signers,
-    /// HMAC key for pixel tokens, when tracking is enabled.
-    pub tracking_key: Option<Vec<u8>>,
-    pub shutdown: Shutdown,
-    pub paused: AtomicBool,
-    pub started: Instant,
-}
-
-pub const META_PAUSED: &str = "paused";
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -52,9 +27,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         )
     })?;
     let history = History::open(&store.db)?;
+    history.load_hourly()?;
     let suppression = crate::suppression::Suppression::open(&store.db)?;
     let tls = match &cfg.listen.tls {
-        Some(t) => Some(TlsAcceptor::from(
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
             crate::tls::server_config(&t.cert, &t.key).context("listen.tls")?,
         )),
         None => None,
@@ -124,6 +100,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         suppression,
         scheduler,
         routes: Routes::default(),
+        unsaved: Default::default(),
         client_tls,
         mx_tls,
         resolver,
@@ -170,7 +147,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         "herald started"
     );
 
-    signals.wait().await;
+    let restart = tokio::select! {
+        _ = signals.wait() => false,
+        _ = storage_needs_restart(&store) => true,
+    };
     tracing::info!("shutting down: no new connections, finishing sessions in flight");
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
@@ -181,9 +161,47 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = sched.await;
     let _ = control_task.await;
-    store.db.flush()?;
-    tracing::info!("stopped");
-    Ok(())
+    // A disk that does not answer must not keep herald from stopping:
+    // everything acknowledged was synced already.
+    let db = store.db.clone();
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || db.flush()),
+    )
+    .await;
+    if restart {
+        tracing::warn!(
+            "stopped to reopen the database; exit code {EXIT_RESTART} (systemd's Restart=on-failure starts herald again)"
+        );
+        std::process::exit(EXIT_RESTART);
+    }
+    match flushed {
+        Ok(Ok(Ok(_))) if !store.health.is_failed() => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        other => {
+            let why = match other {
+                Ok(Ok(Err(e))) => e.to_string(),
+                Err(_) => "the final flush did not finish within 5s".into(),
+                _ => "storage had failed".into(),
+            };
+            tracing::warn!(error = %why, "stopped without a final flush (acknowledged mail was synced before its 250)");
+            // Dropping sled would flush again and could hang on the same disk.
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Exit code when herald stops itself to reopen a database that failed
+/// (EX_TEMPFAIL): a supervisor should start it again.
+pub const EXIT_RESTART: i32 = 75;
+
+/// Resolves once the storage can only recover by reopening the database.
+async fn storage_needs_restart(store: &Store) {
+    while !store.health.needs_restart() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// SIGTERM and SIGINT, caught from the start of `serve`.

@@ -23,7 +23,7 @@ use base64::Engine;
 use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
 use crate::history::{By, EventKind};
-use crate::server::Services;
+use crate::services::Services;
 
 /// The smallest transparent GIF.
 const GIF: &[u8] = &[

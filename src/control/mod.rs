@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::server::Services;
+use crate::services::Services;
 use crate::suppression::Entry;
 
 /// Every request the socket understands.
@@ -112,7 +112,15 @@ async fn connection(services: Arc<Services>, stream: UnixStream) {
             continue;
         }
         let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => ops::handle(&services, req).await,
+            // Listings scan the queue or the history: run every request on
+            // a blocking thread, never on the threads that serve SMTP.
+            Ok(req) => {
+                let s = services.clone();
+                let rt = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || rt.block_on(ops::handle(&s, req)))
+                    .await
+                    .unwrap_or_else(|e| ops::error(format!("internal error: {e}")))
+            }
             Err(e) => ops::error(format!("bad request: {e}")),
         };
         let mut out = serde_json::to_vec(&answer).unwrap_or_default();

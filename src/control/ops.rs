@@ -11,7 +11,7 @@ use super::Request;
 use crate::history::{By, Event, EventKind};
 use crate::queue::{now_ms, Envelope, RcptStatus};
 use crate::reply::Class;
-use crate::server::{Services, META_PAUSED};
+use crate::services::{Services, META_PAUSED};
 use crate::suppression::Entry;
 
 pub fn error(msg: impl Into<String>) -> Value {
@@ -80,27 +80,32 @@ fn route_health(s: &Services) -> Vec<Value> {
         .collect()
 }
 
+/// Counts kept as things happen: `status` never scans the queue or history.
 fn status(s: &Services) -> Answer {
-    let all = s.store.all().map_err(|e| e.to_string())?;
-    let mut by_status: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for env in &all {
-        for r in env.pending() {
-            *by_status.entry(r.status.as_str()).or_default() += 1;
-        }
+    let (messages, queued, deferred) = s.store.stats.get();
+    let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
+    if queued > 0 {
+        by_status.insert("queued", queued);
     }
-    let since = now_ms().saturating_sub(86_400_000);
-    let mut last_24h: BTreeMap<&'static str, usize> = BTreeMap::new();
-    s.history
-        .query(since, |e| {
-            *last_24h.entry(e.event.as_str()).or_default() += 1;
-            false
-        })
-        .map_err(|e| e.to_string())?;
+    if deferred > 0 {
+        by_status.insert("deferred", deferred);
+    }
+    let last_24h: BTreeMap<&'static str, u64> = s
+        .history
+        .last_24h()
+        .into_iter()
+        .map(|(k, n)| (k.as_str(), n))
+        .collect();
+    let storage = match s.store.health.failure() {
+        Some((since, why)) => json!({"ok": false, "since_ms": since, "error": why}),
+        None => json!({"ok": true}),
+    };
     Ok(json!({
         "paused": s.paused.load(Ordering::Relaxed),
-        "messages": all.len(),
+        "messages": messages,
         "recipients": by_status,
         "last_24h": last_24h,
+        "storage": storage,
         "uptime_s": s.started.elapsed().as_secs(),
         "routes": route_health(s),
         "version": env!("CARGO_PKG_VERSION"),
@@ -109,7 +114,8 @@ fn status(s: &Services) -> Answer {
 
 fn queue(s: &Services) -> Answer {
     let all = s.store.all().map_err(|e| e.to_string())?;
-    Ok(json!({ "messages": all }))
+    let quarantined = s.store.quarantined().map_err(|e| e.to_string())?;
+    Ok(json!({ "messages": all, "quarantined": quarantined }))
 }
 
 fn header_block(body: &[u8]) -> String {
@@ -219,6 +225,14 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         })
         .map(|e| json!({"id": e.id, "rcpt": e.rcpt, "event": e.event, "time": e.time}))
         .collect();
+    // A quarantined record (one that does not decode) can only be removed.
+    if let Some(id) = id {
+        if targets.is_empty() && s.store.drop_quarantined(id).map_err(|e| e.to_string())? {
+            s.store.commit().await.map_err(|e| e.to_string())?;
+            tracing::info!(%id, "quarantined record removed by operator");
+            return Ok(json!({ "cancelled": [], "already_final": [], "quarantine_removed": id }));
+        }
+    }
     let mut cancelled = Vec::new();
     for t in &targets {
         let mut newly = Vec::new();

@@ -20,7 +20,7 @@ use crate::config::Security;
 use crate::history::EventKind;
 use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::reply::Class;
-use crate::server::Services;
+use crate::services::Services;
 use client::{Conn, ConnError, Outcome, Target, Verdict};
 
 /// How long an idle upstream connection is kept for the next message.
@@ -61,6 +61,46 @@ impl Scheduler {
         let _ = self.tx.send(SchedMsg::Done(id.to_string()));
     }
 }
+
+/// Results of attempts that could not be written (the storage failed): kept
+/// in memory, with the recipients as they were before the attempt, and
+/// written before the message is attempted again. A recipient delivered
+/// while the disk was full is so never sent again in a loop.
+#[derive(Default)]
+pub struct Unsaved(Mutex<HashMap<String, (Envelope, Vec<Rcpt>)>>);
+
+impl Unsaved {
+    fn keep(&self, env: &Envelope, before: &[Rcpt]) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let first_before = m.remove(&env.id).map(|(_, b)| b);
+        m.insert(
+            env.id.clone(),
+            (env.clone(), first_before.unwrap_or_else(|| before.to_vec())),
+        );
+    }
+
+    fn take(&self, id: &str) -> Option<(Envelope, Vec<Rcpt>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How soon a message whose results are not written yet is looked at again.
+const UNSAVED_RETRY_MS: u64 = 5_000;
 
 /// Health of one route, as `status` and `trace` show it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -163,10 +203,14 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     }
 
     'run: loop {
-        let paused = services.paused.load(Ordering::Relaxed);
+        // While the storage is failed nothing that happens can be recorded:
+        // delivery is held (and looked at again every second).
+        let failed = services.store.health.is_failed();
+        let paused = services.paused.load(Ordering::Relaxed) || failed;
         let next = due.first().map(|(t, _)| *t).filter(|_| !paused);
         let sleep = match next {
             Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
+            None if failed => Duration::from_secs(1),
             None => Duration::from_secs(3600),
         };
         tokio::select! {
@@ -181,10 +225,13 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                 Some(SchedMsg::Wake) => {}
                 None => break,
             },
-            _ = tokio::time::sleep(sleep), if next.is_some() => {
+            _ = tokio::time::sleep(sleep), if next.is_some() || failed => {
                 let now = now_ms();
                 while let Some((t, id)) = due.first().cloned() {
-                    if t > now || services.paused.load(Ordering::Relaxed) {
+                    if t > now
+                        || services.paused.load(Ordering::Relaxed)
+                        || services.store.health.is_failed()
+                    {
                         break;
                     }
                     due.remove(&(t, id.clone()));
@@ -217,7 +264,9 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                             });
                         }
                         s.scheduler.done(&id);
-                        if let Ok(Some(env)) = s.store.envelope(&id) {
+                        if s.unsaved.contains(&id) {
+                            s.scheduler.schedule(&id, now_ms() + UNSAVED_RETRY_MS);
+                        } else if let Ok(Some(env)) = s.store.envelope(&id) {
                             if let Some(t) = env.next_due() {
                                 s.scheduler.schedule(&id, t);
                             }
@@ -390,7 +439,10 @@ fn save(s: &Services, env: &Envelope, before: &[Rcpt]) {
         }
     });
     if let Err(e) = res {
-        tracing::error!(id = %env.id, error = %e, "cannot update the queue");
+        // Kept in memory and written before the next attempt: the message
+        // is not sent again until its outcome is on record.
+        tracing::error!(id = %env.id, error = %e, "cannot update the queue; the outcome is kept and written once storage works");
+        s.unsaved.keep(env, before);
     }
 }
 
@@ -399,6 +451,14 @@ type Targets = Result<Vec<Target>, Verdict>;
 
 /// One delivery attempt for the due recipients of one message.
 pub async fn attempt(s: &Services, id: &str) {
+    // An earlier outcome is not on disk yet: write it first, or wait.
+    if let Some((env, before)) = s.unsaved.take(id) {
+        save(s, &env, &before);
+        if s.unsaved.contains(id) {
+            return;
+        }
+        tracing::info!(%id, "outcome of an earlier attempt written");
+    }
     let (mut env, body) = match (s.store.envelope(id), s.store.body(id)) {
         (Ok(Some(e)), Ok(Some(b))) => (e, b),
         (Ok(None), _) => return, // cancelled or finished meanwhile

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use base64::Engine;
 
-use crate::server::Services;
+use crate::services::Services;
 
 /// Failed logins before the connection is closed.
 const MAX_FAILURES: u32 = 3;

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::server::Services;
+use crate::services::Services;
 
 /// Binds with a deep backlog: a burst of platform workers connecting at once
 /// must queue in the kernel, not be refused (STACK.md: a backlog of 31

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::history::EventKind;
 use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::rewrite;
-use crate::server::Services;
+use crate::services::Services;
 
 /// One SMTP transaction as the session collected it.
 #[derive(Debug, Clone)]
@@ -27,6 +27,12 @@ pub struct Transaction {
 /// Queues the message; returns the SMTP reply to send.
 pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String) {
     let cfg = &s.cfg;
+    // A storage that failed a sync cannot be trusted with a 250: say so at
+    // once rather than let the client wait for a disk that does not answer.
+    if s.store.health.is_failed() {
+        tracing::debug!(peer = %t.peer, "message refused: storage failed");
+        return (451, "4.3.0 Local storage error; try again later".into());
+    }
     let id = s.store.ids.next();
     let has_key = |d: &str| s.signers.has_key_for(d);
     let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
@@ -78,6 +84,7 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
     let now = now_ms();
     let due = now + delay.as_millis() as u64;
     let env = Envelope {
+        v: crate::queue::RECORD_VERSION,
         id: id.clone(),
         received_at: now,
         client_ip: t.peer.to_string(),

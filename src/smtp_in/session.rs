@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use super::auth::Auth;
 use super::line::{read_line, Line};
 use super::reception::{self, Transaction};
-use crate::server::Services;
+use crate::services::Services;
 use crate::tls::Stream;
 
 /// RFC 5321 4.5.3.1.4 says 512 for a command line; AUTH PLAIN with long
