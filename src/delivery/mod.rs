@@ -180,9 +180,45 @@ impl Routes {
 }
 
 /// The scheduler loop. Runs until shutdown.
+/// Due times of queued messages: one entry per message, earliest first.
+#[derive(Default)]
+struct DueList {
+    due: BTreeSet<(u64, String)>,
+    index: HashMap<String, u64>,
+}
+
+impl DueList {
+    /// (Re)schedules `id` at `t`, replacing an earlier due time.
+    fn schedule(&mut self, id: &str, t: u64) {
+        if let Some(old) = self.index.insert(id.to_string(), t) {
+            self.due.remove(&(old, id.to_string()));
+        }
+        self.due.insert((t, id.to_string()));
+    }
+
+    /// The earliest due time.
+    fn first(&self) -> Option<u64> {
+        self.due.first().map(|(t, _)| *t)
+    }
+
+    /// Takes the earliest message due at `now` or before.
+    fn pop_due(&mut self, now: u64) -> Option<String> {
+        let (t, id) = self.due.first().cloned()?;
+        if t > now {
+            return None;
+        }
+        self.due.remove(&(t, id.clone()));
+        self.index.remove(&id);
+        Some(id)
+    }
+
+    fn len(&self) -> usize {
+        self.due.len()
+    }
+}
+
 pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedMsg>) {
-    let mut due: BTreeSet<(u64, String)> = BTreeSet::new();
-    let mut index: HashMap<String, u64> = HashMap::new();
+    let mut due = DueList::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let sem = Arc::new(Semaphore::new(services.cfg.delivery.concurrency));
     let mut shutdown = services.shutdown.clone();
@@ -191,11 +227,10 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         Ok(all) => {
             for env in all {
                 if let Some(t) = env.next_due() {
-                    index.insert(env.id.clone(), t);
-                    due.insert((t, env.id));
+                    due.schedule(&env.id, t);
                 }
             }
-            if !due.is_empty() {
+            if due.len() > 0 {
                 tracing::info!(messages = due.len(), "queue loaded");
             }
         }
@@ -207,7 +242,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         // delivery is held (and looked at again every second).
         let failed = services.store.health.is_failed();
         let paused = services.paused.load(Ordering::Relaxed) || failed;
-        let next = due.first().map(|(t, _)| *t).filter(|_| !paused);
+        let next = due.first().filter(|_| !paused);
         let sleep = match next {
             Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
             None if failed => Duration::from_secs(1),
@@ -215,31 +250,21 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         };
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(SchedMsg::Due(id, t)) => {
-                    if let Some(old) = index.insert(id.clone(), t) {
-                        due.remove(&(old, id.clone()));
-                    }
-                    due.insert((t, id));
-                }
+                Some(SchedMsg::Due(id, t)) => due.schedule(&id, t),
                 Some(SchedMsg::Done(id)) => { inflight.remove(&id); }
                 Some(SchedMsg::Wake) => {}
                 None => break,
             },
             _ = tokio::time::sleep(sleep), if next.is_some() || failed => {
                 let now = now_ms();
-                while let Some((t, id)) = due.first().cloned() {
-                    if t > now
-                        || services.paused.load(Ordering::Relaxed)
-                        || services.store.health.is_failed()
-                    {
+                loop {
+                    if services.paused.load(Ordering::Relaxed) || services.store.health.is_failed() {
                         break;
                     }
-                    due.remove(&(t, id.clone()));
-                    index.remove(&id);
+                    let Some(id) = due.pop_due(now) else { break };
                     if inflight.contains(&id) {
                         // An attempt is running; look again shortly.
-                        index.insert(id.clone(), now + 1000);
-                        due.insert((now + 1000, id));
+                        due.schedule(&id, now + 1000);
                         continue;
                     }
                     let mut stop = services.shutdown.clone();
@@ -362,21 +387,10 @@ fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: 
         Verdict::Deferred(t, class) => {
             r.attempts += 1;
             r.class = Some(*class);
-            let expires = env.received_at + cfg.max_age.as_millis() as u64;
-            if now >= expires {
-                r.status = RcptStatus::Expired;
-                (
-                    EventKind::Expired,
-                    format!(
-                        "gave up after {} (delivery.max_age); last reply: {t}",
-                        humantime::format_duration(cfg.max_age)
-                    ),
-                    Some(*class),
-                )
-            } else {
+            let next = next_attempt(cfg, env.received_at, r.attempts, now);
+            if let Some(next) = next {
                 r.status = RcptStatus::Deferred;
-                let next = now + cfg.backoff(r.attempts).as_millis() as u64;
-                r.next_attempt = next.min(expires);
+                r.next_attempt = next;
                 (
                     EventKind::Deferred,
                     format!(
@@ -385,6 +399,16 @@ fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: 
                         humantime::format_duration(Duration::from_secs(
                             (r.next_attempt - now) / 1000
                         ))
+                    ),
+                    Some(*class),
+                )
+            } else {
+                r.status = RcptStatus::Expired;
+                (
+                    EventKind::Expired,
+                    format!(
+                        "gave up after {} (delivery.max_age); last reply: {t}",
+                        humantime::format_duration(cfg.max_age)
                     ),
                     Some(*class),
                 )
@@ -427,23 +451,51 @@ fn record(
 /// keeps that state, unless the attempt delivered it (then the record says
 /// what really happened).
 fn save(s: &Services, env: &Envelope, before: &[Rcpt]) {
-    let res = s.store.update(&env.id, |cur| {
-        for ((c, n), b) in cur.rcpts.iter_mut().zip(&env.rcpts).zip(before) {
-            if n == b {
-                continue;
-            }
-            if c.status.is_final() && n.status != RcptStatus::Delivered {
-                continue;
-            }
-            *c = n.clone();
-        }
-    });
+    let res = s
+        .store
+        .update(&env.id, |cur| merge(&mut cur.rcpts, &env.rcpts, before));
     if let Err(e) = res {
         // Kept in memory and written before the next attempt: the message
         // is not sent again until its outcome is on record.
         tracing::error!(id = %env.id, error = %e, "cannot update the queue; the outcome is kept and written once storage works");
         s.unsaved.keep(env, before);
     }
+}
+
+/// The write-back rule of [`save`]: `new` is what the attempt made of
+/// `before`; `cur` is what is stored now.
+fn merge(cur: &mut [Rcpt], new: &[Rcpt], before: &[Rcpt]) {
+    for ((c, n), b) in cur.iter_mut().zip(new).zip(before) {
+        if n == b {
+            continue;
+        }
+        if c.status.is_final() && n.status != RcptStatus::Delivered {
+            continue;
+        }
+        *c = n.clone();
+    }
+}
+
+/// When a recipient deferred for the `attempts`-th time is tried next, or
+/// None when it has run out of time (`max_age`). The last retry is
+/// scheduled at the deadline itself, so it still runs.
+fn next_attempt(
+    cfg: &crate::config::Delivery,
+    received_at: u64,
+    attempts: u32,
+    now: u64,
+) -> Option<u64> {
+    let expires = received_at + cfg.max_age.as_millis() as u64;
+    if now >= expires {
+        return None;
+    }
+    Some((now + cfg.backoff(attempts).as_millis() as u64).min(expires))
+}
+
+/// Whether a recipient due at `next` and reached only at `now` is stale: it
+/// was due before the deadline but the deadline has passed (a long pause).
+fn is_stale(now: u64, expires: u64, next: u64) -> bool {
+    now >= expires && next < expires
 }
 
 /// Where a group of recipients can go, or why it cannot go anywhere now.
@@ -506,7 +558,7 @@ pub async fn attempt(s: &Services, id: &str) {
     let stale: Vec<usize> = due
         .iter()
         .copied()
-        .filter(|&i| now >= expires && env.rcpts[i].next_attempt < expires)
+        .filter(|&i| is_stale(now, expires, env.rcpts[i].next_attempt))
         .collect();
     if !stale.is_empty() {
         for &i in &stale {
@@ -709,4 +761,106 @@ fn mark_suppressed(s: &Services, env: &mut Envelope, i: usize, e: &crate::suppre
     tracing::info!(id = %env.id, rcpt = %r.addr, "suppressed");
     let addr = r.addr.clone();
     record(s, env, EventKind::Suppressed, None, &addr, &detail);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(toml: &str) -> crate::config::Delivery {
+        let text = format!(
+            "hostname = \"h.test\"\n[sender]\ndefault_sender = \"n@example.com\"\n[delivery]\nupstream = \"mx\"\n{toml}"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("/tmp/herald.toml"))
+            .unwrap()
+            .delivery
+    }
+
+    #[test]
+    fn due_list_orders_replaces_and_pops_only_what_is_due() {
+        let mut d = DueList::default();
+        d.schedule("B", 20);
+        d.schedule("A", 10);
+        d.schedule("C", 30);
+        assert_eq!(d.first(), Some(10));
+        // Rescheduling replaces, never duplicates.
+        d.schedule("A", 25);
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.pop_due(5), None);
+        assert_eq!(d.pop_due(25).as_deref(), Some("B"));
+        assert_eq!(d.pop_due(25).as_deref(), Some("A"));
+        assert_eq!(d.pop_due(25), None);
+        assert_eq!(d.first(), Some(30));
+        assert_eq!(d.pop_due(u64::MAX).as_deref(), Some("C"));
+        assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn backoff_follows_the_schedule_and_stops_at_max_age() {
+        let cfg = delivery("retry_schedule = [\"1m\", \"5m\"]\nmax_age = \"1h\"\n");
+        let t0 = 1_000_000;
+        let min = 60_000;
+        assert_eq!(next_attempt(&cfg, t0, 1, t0), Some(t0 + min));
+        assert_eq!(next_attempt(&cfg, t0, 2, t0 + min), Some(t0 + 6 * min));
+        // The last value repeats.
+        assert_eq!(
+            next_attempt(&cfg, t0, 9, t0 + 10 * min),
+            Some(t0 + 15 * min)
+        );
+        // Never past max_age: the last retry is at the deadline itself.
+        assert_eq!(
+            next_attempt(&cfg, t0, 9, t0 + 58 * min),
+            Some(t0 + 60 * min)
+        );
+        // At or after the deadline: expired.
+        assert_eq!(next_attempt(&cfg, t0, 9, t0 + 60 * min), None);
+        // Due before the deadline but reached after it: stale; the retry
+        // scheduled at the deadline is not.
+        let expires = t0 + 60 * min;
+        assert!(is_stale(expires + 1, expires, expires - 1));
+        assert!(!is_stale(expires, expires, expires));
+        assert!(!is_stale(expires - 1, expires, expires - 5));
+    }
+
+    fn rcpt(addr: &str, status: RcptStatus, attempts: u32) -> Rcpt {
+        Rcpt {
+            addr: addr.into(),
+            status,
+            attempts,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn write_back_keeps_what_others_changed_meanwhile() {
+        let before = vec![
+            rcpt("a", RcptStatus::Deferred, 1),
+            rcpt("b", RcptStatus::Deferred, 1),
+            rcpt("c", RcptStatus::Queued, 0),
+            rcpt("d", RcptStatus::Queued, 0),
+        ];
+        // The attempt handled a, b and d (c was not due).
+        let mut new = before.clone();
+        new[0] = rcpt("a", RcptStatus::Deferred, 2);
+        new[1] = rcpt("b", RcptStatus::Delivered, 2);
+        new[3] = rcpt("d", RcptStatus::Deferred, 1);
+        // Meanwhile: a retry made c due now, a cancel hit b and d.
+        let mut cur = before.clone();
+        cur[2].next_attempt = 42;
+        cur[1].status = RcptStatus::Cancelled;
+        cur[3].status = RcptStatus::Cancelled;
+        merge(&mut cur, &new, &before);
+        assert_eq!(cur[0], new[0], "handled: written");
+        assert_eq!(
+            cur[1].status,
+            RcptStatus::Delivered,
+            "delivered wins over a late cancel"
+        );
+        assert_eq!(cur[2].next_attempt, 42, "not handled: the retry is kept");
+        assert_eq!(
+            cur[3].status,
+            RcptStatus::Cancelled,
+            "a cancel is not undone"
+        );
+    }
 }
