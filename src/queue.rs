@@ -174,6 +174,9 @@ impl Envelope {
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// sled's page cache (its default is 1 GiB).
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 /// How long a commit may take before herald stops waiting for the disk.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -290,6 +293,9 @@ impl Store {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(500))
+            // sled's default cache is 1 GiB: bodies of delivered mail would
+            // stay in memory long after they left.
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()?;
         let db_file = File::open(path.join("db"))?;
         let blobs = path.join("blobs");
@@ -437,8 +443,9 @@ impl Store {
         Ok(had)
     }
 
-    pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.bodies.get(id.as_bytes())?.map(|v| v.to_vec()))
+    /// The message bytes, shared with sled's cache (no copy).
+    pub fn body(&self, id: &str) -> Result<Option<sled::IVec>> {
+        Ok(self.bodies.get(id.as_bytes())?)
     }
 
     /// Reads, changes and writes back one envelope atomically with respect

@@ -101,6 +101,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         scheduler,
         routes: Routes::default(),
         unsaved: Default::default(),
+        memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
         client_tls,
         mx_tls,
         resolver,

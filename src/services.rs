@@ -37,6 +37,8 @@ pub struct Services {
     pub shutdown: Shutdown,
     pub paused: AtomicBool,
     pub started: Instant,
+    /// Message bytes held at once (end of DATA, delivery).
+    pub memory: crate::budget::Budget,
 }
 
 pub const META_PAUSED: &str = "paused";

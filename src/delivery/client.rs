@@ -313,23 +313,41 @@ pub enum Outcome {
     Broken(String),
 }
 
-/// Applies SMTP transparency (dot-stuffing) and appends the end marker,
-/// so the whole message goes out in one write.
-pub fn dot_stuff(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len() + msg.len() / 64 + 8);
+/// Writes `msg` with SMTP transparency (dot-stuffing) and the end marker,
+/// in slices of the message itself: no second copy of a large body.
+pub async fn write_stuffed<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut start = 0;
     let mut at_line_start = true;
-    for &b in msg {
+    for (i, &b) in msg.iter().enumerate() {
         if at_line_start && b == b'.' {
-            out.push(b'.');
+            // Everything up to here, then the extra dot.
+            w.write_all(&msg[start..i]).await?;
+            w.write_all(b".").await?;
+            start = i;
         }
-        out.push(b);
         at_line_start = b == b'\n';
     }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
+    w.write_all(&msg[start..]).await?;
+    if !msg.ends_with(b"\r\n") {
+        w.write_all(b"\r\n").await?;
     }
-    out.extend_from_slice(b".\r\n");
-    out
+    w.write_all(b".\r\n").await
+}
+
+/// Sends the message after `354` and reads the reply to its end.
+async fn send_data(client: &mut Client, msg: &[u8]) -> mail_send::Result<Response<String>> {
+    use tokio::io::AsyncWriteExt;
+    tokio::time::timeout(DATA_END_TIMEOUT, async {
+        write_stuffed(&mut client.stream, msg).await?;
+        client.stream.flush().await?;
+        client.read().await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)?
 }
 
 /// What a reply at `stage` means for the recipients it judges.
@@ -441,10 +459,7 @@ pub async fn transact(
             reusable: false,
         };
     }
-    client.timeout = DATA_END_TIMEOUT;
-    let final_reply = client.cmd(dot_stuff(message)).await;
-    client.timeout = COMMAND_TIMEOUT;
-    let final_reply = match final_reply {
+    let final_reply = match send_data(client, message).await {
         Ok(r) => r,
         // The message went out and no reply came: it may have been
         // delivered. Defer (another MX now could make a second copy).
@@ -482,10 +497,18 @@ pub async fn transact(
 mod tests {
     use super::*;
 
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
-        assert_eq!(dot_stuff(b".\r\n"), b"..\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x"), b"x\r\n.\r\n");
+    async fn stuffed(msg: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_stuffed(&mut out, msg).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn dot_stuffing() {
+        assert_eq!(stuffed(b"a\r\n.b\r\n").await, b"a\r\n..b\r\n.\r\n");
+        assert_eq!(stuffed(b".\r\n").await, b"..\r\n.\r\n");
+        assert_eq!(stuffed(b"x").await, b"x\r\n.\r\n");
+        assert_eq!(stuffed(b"..x\r\n..\r\n").await, b"...x\r\n...\r\n.\r\n");
+        assert_eq!(stuffed(b"").await, b"\r\n.\r\n");
     }
 }

@@ -511,6 +511,12 @@ pub async fn attempt(s: &Services, id: &str) {
         }
         tracing::info!(%id, "outcome of an earlier attempt written");
     }
+    // The body's share of the memory budget, taken before it is read.
+    let size = match s.store.envelope(id) {
+        Ok(Some(e)) => e.size,
+        _ => 0,
+    };
+    let _memory = s.memory.reserve(size).await;
     let (mut env, body) = match (s.store.envelope(id), s.store.body(id)) {
         (Ok(Some(e)), Ok(Some(b))) => (e, b),
         (Ok(None), _) => return, // cancelled or finished meanwhile

@@ -34,6 +34,9 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         return (451, "4.3.0 Local storage error; try again later".into());
     }
     let id = s.store.ids.next();
+    // The rewritten and the signed copy, and sled's: their share of the
+    // memory budget, held until the message is on disk.
+    let _memory = s.memory.reserve(3 * data.len()).await;
     let has_key = |d: &str| s.signers.has_key_for(d);
     let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
         Ok(p) => p,
