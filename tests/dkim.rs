@@ -6,28 +6,6 @@ mod common;
 
 use common::*;
 
-fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), msg).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py");
-    let mut cmd = tool(python());
-    cmd.arg(script).arg(f.path());
-    for (n, r) in records {
-        cmd.arg(format!("{n}={r}"));
-    }
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(text)
-    }
-}
-
 const BODY: &str = "Bonjour Louise,\n\nLe fichier « rapport.pdf » est prêt.\n.une ligne qui commence par un point\n..et deux\n\n-- \nPlateforme\n";
 
 #[test]
