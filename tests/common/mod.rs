@@ -789,25 +789,34 @@ impl Drop for Dns {
 /// serving `records` (name, TXT) instead of DNS: Ok("pass d=.. s=.. a=..")
 /// or Err(what it said).
 pub fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), msg).unwrap();
+    dkimpy_all(&[msg.to_vec()], records).remove(0)
+}
+
+/// [`dkimpy`] for many messages in one run of the verifier.
+pub fn dkimpy_all(msgs: &[Vec<u8>], records: &[(String, String)]) -> Vec<Result<String, String>> {
+    let dir = tempfile::tempdir().unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py");
     let mut cmd = tool(python());
-    cmd.arg(script).arg(f.path());
+    cmd.arg(script);
+    for (i, m) in msgs.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.eml"));
+        std::fs::write(&path, m).unwrap();
+        cmd.arg(path);
+    }
     for (n, r) in records {
         cmd.arg(format!("{n}={r}"));
     }
     let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(text)
-    }
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    (0..msgs.len())
+        .map(|i| match lines.get(i) {
+            Some(l) if l.starts_with("pass") => Ok(l.to_string()),
+            Some(l) => Err(format!("{l}{stderr}")),
+            None => Err(format!("no verdict: {stdout}{stderr}")),
+        })
+        .collect()
 }
 
 /// The decoded content of every leaf part of `msg`, read by Python's email
