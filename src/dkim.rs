@@ -1,5 +1,12 @@
 //! DKIM: signers built once at start-up from `[[dkim]]`, the choice of key
 //! by the final From domain, and `herald dkim-keygen`.
+//!
+//! mail-auth canonicalizes and signs, but herald writes the
+//! `DKIM-Signature` field itself: mail-auth ends it with `;` after `b=`
+//! and, when the value ends at a wrap point, folds before that `;`, which
+//! dkimpy (and so many receivers' milters) refuses. Here `b=` comes last
+//! and nothing follows its value, so every verifier reads the field the
+//! same way.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -8,9 +15,8 @@ use std::path::Path;
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
 use aws_lc_rs::signature::KeyPair as _;
 use base64::Engine;
-use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
-use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mail_auth::common::crypto::{Algorithm, DkimKey, Ed25519Key, RsaKey, Sha256, SigningKey};
+use mail_auth::dkim::Canonicalization;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::config::Config;
@@ -43,7 +49,8 @@ pub enum DkimError {
 
 struct Signer {
     domain: String,
-    signer: DkimSigner<DkimKey, Done>,
+    selector: String,
+    key: DkimKey,
 }
 
 /// All configured signers.
@@ -99,16 +106,10 @@ impl Signers {
     pub fn from_config(cfg: &Config) -> Result<Signers, DkimError> {
         let mut list = Vec::new();
         for d in &cfg.dkim {
-            let key = load_key(&d.private_key)?;
-            let signer = DkimSigner::from_key(key)
-                .domain(d.domain.clone())
-                .selector(d.selector.clone())
-                .headers(SIGNED_HEADERS)
-                .header_canonicalization(Canonicalization::Relaxed)
-                .body_canonicalization(Canonicalization::Relaxed);
             list.push(Signer {
                 domain: d.domain.clone(),
-                signer,
+                selector: d.selector.clone(),
+                key: load_key(&d.private_key)?,
             });
         }
         Ok(Signers { list })
@@ -139,11 +140,98 @@ impl Signers {
         let Some(s) = self.find(from_domain) else {
             return Ok(None);
         };
-        let sig = s
-            .signer
-            .sign(message)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        s.sign(message, now).map(Some)
+    }
+}
+
+impl Signer {
+    /// relaxed/relaxed over [`SIGNED_HEADERS`]: every instance present,
+    /// bottom-up (RFC 6376 5.4.2), then the names absent (and the second
+    /// From) so that none can be added later.
+    fn sign(&self, message: &[u8], now: u64) -> Result<String, DkimError> {
+        let relaxed = Canonicalization::Relaxed;
+        let (fields, body) =
+            crate::rewrite::split(message).map_err(|e| DkimError::Sign(e.to_string()))?;
+        let mut found: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut seen = [false; SIGNED_HEADERS.len()];
+        for f in &fields {
+            let (name, value) = (f.name.as_bytes(), &f.raw[f.name.len() + 1..]);
+            if let Some(pos) = SIGNED_HEADERS
+                .iter()
+                .position(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            {
+                found.push((name, value));
+                seen[pos] = true;
+            }
+        }
+        if found.is_empty() {
+            return Err(DkimError::Sign("no header field to sign".into()));
+        }
+        found.reverse();
+        let mut names: Vec<String> = found
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        for (pos, h) in SIGNED_HEADERS.iter().enumerate() {
+            if !seen[pos] {
+                names.push(h.to_string());
+            }
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let bh = b64.encode(
+            self.key
+                .hash(relaxed.canonical_body(body, u64::MAX))
+                .as_ref(),
+        );
+        let alg = match self.key.algorithm() {
+            Algorithm::Ed25519Sha256 => "ed25519-sha256",
+            Algorithm::RsaSha1 => "rsa-sha1",
+            Algorithm::RsaSha256 => "rsa-sha256",
+        };
+        // Folds only between tags and before a ':' of h=, where FWS is
+        // allowed; b= last, empty while hashing (RFC 6376 3.7).
+        let mut field = format!(
+            "DKIM-Signature: v=1; a={alg}; c=relaxed/relaxed; d={}; s={};\r\n\tt={now};\r\n\th=",
+            self.domain, self.selector
+        );
+        let mut width = 3;
+        for (i, n) in names.iter().enumerate() {
+            if i > 0 {
+                if width + n.len() + 1 > 76 {
+                    field.push_str("\r\n\t");
+                    width = 1;
+                }
+                field.push(':');
+                width += 1;
+            }
+            field.push_str(n);
+            width += n.len();
+        }
+        field.push_str(&format!(";\r\n\tbh={bh};\r\n\tb="));
+        let mut signed = Vec::with_capacity(1024);
+        relaxed.canonicalize_headers(found.into_iter(), &mut signed);
+        let value = &field.as_bytes()["DKIM-Signature:".len()..];
+        relaxed.canonicalize_headers(
+            std::iter::once((&b"DKIM-Signature"[..], value)),
+            &mut signed,
+        );
+        let b = self
+            .key
+            .sign(&signed[..])
             .map_err(|e| DkimError::Sign(e.to_string()))?;
-        Ok(Some(sig.to_header()))
+        let b = b64.encode(b);
+        for (i, chunk) in b.as_bytes().chunks(72).enumerate() {
+            if i > 0 {
+                field.push_str("\r\n\t  ");
+            }
+            field.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        }
+        field.push_str("\r\n");
+        Ok(field)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod dkim;
 pub mod dns;
 pub mod history;
 pub mod metrics;
+pub mod mime;
 pub mod queue;
 pub mod reply;
 pub mod rewrite;

@@ -23,6 +23,7 @@ use base64::Engine;
 use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
 use crate::history::{By, EventKind};
+use crate::mime::{base64_lines, qp_encode};
 use crate::services::Services;
 
 /// The smallest transparent GIF.
@@ -87,47 +88,6 @@ fn insert_html(html: &[u8], tag: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&html[..at]);
     out.extend_from_slice(tag);
     out.extend_from_slice(&html[at..]);
-    out
-}
-
-/// Quoted-printable encoding (RFC 2045 6.7) of text with CRLF line
-/// breaks: hard breaks kept, lines soft-broken before 76 characters,
-/// `=`, non-ASCII and line-final blanks encoded.
-fn qp_encode(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 8);
-    let lines: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
-    for (n, raw_line) in lines.iter().enumerate() {
-        let line = raw_line.strip_suffix(b"\r").unwrap_or(raw_line);
-        let mut width = 0;
-        for (i, &b) in line.iter().enumerate() {
-            let last = i + 1 == line.len();
-            let plain = (33..=126).contains(&b) && b != b'=' || (b == b' ' || b == b'\t') && !last;
-            let enc = if plain {
-                vec![b]
-            } else {
-                format!("={b:02X}").into_bytes()
-            };
-            if width + enc.len() > 75 {
-                out.extend_from_slice(b"=\r\n");
-                width = 0;
-            }
-            width += enc.len();
-            out.extend_from_slice(&enc);
-        }
-        if n + 1 < lines.len() {
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out
-}
-
-fn base64_lines(data: &[u8]) -> Vec<u8> {
-    let text = base64::engine::general_purpose::STANDARD.encode(data);
-    let mut out = Vec::with_capacity(text.len() + text.len() / 38);
-    for chunk in text.as_bytes().chunks(76) {
-        out.extend_from_slice(chunk);
-        out.extend_from_slice(b"\r\n");
-    }
     out
 }
 

@@ -63,6 +63,10 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         );
         prepared.message = crate::tracking::inject(&prepared.message, &url);
     }
+    // Lines over 998 bytes re-encoded, so that no hop rewraps what we sign.
+    if let Some(m) = crate::mime::transportable(&prepared.message) {
+        prepared.message = m;
+    }
     // DKIM last, over the final headers and body.
     match s.signers.sign(
         prepared.from.rsplit_once('@').map(|(_, d)| d).unwrap_or(""),

@@ -2,8 +2,9 @@
 //!
 //! mailin keeps the SMTP state machine; this loop owns the I/O and AUTH,
 //! and closes mailin's gaps (STACK.md):
-//! - lines are capped ([`MAX_COMMAND_LINE`], [`MAX_DATA_LINE`]) and commands
-//!   must end in CRLF;
+//! - command lines are capped ([`MAX_COMMAND_LINE`]) and must end in CRLF;
+//!   a message line may be as long as the message size limit (platforms
+//!   send HTML on one line; `crate::mime` makes it transportable);
 //! - in DATA, a bare LF never ends a line for the purpose of the end-of-data
 //!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling);
 //! - MAIL and RCPT are parsed here (null sender, a space after the colon,
@@ -31,8 +32,6 @@ use crate::tls::Stream;
 /// RFC 5321 4.5.3.1.4 says 512 for a command line; AUTH PLAIN with long
 /// credentials can exceed that, so we allow a little more.
 pub const MAX_COMMAND_LINE: usize = 2048;
-/// RFC 5321 4.5.3.1.6: 1000 octets including CRLF.
-pub const MAX_DATA_LINE: usize = 1000;
 /// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -224,7 +223,6 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut txn: Option<Transaction> = None;
     let mut in_data = false;
     let mut data_prev_bare_lf = false;
-    let mut data_line_too_long = false;
     let mut auth = Auth::default();
 
     loop {
@@ -235,8 +233,13 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             }
             out.clear();
         }
+        if line.capacity() > 1 << 20 {
+            // Do not keep a one-line message's buffer for the whole session.
+            line = Vec::with_capacity(1024);
+        }
         let max = if in_data {
-            MAX_DATA_LINE
+            // A longer line makes the message too big anyway.
+            cfg.listen.max_message_size.saturating_add(3)
         } else {
             MAX_COMMAND_LINE
         };
@@ -263,7 +266,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
 
         if in_data {
             if let Line::TooLong { crlf } = status {
-                data_line_too_long = true;
+                let mut sh = shared.lock().unwrap();
+                sh.oversize = true;
+                sh.data = Vec::new();
                 data_prev_bare_lf = !crlf;
                 continue;
             }
@@ -306,12 +311,6 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         "5.3.4 Message too big (limit {} bytes)",
                         cfg.listen.max_message_size
                     ),
-                );
-            } else if data_line_too_long {
-                reply(
-                    &mut out,
-                    500,
-                    &format!("5.5.2 Message line too long (limit {MAX_DATA_LINE} bytes with CRLF)"),
                 );
             } else {
                 // Anything the client pipelined after the dot waits; the
@@ -538,7 +537,6 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 if r.code == 354 {
                     in_data = true;
                     data_prev_bare_lf = false;
-                    data_line_too_long = false;
                     reply(&mut out, 354, "End data with <CR><LF>.<CR><LF>");
                 } else {
                     write_response(&mut out, &r);

@@ -800,6 +800,74 @@ impl Drop for Dns {
     }
 }
 
+/// Verifies the DKIM signature of `msg` with dkimpy (tests/dkim_verify.py),
+/// serving `records` (name, TXT) instead of DNS: Ok("pass d=.. s=.. a=..")
+/// or Err(what it said).
+pub fn dkimpy(msg: &[u8], records: &[(String, String)]) -> Result<String, String> {
+    dkimpy_all(&[msg.to_vec()], records).remove(0)
+}
+
+/// [`dkimpy`] for many messages in one run of the verifier.
+pub fn dkimpy_all(msgs: &[Vec<u8>], records: &[(String, String)]) -> Vec<Result<String, String>> {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dkim_verify.py");
+    let mut cmd = tool(python());
+    cmd.arg(script);
+    for (i, m) in msgs.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.eml"));
+        std::fs::write(&path, m).unwrap();
+        cmd.arg(path);
+    }
+    for (n, r) in records {
+        cmd.arg(format!("{n}={r}"));
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    (0..msgs.len())
+        .map(|i| match lines.get(i) {
+            Some(l) if l.starts_with("pass") => Ok(l.to_string()),
+            Some(l) => Err(format!("{l}{stderr}")),
+            None => Err(format!("no verdict: {stdout}{stderr}")),
+        })
+        .collect()
+}
+
+/// The decoded content of every leaf part of `msg`, read by Python's email
+/// package (tests/mime_parts.py): (content type, bytes), in order.
+pub fn mime_parts(msg: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), msg).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mime_parts.py");
+    let out = tool(python()).arg(script).arg(f.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let hex = v["hex"].as_str().unwrap();
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            (v["type"].as_str().unwrap().to_string(), bytes)
+        })
+        .collect()
+}
+
+/// The length of the longest line of `data`, CRLF excluded.
+pub fn longest_line(data: &[u8]) -> usize {
+    data.split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l).len())
+        .max()
+        .unwrap_or(0)
+}
+
 // ------------------------------------------------------------- config ----
 
 /// Runs `herald dkim-keygen` (checking the key file is mode 0600) and returns (DNS name, record) from its output.
