@@ -174,6 +174,27 @@ impl Envelope {
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// Small bodies live in sled, in chunks of this size under `ID \0 INDEX`
+/// (below sled's blob threshold, so they stay in its log).
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Bodies larger than this are files of their own under `bodies/`, synced
+/// by the committer: sled keeps every value it holds in memory, so 20
+/// queued messages of 20 MiB cost 400 MiB of heap there.
+const BODY_FILE_MIN: usize = 256 * 1024;
+
+fn chunk_prefix(id: &str) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn chunk_key(id: &str, i: u32) -> Vec<u8> {
+    let mut k = chunk_prefix(id);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
 /// sled's page cache (its default is 1 GiB).
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -285,6 +306,10 @@ pub struct Store {
     pub ids: Arc<IdGen>,
     pub health: Arc<Health>,
     pub stats: Arc<Stats>,
+    /// Where large bodies are files.
+    body_dir: std::path::PathBuf,
+    /// Body files written since the last commit, for the committer to sync.
+    unsynced: Arc<Mutex<Vec<File>>>,
 }
 
 impl Store {
@@ -299,9 +324,12 @@ impl Store {
             .open()?;
         let db_file = File::open(path.join("db"))?;
         let blobs = path.join("blobs");
+        let body_dir = path.join("bodies");
+        std::fs::create_dir_all(&body_dir)?;
         let (commit_tx, commit_rx) = mpsc::channel::<Waiter>();
         let health: Arc<Health> = Arc::default();
         let meta = db.open_tree("meta")?;
+        let unsynced: Arc<Mutex<Vec<File>>> = Arc::default();
         let c = Committer {
             db: db.clone(),
             file: db_file,
@@ -309,6 +337,8 @@ impl Store {
             synced: HashSet::new(),
             health: health.clone(),
             meta: meta.clone(),
+            body_dir: body_dir.clone(),
+            unsynced: unsynced.clone(),
         };
         std::thread::Builder::new()
             .name("herald-commit".into())
@@ -324,12 +354,15 @@ impl Store {
             ids: Arc::new(IdGen::new()),
             health,
             stats: Arc::default(),
+            body_dir,
+            unsynced,
         };
         // One scan at start: counts, and the quarantine of what no longer
         // decodes.
         for env in store.all()? {
             store.stats.add(&env, 1);
         }
+        store.remove_orphan_bodies()?;
         Ok(store)
     }
 
@@ -371,11 +404,59 @@ impl Store {
         {
             return Err(QueueError::Exists(env.id.clone()));
         }
-        if let Err(e) = self.bodies.insert(id, body) {
+        if body.len() > BODY_FILE_MIN {
+            if let Err(e) = self.write_body_file(&env.id, body) {
+                let _ = self.envelopes.remove(id);
+                return Err(e.into());
+            }
+            self.stats.add(&env, 1);
+            return Ok(());
+        }
+        // One atomic batch: a body is never half written.
+        let mut batch = sled::Batch::default();
+        for (i, chunk) in body.chunks(BODY_CHUNK).enumerate() {
+            batch.insert(chunk_key(&env.id, i as u32), chunk);
+        }
+        if body.is_empty() {
+            batch.insert(chunk_key(&env.id, 0), &[][..]);
+        }
+        if let Err(e) = self.bodies.apply_batch(batch) {
             let _ = self.envelopes.remove(id);
             return Err(e.into());
         }
         self.stats.add(&env, 1);
+        Ok(())
+    }
+
+    /// Body files of messages that were never acknowledged (a crash between
+    /// the file and the commit) are deleted at start-up.
+    fn remove_orphan_bodies(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.body_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let id = name.to_string_lossy();
+            if !self.envelopes.contains_key(id.as_bytes())?
+                && !self.quarantine.contains_key(id.as_bytes())?
+            {
+                tracing::info!(%id, "removing the body of a message that was never queued");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a large body to its own file; the next commit syncs it.
+    fn write_body_file(&self, id: &str, body: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.body_dir.join(id))?;
+        f.write_all(body)?;
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(f);
         Ok(())
     }
 
@@ -438,14 +519,43 @@ impl Store {
     pub fn drop_quarantined(&self, id: &str) -> Result<bool> {
         let had = self.quarantine.remove(id.as_bytes())?.is_some();
         if had {
-            self.bodies.remove(id.as_bytes())?;
+            self.remove_body(id)?;
         }
         Ok(had)
     }
 
-    /// The message bytes, shared with sled's cache (no copy).
-    pub fn body(&self, id: &str) -> Result<Option<sled::IVec>> {
-        Ok(self.bodies.get(id.as_bytes())?)
+    /// The message bytes (from its chunks; a spool written before chunks
+    /// has the whole body under the queue id).
+    pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let mut out: Option<Vec<u8>> = None;
+        for item in self.bodies.scan_prefix(chunk_prefix(id)) {
+            let (_, v) = item?;
+            out.get_or_insert_with(Vec::new).extend_from_slice(&v);
+        }
+        if out.is_none() {
+            out = self.bodies.get(id.as_bytes())?.map(|v| v.to_vec());
+        }
+        if out.is_none() {
+            match std::fs::read(self.body_dir.join(id)) {
+                Ok(b) => out = Some(b),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_body(&self, id: &str) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.bodies.scan_prefix(chunk_prefix(id)).keys() {
+            batch.remove(item?);
+        }
+        batch.remove(id.as_bytes());
+        self.bodies.apply_batch(batch)?;
+        match std::fs::remove_file(self.body_dir.join(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// Reads, changes and writes back one envelope atomically with respect
@@ -487,7 +597,7 @@ impl Store {
     }
 
     fn remove_unlocked(&self, id: &str) -> Result<()> {
-        self.bodies.remove(id.as_bytes())?;
+        self.remove_body(id)?;
         self.envelopes.remove(id.as_bytes())?;
         Ok(())
     }
@@ -547,6 +657,8 @@ struct Committer {
     synced: HashSet<std::ffi::OsString>,
     health: Arc<Health>,
     meta: sled::Tree,
+    body_dir: std::path::PathBuf,
+    unsynced: Arc<Mutex<Vec<File>>>,
 }
 
 impl Committer {
@@ -595,6 +707,18 @@ impl Committer {
     /// sled's flush() only does sync_file_range; the fsync makes it survive
     /// a power cut, not just a process crash.
     fn sync(&mut self) -> std::result::Result<(), String> {
+        // Body files first (and the directory that names them), then the
+        // database whose envelopes point at them.
+        let files = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|e| e.into_inner()));
+        if !files.is_empty() {
+            for f in &files {
+                f.sync_all()
+                    .map_err(|e| format!("fsync of a message body: {e}"))?;
+            }
+            File::open(&self.body_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("fsync of {}: {e}", self.body_dir.display()))?;
+        }
         self.db.flush().map_err(|e| format!("flush: {e}"))?;
         self.sync_new_blobs()
             .map_err(|e| format!("fsync of {}: {e}", self.blobs.display()))?;
@@ -724,6 +848,34 @@ mod tests {
             .expect("reopen");
         assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
         assert_eq!(s.all().unwrap().len(), 1);
+        // A large body in chunks reads back whole, and goes away whole.
+        let big: Vec<u8> = (0..(3 * BODY_CHUNK + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let env2 = Envelope {
+            id: "ID2".into(),
+            rcpts: env.rcpts.clone(),
+            ..Default::default()
+        };
+        s.insert(&env2, &big).unwrap();
+        assert_eq!(s.body("ID2").unwrap().unwrap(), big);
+        s.remove("ID2").unwrap();
+        assert_eq!(s.body("ID2").unwrap(), None);
+        assert_eq!(s.bodies.scan_prefix(chunk_prefix("ID2")).count(), 0);
+        // Larger still: a file of its own, synced by the next commit.
+        let huge: Vec<u8> = (0..(BODY_FILE_MIN * 3)).map(|i| (i % 241) as u8).collect();
+        let env3 = Envelope {
+            id: "ID3".into(),
+            rcpts: env.rcpts.clone(),
+            ..Default::default()
+        };
+        s.insert(&env3, &huge).unwrap();
+        assert!(dir.path().join("bodies/ID3").exists());
+        s.commit().await.unwrap();
+        assert!(s.unsynced.lock().unwrap().is_empty());
+        assert_eq!(s.body("ID3").unwrap().unwrap(), huge);
+        s.remove("ID3").unwrap();
+        assert!(!dir.path().join("bodies/ID3").exists());
         assert_eq!(s.stats.get(), (1, 1, 0));
         // The same id again is refused, never overwritten.
         assert!(matches!(

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod line;
 pub mod reception;
 pub mod session;
+pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,6 +11,7 @@ use crate::history::EventKind;
 use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::rewrite;
 use crate::services::Services;
+use crate::smtp_in::spool::Spool;
 
 /// One SMTP transaction as the session collected it.
 #[derive(Debug, Clone)]
@@ -25,7 +26,7 @@ pub struct Transaction {
 }
 
 /// Queues the message; returns the SMTP reply to send.
-pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String) {
+pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String) {
     let cfg = &s.cfg;
     // A storage that failed a sync cannot be trusted with a 250: say so at
     // once rather than let the client wait for a disk that does not answer.
@@ -34,9 +35,17 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
         return (451, "4.3.0 Local storage error; try again later".into());
     }
     let id = s.store.ids.next();
-    // The rewritten and the signed copy, and sled's: their share of the
-    // memory budget, held until the message is on disk.
-    let _memory = s.memory.reserve(3 * data.len()).await;
+    // The message, its rewritten and signed copies and sled's: their share
+    // of the memory budget, held until the message is on disk. Large
+    // messages wait here, on disk, rather than all in memory at once.
+    let _memory = s.memory.reserve(4 * spool.len()).await;
+    let data = match spool.into_bytes() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(peer = %t.peer, error = %e, "cannot read back the spooled message");
+            return (451, "4.3.0 Local storage error; try again later".into());
+        }
+    };
     let has_key = |d: &str| s.signers.has_key_for(d);
     let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
         Ok(p) => p,

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use super::auth::Auth;
 use super::line::{read_line, Line};
 use super::reception::{self, Transaction};
+use super::spool::Spool;
 use crate::services::Services;
 use crate::tls::Stream;
 
@@ -38,8 +39,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// State the mailin `Handler` shares with the loop: the message being
 /// received.
 struct Shared {
-    data: Vec<u8>,
+    data: Spool,
     oversize: bool,
+    /// Writing a large message to its file failed (disk full).
+    spool_error: Option<String>,
     max_size: usize,
 }
 
@@ -58,20 +61,22 @@ impl Handler for InHandler {
         let mut sh = self.shared.lock().unwrap();
         sh.data.clear();
         sh.oversize = false;
+        sh.spool_error = None;
         mailin::response::OK
     }
 
     fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
         let mut sh = self.shared.lock().unwrap();
-        if sh.oversize {
+        if sh.oversize || sh.spool_error.is_some() {
             return Ok(());
         }
         if sh.data.len() + buf.len() > sh.max_size {
             // Keep reading to the end of DATA, but stop holding the bytes.
             sh.oversize = true;
-            sh.data = Vec::new();
-        } else {
-            sh.data.extend_from_slice(buf);
+            sh.data.clear();
+        } else if let Err(e) = sh.data.push(buf) {
+            sh.spool_error = Some(e.to_string());
+            sh.data.clear();
         }
         Ok(())
     }
@@ -201,8 +206,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         builder.enable_start_tls();
     }
     let shared = Arc::new(Mutex::new(Shared {
-        data: Vec::new(),
+        data: Spool::new(&cfg.storage.path.join("incoming")),
         oversize: false,
+        spool_error: None,
         max_size: cfg.listen.max_message_size,
     }));
     let handler = InHandler {
@@ -268,7 +274,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             if let Line::TooLong { crlf } = status {
                 let mut sh = shared.lock().unwrap();
                 sh.oversize = true;
-                sh.data = Vec::new();
+                sh.data.clear();
                 data_prev_bare_lf = !crlf;
                 continue;
             }
@@ -295,15 +301,23 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 continue;
             }
             in_data = false;
-            let (data, oversize) = {
+            let (data, oversize, spool_error) = {
                 let mut sh = shared.lock().unwrap();
-                (std::mem::take(&mut sh.data), sh.oversize)
+                let dir = cfg.storage.path.join("incoming");
+                (
+                    std::mem::replace(&mut sh.data, Spool::new(&dir)),
+                    sh.oversize,
+                    sh.spool_error.take(),
+                )
             };
             let Some(t) = txn.take() else {
                 reply(&mut out, 503, "5.5.1 Bad sequence of commands");
                 continue;
             };
-            if oversize {
+            if let Some(e) = spool_error {
+                tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
+                reply(&mut out, 451, "4.3.0 Local storage error; try again later");
+            } else if oversize {
                 reply(
                     &mut out,
                     552,
