@@ -152,7 +152,13 @@ pub struct Script {
     /// Greeting line instead of "220 sink.test ESMTP"; a non-220 greeting
     /// is followed by closing the connection.
     pub greeting: Option<String>,
+    /// Answer RSET, then close the connection (a server that drops idle
+    /// sessions).
+    pub close_after_rset: bool,
 }
+
+/// In `data_replies`: read the message, then close without a reply.
+pub const DROP: &str = "<drop>";
 
 #[derive(Default)]
 pub struct SinkState {
@@ -178,7 +184,12 @@ impl Sink {
     }
 
     pub fn start_on(port: u16, script: Script) -> Sink {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        Self::start_at("127.0.0.1", port, script)
+    }
+
+    /// On another loopback address (127.0.0.2, ...), e.g. a second MX.
+    pub fn start_at(ip: &str, port: u16, script: Script) -> Sink {
+        let listener = TcpListener::bind((ip, port)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(SinkState {
@@ -414,6 +425,9 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 s.script.data_replies.pop_front()
             };
             let r = r.unwrap_or_else(|| "250 2.0.0 ok: queued".into());
+            if r == DROP {
+                return Ok(());
+            }
             if r.starts_with('2') {
                 st.lock().unwrap().messages.push(Received {
                     mail_from: from.clone(),
@@ -427,6 +441,9 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
         } else if up == "RSET" {
             rcpts.clear();
             say!("250 ok\r\n");
+            if st.lock().unwrap().script.close_after_rset {
+                return Ok(());
+            }
         } else if up == "QUIT" {
             say!("221 bye\r\n");
             return Ok(());
