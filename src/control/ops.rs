@@ -426,6 +426,22 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             last.id,
             last.tag.as_deref().map(|t| format!(", tag {t}")).unwrap_or_default()
         ),
+        EventKind::Rejected => {
+            let temporary = last
+                .detail
+                .split_once(": ")
+                .is_some_and(|(_, reply)| reply.starts_with('4'));
+            format!(
+                "herald refused it at {} {}; {}",
+                last.time,
+                last.detail,
+                if temporary {
+                    "a temporary refusal: the platform should have retried (check its logs)"
+                } else {
+                    "the platform was told it failed and did not get it sent (check its logs and error handling)"
+                }
+            )
+        }
         EventKind::Expired => format!(
             "expired {} (queue id {}): {}",
             ago(last.time_ms),

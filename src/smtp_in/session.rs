@@ -224,6 +224,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut in_data = false;
     let mut data_prev_bare_lf = false;
     let mut auth = Auth::default();
+    let mut refusals = reception::Refusals::default();
 
     loop {
         // PIPELINING: answer in one write once the client's batch is read.
@@ -303,21 +304,24 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 reply(&mut out, 503, "5.5.1 Bad sequence of commands");
                 continue;
             };
-            if oversize {
-                reply(
-                    &mut out,
+            let rcpts = t.rcpts.clone();
+            let (code, text) = if oversize {
+                (
                     552,
-                    &format!(
+                    format!(
                         "5.3.4 Message too big (limit {} bytes)",
                         cfg.listen.max_message_size
                     ),
-                );
+                )
             } else {
                 // Anything the client pipelined after the dot waits; the
                 // reply goes out only after the commit.
-                let (code, text) = reception::accept(&services, t, data).await;
-                reply(&mut out, code, &text);
+                reception::accept(&services, t, data).await
+            };
+            if code >= 400 {
+                refusals.record(&services, ip, &rcpts, code, &text);
             }
+            reply(&mut out, code, &text);
             continue;
         }
 
@@ -400,20 +404,6 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(&mut out, 503, "5.5.1 Nested MAIL command");
                     continue;
                 }
-                if !allowed && !authed {
-                    if !cfg.listen.users.is_empty() {
-                        reply(&mut out, 530, "5.7.0 Authentication required");
-                    } else {
-                        reply(
-                            &mut out,
-                            550,
-                            &format!(
-                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
-                            ),
-                        );
-                    }
-                    continue;
-                }
                 let p = match parse_path(arg) {
                     Ok(p) => p,
                     Err(why) => {
@@ -466,6 +456,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 };
                 let r = session.process(norm);
                 if r.code == 250 {
+                    refusals.new_transaction();
                     txn = Some(Transaction {
                         peer: ip,
                         helo: helo.clone(),
@@ -507,15 +498,33 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(&mut out, 555, &format!("5.5.4 Unsupported parameter {k}"));
                     continue;
                 }
-                if t.rcpts.len() >= cfg.listen.max_recipients {
-                    reply(
-                        &mut out,
+                // Relaying is refused here, where the address is known,
+                // so that the refusal goes on record for it.
+                let refused = if !allowed && !authed {
+                    Some(if !cfg.listen.users.is_empty() {
+                        (530, "5.7.0 Authentication required".to_string())
+                    } else {
+                        (
+                            550,
+                            format!(
+                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
+                            ),
+                        )
+                    })
+                } else if t.rcpts.len() >= cfg.listen.max_recipients {
+                    Some((
                         452,
-                        &format!(
+                        format!(
                             "4.5.3 Too many recipients (limit {})",
                             cfg.listen.max_recipients
                         ),
-                    );
+                    ))
+                } else {
+                    None
+                };
+                if let Some((code, text)) = refused {
+                    refusals.record(&services, ip, std::slice::from_ref(&p.addr), code, &text);
+                    reply(&mut out, code, &text);
                     continue;
                 }
                 let r = session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
