@@ -99,7 +99,7 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             554,
             format!(
                 "5.6.0 X-Herald-Delay is longer than delivery.max_age ({})",
-                humantime::format_duration(cfg.delivery.max_age)
+                crate::config::format_duration(cfg.delivery.max_age)
             ),
         );
     }
@@ -193,7 +193,7 @@ pub async fn accept(s: &Services, t: Transaction, data: Vec<u8>) -> (u16, String
             } else {
                 format!(
                     ", held {}",
-                    humantime::format_duration(Duration::from_secs(delay.as_secs()))
+                    crate::config::format_duration(Duration::from_secs(delay.as_secs()))
                 )
             }
         );

@@ -181,7 +181,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
             Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
             Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                handshake_failed(peer, &e, "TLS");
                 return;
             }
             Err(_) => return,
@@ -578,7 +578,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "STARTTLS handshake failed");
+                        handshake_failed(peer, &e, "STARTTLS");
                         return;
                     }
                     Err(_) => return,
@@ -640,6 +640,30 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     }
     let _ = reader.get_mut().write_all(&out).await;
     let _ = reader.get_mut().shutdown().await;
+}
+
+/// Logs a failed inbound handshake; when the client refused our
+/// certificate, says what to do, since such a client sends nothing at all.
+fn handshake_failed(peer: SocketAddr, e: &std::io::Error, what: &str) {
+    let text = e.to_string();
+    let refused_cert = [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+    ]
+    .iter()
+    .any(|a| text.contains(a));
+    if refused_cert {
+        tracing::warn!(
+            %peer,
+            error = %text,
+            hint = "the client does not trust the [listen] tls certificate (self-signed or from a private CA?); PHPMailer and nodemailer check it by default and then send nothing: use a certificate from a CA the client trusts, or make the client trust this one",
+            "{what} handshake failed"
+        );
+    } else {
+        tracing::info!(%peer, error = %text, "{what} handshake failed");
+    }
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
