@@ -50,7 +50,11 @@ impl Refusals {
         tracing::info!(%peer, rcpts = rcpts.len(), first = %rcpts.first().map(String::as_str).unwrap_or(""), reply = %format!("{code} {text}"), "rejected");
         let detail = format!("from {peer}: {code} {text}");
         for r in rcpts {
-            if !self.in_transaction.insert(r.to_ascii_lowercase()) {
+            let key = match r.rsplit_once('@') {
+                Some((l, d)) => format!("{l}@{}", d.to_ascii_lowercase()),
+                None => r.clone(),
+            };
+            if !self.in_transaction.insert(key) {
                 continue;
             }
             if self.recorded >= MAX_REJECTED_PER_SESSION {

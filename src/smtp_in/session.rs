@@ -156,18 +156,62 @@ pub fn parse_path(arg: &str) -> Result<PathArg, &'static str> {
     })
 }
 
-/// A recipient must be `local@domain` with a dotted or bracketed domain.
+/// A recipient must be a mailbox of RFC 5321 4.1.2 (with RFC 6531's
+/// UTF-8): a dot-atom or quoted local part, then a domain of two labels
+/// or more, or an address literal that parses. herald checks addresses and
+/// never alters them, so what it cannot relay as given is refused here
+/// rather than bounced (and suppressed) by the upstream.
 fn valid_recipient(addr: &str) -> bool {
-    match addr.rsplit_once('@') {
-        Some((local, domain)) => {
-            let quoted = local.starts_with('"') && local.ends_with('"') && local.len() >= 2;
-            !local.is_empty()
-                && (quoted || !local.contains(char::is_whitespace))
-                && (domain.contains('.') || domain.starts_with('['))
-                && !domain.contains(char::is_whitespace)
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return false;
+    };
+    valid_local_part(local) && valid_domain(domain)
+}
+
+fn valid_local_part(local: &str) -> bool {
+    if let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        // qtext and quoted pairs: printable, a '"' or '\' only escaped.
+        let mut escaped = false;
+        for c in inner.chars() {
+            if c.is_control() {
+                return false;
+            }
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => return false,
+                _ => {}
+            }
         }
-        None => false,
+        return !escaped && local.len() >= 2;
     }
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    !local.is_empty()
+        && local.len() <= 64
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+}
+
+fn valid_domain(domain: &str) -> bool {
+    if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return match lit.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => lit.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    labels.len() >= 2
+        && domain.len() <= 255
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+        })
 }
 
 /// Runs one connection to its end. `implicit_tls` is set for `smtps`.
@@ -281,6 +325,20 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 line.pop();
                 line.extend_from_slice(b"\r\n");
             }
+            if line[..line.len() - 2].contains(&b'\r') {
+                // A bare CR is no line end here, but a hop downstream may
+                // take `<CR>.<CR>` for one: normalise it to CRLF too.
+                let mut fixed = Vec::with_capacity(line.len() + 16);
+                for &b in &line[..line.len() - 2] {
+                    if b == b'\r' {
+                        fixed.extend_from_slice(b"\r\n");
+                    } else {
+                        fixed.push(b);
+                    }
+                }
+                fixed.extend_from_slice(b"\r\n");
+                line = fixed;
+            }
             if !is_end && (line == b".\r\n" || (data_prev_bare_lf && line.first() == Some(&b'.'))) {
                 // Not the end marker, and either it only looks like one
                 // after normalising, or it did not start after a CRLF and
@@ -344,6 +402,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             continue;
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+        // An address is relayed as given: bytes that are not UTF-8 would
+        // go out as U+FFFD, another address.
+        let utf8 = std::str::from_utf8(&line).is_ok();
         let verb = text
             .split([' ', ':'])
             .next()
@@ -364,7 +425,14 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             "EHLO" | "HELO" => {
                 let r = session.process(&line);
                 if r.code == 250 {
-                    helo = text[4..].trim().to_string();
+                    // It goes into the Received: header: no control
+                    // characters (a CR or LF there would forge fields).
+                    helo = text[4..]
+                        .trim()
+                        .chars()
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .take(255)
+                        .collect();
                     txn = None;
                     if verb == "EHLO" {
                         let mut exts = vec![
@@ -405,6 +473,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 let p = match parse_path(arg) {
+                    Ok(_) if !utf8 => {
+                        reply(&mut out, 501, "5.1.7 Bad sender address: not UTF-8");
+                        continue;
+                    }
                     Ok(p) => p,
                     Err(why) => {
                         reply(
@@ -480,6 +552,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 };
                 let p = match parse_path(arg) {
+                    Ok(_) if !utf8 => {
+                        reply(&mut out, 501, "5.1.3 Bad recipient address: not UTF-8");
+                        continue;
+                    }
                     Ok(p) if valid_recipient(&p.addr) => p,
                     Ok(_) => {
                         reply(&mut out, 501, "5.1.3 Bad recipient address syntax");
@@ -529,7 +605,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 }
                 let r = session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
                 if r.code == 250 {
-                    if !t.rcpts.iter().any(|x| x.eq_ignore_ascii_case(&p.addr)) {
+                    if !t.rcpts.iter().any(|x| same_mailbox(x, &p.addr)) {
                         t.rcpts.push(p.addr);
                     }
                     reply(&mut out, 250, "2.1.5 Ok");
@@ -666,6 +742,16 @@ fn handshake_failed(peer: SocketAddr, e: &std::io::Error, what: &str) {
     }
 }
 
+/// Two addresses name the same mailbox: the local part is compared
+/// exactly (RFC 5321 2.4: only its server may fold case), the domain
+/// without case.
+fn same_mailbox(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
+    }
+}
+
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     if s.len() >= prefix.len()
         && s.is_char_boundary(prefix.len())
@@ -698,8 +784,31 @@ mod tests {
     fn recipients_need_a_domain() {
         assert!(valid_recipient("a@b.c"));
         assert!(valid_recipient("\"a b\"@b.c"));
+        assert!(valid_recipient("first.last+tag@sub.example-1.org"));
+        assert!(valid_recipient("louise@[192.0.2.1]"));
+        assert!(valid_recipient("louise@[IPv6:2001:db8::1]"));
+        assert!(valid_recipient("josé@exemple.fr"));
         assert!(!valid_recipient("postmaster"));
         assert!(!valid_recipient("a@"));
         assert!(!valid_recipient("a b@c.d"));
+        for bad in [
+            "a@b@c.d",
+            "a@b..c",
+            "a,b@c.d",
+            "a@[not-an-ip]",
+            ".a@b.c",
+            "a.@b.c",
+            "a..b@c.d",
+            "a@-b.c",
+            "\"a\"b\"@c.d",
+        ] {
+            assert!(!valid_recipient(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_the_same_local_part_and_domain_in_any_case() {
+        assert!(same_mailbox("Louise@Example.org", "Louise@example.ORG"));
+        assert!(!same_mailbox("Louise@example.org", "louise@example.org"));
     }
 }
