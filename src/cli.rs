@@ -256,7 +256,10 @@ pub fn print_status(v: &Value, json: bool) {
 pub fn print_queue(v: &Value, json: bool) {
     let quarantined = arr(v, "quarantined");
     if let Some(msgs) = listing(v, "messages", json, "queue is empty") {
-        print_queue_table(&msgs);
+        print_queue_table(&msgs, v["paused"].as_bool().unwrap_or(false));
+        if v["paused"].as_bool() == Some(true) {
+            println!("outbound delivery is PAUSED: nothing is attempted until herald resume");
+        }
     }
     if json {
         let q: Vec<Value> = quarantined
@@ -280,7 +283,9 @@ pub fn print_queue(v: &Value, json: bool) {
     }
 }
 
-fn print_queue_table(msgs: &[Value]) {
+/// While delivery is paused, NEXT says so: a due time in the past would
+/// read as if herald were stuck.
+fn print_queue_table(msgs: &[Value], paused: bool) {
     let mut rows = Vec::new();
     for m in msgs {
         for r in arr(m, "rcpts") {
@@ -292,7 +297,11 @@ fn print_queue_table(msgs: &[Value]) {
                     status,
                     s(&r["addr"]),
                     s(&r["attempts"]),
-                    relative(r["next_attempt"].as_u64()),
+                    if paused {
+                        "paused".to_string()
+                    } else {
+                        relative(r["next_attempt"].as_u64())
+                    },
                     s(&m["tag"]),
                     s(&r["last_reply"]),
                 ]);

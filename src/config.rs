@@ -342,6 +342,20 @@ mod raw {
     }
 }
 
+/// A duration for people: humantime's "7days 2h" with a space before the
+/// word units ("7 days 2h", "1 month").
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d)
+        .to_string()
+        .split(' ')
+        .map(|part| match part.find(|c: char| c.is_ascii_alphabetic()) {
+            Some(i) if part[i..].len() > 2 => format!("{} {}", &part[..i], &part[i..]),
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Parses "30s", "5m", "2h", "7d", "1h30m"; "0s" is zero.
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s.trim()).map_err(|e| {
@@ -914,6 +928,15 @@ mod tests {
         }
         let err = parse("").unwrap_err().to_string();
         assert!(err.contains("sender.default_sender"), "{err}");
+    }
+
+    #[test]
+    fn durations_read_well() {
+        let d = |s: &str| humantime::parse_duration(s).unwrap();
+        assert_eq!(format_duration(d("7d")), "7 days");
+        assert_eq!(format_duration(d("1d 2h 3m")), "1 day 2h 3m");
+        assert_eq!(format_duration(d("90s")), "1m 30s");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
     }
 
     #[test]

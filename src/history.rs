@@ -29,6 +29,9 @@ pub enum EventKind {
     Cancelled,
     Expired,
     Opened,
+    /// herald refused the transaction (or this recipient): no queue id,
+    /// detail "from CLIENT: REPLY".
+    Rejected,
 }
 
 impl EventKind {
@@ -42,6 +45,7 @@ impl EventKind {
             EventKind::Cancelled => "cancelled",
             EventKind::Expired => "expired",
             EventKind::Opened => "opened",
+            EventKind::Rejected => "rejected",
         }
     }
 }
@@ -82,7 +86,7 @@ pub struct History {
 const HOUR_MS: u64 = 3_600_000;
 
 /// Every kind, in the order of the counters.
-pub const KINDS: [EventKind; 8] = [
+pub const KINDS: [EventKind; 9] = [
     EventKind::Received,
     EventKind::Deferred,
     EventKind::Delivered,
@@ -91,6 +95,7 @@ pub const KINDS: [EventKind; 8] = [
     EventKind::Cancelled,
     EventKind::Expired,
     EventKind::Opened,
+    EventKind::Rejected,
 ];
 
 /// An indexed field to look events up by.

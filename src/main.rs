@@ -286,7 +286,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve => serve(&path),
         Cmd::CheckDns { domain } => check_dns(&path, domain.as_deref()),
-        other => match client(&path, other) {
+        other => match run_client(&path, other) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("herald: {}", e.message());
@@ -294,6 +294,16 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// A client subcommand. Rust ignores SIGPIPE, so `herald history | head -1`
+/// would panic on the closed pipe; a listing exits quietly instead, like
+/// other Unix tools (the daemon keeps ignoring it).
+fn run_client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    client(path, cmd)
 }
 
 /// Loads the configuration and a runtime for a command that needs both;

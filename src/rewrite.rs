@@ -2,7 +2,8 @@
 //!
 //! It makes platform mail deliverable: `From:` becomes an authorized sender
 //! (keeping the display name, the original author moves to `Reply-To:`),
-//! missing `Message-ID:`/`Date:` are added, `Bcc:` is dropped, the
+//! missing `Message-ID:`/`Date:` are added, `Bcc:` and `Return-Path:` are
+//! dropped (and `Sender:` when From is rewritten), the
 //! `X-Herald-*` control headers are read and removed, and a `Received:`
 //! trace header goes on top. Header fields keep their order and bytes unless
 //! they are rewritten; the body is never touched. DKIM signing comes after
@@ -308,7 +309,12 @@ pub fn prepare(
                 p.track = !f.value().eq_ignore_ascii_case("no");
                 continue;
             }
-            "bcc" => continue,
+            // The receiving server writes Return-Path from the envelope;
+            // a client's would only mislead.
+            "bcc" | "return-path" => continue,
+            // With From rewritten, the platform's Sender would make
+            // Outlook show "on behalf of".
+            "sender" if new_from.is_some() => continue,
             "from" => {
                 match &new_from {
                     Some(h) => out.extend_from_slice(h.as_bytes()),

@@ -178,9 +178,12 @@ fn relay_from_outside_allowed_networks_is_refused() {
     let mut c = h.client();
     let ehlo = c.ehlo();
     assert!(!ehlo.contains("AUTH"), "{ehlo}");
-    let (code, text) = c.cmd("MAIL FROM:<a@b.test>");
+    // Refused at RCPT, where the address is known (tests/rejected.rs).
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+    let (code, text) = c.cmd("RCPT TO:<x@dest.test>");
     assert_eq!(code, 550, "{text}");
     assert!(text.contains("allowed_networks"), "{text}");
+    assert_eq!(c.cmd("DATA").0, 503);
 }
 
 #[test]
@@ -195,7 +198,9 @@ fn auth_is_required_outside_allowed_networks_and_checked() {
     let mut c = h.client();
     let ehlo = c.ehlo();
     assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
-    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 530);
+    assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<x@dest.test>").0, 530);
+    assert_eq!(c.cmd("RSET").0, 250);
     let bad = b64.encode(b"\0platform\0wrong");
     assert_eq!(c.cmd(&format!("AUTH PLAIN {bad}")).0, 535);
     // AUTH LOGIN, answered line by line.

@@ -115,7 +115,11 @@ fn status(s: &Services) -> Answer {
 fn queue(s: &Services) -> Answer {
     let all = s.store.all().map_err(|e| e.to_string())?;
     let quarantined = s.store.quarantined().map_err(|e| e.to_string())?;
-    Ok(json!({ "messages": all, "quarantined": quarantined }))
+    Ok(json!({
+        "messages": all,
+        "quarantined": quarantined,
+        "paused": s.paused.load(Ordering::Relaxed),
+    }))
 }
 
 fn header_block(body: &[u8]) -> String {
@@ -141,7 +145,7 @@ fn show(s: &Services, id: &str) -> Answer {
     if env.is_none() && events.is_empty() {
         return Err(format!(
             "no message {id} in the queue or in the last {} of history",
-            humantime::format_duration(s.cfg.storage.history_retention)
+            crate::config::format_duration(s.cfg.storage.history_retention)
         ));
     }
     Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events }))
@@ -323,12 +327,12 @@ fn ago(ms: u64) -> String {
     if ms <= now {
         format!(
             "{} ago",
-            humantime::format_duration(Duration::from_secs((now - ms) / 1000))
+            crate::config::format_duration(Duration::from_secs((now - ms) / 1000))
         )
     } else {
         format!(
             "in {}",
-            humantime::format_duration(Duration::from_secs((ms - now) / 1000))
+            crate::config::format_duration(Duration::from_secs((ms - now) / 1000))
         )
     }
 }
@@ -339,7 +343,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
     if events.is_empty() {
         let mut d = format!(
             "no mail for {addr} in the last {}: herald never received any, so the platform did not send it (check the platform's logs and the address it used)",
-            humantime::format_duration(s.cfg.storage.history_retention)
+            crate::config::format_duration(s.cfg.storage.history_retention)
         );
         if let Some(e) = supp {
             d.push_str(&format!(
@@ -426,6 +430,22 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             last.id,
             last.tag.as_deref().map(|t| format!(", tag {t}")).unwrap_or_default()
         ),
+        EventKind::Rejected => {
+            let temporary = last
+                .detail
+                .split_once(": ")
+                .is_some_and(|(_, reply)| reply.starts_with('4'));
+            format!(
+                "herald refused it at {} {}; {}",
+                last.time,
+                last.detail,
+                if temporary {
+                    "a temporary refusal: the platform should have retried (check its logs)"
+                } else {
+                    "the platform was told it failed and did not get it sent (check its logs and error handling)"
+                }
+            )
+        }
         EventKind::Expired => format!(
             "expired {} (queue id {}): {}",
             ago(last.time_ms),

@@ -396,7 +396,7 @@ fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: 
                     format!(
                         "{t} (deferred, {class}; attempt {}, next in {})",
                         r.attempts,
-                        humantime::format_duration(Duration::from_secs(
+                        crate::config::format_duration(Duration::from_secs(
                             (r.next_attempt - now) / 1000
                         ))
                     ),
@@ -408,7 +408,7 @@ fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: 
                     EventKind::Expired,
                     format!(
                         "gave up after {} (delivery.max_age); last reply: {t}",
-                        humantime::format_duration(cfg.max_age)
+                        crate::config::format_duration(cfg.max_age)
                     ),
                     Some(*class),
                 )

@@ -150,8 +150,13 @@ impl Auth {
             Step::Idle => None,
         };
         let Some((user, pass)) = creds else {
+            // Bad base64 or a foreign authzid is a failed attempt too, or
+            // a client could guess without limit by sending junk between
+            // tries.
+            self.failures += 1;
+            tracing::warn!(%peer, "AUTH failed: undecodable response or foreign authzid");
             reply(out, 501, "5.5.2 Cannot decode the AUTH response");
-            return false;
+            return self.too_many(out);
         };
         let ok = services.cfg.listen.users.iter().any(|u| {
             ct_eq(u.username.as_bytes(), user.as_bytes())
@@ -166,6 +171,11 @@ impl Auth {
         self.failures += 1;
         tracing::warn!(%peer, user, "AUTH failed");
         reply(out, 535, "5.7.8 Authentication credentials invalid");
+        self.too_many(out)
+    }
+
+    /// After the last allowed failure: 421, and the session closes.
+    fn too_many(&self, out: &mut Vec<u8>) -> bool {
         if self.failures >= MAX_FAILURES {
             reply(out, 421, "4.7.0 Too many authentication failures");
             return true;

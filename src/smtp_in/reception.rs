@@ -25,6 +25,58 @@ pub struct Transaction {
     pub rcpts: Vec<String>,
 }
 
+/// `rejected` events one connection may write: a hostile client must not
+/// be able to fill history (or the disk) with its own refusals.
+pub const MAX_REJECTED_PER_SESSION: usize = 100;
+
+/// Refusals of one connection put on record, so that `herald trace` can
+/// say herald refused the mail instead of blaming the platform: one
+/// `rejected` event per recipient and transaction, at most
+/// [`MAX_REJECTED_PER_SESSION`] per connection.
+#[derive(Default)]
+pub struct Refusals {
+    recorded: usize,
+    in_transaction: std::collections::HashSet<String>,
+    capped: bool,
+}
+
+impl Refusals {
+    pub fn new_transaction(&mut self) {
+        self.in_transaction.clear();
+    }
+
+    /// Records the refusal `code text` for each of `rcpts` (logged at
+    /// info once for all of them).
+    pub fn record(&mut self, s: &Services, peer: IpAddr, rcpts: &[String], code: u16, text: &str) {
+        tracing::info!(%peer, rcpts = rcpts.len(), first = %rcpts.first().map(String::as_str).unwrap_or(""), reply = %format!("{code} {text}"), "rejected");
+        let detail = format!("from {peer}: {code} {text}");
+        for r in rcpts {
+            let key = match r.rsplit_once('@') {
+                Some((l, d)) => format!("{l}@{}", d.to_ascii_lowercase()),
+                None => r.clone(),
+            };
+            if !self.in_transaction.insert(key) {
+                continue;
+            }
+            if self.recorded >= MAX_REJECTED_PER_SESSION {
+                if !self.capped {
+                    self.capped = true;
+                    tracing::warn!(%peer, "more than {MAX_REJECTED_PER_SESSION} refusals in one connection: the rest are logged, not recorded");
+                }
+                return;
+            }
+            self.recorded += 1;
+            if let Err(e) = s
+                .history
+                .record(EventKind::Rejected, "-", r, &detail, None, None)
+            {
+                tracing::warn!(error = %e, "could not record a refusal");
+                return;
+            }
+        }
+    }
+}
+
 /// Queues the message; returns the SMTP reply to send.
 pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String) {
     let cfg = &s.cfg;
@@ -60,7 +112,7 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
             554,
             format!(
                 "5.6.0 X-Herald-Delay is longer than delivery.max_age ({})",
-                humantime::format_duration(cfg.delivery.max_age)
+                crate::config::format_duration(cfg.delivery.max_age)
             ),
         );
     }
@@ -154,7 +206,7 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
             } else {
                 format!(
                     ", held {}",
-                    humantime::format_duration(Duration::from_secs(delay.as_secs()))
+                    crate::config::format_duration(Duration::from_secs(delay.as_secs()))
                 )
             }
         );

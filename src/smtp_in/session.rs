@@ -161,18 +161,62 @@ pub fn parse_path(arg: &str) -> Result<PathArg, &'static str> {
     })
 }
 
-/// A recipient must be `local@domain` with a dotted or bracketed domain.
+/// A recipient must be a mailbox of RFC 5321 4.1.2 (with RFC 6531's
+/// UTF-8): a dot-atom or quoted local part, then a domain of two labels
+/// or more, or an address literal that parses. herald checks addresses and
+/// never alters them, so what it cannot relay as given is refused here
+/// rather than bounced (and suppressed) by the upstream.
 fn valid_recipient(addr: &str) -> bool {
-    match addr.rsplit_once('@') {
-        Some((local, domain)) => {
-            let quoted = local.starts_with('"') && local.ends_with('"') && local.len() >= 2;
-            !local.is_empty()
-                && (quoted || !local.contains(char::is_whitespace))
-                && (domain.contains('.') || domain.starts_with('['))
-                && !domain.contains(char::is_whitespace)
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return false;
+    };
+    valid_local_part(local) && valid_domain(domain)
+}
+
+fn valid_local_part(local: &str) -> bool {
+    if let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        // qtext and quoted pairs: printable, a '"' or '\' only escaped.
+        let mut escaped = false;
+        for c in inner.chars() {
+            if c.is_control() {
+                return false;
+            }
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => return false,
+                _ => {}
+            }
         }
-        None => false,
+        return !escaped && local.len() >= 2;
     }
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    !local.is_empty()
+        && local.len() <= 64
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+}
+
+fn valid_domain(domain: &str) -> bool {
+    if let Some(lit) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
+        return match lit.strip_prefix("IPv6:") {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => lit.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    labels.len() >= 2
+        && domain.len() <= 255
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+        })
 }
 
 /// Runs one connection to its end. `implicit_tls` is set for `smtps`.
@@ -186,7 +230,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
             Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
             Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "TLS handshake failed");
+                handshake_failed(peer, &e, "TLS");
                 return;
             }
             Err(_) => return,
@@ -230,6 +274,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut in_data = false;
     let mut data_prev_bare_lf = false;
     let mut auth = Auth::default();
+    let mut refusals = reception::Refusals::default();
 
     loop {
         // PIPELINING: answer in one write once the client's batch is read.
@@ -286,6 +331,20 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 line.pop();
                 line.extend_from_slice(b"\r\n");
             }
+            if line[..line.len() - 2].contains(&b'\r') {
+                // A bare CR is no line end here, but a hop downstream may
+                // take `<CR>.<CR>` for one: normalise it to CRLF too.
+                let mut fixed = Vec::with_capacity(line.len() + 16);
+                for &b in &line[..line.len() - 2] {
+                    if b == b'\r' {
+                        fixed.extend_from_slice(b"\r\n");
+                    } else {
+                        fixed.push(b);
+                    }
+                }
+                fixed.extend_from_slice(b"\r\n");
+                line = fixed;
+            }
             if !is_end && (line == b".\r\n" || (data_prev_bare_lf && line.first() == Some(&b'.'))) {
                 // Not the end marker, and either it only looks like one
                 // after normalising, or it did not start after a CRLF and
@@ -314,24 +373,27 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 reply(&mut out, 503, "5.5.1 Bad sequence of commands");
                 continue;
             };
-            if let Some(e) = spool_error {
+            let rcpts = t.rcpts.clone();
+            let (code, text) = if let Some(e) = spool_error {
                 tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
-                reply(&mut out, 451, "4.3.0 Local storage error; try again later");
+                (451, "4.3.0 Local storage error; try again later".to_string())
             } else if oversize {
-                reply(
-                    &mut out,
+                (
                     552,
-                    &format!(
+                    format!(
                         "5.3.4 Message too big (limit {} bytes)",
                         cfg.listen.max_message_size
                     ),
-                );
+                )
             } else {
                 // Anything the client pipelined after the dot waits; the
                 // reply goes out only after the commit.
-                let (code, text) = reception::accept(&services, t, data).await;
-                reply(&mut out, code, &text);
+                reception::accept(&services, t, data).await
+            };
+            if code >= 400 {
+                refusals.record(&services, ip, &rcpts, code, &text);
             }
+            reply(&mut out, code, &text);
             continue;
         }
 
@@ -354,6 +416,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             continue;
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+        // An address is relayed as given: bytes that are not UTF-8 would
+        // go out as U+FFFD, another address.
+        let utf8 = std::str::from_utf8(&line).is_ok();
         let verb = text
             .split([' ', ':'])
             .next()
@@ -374,7 +439,14 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             "EHLO" | "HELO" => {
                 let r = session.process(&line);
                 if r.code == 250 {
-                    helo = text[4..].trim().to_string();
+                    // It goes into the Received: header: no control
+                    // characters (a CR or LF there would forge fields).
+                    helo = text[4..]
+                        .trim()
+                        .chars()
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .take(255)
+                        .collect();
                     txn = None;
                     if verb == "EHLO" {
                         let mut exts = vec![
@@ -414,21 +486,11 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(&mut out, 503, "5.5.1 Nested MAIL command");
                     continue;
                 }
-                if !allowed && !authed {
-                    if !cfg.listen.users.is_empty() {
-                        reply(&mut out, 530, "5.7.0 Authentication required");
-                    } else {
-                        reply(
-                            &mut out,
-                            550,
-                            &format!(
-                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
-                            ),
-                        );
-                    }
-                    continue;
-                }
                 let p = match parse_path(arg) {
+                    Ok(_) if !utf8 => {
+                        reply(&mut out, 501, "5.1.7 Bad sender address: not UTF-8");
+                        continue;
+                    }
                     Ok(p) => p,
                     Err(why) => {
                         reply(
@@ -480,6 +542,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 };
                 let r = session.process(norm);
                 if r.code == 250 {
+                    refusals.new_transaction();
                     txn = Some(Transaction {
                         peer: ip,
                         helo: helo.clone(),
@@ -503,6 +566,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 };
                 let p = match parse_path(arg) {
+                    Ok(_) if !utf8 => {
+                        reply(&mut out, 501, "5.1.3 Bad recipient address: not UTF-8");
+                        continue;
+                    }
                     Ok(p) if valid_recipient(&p.addr) => p,
                     Ok(_) => {
                         reply(&mut out, 501, "5.1.3 Bad recipient address syntax");
@@ -521,20 +588,38 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     reply(&mut out, 555, &format!("5.5.4 Unsupported parameter {k}"));
                     continue;
                 }
-                if t.rcpts.len() >= cfg.listen.max_recipients {
-                    reply(
-                        &mut out,
+                // Relaying is refused here, where the address is known,
+                // so that the refusal goes on record for it.
+                let refused = if !allowed && !authed {
+                    Some(if !cfg.listen.users.is_empty() {
+                        (530, "5.7.0 Authentication required".to_string())
+                    } else {
+                        (
+                            550,
+                            format!(
+                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
+                            ),
+                        )
+                    })
+                } else if t.rcpts.len() >= cfg.listen.max_recipients {
+                    Some((
                         452,
-                        &format!(
+                        format!(
                             "4.5.3 Too many recipients (limit {})",
                             cfg.listen.max_recipients
                         ),
-                    );
+                    ))
+                } else {
+                    None
+                };
+                if let Some((code, text)) = refused {
+                    refusals.record(&services, ip, std::slice::from_ref(&p.addr), code, &text);
+                    reply(&mut out, code, &text);
                     continue;
                 }
                 let r = session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
                 if r.code == 250 {
-                    if !t.rcpts.iter().any(|x| x.eq_ignore_ascii_case(&p.addr)) {
+                    if !t.rcpts.iter().any(|x| same_mailbox(x, &p.addr)) {
                         t.rcpts.push(p.addr);
                     }
                     reply(&mut out, 250, "2.1.5 Ok");
@@ -583,7 +668,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "STARTTLS handshake failed");
+                        handshake_failed(peer, &e, "STARTTLS");
                         return;
                     }
                     Err(_) => return,
@@ -647,6 +732,40 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let _ = reader.get_mut().shutdown().await;
 }
 
+/// Logs a failed inbound handshake; when the client refused our
+/// certificate, says what to do, since such a client sends nothing at all.
+fn handshake_failed(peer: SocketAddr, e: &std::io::Error, what: &str) {
+    let text = e.to_string();
+    let refused_cert = [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateUnknown",
+        "UnsupportedCertificate",
+    ]
+    .iter()
+    .any(|a| text.contains(a));
+    if refused_cert {
+        tracing::warn!(
+            %peer,
+            error = %text,
+            hint = "the client does not trust the [listen] tls certificate (self-signed or from a private CA?); PHPMailer and nodemailer check it by default and then send nothing: use a certificate from a CA the client trusts, or make the client trust this one",
+            "{what} handshake failed"
+        );
+    } else {
+        tracing::info!(%peer, error = %text, "{what} handshake failed");
+    }
+}
+
+/// Two addresses name the same mailbox: the local part is compared
+/// exactly (RFC 5321 2.4: only its server may fold case), the domain
+/// without case.
+fn same_mailbox(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
+    }
+}
+
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     if s.len() >= prefix.len()
         && s.is_char_boundary(prefix.len())
@@ -679,8 +798,31 @@ mod tests {
     fn recipients_need_a_domain() {
         assert!(valid_recipient("a@b.c"));
         assert!(valid_recipient("\"a b\"@b.c"));
+        assert!(valid_recipient("first.last+tag@sub.example-1.org"));
+        assert!(valid_recipient("louise@[192.0.2.1]"));
+        assert!(valid_recipient("louise@[IPv6:2001:db8::1]"));
+        assert!(valid_recipient("josé@exemple.fr"));
         assert!(!valid_recipient("postmaster"));
         assert!(!valid_recipient("a@"));
         assert!(!valid_recipient("a b@c.d"));
+        for bad in [
+            "a@b@c.d",
+            "a@b..c",
+            "a,b@c.d",
+            "a@[not-an-ip]",
+            ".a@b.c",
+            "a.@b.c",
+            "a..b@c.d",
+            "a@-b.c",
+            "\"a\"b\"@c.d",
+        ] {
+            assert!(!valid_recipient(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicates_are_the_same_local_part_and_domain_in_any_case() {
+        assert!(same_mailbox("Louise@Example.org", "Louise@example.ORG"));
+        assert!(!same_mailbox("Louise@example.org", "louise@example.org"));
     }
 }

@@ -1,0 +1,106 @@
+//! CLI manners: a listing into a closed pipe exits quietly, `queue` says
+//! "paused" while delivery is paused, durations read "7 days", and a client
+//! that refuses the `[listen] tls` certificate leaves a log line that says
+//! what to do.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+#[test]
+fn history_into_a_closed_pipe_exits_quietly() {
+    let h = Herald::start("");
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("pipe")).0,
+        250
+    );
+    // `herald history | head -0`: the reader is gone before herald writes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["history", "--config"])
+        .arg(&h.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
+
+#[test]
+fn queue_says_paused_and_durations_have_a_space() {
+    // Nothing listens upstream: the message stays queued.
+    let h = Herald::start(&upstream(free_port(), "none", ""));
+    assert_eq!(h.cli(&["pause"]).0, 0);
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("held")).0,
+        250
+    );
+    let (code, out, err) = h.cli(&["queue"]);
+    assert_eq!(code, 0, "{err}");
+    let row = out.lines().find(|l| l.contains("x@dest.test")).unwrap();
+    assert!(row.contains(" paused "), "{out}");
+    assert_eq!(
+        row.matches("ago").count(),
+        1,
+        "only RECEIVED is a time: {out}"
+    );
+    assert!(out.contains("PAUSED"), "{out}");
+    let (_, out, _) = h.cli(&["trace", "nobody@dest.test"]);
+    assert!(out.contains("in the last 7 days"), "{out}");
+}
+
+#[test]
+fn a_client_refusing_the_certificate_gets_a_hint_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let _pki = Pki::new(dir.path());
+    let h = Herald::start_in(
+        dir,
+        "[listen]\nsmtp = [\"{smtp}\"]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+    );
+    let mut tcp = std::net::TcpStream::connect(h.smtp).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut rd = BufReader::new(tcp.try_clone().unwrap());
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    tcp.write_all(b"EHLO client.test\r\n").unwrap();
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if line.as_bytes().get(3) == Some(&b' ') {
+            break;
+        }
+    }
+    tcp.write_all(b"STARTTLS\r\n").unwrap();
+    line.clear();
+    rd.read_line(&mut line).unwrap();
+    assert!(line.starts_with("220"), "{line}");
+    // A client that trusts only the public CAs (here: none).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    assert!(conn.complete_io(&mut tcp).is_err());
+    let _ = conn.complete_io(&mut tcp);
+    assert!(
+        wait_until(10, || h
+            .log()
+            .contains("does not trust the [listen] tls certificate")),
+        "{}",
+        h.log()
+    );
+}
