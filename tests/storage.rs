@@ -260,3 +260,40 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("cancelled"), "{out}");
 }
+
+#[test]
+fn a_body_missing_from_the_spool_gives_expired_with_the_reason() {
+    let mut h = Herald::start("[delivery]\nupstream = \"up\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = 9\nsecurity = \"none\"\n");
+    let (code, _, _) = h.cli(&["pause"]);
+    assert_eq!(code, 0);
+    let mut c = h.client();
+    c.ehlo();
+    let (code, reply) = c.send("a@b.test", &["lost@dest.test"], &message("lost body"));
+    assert_eq!(code, 250);
+    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    drop(c);
+    assert!(h.terminate().unwrap().success());
+    // Storage damage: every byte of the body gone, the envelope kept.
+    {
+        let db = sled::open(h.path("data")).unwrap();
+        let bodies = db.open_tree("bodies").unwrap();
+        let keys: Vec<_> = bodies.scan_prefix(id.as_bytes()).keys().map(|k| k.unwrap()).collect();
+        assert!(!keys.is_empty());
+        for k in keys {
+            bodies.remove(k).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    h.spawn();
+    let (code, _, _) = h.cli(&["resume"]);
+    assert_eq!(code, 0);
+    assert!(
+        wait_until(10, || h.cli(&["trace", "lost@dest.test"]).1.contains("expired")),
+        "{}",
+        h.log()
+    );
+    let (_, t, _) = h.cli(&["trace", "lost@dest.test"]);
+    assert!(t.contains("body is missing"), "{t}");
+    let (_, q, _) = h.cli(&["queue"]);
+    assert!(!q.contains(&id), "{q}");
+}
