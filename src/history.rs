@@ -66,6 +66,44 @@ pub struct Event {
     /// The class of the reply behind a deferral, bounce or expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<Class>,
+    /// Unique per event (its key in the history, hex): webhook receivers
+    /// deduplicate by it, the events API pages by it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub event_id: String,
+    /// Delivery attempts so far (deferred, delivered, bounced, expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Where it went or was refused (the upstream or MX host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// For `opened`: the mail client's User-Agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
+/// What an event may carry beyond the fields every event has.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    pub class: Option<Class>,
+    pub attempts: Option<u32>,
+    pub upstream: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// The history key of an event id (hex of 16 bytes), for paging.
+pub fn key_of_event_id(id: &str) -> Option<[u8; 16]> {
+    if id.len() != 32 {
+        return None;
+    }
+    let mut k = [0u8; 16];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(id.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(k)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Events since start per (kind, class).
@@ -81,6 +119,10 @@ pub struct History {
     /// Events per hour (hour number since the epoch) over the last day,
     /// for `status`: counted once at start, then as they happen.
     hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
+    /// Webhook outbox: `NAME \0 EVENT-KEY` -> event JSON, written with the
+    /// event itself (same flush, same commit), removed once delivered.
+    pub outbox: sled::Tree,
+    hooks: Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>,
 }
 
 const HOUR_MS: u64 = 3_600_000;
@@ -148,7 +190,33 @@ impl History {
             seq: Arc::new(AtomicU64::new(now_ms())),
             counts: Arc::new(Default::default()),
             hourly: Arc::new(Default::default()),
+            outbox: db.open_tree("webhook_outbox")?,
+            hooks: Arc::default(),
         })
+    }
+
+    /// Events for these endpoints also go to the outbox; each endpoint's
+    /// `Notify` wakes its sender.
+    pub fn with_webhooks(mut self, hooks: &[crate::config::Webhook]) -> History {
+        self.hooks = Arc::new(
+            hooks
+                .iter()
+                .map(|h| (h.clone(), Arc::new(tokio::sync::Notify::new())))
+                .collect(),
+        );
+        self
+    }
+
+    /// The wake-up of endpoint `i`'s sender.
+    pub fn outbox_notify(&self, i: usize) -> Arc<tokio::sync::Notify> {
+        self.hooks[i].1.clone()
+    }
+
+    /// The outbox key prefix of an endpoint.
+    pub fn outbox_prefix(name: &str) -> Vec<u8> {
+        let mut p = name.as_bytes().to_vec();
+        p.push(0);
+        p
     }
 
     /// Counts the last day's events once (at start-up), so that
@@ -208,7 +276,30 @@ impl History {
         tag: Option<&str>,
         subject: Option<&str>,
     ) -> Result<Event, QueueError> {
+        let extra = Extra {
+            class,
+            ..Default::default()
+        };
+        self.record_with(kind, id, rcpt, detail, tag, subject, extra)
+    }
+
+    /// Records an event with everything it carries (webhooks send it all).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_with(
+        &self,
+        kind: EventKind,
+        id: &str,
+        rcpt: &str,
+        detail: &str,
+        tag: Option<&str>,
+        subject: Option<&str>,
+        extra: Extra,
+    ) -> Result<Event, QueueError> {
+        let class = extra.class;
         let t = now_ms();
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&t.to_be_bytes());
+        key[8..].copy_from_slice(&self.seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         let ev = Event {
             time: rfc3339(t),
             time_ms: t,
@@ -219,11 +310,20 @@ impl History {
             tag: tag.map(str::to_string),
             subject: subject.map(str::to_string),
             class,
+            event_id: hex(&key),
+            attempts: extra.attempts,
+            upstream: extra.upstream,
+            user_agent: extra.user_agent,
         };
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&t.to_be_bytes());
-        key[8..].copy_from_slice(&self.seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
+        for (hook, wake) in self.hooks.iter() {
+            if hook.wants(kind.as_str(), tag) {
+                let mut k = Self::outbox_prefix(&hook.name);
+                k.extend_from_slice(&key);
+                self.outbox.insert(k, v.as_slice())?;
+                wake.notify_one();
+            }
+        }
         self.events.insert(key, v)?;
         for k in index_keys(&ev, &key) {
             self.index.insert(k, &[])?;
@@ -278,7 +378,10 @@ impl History {
                 continue;
             }
             if let Some(v) = self.events.get(key)? {
-                if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
+                if let Ok(mut ev) = serde_json::from_slice::<Event>(&v) {
+                    if ev.event_id.is_empty() {
+                        ev.event_id = hex(key);
+                    }
                     if keep(&ev) {
                         out.push(ev);
                     }
@@ -297,8 +400,11 @@ impl History {
     ) -> Result<Vec<Event>, QueueError> {
         let mut out = Vec::new();
         for item in self.events.range(since_ms.to_be_bytes()..) {
-            let (_, v) = item?;
-            if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
+            let (k, v) = item?;
+            if let Ok(mut ev) = serde_json::from_slice::<Event>(&v) {
+                if ev.event_id.is_empty() {
+                    ev.event_id = hex(&k);
+                }
                 if keep(&ev) {
                     out.push(ev);
                 }

@@ -23,6 +23,7 @@ pub mod smtp_in;
 pub mod suppression;
 pub mod tls;
 pub mod tracking;
+pub mod webhooks;
 
 /// Logs to stderr (journald picks it up under systemd); `RUST_LOG` or
 /// `HERALD_LOG` set the filter, default `info`.

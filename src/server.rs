@@ -26,7 +26,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             cfg.storage.path.display()
         )
     })?;
-    let history = History::open(&store.db)?;
+    let history = History::open(&store.db)?.with_webhooks(&cfg.webhooks);
     history.load_hourly()?;
     let suppression = crate::suppression::Suppression::open(&store.db)?;
     let tls = match &cfg.listen.tls {
@@ -102,6 +102,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         routes: Routes::default(),
         unsaved: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
+        hooks: crate::webhooks::Hooks::new(&cfg.webhooks),
         client_tls,
         mx_tls,
         resolver,
@@ -120,6 +121,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.control.socket.clone(),
     ));
     tokio::spawn(purge_history(services.clone()));
+    for i in 0..cfg.webhooks.len() {
+        tokio::spawn(crate::webhooks::run(services.clone(), i));
+    }
     if let Some(l) = tracking {
         tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
         tokio::spawn(crate::tracking::serve(services.clone(), l));

@@ -39,6 +39,8 @@ pub struct Services {
     pub started: Instant,
     /// Message bytes held at once (end of DATA, delivery).
     pub memory: crate::budget::Budget,
+    /// What each webhook endpoint last did.
+    pub hooks: crate::webhooks::Hooks,
 }
 
 pub const META_PAUSED: &str = "paused";
