@@ -157,3 +157,31 @@ fn undecodable_auth_responses_count_as_failed_attempts() {
     assert_eq!(c.read_reply().0, 421);
     assert_eq!(c.read_reply().0, 0, "closed");
 }
+
+#[test]
+fn a_session_of_errors_is_closed_after_twenty() {
+    let h = Herald::start("");
+    let mut c = h.client();
+    c.ehlo();
+    // A few errors are fine: the session goes on.
+    for _ in 0..5 {
+        assert_eq!(c.cmd("FROB").0, 500);
+    }
+    assert_eq!(c.cmd("NOOP").0, 250);
+    // Unknown commands in one write: answered up to the cap (20 errors),
+    // then 421 and the connection closes. (Exactly up to the cap: bytes
+    // left unread when herald closes could reset the connection before
+    // this client reads the 421.)
+    c.send_raw("FROB\r\n".repeat(15).as_bytes());
+    let mut codes = Vec::new();
+    loop {
+        let (code, _) = c.read_reply();
+        if code == 0 {
+            break;
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes.len(), 16, "{codes:?}");
+    assert_eq!(codes.last(), Some(&421));
+    assert!(codes[..15].iter().all(|&c| c == 500));
+}
