@@ -611,6 +611,14 @@ impl Config {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(n) = allowed_networks.iter().find(|n| n.prefix_len() == 0) {
+            return Err(bad(
+                "listen.allowed_networks",
+                format!(
+                    "{n} lets every address relay without AUTH (an open relay); list the platform's networks, and let others log in with [[listen.users]]"
+                ),
+            ));
+        }
         let mut users = Vec::new();
         for (i, u) in l.users.into_iter().enumerate() {
             let key = format!("listen.users[{i}]");
@@ -652,6 +660,12 @@ impl Config {
 
         // [storage]
         let s = raw.storage;
+        if s.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(bad(
+                "storage.path",
+                "is empty; name the queue's directory, e.g. \"data\"",
+            ));
+        }
         let storage = Storage {
             path: rel(s.path.as_deref().unwrap_or("data")),
             history_retention: parse_duration(
@@ -1083,6 +1097,12 @@ mod tests {
                 "[listen]\nallowed_networks = [\"10.0.0.0/99\"]\n",
                 "listen.allowed_networks",
             ),
+            (
+                "[listen]\nallowed_networks = [\"127.0.0.0/8\", \"0.0.0.0/0\"]\n",
+                "open relay",
+            ),
+            ("[listen]\nallowed_networks = [\"::/0\"]\n", "open relay"),
+            ("[storage]\npath = \"\"\n", "storage.path"),
             (
                 "[upstreams.p]\nhost = \"h\"\nsecurity = \"ssl\"\n",
                 "upstreams.p.security",

@@ -255,8 +255,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = Config::resolve_path(cli.config.as_deref());
     match cli.cmd {
-        Cmd::CheckConfig => match Config::load(&path) {
-            Ok(_) => {
+        Cmd::CheckConfig => match Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| check_files(&cfg).map_err(|e| format!("{e:#}")))
+        {
+            Ok(()) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
@@ -294,6 +297,21 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// What `serve` loads besides the config, so that `check-config` refuses
+/// what `serve` would: the `[listen] tls` certificate and key, every DKIM
+/// key, the tracking secret, the upstreams' CA files.
+fn check_files(cfg: &Config) -> anyhow::Result<()> {
+    herald::tls::install_provider();
+    if let Some(t) = &cfg.listen.tls {
+        herald::tls::server_config(&t.cert, &t.key)
+            .map_err(|e| anyhow::anyhow!("listen.tls: {e:#}"))?;
+    }
+    herald::dkim::Signers::from_config(cfg).map_err(|e| anyhow::anyhow!("dkim: {e}"))?;
+    herald::tracking::load_secret(cfg)?;
+    herald::delivery::client_tls_configs(cfg)?;
+    Ok(())
 }
 
 /// A client subcommand. Rust ignores SIGPIPE, so `herald history | head -1`

@@ -147,6 +147,21 @@ fn received_header(cfg: &Config, t: &Transaction, id: &str) -> String {
 /// Reads the first mailbox of an address header value with mail-parser
 /// (RFC 2047 encoded words, quoted names, comments, groups, 8-bit UTF-8).
 pub fn parse_mailbox(raw_value: &[u8]) -> Option<Mailbox> {
+    parse_authors(raw_value).map(|a| a.mailboxes[0].clone())
+}
+
+/// The authors a `From:` names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authors {
+    /// Every mailbox with an address, in order (at least one).
+    pub mailboxes: Vec<Mailbox>,
+    /// The display name for the rewritten From: a group's name, else the
+    /// first author's.
+    pub name: Option<String>,
+}
+
+/// Reads every mailbox of an address header value (see [`parse_mailbox`]).
+pub fn parse_authors(raw_value: &[u8]) -> Option<Authors> {
     let mut buf = Vec::with_capacity(raw_value.len() + 16);
     buf.extend_from_slice(b"From:");
     buf.extend_from_slice(raw_value);
@@ -155,23 +170,36 @@ pub fn parse_mailbox(raw_value: &[u8]) -> Option<Mailbox> {
     }
     buf.extend_from_slice(b"\r\n");
     let msg = mail_parser::MessageParser::default().parse(&buf)?;
-    let first = match msg.from()? {
-        mail_parser::Address::List(list) => list.iter().find(|a| a.address.is_some())?.clone(),
-        mail_parser::Address::Group(groups) => groups
-            .iter()
-            .flat_map(|g| g.addresses.iter())
-            .find(|a| a.address.is_some())?
-            .clone(),
+    let (group, addrs): (Option<String>, Vec<&mail_parser::Addr>) = match msg.from()? {
+        mail_parser::Address::List(list) => (None, list.iter().collect()),
+        mail_parser::Address::Group(groups) => (
+            groups
+                .iter()
+                .find_map(|g| g.name.as_deref().map(str::to_string)),
+            groups.iter().flat_map(|g| g.addresses.iter()).collect(),
+        ),
     };
-    let addr = first.address?.trim().to_string();
-    if !addr.contains('@') {
-        return None;
-    }
-    let name = first
-        .name
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty() && *n != addr);
-    Some(Mailbox { name, addr })
+    let mailboxes: Vec<Mailbox> = addrs
+        .into_iter()
+        .filter_map(|a| {
+            let addr = a.address.as_deref()?.trim().to_string();
+            if !addr.contains('@') {
+                return None;
+            }
+            let name = a
+                .name
+                .as_deref()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty() && *n != addr);
+            Some(Mailbox { name, addr })
+        })
+        .collect();
+    let first = mailboxes.first()?;
+    let name = group
+        .map(|g| g.trim().to_string())
+        .filter(|g| !g.is_empty())
+        .or_else(|| first.name.clone());
+    Some(Authors { mailboxes, name })
 }
 
 /// Encodes a display name for a header: a quoted string when it is ASCII,
@@ -201,11 +229,15 @@ pub fn encode_name(name: &str) -> String {
         .join("\r\n ")
 }
 
-fn mailbox_header(field: &str, name: Option<&str>, addr: &str) -> String {
+fn mailbox(name: Option<&str>, addr: &str) -> String {
     match name {
-        Some(n) => format!("{field}: {} <{addr}>\r\n", encode_name(n)),
-        None => format!("{field}: {addr}\r\n"),
+        Some(n) => format!("{} <{addr}>", encode_name(n)),
+        None => addr.to_string(),
     }
+}
+
+fn mailbox_header(field: &str, name: Option<&str>, addr: &str) -> String {
+    format!("{field}: {}\r\n", mailbox(name, addr))
 }
 
 fn domain_of(addr: &str) -> Option<&str> {
@@ -240,9 +272,10 @@ pub fn prepare(
             from_fields.len()
         )));
     }
-    let author = from_fields
+    let authors = from_fields
         .first()
-        .and_then(|f| parse_mailbox(&f.raw[f.name.len() + 1..]));
+        .and_then(|f| parse_authors(&f.raw[f.name.len() + 1..]));
+    let author = authors.as_ref().map(|a| a.mailboxes[0].clone());
     p.author = author.as_ref().map(|m| m.addr.clone());
     let has = |n: &str| fields.iter().any(|f| f.name.eq_ignore_ascii_case(n));
 
@@ -270,16 +303,22 @@ pub fn prepare(
         }
     };
     let new_from = if rewrite_from {
-        let name = author.as_ref().and_then(|a| a.name.as_deref());
+        let name = authors.as_ref().and_then(|a| a.name.as_deref());
         p.from = default_sender.clone();
         Some(mailbox_header("From", name, &default_sender))
     } else {
         p.from = author.as_ref().map(|a| a.addr.clone()).unwrap_or_default();
         None
     };
-    let reply_to = match &author {
+    // Every author, so that a reply reaches all of them.
+    let reply_to = match &authors {
         Some(a) if rewrite_from && cfg.sender.reply_to_original && !has("reply-to") => {
-            Some(mailbox_header("Reply-To", a.name.as_deref(), &a.addr))
+            let list: Vec<String> = a
+                .mailboxes
+                .iter()
+                .map(|m| mailbox(m.name.as_deref(), &m.addr))
+                .collect();
+            Some(format!("Reply-To: {}\r\n", list.join(",\r\n ")))
         }
         _ => None,
     };

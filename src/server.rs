@@ -66,17 +66,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let control = crate::control::bind(&cfg.control.socket)?;
-    let (tracking_key, tracking) = if cfg.tracking.enabled {
-        let path = cfg.tracking.secret_file.clone().unwrap_or_default();
-        let key = std::fs::read(&path)
-            .with_context(|| format!("tracking.secret_file: cannot read {}", path.display()))?;
-        if key.len() < 16 {
-            anyhow::bail!(
-                "tracking.secret_file: {} holds {} bytes; use at least 16 (head -c 32 /dev/urandom > FILE)",
-                path.display(),
-                key.len()
-            );
-        }
+    let (tracking_key, tracking) = if let Some(key) = crate::tracking::load_secret(&cfg)? {
         let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
             .await
             .with_context(|| {

@@ -91,6 +91,27 @@ fn insert_html(html: &[u8], tag: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The HMAC key of `[tracking] secret_file`, when tracking is enabled;
+/// an unreadable or short file is an error naming the key (`serve` and
+/// `check-config` both call this).
+pub fn load_secret(cfg: &crate::config::Config) -> anyhow::Result<Option<Vec<u8>>> {
+    if !cfg.tracking.enabled {
+        return Ok(None);
+    }
+    let path = cfg.tracking.secret_file.clone().unwrap_or_default();
+    let key = std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!("tracking.secret_file: cannot read {}: {e}", path.display())
+    })?;
+    if key.len() < 16 {
+        anyhow::bail!(
+            "tracking.secret_file: {} holds {} bytes; use at least 16 (head -c 32 /dev/urandom > FILE)",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(Some(key))
+}
+
 /// The body of one HTML part with the pixel, in the part's own encoding.
 /// The tag goes on a line of its own so that no line grows past the
 /// RFC 5322 limit.

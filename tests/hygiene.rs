@@ -157,3 +157,84 @@ fn undecodable_auth_responses_count_as_failed_attempts() {
     assert_eq!(c.read_reply().0, 421);
     assert_eq!(c.read_reply().0, 0, "closed");
 }
+
+#[test]
+fn a_session_of_errors_is_closed_after_twenty() {
+    let h = Herald::start("");
+    let mut c = h.client();
+    c.ehlo();
+    // A few errors are fine: the session goes on.
+    for _ in 0..5 {
+        assert_eq!(c.cmd("FROB").0, 500);
+    }
+    assert_eq!(c.cmd("NOOP").0, 250);
+    // Unknown commands in one write: answered up to the cap (20 errors),
+    // then 421 and the connection closes. (Exactly up to the cap: bytes
+    // left unread when herald closes could reset the connection before
+    // this client reads the 421.)
+    c.send_raw("FROB\r\n".repeat(15).as_bytes());
+    let mut codes = Vec::new();
+    loop {
+        let (code, _) = c.read_reply();
+        if code == 0 {
+            break;
+        }
+        codes.push(code);
+    }
+    assert_eq!(codes.len(), 16, "{codes:?}");
+    assert_eq!(codes.last(), Some(&421));
+    assert!(codes[..15].iter().all(|&c| c == 500));
+}
+
+/// `herald check-config` on `config` written in `dir`: (exit code, output).
+fn check_config(dir: &std::path::Path, config: &str) -> (i32, String) {
+    let path = dir.join("herald.toml");
+    std::fs::write(&path, format!("{BASE}{config}")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn check_config_refuses_what_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(check_config(d, "").0, 0);
+    std::fs::write(d.join("short.key"), "0123").unwrap();
+    let (code, out) = check_config(
+        d,
+        "[tracking]\nenabled = true\nbase_url = \"https://t.test\"\nsecret_file = \"short.key\"\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("tracking.secret_file") && out.contains("4 bytes"),
+        "{out}"
+    );
+    std::fs::write(d.join("cert.pem"), "not a certificate\n").unwrap();
+    std::fs::write(d.join("key.pem"), "not a key\n").unwrap();
+    let (code, out) = check_config(
+        d,
+        "[listen]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("listen.tls"), "{out}");
+    let (code, out) = check_config(d, "[listen]\nallowed_networks = [\"0.0.0.0/0\"]\n");
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("listen.allowed_networks") && out.contains("open relay"),
+        "{out}"
+    );
+    let (code, out) = check_config(d, "[storage]\npath = \"\"\n");
+    assert_ne!(code, 0);
+    assert!(out.contains("storage.path"), "{out}");
+}

@@ -33,6 +33,8 @@ use crate::tls::Stream;
 /// RFC 5321 4.5.3.1.4 says 512 for a command line; AUTH PLAIN with long
 /// credentials can exceed that, so we allow a little more.
 pub const MAX_COMMAND_LINE: usize = 2048;
+/// Syntax errors (500-504, 555) one session may make before it is closed.
+pub const MAX_ERRORS: usize = 20;
 /// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -276,13 +278,28 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut auth = Auth::default();
     let mut refusals = reception::Refusals::default();
 
+    let mut errors = 0;
+    let mut counted = 0;
     loop {
+        // A client that only makes errors (junk, unknown commands) would
+        // hold a connection slot for ever: after MAX_ERRORS, 421.
+        errors += count_errors(&out[counted.min(out.len())..]);
+        counted = out.len();
+        if errors >= MAX_ERRORS {
+            reply(
+                &mut out,
+                421,
+                &format!("4.7.0 {} Too many errors, closing connection", cfg.hostname),
+            );
+            break;
+        }
         // PIPELINING: answer in one write once the client's batch is read.
         if !out.is_empty() && reader.buffer().is_empty() {
             if reader.get_mut().write_all(&out).await.is_err() {
                 return;
             }
             out.clear();
+            counted = 0;
         }
         if line.capacity() > 1 << 20 {
             // Do not keep a one-line message's buffer for the whole session.
@@ -657,6 +674,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     return;
                 }
                 out.clear();
+                counted = 0;
                 // Bytes pipelined after STARTTLS were sent in clear text
                 // and must not be read as if they came over TLS.
                 let stream = reader.into_inner();
@@ -754,6 +772,16 @@ fn handshake_failed(peer: SocketAddr, e: &std::io::Error, what: &str) {
     } else {
         tracing::info!(%peer, error = %text, "{what} handshake failed");
     }
+}
+
+/// The syntax-error replies (500-504, 555) among the reply lines in `out`.
+fn count_errors(out: &[u8]) -> usize {
+    out.split(|&b| b == b'\n')
+        .filter(|l| {
+            l.get(3) == Some(&b' ')
+                && matches!(&l[..3], b"500" | b"501" | b"502" | b"503" | b"504" | b"555")
+        })
+        .count()
 }
 
 /// Two addresses name the same mailbox: the local part is compared
