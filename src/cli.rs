@@ -493,6 +493,42 @@ pub fn print_suppressions(v: &Value, json: bool) {
     );
 }
 
+pub fn print_webhooks(v: &Value, json: bool) {
+    let Some(hooks) = listing(v, "webhooks", json, "no [[webhooks]] configured") else {
+        return;
+    };
+    let rows: Vec<Vec<String>> = hooks
+        .iter()
+        .map(|h| {
+            vec![
+                s(&h["name"]),
+                s(&h["backlog"]),
+                s(&h["delivered"]),
+                s(&h["dropped"]),
+                relative(h["last_success_ms"].as_u64()),
+                match h["last_error"].as_str() {
+                    Some(e) => format!("{} ({})", e, relative(h["last_error_ms"].as_u64())),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME",
+                "BACKLOG",
+                "SENT",
+                "DROPPED",
+                "LAST SUCCESS",
+                "LAST ERROR"
+            ],
+            &rows
+        )
+    );
+}
+
 // --------------------------------------------------------------- CSV ----
 
 const CSV_HEADER: [&str; 7] = [

@@ -107,8 +107,7 @@ impl Webhook {
     /// Whether an event of this kind, for mail with this tag, goes here.
     pub fn wants(&self, event: &str, tag: Option<&str>) -> bool {
         self.events.iter().any(|e| e == event)
-            && (self.tags.is_empty()
-                || tag.is_some_and(|t| self.tags.iter().any(|p| glob(p, t))))
+            && (self.tags.is_empty() || tag.is_some_and(|t| self.tags.iter().any(|p| glob(p, t))))
     }
 }
 
@@ -987,7 +986,10 @@ impl Config {
             )?;
             let name = w.name.unwrap_or_else(|| w.url.clone());
             if webhooks.iter().any(|h: &Webhook| h.name == name) {
-                return Err(bad(format!("{key}.name"), format!("{name:?} is used twice")));
+                return Err(bad(
+                    format!("{key}.name"),
+                    format!("{name:?} is used twice"),
+                ));
             }
             webhooks.push(Webhook {
                 name,
@@ -1012,7 +1014,10 @@ impl Config {
             match &api.tokens_file {
                 None => return Err(bad("api.tokens_file", "required when api.listen is set")),
                 Some(p) if !p.is_file() => {
-                    return Err(bad("api.tokens_file", format!("{} does not exist", p.display())))
+                    return Err(bad(
+                        "api.tokens_file",
+                        format!("{} does not exist", p.display()),
+                    ))
                 }
                 _ => {}
             }

@@ -2,6 +2,7 @@
 //!
 //! smtp_in -> rewrite -> queue -> delivery -> upstream, with history beside.
 
+pub mod api;
 pub mod budget;
 pub mod check_dns;
 pub mod cli;

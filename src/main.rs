@@ -84,6 +84,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SuppressionCmd,
     },
+    /// Webhook endpoints: backlog, last success, last error
+    Webhooks {
+        #[command(subcommand)]
+        cmd: Option<WebhooksCmd>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check SPF, the DKIM key record, DMARC and alignment; hints to fix
     CheckDns {
         /// Only this From domain (default: every sending domain of the config)
@@ -101,6 +108,12 @@ enum Cmd {
         #[arg(long, value_name = "KEY.pem")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCmd {
+    /// Send a signed test event to one endpoint (its name, or its URL)
+    Test { name: String },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +211,14 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             )
         }
         Cmd::Trace { addr, json } => print_trace(&ask(Request::Trace { addr })?, json),
+        Cmd::Webhooks { cmd: None, json } => print_webhooks(&ask(Request::Webhooks)?, json),
+        Cmd::Webhooks {
+            cmd: Some(WebhooksCmd::Test { name }),
+            ..
+        } => {
+            let v = ask(Request::WebhookTest { name })?;
+            println!("{}", v["result"].as_str().unwrap_or(""));
+        }
         Cmd::Suppression { cmd } => match cmd {
             SuppressionCmd::List { json } => {
                 print_suppressions(&ask(Request::SuppressionList)?, json)

@@ -80,6 +80,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(a) => Some(crate::metrics::bind(a).await?),
         None => None,
     };
+    let api = match (cfg.api.listen, &cfg.api.tokens_file) {
+        (Some(a), Some(tokens)) => Some((
+            crate::api::bind(a).await?,
+            crate::api::Tokens::load(tokens)?,
+        )),
+        _ => None,
+    };
     let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
@@ -121,6 +128,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(l) = metrics {
         tracing::info!(addr = %l.local_addr()?, "metrics listening");
         tokio::spawn(crate::metrics::serve(services.clone(), l));
+    }
+    if let Some((l, tokens)) = api {
+        tracing::info!(addr = %l.local_addr()?, "api listening");
+        tokio::spawn(crate::api::serve(services.clone(), tokens, l));
     }
     let conns = Arc::new(Semaphore::new(cfg.listen.max_connections));
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);

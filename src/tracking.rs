@@ -273,13 +273,18 @@ async fn open(
                 "; the message had {n} recipients, any of them may have opened it"
             ));
         }
-        if let Err(err) = s.history.record(
+        let extra = crate::history::Extra {
+            user_agent: Some(agent.to_string()),
+            ..Default::default()
+        };
+        if let Err(err) = s.history.record_with(
             EventKind::Opened,
             &id,
             &e.rcpt,
             &detail,
             e.tag.as_deref(),
             e.subject.as_deref(),
+            extra,
         ) {
             tracing::error!(error = %err, "cannot record history");
         }

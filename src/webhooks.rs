@@ -85,18 +85,17 @@ enum Sent {
 }
 
 /// POSTs `body` to the endpoint.
-async fn post(
-    hook: &Webhook,
-    tls: &Arc<rustls::ClientConfig>,
-    body: Vec<u8>,
-    ids: &str,
-) -> Sent {
+async fn post(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: Vec<u8>, ids: &str) -> Sent {
     let uri: http::Uri = match hook.url.parse() {
         Ok(u) => u,
         Err(e) => return Sent::Refused(format!("bad URL: {e}")),
     };
     let https = uri.scheme_str() == Some("https");
-    let host = uri.host().unwrap_or("").trim_matches(['[', ']']).to_string();
+    let host = uri
+        .host()
+        .unwrap_or("")
+        .trim_matches(['[', ']'])
+        .to_string();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri
         .path_and_query()
@@ -105,9 +104,15 @@ async fn post(
     let t = now_ms() / 1000;
     let sig = signature(hook.secret.expose().as_bytes(), t, &body);
     let req = http::Request::post(path)
-        .header(http::header::HOST, uri.authority().map(|a| a.as_str()).unwrap_or(&host))
+        .header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+        )
         .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .header(
+            http::header::USER_AGENT,
+            concat!("herald/", env!("CARGO_PKG_VERSION")),
+        )
         .header("Herald-Signature", sig)
         .header("Herald-Event-Id", ids)
         .body(Full::new(Bytes::from(body)));
@@ -235,7 +240,10 @@ pub async fn run(s: Arc<Services>, i: usize) {
         }
         if !stale.is_empty() {
             tracing::warn!(webhook = %hook.name, events = stale.len(), "webhook events older than 24h dropped");
-            s.hooks.0[i].lock().unwrap_or_else(|e| e.into_inner()).dropped += stale.len() as u64;
+            s.hooks.0[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .dropped += stale.len() as u64;
             continue;
         }
         let ids: Vec<String> = batch
@@ -330,7 +338,8 @@ pub async fn test(s: &Services, name: &str) -> Result<String, String> {
         .iter()
         .find(|w| w.name == name || w.url == name)
         .ok_or_else(|| format!("no webhook named {name:?}"))?;
-    let tls = crate::tls::client_config(hook.ca_file.as_deref(), true).map_err(|e| e.to_string())?;
+    let tls =
+        crate::tls::client_config(hook.ca_file.as_deref(), true).map_err(|e| e.to_string())?;
     let t = now_ms();
     let id = format!("test-{t}");
     let body = serde_json::json!({
@@ -342,7 +351,14 @@ pub async fn test(s: &Services, name: &str) -> Result<String, String> {
         "detail": "a test event from herald webhooks test",
         "event_id": id,
     });
-    match post(hook, &tls, serde_json::to_vec(&body).unwrap_or_default(), &id).await {
+    match post(
+        hook,
+        &tls,
+        serde_json::to_vec(&body).unwrap_or_default(),
+        &id,
+    )
+    .await
+    {
         Sent::Done => Ok(format!("{}: accepted the signed test event", hook.name)),
         Sent::Retry(e) | Sent::Refused(e) => Err(format!("{}: {e}", hook.name)),
     }

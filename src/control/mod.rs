@@ -53,6 +53,25 @@ pub enum Request {
     Trace {
         addr: String,
     },
+    /// Events oldest first, paged: `cursor` is the last `event_id` seen.
+    Events {
+        #[serde(default)]
+        since_ms: Option<u64>,
+        #[serde(default)]
+        rcpt: Option<String>,
+        #[serde(default)]
+        tag: Option<String>,
+        #[serde(default)]
+        event: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+        #[serde(default)]
+        cursor: Option<String>,
+    },
+    Webhooks,
+    WebhookTest {
+        name: String,
+    },
     SuppressionList,
     SuppressionAdd {
         addr: String,

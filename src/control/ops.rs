@@ -26,7 +26,33 @@ fn ok(mut v: Value) -> Value {
 }
 
 pub async fn handle(s: &Services, req: Request) -> Value {
-    let res = match req {
+    match answer(s, req).await {
+        Ok(v) => ok(v),
+        Err(e) => error(e),
+    }
+}
+
+/// The HTTP status that fits an error of [`answer`]: the operations say
+/// "no message ..." / "no mail ..." / "... is not in the queue" for an
+/// unknown id or tag, and storage errors begin with "storage".
+pub fn http_status(err: &str) -> u16 {
+    if err.starts_with("storage") {
+        503
+    } else if err.starts_with("no message")
+        || err.starts_with("no mail")
+        || err.starts_with("no webhook")
+        || err.ends_with("is not in the queue")
+        || err.starts_with("not suppressed")
+    {
+        404
+    } else {
+        400
+    }
+}
+
+/// One operation, for the control socket and the HTTP API alike.
+pub async fn answer(s: &Services, req: Request) -> Answer {
+    match req {
         Request::Status => status(s),
         Request::Queue => queue(s),
         Request::Show { id } => show(s, &id),
@@ -56,11 +82,111 @@ pub async fn handle(s: &Services, req: Request) -> Value {
             Err(e) => Err(e.to_string()),
         },
         Request::SuppressionImport { entries } => suppression_import(s, entries).await,
-    };
-    match res {
-        Ok(v) => ok(v),
-        Err(e) => error(e),
+        Request::Events {
+            since_ms,
+            rcpt,
+            tag,
+            event,
+            limit,
+            cursor,
+        } => events(s, since_ms, rcpt, tag, event, limit, cursor),
+        Request::Webhooks => Ok(webhooks(s)),
+        Request::WebhookTest { name } => crate::webhooks::test(s, &name)
+            .await
+            .map(|m| json!({ "result": m })),
     }
+}
+
+/// Webhook endpoints: backlog, last success, last error.
+fn webhooks(s: &Services) -> Value {
+    let list: Vec<Value> = s
+        .hooks
+        .0
+        .iter()
+        .map(|h| {
+            let st = h.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let backlog = crate::webhooks::backlog(&s.history, &st.name);
+            let mut v = serde_json::to_value(&st).unwrap_or_default();
+            v["backlog"] = json!(backlog);
+            v
+        })
+        .collect();
+    json!({ "webhooks": list })
+}
+
+/// Events oldest first after `cursor`, at most `limit` (default 100, at
+/// most 1000), with the cursor of the next page when there is more.
+#[allow(clippy::too_many_arguments)]
+fn events(
+    s: &Services,
+    since_ms: Option<u64>,
+    rcpt: Option<String>,
+    tag: Option<String>,
+    event: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+) -> Answer {
+    let limit = limit.unwrap_or(100).clamp(1, 1000);
+    let since = since_ms.unwrap_or(0);
+    if let Some(e) = &event {
+        if !crate::history::KINDS.iter().any(|k| k.as_str() == e) {
+            return Err(format!("event: {e:?} is not an event kind"));
+        }
+    }
+    if let Some(c) = &cursor {
+        if crate::history::key_of_event_id(c).is_none() {
+            return Err(format!("cursor: {c:?} is not an event_id"));
+        }
+    }
+    let mut out = Vec::new();
+    let mut more = false;
+    let keep = |e: &Event| {
+        event.as_deref().is_none_or(|k| e.event.as_str() == k)
+            && cursor.as_deref().is_none_or(|c| e.event_id.as_str() > c)
+    };
+    let mut take = |e: &Event| {
+        if keep(e) {
+            if out.len() < limit {
+                out.push(e.clone());
+            } else {
+                more = true;
+            }
+        }
+        false
+    };
+    match (rcpt.as_deref(), tag.as_deref()) {
+        (Some(r), _) => {
+            for e in s
+                .history
+                .query_by(By::Rcpt(r), since, |_| true)
+                .map_err(|e| e.to_string())?
+            {
+                if tag.as_deref().is_none_or(|t| e.tag.as_deref() == Some(t)) {
+                    take(&e);
+                }
+            }
+        }
+        (None, Some(t)) => {
+            for e in s
+                .history
+                .query_by(By::Tag(t), since, |_| true)
+                .map_err(|e| e.to_string())?
+            {
+                take(&e);
+            }
+        }
+        (None, None) => {
+            s.history
+                .query(since, |e| take(e))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let next = if more {
+        out.last().map(|e| e.event_id.clone())
+    } else {
+        None
+    };
+    Ok(json!({ "events": out, "next_cursor": next }))
 }
 
 type Answer = Result<Value, String>;

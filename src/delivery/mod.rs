@@ -437,9 +437,16 @@ fn record(
     detail: &str,
 ) {
     let (tag, subject) = (env.tag.as_deref(), env.subject.as_deref());
+    let r = env.rcpts.iter().find(|r| r.addr == rcpt);
+    let extra = crate::history::Extra {
+        class,
+        attempts: r.map(|r| r.attempts),
+        upstream: r.and_then(|r| r.last_host.clone()).filter(|h| h != "-"),
+        user_agent: None,
+    };
     if let Err(e) = s
         .history
-        .record_classed(kind, class, &env.id, rcpt, detail, tag, subject)
+        .record_with(kind, &env.id, rcpt, detail, tag, subject, extra)
     {
         tracing::error!(error = %e, "cannot record history");
     }

@@ -1,0 +1,362 @@
+//! `[api]`: the control socket's operations over HTTP, as JSON, for the
+//! platforms behind herald (and its support console). Every route calls the
+//! same [`crate::control::ops::answer`] the socket uses: no second copy of
+//! any logic. Bearer tokens come from `[api] tokens_file`, one per line;
+//! herald keeps their SHA-256 and compares in constant time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use aws_lc_rs::digest;
+use axum::extract::{Path, Query, Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::control::ops;
+use crate::control::Request;
+use crate::services::Services;
+
+/// The OpenAPI document of these routes (also in docs/openapi.json).
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// SHA-256 of each accepted token.
+#[derive(Clone)]
+pub struct Tokens(Arc<Vec<Vec<u8>>>);
+
+impl Tokens {
+    /// Reads `tokens_file`: one token per line; blank lines and `#` comments
+    /// are skipped. Tokens shorter than 16 characters are refused.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Tokens> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("api.tokens_file: cannot read {}: {e}", path.display()))?;
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if t.len() < 16 {
+                anyhow::bail!(
+                    "api.tokens_file: line {} of {} is shorter than 16 characters (use e.g. head -c 24 /dev/urandom | base64)",
+                    n + 1,
+                    path.display()
+                );
+            }
+            out.push(
+                digest::digest(&digest::SHA256, t.as_bytes())
+                    .as_ref()
+                    .to_vec(),
+            );
+        }
+        if out.is_empty() {
+            anyhow::bail!("api.tokens_file: {} holds no token", path.display());
+        }
+        Ok(Tokens(Arc::new(out)))
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        let d = digest::digest(&digest::SHA256, presented.as_bytes());
+        // Every token is compared, so the time says nothing about which.
+        self.0.iter().fold(false, |found, t| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(t, d.as_ref()).is_ok() | found
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    s: Arc<Services>,
+    tokens: Tokens,
+}
+
+fn err(status: u16, msg: impl Into<String>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (code, Json(json!({ "ok": false, "error": msg.into() }))).into_response()
+}
+
+/// Runs one operation off the async threads (listings scan) and answers it.
+async fn run(api: &Api, req: Request) -> Result<Value, Response> {
+    let s = api.s.clone();
+    let rt = tokio::runtime::Handle::current();
+    let res = tokio::task::spawn_blocking(move || rt.block_on(ops::answer(&s, req)))
+        .await
+        .map_err(|e| err(500, format!("internal error: {e}")))?;
+    res.map_err(|e| err(ops::http_status(&e), e))
+}
+
+async fn reply(api: &Api, req: Request) -> Response {
+    match run(api, req).await {
+        Ok(mut v) => {
+            if let Value::Object(m) = &mut v {
+                m.insert("ok".into(), Value::Bool(true));
+            }
+            Json(v).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn auth(State(api): State<Api>, req: HttpRequest, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if api.tokens.accepts(t) => next.run(req).await,
+        Some(_) => {
+            tracing::warn!("api: request with a wrong token refused");
+            err(401, "wrong token")
+        }
+        None => err(401, "no token: send Authorization: Bearer TOKEN"),
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+async fn status(State(api): State<Api>) -> Response {
+    reply(&api, Request::Status).await
+}
+
+async fn queue(State(api): State<Api>) -> Response {
+    reply(&api, Request::Queue).await
+}
+
+async fn trace(State(api): State<Api>, Query(q): Params) -> Response {
+    match q.get("rcpt") {
+        Some(addr) if !addr.is_empty() => reply(&api, Request::Trace { addr: addr.clone() }).await,
+        _ => err(400, "rcpt: give the recipient address, ?rcpt=ADDR"),
+    }
+}
+
+async fn message(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    reply(&api, Request::Show { id }).await
+}
+
+async fn retry(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    reply(
+        &api,
+        Request::Retry {
+            id: Some(id),
+            all: false,
+        },
+    )
+    .await
+}
+
+async fn cancel_id(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    reply(
+        &api,
+        Request::Cancel {
+            id: Some(id),
+            tag: None,
+        },
+    )
+    .await
+}
+
+async fn cancel_tag(State(api): State<Api>, Query(q): Params) -> Response {
+    match q.get("tag") {
+        Some(tag) if !tag.is_empty() => {
+            reply(
+                &api,
+                Request::Cancel {
+                    id: None,
+                    tag: Some(tag.clone()),
+                },
+            )
+            .await
+        }
+        _ => err(400, "tag: give the tag, ?tag=TAG"),
+    }
+}
+
+/// `since` is a duration ("2h": the last two hours) or an RFC 3339 time.
+fn since_ms(v: &str) -> Result<u64, String> {
+    if let Ok(d) = humantime::parse_duration(v) {
+        return Ok(crate::queue::now_ms().saturating_sub(d.as_millis() as u64));
+    }
+    humantime::parse_rfc3339_weak(v)
+        .map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        })
+        .map_err(|_| format!("since: {v:?} is neither a duration (2h) nor an RFC 3339 time"))
+}
+
+async fn events(State(api): State<Api>, Query(q): Params) -> Response {
+    let since = match q.get("since").map(|s| since_ms(s)).transpose() {
+        Ok(s) => s,
+        Err(e) => return err(400, e),
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()).transpose() {
+        Ok(l) => l,
+        Err(_) => return err(400, "limit: not a number"),
+    };
+    let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    reply(
+        &api,
+        Request::Events {
+            since_ms: since,
+            rcpt: get("rcpt"),
+            tag: get("tag"),
+            event: get("event"),
+            limit,
+            cursor: get("cursor"),
+        },
+    )
+    .await
+}
+
+async fn suppressions(State(api): State<Api>) -> Response {
+    reply(&api, Request::SuppressionList).await
+}
+
+async fn suppression(State(api): State<Api>, Path(addr): Path<String>) -> Response {
+    match run(&api, Request::SuppressionList).await {
+        Ok(v) => {
+            let found = v["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| {
+                    e["addr"]
+                        .as_str()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(&addr))
+                })
+                .cloned();
+            match found {
+                Some(e) => Json(json!({ "ok": true, "entry": e })).into_response(),
+                None => err(404, format!("not suppressed: {addr}")),
+            }
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AddSuppression {
+    addr: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn suppression_add(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    match serde_json::from_slice::<AddSuppression>(&body) {
+        Ok(a) => {
+            reply(
+                &api,
+                Request::SuppressionAdd {
+                    addr: a.addr,
+                    reason: a.reason,
+                },
+            )
+            .await
+        }
+        Err(e) => err(
+            400,
+            format!("body: {e}; send {{\"addr\": ..., \"reason\": ...}}"),
+        ),
+    }
+}
+
+async fn suppression_remove(State(api): State<Api>, Path(addr): Path<String>) -> Response {
+    match run(&api, Request::SuppressionRemove { addr: addr.clone() }).await {
+        Ok(v) if v["removed"] == Value::Bool(true) => {
+            Json(json!({ "ok": true, "removed": true, "addr": addr })).into_response()
+        }
+        Ok(_) => err(404, format!("not suppressed: {addr}")),
+        Err(r) => r,
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found() -> Response {
+    err(404, "no such route (see /api/v1/openapi.json)")
+}
+
+/// The router: `/api/v1/...`, every route behind the bearer token except
+/// the OpenAPI document.
+pub fn router(s: Arc<Services>, tokens: Tokens) -> Router {
+    let api = Api { s, tokens };
+    let protected = Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/queue", get(queue))
+        .route("/api/v1/trace", get(trace))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/messages/{id}", get(message).delete(cancel_id))
+        .route("/api/v1/messages/{id}/retry", post(retry))
+        .route("/api/v1/cancel", post(cancel_tag))
+        .route(
+            "/api/v1/suppressions",
+            get(suppressions).post(suppression_add),
+        )
+        .route(
+            "/api/v1/suppressions/{addr}",
+            get(suppression).delete(suppression_remove),
+        )
+        .route_layer(middleware::from_fn_with_state(api.clone(), auth));
+    Router::new()
+        .merge(protected)
+        .route("/api/v1/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(api)
+}
+
+/// Binds `api.listen`.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("api.listen: cannot listen on {addr}: {e}"))
+}
+
+/// Serves until shutdown.
+pub async fn serve(s: Arc<Services>, tokens: Tokens, listener: tokio::net::TcpListener) {
+    let mut shutdown = s.shutdown.clone();
+    let app = router(s, tokens);
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.wait().await })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "api listener failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_compared_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokens");
+        std::fs::write(
+            &p,
+            "# support console\nabcdefghijklmnop1234\n\nsecond-token-0123456789\n",
+        )
+        .unwrap();
+        let t = Tokens::load(&p).unwrap();
+        assert!(t.accepts("abcdefghijklmnop1234"));
+        assert!(t.accepts("second-token-0123456789"));
+        assert!(!t.accepts("abcdefghijklmnop123"));
+        assert!(!t.accepts(""));
+        std::fs::write(&p, "short\n").unwrap();
+        assert!(Tokens::load(&p).is_err());
+    }
+
+    #[test]
+    fn openapi_document_parses() {
+        let v: Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(v["paths"].as_object().unwrap().len() >= 8);
+    }
+}

@@ -1,0 +1,352 @@
+//! Webhooks end to end: a receiver on loopback records the POSTs and checks
+//! their signatures; events survive the receiver being down and a kill -9.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+/// One POST as received.
+#[derive(Clone, Debug)]
+struct Post {
+    event_ids: String,
+    signature_ok: bool,
+    events: Vec<Value>,
+}
+
+/// An HTTP receiver that answers `status` and records what it got.
+struct Receiver {
+    posts: Arc<Mutex<Vec<Post>>>,
+    status: Arc<AtomicU16>,
+    stop: Arc<AtomicBool>,
+}
+
+fn hmac_hex(key: &[u8], msg: &[u8]) -> String {
+    use aws_lc_rs::hmac;
+    let k = hmac::Key::new(hmac::HMAC_SHA256, key);
+    hmac::sign(&k, msg)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Receiver {
+    fn start(port: u16, status: u16) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let posts: Arc<Mutex<Vec<Post>>> = Arc::default();
+        let st = Arc::new(AtomicU16::new(status));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s2, sp) = (posts.clone(), st.clone(), stop.clone());
+        thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                tcp.set_nonblocking(false).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut rd = BufReader::new(tcp.try_clone().unwrap());
+                let mut headers = HashMap::new();
+                let mut line = String::new();
+                if rd.read_line(&mut line).is_err() {
+                    continue;
+                }
+                loop {
+                    line.clear();
+                    if rd.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if rd.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let sig = headers.get("herald-signature").cloned().unwrap_or_default();
+                let signature_ok = sig
+                    .split_once(",v1=")
+                    .and_then(|(t, v)| t.strip_prefix("t=").map(|t| (t, v)))
+                    .is_some_and(|(t, v)| {
+                        let mut m = t.as_bytes().to_vec();
+                        m.push(b'.');
+                        m.extend_from_slice(&body);
+                        hmac_hex(KEY.as_bytes(), &m) == v
+                    });
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let events = match v {
+                    Value::Array(a) => a,
+                    other => vec![other],
+                };
+                let code = s2.load(Ordering::Relaxed);
+                if (200..300).contains(&code) {
+                    p.lock().unwrap().push(Post {
+                        event_ids: headers.get("herald-event-id").cloned().unwrap_or_default(),
+                        signature_ok,
+                        events,
+                    });
+                }
+                let mut w = tcp;
+                let _ = write!(
+                    w,
+                    "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Receiver {
+            posts,
+            status: st,
+            stop,
+        }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p.events.clone())
+            .collect()
+    }
+
+    /// Distinct events (by event_id) of this kind for this recipient.
+    fn count(&self, event: &str, rcpt: &str) -> usize {
+        let mut ids: Vec<String> = self
+            .events()
+            .iter()
+            .filter(|e| e["event"] == event && e["rcpt"] == rcpt)
+            .map(|e| e["event_id"].as_str().unwrap_or("").to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+const HTML: &str = "From: Claire <claire@customer.test>\nSubject: Your file\nX-Herald-Tag: file-7\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body><p>Your file is ready.</p></body></html>\n";
+
+fn history(h: &Herald, rcpt: &str) -> Vec<Value> {
+    let (_, out, _) = h.cli(&["history", "--rcpt", rcpt, "--json"]);
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn has(h: &Herald, rcpt: &str, event: &str) -> bool {
+    history(h, rcpt).iter().any(|e| e["event"] == event)
+}
+
+#[test]
+fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![(
+            "gone".into(),
+            "550 5.1.1 <gone@dest.test>: no such user".into(),
+        )],
+        ..Default::default()
+    });
+    let hook_port = free_port();
+    let pixel_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tracking.key"), [7u8; 32]).unwrap();
+    std::fs::write(dir.path().join("webhook.key"), KEY).unwrap();
+    let mut h = Herald::start_in(
+        dir,
+        &format!(
+            "[tracking]\nenabled = true\nlisten = \"127.0.0.1:{pixel_port}\"\nbase_url = \"http://127.0.0.1:{pixel_port}/\"\nsecret_file = \"tracking.key\"\n\
+             [[webhooks]]\nname = \"platform\"\nurl = \"http://127.0.0.1:{hook_port}/hooks/mail\"\nsecret_file = \"webhook.key\"\n\
+             events = [\"delivered\", \"bounced\", \"opened\", \"rejected\", \"cancelled\"]\ntimeout = \"2s\"\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    let (code, _) = c.send(
+        "app@platform.test",
+        &["ok@dest.test", "gone@dest.test"],
+        HTML,
+    );
+    assert_eq!(code, 250);
+    let msgs = sink.wait_for(1, 10);
+    assert_eq!(msgs.len(), 1, "{}", h.log());
+    assert!(wait_until(10, || has(&h, "gone@dest.test", "bounced")));
+    // Opened: fetch the pixel that arrived.
+    let text = msgs[0].text().replace("=\r\n", "");
+    let at = text.find("/o/").expect("pixel");
+    let path: String = text[at..].chars().take_while(|c| *c != '"').collect();
+    let path = path.replace("=3D", "=");
+    assert_eq!(http_get(&format!("127.0.0.1:{pixel_port}"), &path).0, 200);
+    assert!(wait_until(10, || has(&h, "ok@dest.test", "opened")));
+    // Rejected: two From fields.
+    let (code, _) = c.send(
+        "app@platform.test",
+        &["rej@dest.test"],
+        "From: a@b.test\nFrom: c@d.test\nSubject: two\n\nx\n",
+    );
+    assert_eq!(code, 554);
+    assert!(wait_until(10, || has(&h, "rej@dest.test", "rejected")));
+    // Cancelled: held by a delay, then cancelled (which commits everything
+    // recorded before it).
+    let (code, reply) = c.send(
+        "app@platform.test",
+        &["later@dest.test"],
+        "Subject: later\nX-Herald-Delay: 1h\n\nlater\n",
+    );
+    assert_eq!(code, 250);
+    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    drop(c);
+    let (code, out, err) = h.cli(&["cancel", &id]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The receiver is down: the backlog shows, with the error.
+    assert!(
+        wait_until(10, || {
+            let (_, out, _) = h.cli(&["webhooks", "--json"]);
+            out.contains("\"backlog\":") && out.contains("connect")
+        }),
+        "{}",
+        h.cli(&["webhooks", "--json"]).1
+    );
+    let (code, out, _) = h.cli(&["webhooks"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("platform") && out.contains("BACKLOG"), "{out}");
+    let (code, _, err) = h.cli(&["webhooks", "test", "platform"]);
+    assert_eq!(code, 1, "a dead endpoint fails the test");
+    assert!(err.contains("platform"), "{err}");
+
+    // kill -9, restart, then the receiver comes up: everything arrives.
+    h.kill9();
+    h.spawn();
+    let rx = Receiver::start(hook_port, 200);
+    let all = wait_until(30, || {
+        rx.count("delivered", "ok@dest.test") == 1
+            && rx.count("bounced", "gone@dest.test") == 1
+            && rx.count("opened", "ok@dest.test") == 1
+            && rx.count("rejected", "rej@dest.test") == 1
+            && rx.count("cancelled", "later@dest.test") == 1
+    });
+    assert!(all, "{:#?}\n{}", rx.events(), h.log());
+    let posts = rx.posts.lock().unwrap().clone();
+    assert!(posts.iter().all(|p| p.signature_ok), "{posts:?}");
+    for p in &posts {
+        let ids: Vec<&str> = p
+            .events
+            .iter()
+            .filter_map(|e| e["event_id"].as_str())
+            .collect();
+        assert_eq!(
+            p.event_ids,
+            ids.join(","),
+            "Herald-Event-Id names the events"
+        );
+    }
+    let bounced = rx
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "bounced")
+        .unwrap();
+    assert_eq!(bounced["class"], "hard");
+    assert_eq!(bounced["attempts"], 1);
+    assert!(bounced["upstream"].is_string(), "{bounced}");
+    let opened = rx
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "opened")
+        .unwrap();
+    assert_eq!(opened["user_agent"], "test-mua");
+    // Not asked for: no received or deferred events.
+    assert!(!rx.events().iter().any(|e| e["event"] == "received"));
+    // Nothing left, and the test event goes through.
+    assert!(wait_until(10, || h
+        .cli(&["webhooks", "--json"])
+        .1
+        .contains("\"backlog\":0")));
+    let (code, out, err) = h.cli(&["webhooks", "test", "platform"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(rx.events().iter().any(|e| e["event"] == "test"));
+}
+
+#[test]
+fn a_client_error_drops_the_event_with_a_log_line_and_a_server_error_retries() {
+    let sink = Sink::start(Script::default());
+    let hook_port = free_port();
+    let rx = Receiver::start(hook_port, 503);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("webhook.key"), KEY).unwrap();
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[[webhooks]]\nurl = \"http://127.0.0.1:{hook_port}/h\"\nsecret_file = \"webhook.key\"\nevents = [\"delivered\"]\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["one@dest.test"], &message("one")).0,
+        250
+    );
+    assert!(
+        wait_until(10, || h.log().contains("webhook endpoint failing")),
+        "{}",
+        h.log()
+    );
+    // 503 is retried: once the endpoint answers 200, the event arrives.
+    rx.status.store(200, Ordering::Relaxed);
+    assert!(
+        wait_until(20, || rx.count("delivered", "one@dest.test") == 1),
+        "{}",
+        h.log()
+    );
+    // 400 is final: dropped, logged, not retried.
+    rx.status.store(400, Ordering::Relaxed);
+    assert_eq!(
+        c.send("a@b.test", &["two@dest.test"], &message("two")).0,
+        250
+    );
+    assert!(
+        wait_until(20, || h.log().contains("refused events; dropped")),
+        "{}",
+        h.log()
+    );
+    let (_, out, _) = h.cli(&["webhooks", "--json"]);
+    assert!(
+        out.contains("\"backlog\":0") && out.contains("\"dropped\":1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_webhook_key_shorter_than_16_bytes_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("short.key"), "short").unwrap();
+    let err = serve_fails(
+        dir.path(),
+        &format!(
+            "{BASE}[[webhooks]]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = \"short.key\"\n"
+        ),
+    );
+    assert!(err.contains("webhooks[0].secret_file"), "{err}");
+}
