@@ -277,6 +277,65 @@ async fn suppression_remove(State(api): State<Api>, Path(addr): Path<String>) ->
     }
 }
 
+async fn pause(State(api): State<Api>) -> Response {
+    reply(&api, Request::Pause).await
+}
+
+async fn resume(State(api): State<Api>) -> Response {
+    reply(&api, Request::Resume).await
+}
+
+/// The support console's files, embedded in the binary.
+const CONSOLE: [(&str, &str, &str); 3] = [
+    (
+        "index.html",
+        "text/html; charset=utf-8",
+        include_str!("../console/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../console/app.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../console/style.css"),
+    ),
+];
+
+/// Serves `/console/` and its files with a strict policy: no inline
+/// script or style, nothing from elsewhere, never framed.
+async fn console_file(path: Option<Path<String>>) -> Response {
+    let name = path.map(|Path(p)| p).unwrap_or_else(|| "index.html".into());
+    let Some((_, ctype, body)) = CONSOLE.iter().find(|(n, _, _)| *n == name) else {
+        return err(404, "no such file");
+    };
+    (
+        [
+            (header::CONTENT_TYPE, *ctype),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        *body,
+    )
+        .into_response()
+}
+
+async fn console_index() -> Response {
+    console_file(None).await
+}
+
+async fn console_redirect() -> Response {
+    axum::response::Redirect::permanent("/console/").into_response()
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -297,6 +356,8 @@ pub fn router(s: Arc<Services>, tokens: Tokens) -> Router {
         .route("/api/v1/messages/{id}", get(message).delete(cancel_id))
         .route("/api/v1/messages/{id}/retry", post(retry))
         .route("/api/v1/cancel", post(cancel_tag))
+        .route("/api/v1/pause", post(pause))
+        .route("/api/v1/resume", post(resume))
         .route(
             "/api/v1/suppressions",
             get(suppressions).post(suppression_add),
@@ -309,6 +370,12 @@ pub fn router(s: Arc<Services>, tokens: Tokens) -> Router {
     Router::new()
         .merge(protected)
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/console", get(console_redirect))
+        .route("/console/", get(console_index))
+        .route(
+            "/console/{file}",
+            get(|p: Path<String>| console_file(Some(p))),
+        )
         .fallback(not_found)
         .with_state(api)
 }

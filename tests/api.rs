@@ -12,7 +12,8 @@ const TOKEN: &str = "support-console-token-0123";
 /// One HTTP/1.1 request: (status, JSON body).
 fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -30,14 +31,21 @@ fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -
         .position(|w| w == b"\r\n\r\n")
         .map(|p| String::from_utf8_lossy(&raw[p + 4..]).into_owned())
         .unwrap_or_default();
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn start() -> (Herald, String, Sink) {
     let sink = Sink::start(Script::default());
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("api.tokens"), format!("# console\n{TOKEN}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("api.tokens"),
+        format!("# console\n{TOKEN}\n"),
+    )
+    .unwrap();
     let h = Herald::start_in(
         dir,
         &format!(
@@ -56,7 +64,17 @@ fn every_route_and_its_errors() {
     let (code, v) = call(&api, "GET", "/api/v1/status", None, "");
     assert_eq!(code, 401, "{v}");
     assert!(v["error"].as_str().unwrap().contains("Bearer"));
-    assert_eq!(call(&api, "GET", "/api/v1/status", Some("wrong-token-0123456789"), "").0, 401);
+    assert_eq!(
+        call(
+            &api,
+            "GET",
+            "/api/v1/status",
+            Some("wrong-token-0123456789"),
+            ""
+        )
+        .0,
+        401
+    );
     let (code, v) = get("/api/v1/status");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["ok"], true);
@@ -79,10 +97,33 @@ fn every_route_and_its_errors() {
     assert_eq!(v["messages"][0]["id"], id.as_str());
     let (code, v) = get(&format!("/api/v1/messages/{id}"));
     assert_eq!(code, 200, "{v}");
-    assert!(v["headers"].as_str().unwrap().contains("Subject: Your file"));
+    assert!(v["headers"]
+        .as_str()
+        .unwrap()
+        .contains("Subject: Your file"));
     assert_eq!(get("/api/v1/messages/NOSUCHID0000").0, 404);
-    assert_eq!(call(&api, "POST", &format!("/api/v1/messages/{id}/retry"), Some(TOKEN), "").0, 200);
-    assert_eq!(call(&api, "POST", "/api/v1/messages/NOSUCHID0000/retry", Some(TOKEN), "").0, 404);
+    assert_eq!(
+        call(
+            &api,
+            "POST",
+            &format!("/api/v1/messages/{id}/retry"),
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call(
+            &api,
+            "POST",
+            "/api/v1/messages/NOSUCHID0000/retry",
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        404
+    );
     let (code, v) = get("/api/v1/trace?rcpt=louise@dest.test");
     assert_eq!(code, 200);
     assert!(v["diagnosis"].as_str().unwrap().contains(&id), "{v}");
@@ -91,13 +132,19 @@ fn every_route_and_its_errors() {
     // Events, paged.
     let mut c2 = h.client();
     c2.ehlo();
-    assert_eq!(c2.send("app@platform.test", &["paul@dest.test"], &message("two")).0, 250);
+    assert_eq!(
+        c2.send("app@platform.test", &["paul@dest.test"], &message("two"))
+            .0,
+        250
+    );
     let (code, v) = get("/api/v1/events?event=received&limit=1");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["events"].as_array().unwrap().len(), 1);
     assert_eq!(v["events"][0]["rcpt"], "louise@dest.test");
     let cursor = v["next_cursor"].as_str().expect("more").to_string();
-    let (_, v) = get(&format!("/api/v1/events?event=received&limit=1&cursor={cursor}"));
+    let (_, v) = get(&format!(
+        "/api/v1/events?event=received&limit=1&cursor={cursor}"
+    ));
     assert_eq!(v["events"][0]["rcpt"], "paul@dest.test");
     assert!(v["next_cursor"].is_null(), "{v}");
     let (_, v) = get("/api/v1/events?rcpt=paul@dest.test&since=1h");
@@ -113,12 +160,41 @@ fn every_route_and_its_errors() {
     let (code, v) = call(&api, "POST", "/api/v1/cancel?tag=file-1", Some(TOKEN), "");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["cancelled"][0]["rcpt"], "louise@dest.test");
-    assert_eq!(call(&api, "POST", "/api/v1/cancel?tag=no-such-tag", Some(TOKEN), "").0, 404);
+    assert_eq!(
+        call(
+            &api,
+            "POST",
+            "/api/v1/cancel?tag=no-such-tag",
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        404
+    );
     assert_eq!(call(&api, "POST", "/api/v1/cancel", Some(TOKEN), "").0, 400);
-    let paul = get("/api/v1/queue").1["messages"][0]["id"].as_str().unwrap().to_string();
-    let (code, v) = call(&api, "DELETE", &format!("/api/v1/messages/{paul}"), Some(TOKEN), "");
+    let paul = get("/api/v1/queue").1["messages"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, v) = call(
+        &api,
+        "DELETE",
+        &format!("/api/v1/messages/{paul}"),
+        Some(TOKEN),
+        "",
+    );
     assert_eq!(code, 200, "{v}");
-    assert_eq!(call(&api, "DELETE", "/api/v1/messages/NOSUCHID0000", Some(TOKEN), "").0, 404);
+    assert_eq!(
+        call(
+            &api,
+            "DELETE",
+            "/api/v1/messages/NOSUCHID0000",
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        404
+    );
 
     // Suppressions.
     let (code, v) = call(
@@ -132,15 +208,51 @@ fn every_route_and_its_errors() {
     let (code, v) = get("/api/v1/suppressions/x@dest.test");
     assert_eq!(code, 200);
     assert_eq!(v["entry"]["reason"], "asked us to stop");
-    assert_eq!(get("/api/v1/suppressions").1["entries"].as_array().unwrap().len(), 1);
-    assert_eq!(call(&api, "POST", "/api/v1/suppressions", Some(TOKEN), "{nope").0, 400);
     assert_eq!(
-        call(&api, "POST", "/api/v1/suppressions", Some(TOKEN), r#"{"addr": "not-an-address"}"#).0,
+        get("/api/v1/suppressions").1["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        call(&api, "POST", "/api/v1/suppressions", Some(TOKEN), "{nope").0,
         400
     );
-    assert_eq!(call(&api, "DELETE", "/api/v1/suppressions/x@dest.test", Some(TOKEN), "").0, 200);
+    assert_eq!(
+        call(
+            &api,
+            "POST",
+            "/api/v1/suppressions",
+            Some(TOKEN),
+            r#"{"addr": "not-an-address"}"#
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            &api,
+            "DELETE",
+            "/api/v1/suppressions/x@dest.test",
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        200
+    );
     assert_eq!(get("/api/v1/suppressions/x@dest.test").0, 404);
-    assert_eq!(call(&api, "DELETE", "/api/v1/suppressions/x@dest.test", Some(TOKEN), "").0, 404);
+    assert_eq!(
+        call(
+            &api,
+            "DELETE",
+            "/api/v1/suppressions/x@dest.test",
+            Some(TOKEN),
+            ""
+        )
+        .0,
+        404
+    );
 
     // Unknown route: JSON 404.
     let (code, v) = get("/api/v1/nothing-here");
@@ -189,10 +301,7 @@ fn every_route_of_the_openapi_document_answers() {
             let body = op["requestBody"]["content"]["application/json"]["example"].to_string();
             let body = if body == "null" { String::new() } else { body };
             let (code, v) = call(&api, &method.to_uppercase(), &full, Some(TOKEN), &body);
-            assert!(
-                v.is_object() && code != 405,
-                "{method} {full}: {code} {v}"
-            );
+            assert!(v.is_object() && code != 405, "{method} {full}: {code} {v}");
             assert!(
                 !v["error"].as_str().unwrap_or("").contains("no such route"),
                 "{method} {full} is in the document but not served: {v}"

@@ -1,0 +1,376 @@
+// herald support console: plain DOM over the HTTP API (/api/v1). Everything
+// that comes from mail is inserted as text (textContent), never as HTML.
+// The token lives in sessionStorage and goes only in the Authorization
+// header.
+
+const API = "/api/v1";
+const view = document.getElementById("view");
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "on") {
+      for (const [ev, f] of Object.entries(v)) e.addEventListener(ev, f);
+    } else if (v !== undefined && v !== null) {
+      e.setAttribute(k, v);
+    }
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function token() {
+  return sessionStorage.getItem("herald-token");
+}
+
+class Unauthorized extends Error {}
+
+async function api(method, path, body) {
+  const headers = { Authorization: "Bearer " + (token() || "") };
+  const init = { method, headers };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(API + path, init);
+  const data = await r.json().catch(() => ({ ok: false, error: "HTTP " + r.status }));
+  if (r.status === 401) throw new Unauthorized(data.error || "wrong token");
+  if (!r.ok) throw new Error(data.error || "HTTP " + r.status);
+  return data;
+}
+
+function ago(ms) {
+  if (!ms) return "-";
+  let s = Math.round((Date.now() - ms) / 1000);
+  const suffix = s >= 0 ? " ago" : "";
+  const prefix = s < 0 ? "in " : "";
+  s = Math.abs(s);
+  const d = s >= 86400 ? Math.floor(s / 86400) + "d " : "";
+  const h = s >= 3600 ? Math.floor((s % 86400) / 3600) + "h " : "";
+  const m = s >= 60 ? Math.floor((s % 3600) / 60) + "m " : "";
+  return prefix + (d + h + m || s + "s ").trim() + suffix;
+}
+
+function table(headers, rows, id) {
+  return el("table", { id },
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows.map((r) => el("tr", {}, r.map((c, i) =>
+      el("td", i === r.length - 1 ? { class: "detail" } : {}, c))))));
+}
+
+function show(...children) {
+  view.replaceChildren(...children);
+}
+
+function failure(e) {
+  if (e instanceof Unauthorized) {
+    login(e.message);
+    return;
+  }
+  show(el("p", { class: "error", id: "error" }, e.message));
+}
+
+// ---------------------------------------------------------------- login
+
+function login(message) {
+  const dialog = document.getElementById("login");
+  const err = document.getElementById("login-error");
+  err.hidden = !message || !token();
+  err.textContent = message && token() ? "That token was refused: " + message : "";
+  sessionStorage.removeItem("herald-token");
+  document.getElementById("logout").hidden = true;
+  view.replaceChildren();
+  if (!dialog.open) dialog.showModal();
+}
+
+document.getElementById("login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const t = document.getElementById("token").value.trim();
+  sessionStorage.setItem("herald-token", t);
+  try {
+    await api("GET", "/status");
+    document.getElementById("login").close();
+    document.getElementById("logout").hidden = false;
+    route();
+  } catch (e) {
+    const err = document.getElementById("login-error");
+    sessionStorage.removeItem("herald-token");
+    err.hidden = false;
+    err.textContent = e instanceof Unauthorized ? "That token was refused." : e.message;
+  }
+});
+
+document.getElementById("logout").addEventListener("click", () => {
+  sessionStorage.removeItem("herald-token");
+  login();
+});
+
+// --------------------------------------------------------------- search
+
+document.getElementById("search").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const q = document.getElementById("q").value.trim();
+  if (!q) return;
+  if (q.includes("@")) location.hash = "#/trace/" + encodeURIComponent(q);
+  else if (/^[0-9A-HJKMNP-TV-Z]{12}$/.test(q)) location.hash = "#/message/" + q;
+  else location.hash = "#/tag/" + encodeURIComponent(q);
+});
+
+function eventRows(events) {
+  return events.map((e) => [
+    e.time,
+    ago(e.time_ms),
+    e.id ? el("a", { href: "#/message/" + e.id }, e.id) : "-",
+    e.event,
+    e.class || "-",
+    e.rcpt,
+    e.subject || "-",
+    e.detail,
+  ]);
+}
+
+const EVENT_HEADERS = ["Time", "Age", "Queue id", "Event", "Class", "Recipient", "Subject", "Detail"];
+
+// ---------------------------------------------------------------- views
+
+async function traceView(addr) {
+  const t = await api("GET", "/trace?rcpt=" + encodeURIComponent(addr));
+  const last = t.events[0];
+  const tone = !last ? "" : ["delivered", "opened"].includes(last.event) ? "good"
+    : ["bounced", "suppressed", "expired", "rejected", "cancelled"].includes(last.event) ? "bad" : "";
+  const parts = [
+    el("h1", {}, "Recipient ", el("span", { id: "addr" }, t.addr)),
+    el("div", { class: "diagnosis " + tone, id: "diagnosis" }, t.diagnosis),
+  ];
+  if (t.suppression) {
+    const s = t.suppression;
+    parts.push(el("p", { id: "suppression" },
+      "Suppressed since " + ago(s.added_ms) + " (" + s.reason + (s.reply ? ": " + s.reply : "") + ") ",
+      el("button", { id: "lift", on: { click: () => removeSuppression(s.addr, () => traceView(addr)) } },
+        "Remove from the suppression list")));
+  } else {
+    parts.push(el("p", { id: "suppression" }, "Not suppressed."));
+  }
+  parts.push(table(EVENT_HEADERS, eventRows(t.events), "events"));
+  show(...parts);
+}
+
+async function tagView(tag) {
+  const r = await api("GET", "/events?limit=1000&tag=" + encodeURIComponent(tag));
+  show(el("h1", {}, "Tag ", tag), table(EVENT_HEADERS, eventRows(r.events.slice().reverse()), "events"));
+}
+
+async function messageView(id) {
+  const m = await api("GET", "/messages/" + encodeURIComponent(id));
+  const q = m.queued;
+  const parts = [el("h1", {}, "Message ", el("span", { id: "message-id" }, m.id))];
+  const msg = el("p", { id: "action-result" });
+  if (q) {
+    parts.push(el("p", {},
+      "From <" + q.original_sender + "> (sent as <" + q.mail_from + ">), route " + q.upstream +
+      ", tag " + (q.tag || "-") + ", " + q.size + " bytes, received " + ago(q.received_at)));
+    parts.push(table(["Recipient", "Status", "Class", "Tries", "Next", "Last reply"],
+      q.rcpts.map((r) => [r.addr, r.status, r.class || "-", r.attempts,
+        ["queued", "deferred"].includes(r.status) ? ago(r.next_attempt) : "-", r.last_reply || "-"]), "rcpts"));
+    parts.push(el("p", {},
+      el("button", { id: "retry", on: { click: async () => {
+        try {
+          const r = await api("POST", "/messages/" + encodeURIComponent(id) + "/retry");
+          msg.textContent = r.retried + " recipient(s) due now";
+        } catch (e) { msg.textContent = e.message; }
+      } } }, "Retry now"), " ",
+      el("button", { id: "cancel", on: { click: async () => {
+        if (!confirm("Cancel what is still queued of message " + id + "?")) return;
+        try {
+          const r = await api("DELETE", "/messages/" + encodeURIComponent(id));
+          msg.textContent = "cancelled " + r.cancelled.length + " recipient(s)";
+          await messageView(id);
+        } catch (e) { msg.textContent = e.message; }
+      } } }, "Cancel")));
+    parts.push(msg);
+  } else {
+    parts.push(el("p", { id: "state" }, "No longer queued: every recipient is final (body deleted)."));
+  }
+  if (m.headers) parts.push(el("h2", {}, "Headers as sent"), el("pre", { id: "headers" }, m.headers));
+  parts.push(el("h2", {}, "Events"), table(EVENT_HEADERS, eventRows(m.events.slice().reverse()), "events"));
+  show(...parts);
+}
+
+async function removeSuppression(addr, then) {
+  if (!confirm("Remove " + addr + " from the suppression list?")) return;
+  await api("DELETE", "/suppressions/" + encodeURIComponent(addr));
+  await then();
+}
+
+function csv(rows) {
+  const cell = (v) => {
+    const s = v === null || v === undefined ? "" : String(v);
+    return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  };
+  return rows.map((r) => r.map(cell).join(",")).join("\n") + "\n";
+}
+
+async function suppressionsView() {
+  const r = await api("GET", "/suppressions");
+  const filter = el("input", { id: "filter", type: "search", placeholder: "filter" });
+  const body = el("div");
+  const render = () => {
+    const f = filter.value.trim().toLowerCase();
+    const entries = r.entries.filter((e) => !f || e.addr.includes(f));
+    body.replaceChildren(table(["Address", "Since", "Lifts", "Source", "Reason"],
+      entries.map((e) => [
+        e.addr, ago(e.added_ms), e.expires_ms ? ago(e.expires_ms) : "never",
+        e.automatic ? "bounce" : "manual",
+        el("span", {}, e.reason + (e.reply ? ": " + e.reply : "") + " ",
+          el("button", { class: "remove", "data-addr": e.addr,
+            on: { click: () => removeSuppression(e.addr, suppressionsView).catch(failure) } }, "Remove")),
+      ]), "suppressions"));
+  };
+  filter.addEventListener("input", render);
+  const addr = el("input", { id: "add-addr", placeholder: "address" });
+  const reason = el("input", { id: "add-reason", placeholder: "reason" });
+  const result = el("span", { id: "add-result" });
+  const add = el("form", { id: "add", on: { submit: async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/suppressions", { addr: addr.value.trim(), reason: reason.value.trim() || null });
+      await suppressionsView();
+    } catch (e) { result.textContent = e.message; }
+  } } }, addr, " ", reason, " ", el("button", { type: "submit" }, "Add"), " ", result);
+  const exp = el("button", { id: "export", on: { click: () => {
+    const rows = [["address", "reason", "reply", "source_id", "added", "expires"]].concat(
+      r.entries.map((e) => [e.addr, e.reason, e.reply, e.source_id,
+        new Date(e.added_ms).toISOString(), e.expires_ms ? new Date(e.expires_ms).toISOString() : ""]));
+    const a = el("a", { href: URL.createObjectURL(new Blob([csv(rows)], { type: "text/csv" })),
+      download: "suppressions.csv" });
+    a.click();
+  } } }, "Export CSV");
+  render();
+  show(el("h1", {}, "Suppressions (" + r.entries.length + ")"), el("p", {}, filter, " ", exp), add, body);
+}
+
+async function queueView() {
+  const [st, q] = await Promise.all([api("GET", "/status"), api("GET", "/queue")]);
+  const perRoute = {};
+  for (const m of q.messages) perRoute[m.upstream] = (perRoute[m.upstream] || 0) + 1;
+  const pause = el("button", { id: "pause", on: { click: async () => {
+    await api("POST", st.paused ? "/resume" : "/pause");
+    await queueView();
+  } } }, st.paused ? "Resume delivery" : "Pause delivery");
+  const rows = [];
+  for (const m of q.messages) {
+    for (const r of m.rcpts) {
+      if (!["queued", "deferred"].includes(r.status)) continue;
+      rows.push([el("a", { href: "#/message/" + m.id }, m.id), ago(m.received_at), r.status,
+        r.addr, r.attempts, ago(r.next_attempt), m.tag || "-", r.last_reply || "-"]);
+    }
+  }
+  show(
+    el("h1", {}, "Queue"),
+    el("p", { id: "paused" }, "Outbound delivery is " + (st.paused ? "PAUSED" : "active") + ". ", pause),
+    table(["Route", "Queued messages", "Healthy", "Last error"],
+      st.routes.map((r) => [r.name, perRoute[r.name] || 0,
+        r.healthy === false ? "no" : r.healthy === true ? "yes" : "not used yet", r.last_error || "-"]), "routes"),
+    table(["Queue id", "Received", "Status", "Recipient", "Tries", "Next", "Tag", "Last reply"], rows, "queue"),
+  );
+}
+
+const SERIES = [["delivered", "#2a9d8f"], ["deferred", "#e9c46a"], ["bounced", "#e63946"], ["opened", "#457b9d"]];
+const HOUR = 3600000;
+
+async function overview() {
+  const st = await api("GET", "/status");
+  // Events of the last 24 h, by the hour, from the events API.
+  const start = Math.floor(Date.now() / HOUR) * HOUR - 23 * HOUR;
+  const counts = Object.fromEntries(SERIES.map(([k]) => [k, new Array(24).fill(0)]));
+  let cursor = null;
+  for (let page = 0; page < 50; page++) {
+    const r = await api("GET", "/events?limit=1000&since=" + new Date(start).toISOString() +
+      (cursor ? "&cursor=" + cursor : ""));
+    for (const e of r.events) {
+      const i = Math.floor((e.time_ms - start) / HOUR);
+      if (counts[e.event] && i >= 0 && i < 24) counts[e.event][i]++;
+    }
+    cursor = r.next_cursor;
+    if (!cursor) break;
+  }
+  const W = 960, H = 240, P = 30;
+  const max = Math.max(1, ...SERIES.flatMap(([k]) => counts[k]));
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("id", "chart");
+  const x = (i) => P + (i * (W - 2 * P)) / 23;
+  const y = (v) => H - P - (v * (H - 2 * P)) / max;
+  const axis = document.createElementNS(svg.namespaceURI, "path");
+  axis.setAttribute("d", `M${P} ${P} V${H - P} H${W - P}`);
+  axis.setAttribute("stroke", "#999");
+  axis.setAttribute("fill", "none");
+  svg.append(axis);
+  for (const [k, color] of SERIES) {
+    const line = document.createElementNS(svg.namespaceURI, "polyline");
+    line.setAttribute("points", counts[k].map((v, i) => `${x(i)},${y(v)}`).join(" "));
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", color);
+    line.setAttribute("stroke-width", "2");
+    svg.append(line);
+    counts[k].forEach((v, i) => {
+      const c = document.createElementNS(svg.namespaceURI, "circle");
+      c.setAttribute("cx", x(i));
+      c.setAttribute("cy", y(v));
+      c.setAttribute("r", "3");
+      c.setAttribute("fill", color);
+      c.setAttribute("class", "point " + k);
+      c.setAttribute("data-count", v);
+      const title = document.createElementNS(svg.namespaceURI, "title");
+      title.textContent = `${k}: ${v} at ${new Date(start + i * HOUR).toISOString().slice(11, 16)} UTC`;
+      c.append(title);
+      svg.append(c);
+    });
+  }
+  const last = st.last_24h || {};
+  const rec = st.recipients || {};
+  show(
+    el("h1", {}, "Overview"),
+    el("div", { class: "figures", id: "figures" },
+      el("div", { class: "figure" }, el("b", {}, st.messages), "queued messages"),
+      el("div", { class: "figure" }, el("b", {}, rec.deferred || 0), "deferred recipients"),
+      ...["delivered", "bounced", "opened", "rejected"].map((k) =>
+        el("div", { class: "figure" }, el("b", { id: "last-" + k }, last[k] || 0), k + " (24 h)")),
+      el("div", { class: "figure" }, el("b", {}, st.paused ? "PAUSED" : "active"), "delivery"),
+      el("div", { class: "figure" }, el("b", {}, st.storage && st.storage.ok === false ? "FAILED" : "ok"), "storage")),
+    el("h2", {}, "Events per hour, last 24 h"),
+    svg,
+    el("p", { class: "legend" }, SERIES.map(([k, c]) => {
+      const sw = el("span", { class: "swatch" });
+      sw.style.background = c; // CSSOM, allowed by the CSP (no inline style)
+      return el("span", {}, sw, k);
+    })),
+  );
+}
+
+// --------------------------------------------------------------- router
+
+async function route() {
+  if (!token()) return login();
+  document.getElementById("logout").hidden = false;
+  const [, what, arg] = location.hash.split("/");
+  const a = arg ? decodeURIComponent(arg) : "";
+  try {
+    if (what === "trace" && a) await traceView(a);
+    else if (what === "message" && a) await messageView(a);
+    else if (what === "tag" && a) await tagView(a);
+    else if (what === "suppressions") await suppressionsView();
+    else if (what === "queue") await queueView();
+    else await overview();
+    document.body.setAttribute("data-view", what || "overview");
+  } catch (e) {
+    failure(e);
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,123 @@
+"""The support console in headless Chromium (Debian's chromium and
+chromium-driver, driven by selenium). Called by tests/console.rs with the
+console URL, the API token and the ids of the mail it sent; exits non-zero
+with a message on the first check that fails.
+
+usage: console_test.py BASE_URL TOKEN DEFERRED_ID SCREENSHOT_DIR
+"""
+import json, sys, time, urllib.request
+
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
+
+base, token, deferred_id, shots = sys.argv[1:5]
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+opts = webdriver.ChromeOptions()
+opts.binary_location = "/usr/bin/chromium"
+for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    opts.add_argument(a)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+wait = WebDriverWait(driver, 15)
+
+
+def check(cond, what):
+    if not cond:
+        print("FAILED:", what, file=sys.stderr)
+        print(driver.page_source[:4000], file=sys.stderr)
+        driver.quit()
+        sys.exit(1)
+    print("ok:", what)
+
+
+def text(css):
+    return wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, css))).text
+
+
+def api(path):
+    req = urllib.request.Request(base + "/api/v1" + path, headers={"Authorization": "Bearer " + token})
+    return json.load(urllib.request.urlopen(req))
+
+
+def no_alert():
+    try:
+        driver.switch_to.alert
+        return False
+    except NoAlertPresentException:
+        return True
+
+
+try:
+    # A wrong token shows the login prompt again, never data.
+    driver.get(base + "/console/#/trace/gone@dest.test")
+    wait.until(EC.visibility_of_element_located((By.ID, "token"))).send_keys("wrong-token-0123456789")
+    driver.find_element(By.ID, "login-button").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "login-error")))
+    check("refused" in driver.find_element(By.ID, "login-error").text, "a wrong token is refused")
+    check(driver.find_element(By.ID, "view").text == "", "no data behind a wrong token")
+    tok = driver.find_element(By.ID, "token")
+    tok.clear()
+    tok.send_keys(token)
+    driver.find_element(By.ID, "login-button").click()
+
+    # The pasted link lands on the trace of the bounced address.
+    diag = text("#diagnosis")
+    check("remove it from your platform" in diag, "diagnosis of a hard bounce: " + diag)
+    events = text("#events")
+    check("bounced" in events and "hard" in events, "the bounce and its class are listed")
+    check("Suppressed since" in text("#suppression"), "the suppression is shown")
+    driver.save_screenshot(shots + "/console-trace.png")
+
+    # Search by address through the box.
+    q = driver.find_element(By.ID, "q")
+    q.clear()
+    q.send_keys("hostile@dest.test\n")
+    wait.until(EC.text_to_be_present_in_element((By.ID, "addr"), "hostile@dest.test"))
+    events = text("#events")
+    check(HOSTILE in events, "the hostile subject is shown as text")
+    check(len(driver.find_elements(By.CSS_SELECTOR, "#events img")) == 0, "no element made from the subject")
+    check(no_alert(), "no script ran")
+
+    # Suppressions: Remove lifts the address.
+    driver.get(base + "/console/#/suppressions")
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "button.remove[data-addr='gone@dest.test']"))).click()
+    driver.switch_to.alert.accept()
+    wait.until(lambda d: "gone@dest.test" not in d.find_element(By.ID, "view").text)
+    check("Suppressions (0)" in text("h1"), "the suppression list is empty")
+
+    # Retry and Cancel on the deferred message.
+    driver.get(base + "/console/#/message/" + deferred_id)
+    check("deferred" in text("#rcpts"), "the deferred recipient is listed")
+    driver.find_element(By.ID, "retry").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "action-result"), "due now"))
+    check(True, "Retry now")
+    wait.until(EC.element_to_be_clickable((By.ID, "cancel"))).click()
+    driver.switch_to.alert.accept()
+    wait.until(EC.presence_of_element_located((By.ID, "state")))
+    check("No longer queued" in text("#state"), "Cancel")
+
+    # Overview: the chart has a point per hour and series, and its counts
+    # are what the events API says.
+    driver.get(base + "/console/#/")
+    wait.until(EC.presence_of_element_located((By.ID, "chart")))
+    points = driver.find_elements(By.CSS_SELECTOR, "#chart circle.point")
+    check(len(points) == 24 * 4, "%d points" % len(points))
+    for kind in ("delivered", "bounced", "deferred"):
+        drawn = sum(int(p.get_attribute("data-count")) for p in
+                    driver.find_elements(By.CSS_SELECTOR, "#chart circle.point." + kind))
+        told = len(api("/events?limit=1000&since=24h&event=" + kind)["events"])
+        check(drawn == told and told > 0, "%s: chart %d, API %d" % (kind, drawn, told))
+    driver.save_screenshot(shots + "/console-overview.png")
+    # The page's own policy headers.
+    resp = urllib.request.urlopen(base + "/console/")
+    csp = resp.headers.get("Content-Security-Policy", "")
+    check("default-src 'self'" in csp and "frame-ancestors 'none'" in csp, "CSP: " + csp)
+    check(resp.headers.get("X-Content-Type-Options") == "nosniff", "nosniff")
+    check(resp.headers.get("Referrer-Policy") == "no-referrer", "no-referrer")
+finally:
+    driver.quit()
+print("console: all checks passed")
