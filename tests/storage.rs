@@ -51,6 +51,23 @@ fn subject_of(m: &Received) -> String {
         .unwrap_or_default()
 }
 
+const TOKEN: &str = "storage-test-token-0123456789";
+
+fn api_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    (raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0), raw)
+}
+
 fn health(addr: &str) -> u16 {
     http_get(addr, "/healthz").0
 }
@@ -70,10 +87,12 @@ fn a_full_disk_gets_451_loses_nothing_and_delivers_each_message_at_most_twice() 
     let up_port = free_port();
     let mport = free_port();
     let maddr = format!("127.0.0.1:{mport}");
+    let api = format!("127.0.0.1:{}", free_port());
+    std::fs::write(dir.path().join("api.tokens"), format!("{TOKEN}\n")).unwrap();
     let mut h = Herald::start_in(
         dir,
         &format!(
-            "[storage]\npath = \"{}\"\n[control]\nsocket = \"{{dir}}/herald.sock\"\nmetrics_listen = \"{maddr}\"\n{}",
+            "[storage]\npath = \"{}\"\n[control]\nsocket = \"{{dir}}/herald.sock\"\nmetrics_listen = \"{maddr}\"\n[api]\nlisten = \"{api}\"\ntokens_file = \"api.tokens\"\n{}",
             spool.join("data").display(),
             upstream(up_port, "none", "")
         ),
@@ -146,6 +165,9 @@ fn a_full_disk_gets_451_loses_nothing_and_delivers_each_message_at_most_twice() 
     // Once failed, every DATA gets 451 at once.
     let (ok, refused) = send(&h, 3, &mut acked);
     assert_eq!((ok, refused), (0, 3));
+    // A change over the HTTP API cannot be stored: 503.
+    let (code, body) = api_post(&api, "/api/v1/suppressions", r#"{"addr": "x@dest.test"}"#);
+    assert_eq!(code, 503, "{body}");
 
     // Space again, the upstream back.
     std::fs::remove_file(spool.join("filler")).unwrap();
