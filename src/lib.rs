@@ -14,6 +14,7 @@ pub mod dns;
 pub mod history;
 pub mod metrics;
 pub mod mime;
+pub mod notify;
 pub mod queue;
 pub mod reply;
 pub mod rewrite;

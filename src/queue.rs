@@ -207,6 +207,9 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// fsync of its own) succeeds again.
 #[derive(Default)]
 pub struct Health {
+    /// When the committer last went round its loop (ms): the watchdog
+    /// pings systemd only while it is alive.
+    pub committer_beat: AtomicU64,
     failed: AtomicBool,
     /// The disk works again but sled keeps its I/O error for good: only
     /// reopening the database (a restart) recovers.
@@ -665,6 +668,9 @@ impl Committer {
     fn run(mut self, rx: mpsc::Receiver<Waiter>) {
         const PROBE_EVERY: Duration = Duration::from_secs(2);
         loop {
+            self.health
+                .committer_beat
+                .store(now_ms(), Ordering::Relaxed);
             let first = match rx.recv_timeout(PROBE_EVERY) {
                 Ok(w) => w,
                 Err(mpsc::RecvTimeoutError::Timeout) => {

@@ -152,12 +152,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         hostname = %cfg.hostname,
         "herald started"
     );
+    // Queue loaded, every listener bound: ready (Type=notify).
+    crate::notify::notify(&format!("READY=1\nSTATUS={}", status_line(&services)));
+    let sd = tokio::spawn(supervise(services.clone(), sched.abort_handle()));
 
     let restart = tokio::select! {
         _ = signals.wait() => false,
         _ = storage_needs_restart(&store) => true,
     };
     tracing::info!("shutting down: no new connections, finishing sessions in flight");
+    crate::notify::notify("STOPPING=1\nSTATUS=draining: finishing sessions in flight");
+    sd.abort();
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
         .await
@@ -195,6 +200,52 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::warn!(error = %why, "stopped without a final flush (acknowledged mail was synced before its 250)");
             // Dropping sled would flush again and could hang on the same disk.
             std::process::exit(0);
+        }
+    }
+}
+
+/// What `systemctl status` shows of herald.
+fn status_line(s: &Services) -> String {
+    let (messages, _, deferred) = s.store.stats.get();
+    let state = if s.store.health.is_failed() {
+        "STORAGE FAILED"
+    } else if s.paused.load(std::sync::atomic::Ordering::Relaxed) {
+        "delivery paused"
+    } else {
+        "delivering"
+    };
+    format!("{messages} queued ({deferred} deferred recipients), {state}")
+}
+
+/// Keeps systemd informed: STATUS= every 10 s, and WATCHDOG=1 at half of
+/// `WATCHDOG_USEC` while the delivery loop and the committer are alive (a
+/// committer stuck in a sync for 10 s stops the pings, and systemd
+/// restarts herald).
+async fn supervise(s: Arc<Services>, delivery: tokio::task::AbortHandle) {
+    let watchdog = crate::notify::watchdog_interval();
+    let every = watchdog
+        .map(|w| (w / 2).min(Duration::from_secs(10)))
+        .unwrap_or(Duration::from_secs(10));
+    let mut last_status = String::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let status = status_line(&s);
+        let mut msg = String::new();
+        if status != last_status {
+            msg.push_str(&format!("STATUS={status}\n"));
+            last_status = status;
+        }
+        let beat = s
+            .store
+            .health
+            .committer_beat
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let alive = !delivery.is_finished() && crate::queue::now_ms().saturating_sub(beat) < 10_000;
+        if watchdog.is_some() && alive {
+            msg.push_str("WATCHDOG=1\n");
+        }
+        if !msg.is_empty() {
+            crate::notify::notify(msg.trim_end());
         }
     }
 }

@@ -65,7 +65,10 @@ fn api_post(addr: &str, path: &str, body: &str) -> (u16, String) {
     .unwrap();
     let mut raw = String::new();
     let _ = s.read_to_string(&mut raw);
-    (raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0), raw)
+    (
+        raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0),
+        raw,
+    )
 }
 
 fn health(addr: &str) -> u16 {
