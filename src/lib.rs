@@ -38,11 +38,18 @@ pub fn init_logging() {
         .unwrap_or_else(|| EnvFilter::new("info"))
         // mailin traces every line it sees, message content included.
         .add_directive("mailin=warn".parse().expect("static directive"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_target(false);
+    // HERALD_LOG_FORMAT=json: one JSON object per line, for log pipelines
+    // (Vector, Loki, Elasticsearch) that gather several herald nodes.
+    if std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().flatten_event(true).init();
+    } else {
         // Colours only on a terminal: journald would store the escapes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }

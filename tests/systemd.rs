@@ -68,3 +68,49 @@ fn ready_status_watchdog_and_stopping_in_order() {
     let st = child.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("herald.toml");
+    std::fs::write(
+        &cfg,
+        format!("{BASE}[listen]\nsmtp = [\"127.0.0.1:{port}\"]\n[delivery]\nupstream = \"mx\"\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("herald.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("HERALD_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(20, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    assert!(wait_until(10, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("herald started")));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "herald started")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(started["level"], "INFO");
+    assert_eq!(started["hostname"], "relay.test");
+    assert!(started["timestamp"].is_string());
+}
