@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod history;
+pub mod http;
 pub mod metrics;
 pub mod mime;
 pub mod queue;

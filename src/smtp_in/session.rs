@@ -15,7 +15,7 @@
 //! - the message is committed to disk in this loop when the final `.`
 //!   arrives, and only then answered with 250.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,18 @@ pub const MAX_COMMAND_LINE: usize = 2048;
 pub const MAX_ERRORS: usize = 20;
 /// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that does not read its replies (say, one pipelining megabytes
+/// of NOOP) must not hold its slot: a write that cannot finish in this time
+/// ends the session.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes `out` with [`WRITE_TIMEOUT`]; false when the session must end.
+async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, w.write_all(out)).await,
+        Ok(Ok(()))
+    )
+}
 
 /// State the mailin `Handler` shares with the loop: the message being
 /// received.
@@ -241,11 +253,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         Stream::Plain(tcp)
     };
 
-    let ip = peer.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
+    let ip = super::canonical_ip(peer.ip());
     let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
     let mut builder = SessionBuilder::new(cfg.hostname.clone());
     if services.tls.is_some() && !implicit_tls {
@@ -280,6 +288,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
 
     let mut errors = 0;
     let mut counted = 0;
+    // A session that never completes a transaction (a line every few
+    // minutes, for ever) would hold its slot: it has session_timeout.
+    let mut deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
     loop {
         // A client that only makes errors (junk, unknown commands) would
         // hold a connection slot for ever: after MAX_ERRORS, 421.
@@ -295,7 +306,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         }
         // PIPELINING: answer in one write once the client's batch is read.
         if !out.is_empty() && reader.buffer().is_empty() {
-            if reader.get_mut().write_all(&out).await.is_err() {
+            if !send(reader.get_mut(), &out).await {
                 return;
             }
             out.clear();
@@ -311,14 +322,27 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         } else {
             MAX_COMMAND_LINE
         };
+        let wait = deadline.min(tokio::time::Instant::now() + IDLE_TIMEOUT);
         let read = tokio::select! {
-            r = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut reader, &mut line, max)) => r,
+            r = tokio::time::timeout_at(wait, read_line(&mut reader, &mut line, max)) => r,
             _ = shutdown.wait(), if !in_data => {
                 reply(&mut out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
                 break;
             }
         };
         let status = match read {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                reply(
+                    &mut out,
+                    421,
+                    &format!(
+                        "4.4.2 {} No transaction completed in {}, closing connection",
+                        cfg.hostname,
+                        crate::config::format_duration(cfg.listen.session_timeout)
+                    ),
+                );
+                break;
+            }
             Err(_) => {
                 reply(
                     &mut out,
@@ -393,7 +417,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             let rcpts = t.rcpts.clone();
             let (code, text) = if let Some(e) = spool_error {
                 tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
-                (451, "4.3.0 Local storage error; try again later".to_string())
+                (
+                    451,
+                    "4.3.0 Local storage error; try again later".to_string(),
+                )
             } else if oversize {
                 (
                     552,
@@ -409,6 +436,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             };
             if code >= 400 {
                 refusals.record(&services, ip, &rcpts, code, &text);
+            } else {
+                deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
             }
             reply(&mut out, code, &text);
             continue;
@@ -670,7 +699,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 if r.action != Action::UpgradeTls {
                     continue;
                 }
-                if reader.get_mut().write_all(&out).await.is_err() {
+                if !send(reader.get_mut(), &out).await {
                     return;
                 }
                 out.clear();
@@ -746,8 +775,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             _ => reply(&mut out, 500, "5.5.2 Command not recognized"),
         }
     }
-    let _ = reader.get_mut().write_all(&out).await;
-    let _ = reader.get_mut().shutdown().await;
+    if send(reader.get_mut(), &out).await {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, reader.get_mut().shutdown()).await;
+    }
 }
 
 /// Logs a failed inbound handshake; when the client refused our
