@@ -691,9 +691,45 @@ async fn deliver_group(
                 s.routes.put(&pool_key, conn);
                 return;
             }
+            // RFC 6531: a UTF-8 address goes only to a server that offers
+            // SMTPUTF8; to any other, it bounces (a policy of the route,
+            // never a suppression), rather than go out as a violation.
+            if !conn.smtputf8 {
+                let utf8_sender = client::needs_smtputf8(&env.mail_from);
+                let why = format!(
+                    "{}: the address needs SMTPUTF8 (RFC 6531: UTF-8 in {}), which the server does not offer",
+                    target.host,
+                    if utf8_sender { "the envelope sender" } else { "the recipient address" }
+                );
+                let v = Verdict::Bounced(why, Class::Policy);
+                idx.retain(|&i| {
+                    if utf8_sender || client::needs_smtputf8(&env.rcpts[i].addr) {
+                        apply(s, env, i, &v, &target.host);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if idx.is_empty() {
+                    s.routes.put(&pool_key, conn);
+                    return;
+                }
+            }
             let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
-            match client::transact(&mut conn, &target.host, smart, &env.mail_from, &rcpts, body)
-                .await
+            let params = client::MailParams {
+                smtputf8: env.smtputf8,
+                body_8bit: env.body_8bit,
+            };
+            match client::transact(
+                &mut conn,
+                &target.host,
+                smart,
+                &env.mail_from,
+                &rcpts,
+                body,
+                params,
+            )
+            .await
             {
                 Outcome::Judged { verdicts, reusable } => {
                     s.routes.mark_healthy(route);

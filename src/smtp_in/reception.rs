@@ -23,6 +23,10 @@ pub struct Transaction {
     /// MAIL FROM as given ("" for the null sender).
     pub sender: String,
     pub rcpts: Vec<String>,
+    /// MAIL FROM had SMTPUTF8.
+    pub smtputf8: bool,
+    /// MAIL FROM had BODY=8BITMIME.
+    pub body_8bit: bool,
 }
 
 /// `rejected` events one connection may write: a hostile client must not
@@ -164,6 +168,8 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
         tag: prepared.tag.clone(),
         subject: prepared.subject.clone(),
         size: prepared.message.len(),
+        smtputf8: t.smtputf8,
+        body_8bit: t.body_8bit,
         rcpts: t
             .rcpts
             .iter()

@@ -498,6 +498,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         let mut exts = vec![
                             "PIPELINING".to_string(),
                             format!("SIZE {}", cfg.listen.max_message_size),
+                            "SMTPUTF8".to_string(),
                         ];
                         // Keep what mailin advertises (8BITMIME, STARTTLS).
                         let buf = r.buffer().unwrap_or_default();
@@ -552,6 +553,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 let mut body8 = false;
+                let mut smtputf8 = false;
                 let mut bad_param = None;
                 for (k, v) in &p.params {
                     match (k.as_str(), v.as_deref()) {
@@ -570,7 +572,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         },
                         ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
                         ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
-                        ("SMTPUTF8", None) | ("AUTH", Some(_)) => {}
+                        ("SMTPUTF8", None) => smtputf8 = true,
+                        ("AUTH", Some(_)) => {}
                         _ => {
                             bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
                         }
@@ -596,6 +599,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         auth_user: auth.user.clone(),
                         sender: p.addr,
                         rcpts: Vec::new(),
+                        smtputf8,
+                        body_8bit: body8,
                     });
                     reply(&mut out, 250, "2.1.0 Ok");
                 } else {
