@@ -10,6 +10,7 @@ pub mod control;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod envelope;
 pub mod history;
 pub mod http;
 pub mod metrics;

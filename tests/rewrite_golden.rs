@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use herald::config::Config;
-use herald::smtp_in::reception::Transaction;
+use herald::envelope::Transaction;
 
 const ID: &str = "QUEUEID";
 

@@ -25,8 +25,9 @@ use tokio::net::TcpStream;
 
 use super::auth::Auth;
 use super::line::{read_line, Line};
-use super::reception::{self, Transaction};
+use super::reception;
 use super::spool::Spool;
+use crate::envelope::Transaction;
 use crate::services::Services;
 use crate::tls::Stream;
 
