@@ -1,6 +1,7 @@
 //! Inbound SMTP: listeners, the connection cap, and draining on shutdown.
 
 pub mod auth;
+pub mod data;
 pub mod line;
 pub mod reception;
 pub mod session;

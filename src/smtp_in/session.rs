@@ -6,7 +6,8 @@
 //!   a message line may be as long as the message size limit (platforms
 //!   send HTML on one line; `crate::mime` makes it transportable);
 //! - in DATA, a bare LF never ends a line for the purpose of the end-of-data
-//!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling);
+//!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling:
+//!   `super::data`);
 //! - MAIL and RCPT are parsed here (null sender, a space after the colon,
 //!   SIZE=, SMTPUTF8, quoted local parts), and mailin only sees a normalised
 //!   command so that its state follows;
@@ -24,6 +25,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::auth::Auth;
+use super::data::DataLines;
 use super::line::{read_line, Line};
 use super::reception;
 use super::spool::Spool;
@@ -283,7 +285,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut helo = String::new();
     let mut txn: Option<Transaction> = None;
     let mut in_data = false;
-    let mut data_prev_bare_lf = false;
+    let mut data_lines = DataLines::new();
     let mut auth = Auth::default();
     let mut refusals = reception::Refusals::default();
 
@@ -362,38 +364,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let mut sh = shared.lock().unwrap();
                 sh.oversize = true;
                 sh.data.clear();
-                data_prev_bare_lf = !crlf;
+                data_lines.skipped(crlf);
                 continue;
             }
-            // Decide the end of DATA on the bytes as sent: only CRLF "." CRLF.
-            let bare_lf = !line.ends_with(b"\r\n");
-            let is_end = !bare_lf && line == b".\r\n" && !data_prev_bare_lf;
-            if bare_lf {
-                // Normalise to CRLF so what we store and relay is valid.
-                line.pop();
-                line.extend_from_slice(b"\r\n");
-            }
-            if line[..line.len() - 2].contains(&b'\r') {
-                // A bare CR is no line end here, but a hop downstream may
-                // take `<CR>.<CR>` for one: normalise it to CRLF too.
-                let mut fixed = Vec::with_capacity(line.len() + 16);
-                for &b in &line[..line.len() - 2] {
-                    if b == b'\r' {
-                        fixed.extend_from_slice(b"\r\n");
-                    } else {
-                        fixed.push(b);
-                    }
-                }
-                fixed.extend_from_slice(b"\r\n");
-                line = fixed;
-            }
-            if !is_end && (line == b".\r\n" || (data_prev_bare_lf && line.first() == Some(&b'.'))) {
-                // Not the end marker, and either it only looks like one
-                // after normalising, or it did not start after a CRLF and
-                // so was not dot-stuffed: protect its dot from mailin.
-                line.insert(0, b'.');
-            }
-            data_prev_bare_lf = bare_lf;
+            let is_end = data_lines.feed(&mut line);
             let r = session.process(&line);
             if !is_end {
                 if r.action != Action::NoReply {
@@ -687,7 +661,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let r = session.process(&line);
                 if r.code == 354 {
                     in_data = true;
-                    data_prev_bare_lf = false;
+                    data_lines = DataLines::new();
                     reply(&mut out, 354, "End data with <CR><LF>.<CR><LF>");
                 } else {
                     write_response(&mut out, &r);
