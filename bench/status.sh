@@ -19,6 +19,7 @@ hostname = "bench.local"
 [listen]
 smtp = ["127.0.0.1:2526"]
 max_connections = 1024
+max_connections_per_ip = 1024
 [storage]
 path = "data"
 [sender]

@@ -388,15 +388,10 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 /// Serves until shutdown.
+/// With the connection cap and header timeout of every HTTP listener.
 pub async fn serve(s: Arc<Services>, tokens: Tokens, listener: tokio::net::TcpListener) {
-    let mut shutdown = s.shutdown.clone();
-    let app = router(s, tokens);
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "api listener failed");
-    }
+    let shutdown = s.shutdown.clone();
+    crate::http::serve(listener, router(s, tokens), shutdown, "api").await;
 }
 
 #[cfg(test)]

@@ -241,13 +241,18 @@ pub fn print_status(v: &Value, json: bool) {
     );
     for r in arr(v, "routes") {
         let state = match r["healthy"].as_bool() {
+            Some(true) if r["last_error"].is_string() => format!(
+                "ok; last error {}: {}",
+                relative(r["last_error_ms"].as_u64()),
+                s(&r["last_error"])
+            ),
             Some(true) => "ok".to_string(),
             Some(false) => format!(
                 "UNHEALTHY since {}: {}",
                 relative(r["since_ms"].as_u64()),
                 s(&r["last_error"])
             ),
-            None => "no refusal seen".to_string(),
+            None => "no attempt yet".to_string(),
         };
         println!("route {}: {state}", s(&r["name"]));
     }

@@ -140,6 +140,10 @@ pub struct Listen {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
+    /// Sessions one client address may hold at once.
+    pub max_connections_per_ip: usize,
+    /// How long a session may go without completing a transaction.
+    pub session_timeout: Duration,
     pub allowed_networks: Vec<IpNet>,
     pub tls: Option<TlsFiles>,
     pub users: Vec<User>,
@@ -249,6 +253,8 @@ pub struct Tracking {
     pub listen: SocketAddr,
     pub base_url: String,
     pub secret_file: Option<PathBuf>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -325,6 +331,8 @@ mod raw {
         pub max_message_size: Option<i64>,
         pub max_recipients: Option<i64>,
         pub max_connections: Option<i64>,
+        pub max_connections_per_ip: Option<i64>,
+        pub session_timeout: Option<String>,
         pub allowed_networks: Option<Vec<String>>,
         pub tls: Option<Tls>,
         #[serde(default)]
@@ -411,6 +419,8 @@ mod raw {
         pub listen: Option<String>,
         pub base_url: Option<String>,
         pub secret_file: Option<String>,
+        #[serde(default)]
+        pub trusted_proxies: Vec<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -450,6 +460,22 @@ pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
             format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\", \"7d\""),
         )
     })
+}
+
+/// Networks such as "10.0.0.0/8" or single addresses.
+fn networks(key: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    bad(
+                        key,
+                        format!("{s:?} is not a network such as \"10.0.0.0/8\""),
+                    )
+                })
+        })
+        .collect()
 }
 
 fn positive(key: &str, v: Option<i64>, default: i64, max: i64) -> Result<i64, ConfigError> {
@@ -595,21 +621,11 @@ impl Config {
                 }
             }
         }
-        let allowed_networks = l
-            .allowed_networks
-            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()])
-            .iter()
-            .map(|s| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        bad(
-                            "listen.allowed_networks",
-                            format!("{s:?} is not a network such as \"10.0.0.0/8\""),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_networks = networks(
+            "listen.allowed_networks",
+            &l.allowed_networks
+                .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]),
+        )?;
         if let Some(n) = allowed_networks.iter().find(|n| n.prefix_len() == 0) {
             return Err(bad(
                 "listen.allowed_networks",
@@ -652,10 +668,24 @@ impl Config {
                 as usize,
             max_connections: positive("listen.max_connections", l.max_connections, 256, 65_536)?
                 as usize,
+            max_connections_per_ip: positive(
+                "listen.max_connections_per_ip",
+                l.max_connections_per_ip,
+                20,
+                65_536,
+            )? as usize,
+            session_timeout: parse_duration(
+                "listen.session_timeout",
+                l.session_timeout.as_deref().unwrap_or("10m"),
+            )?,
             allowed_networks,
             tls,
             users,
         };
+
+        if listen.session_timeout.is_zero() {
+            return Err(bad("listen.session_timeout", "must be longer than 0s"));
+        }
 
         // [storage]
         let s = raw.storage;
@@ -891,6 +921,7 @@ impl Config {
             )?[0],
             base_url: t.base_url.unwrap_or_default(),
             secret_file: t.secret_file.as_deref().map(rel),
+            trusted_proxies: networks("tracking.trusted_proxies", &t.trusted_proxies)?,
         };
         if tracking.enabled {
             if !(tracking.base_url.starts_with("http://")

@@ -246,8 +246,22 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                     .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
                 let entries = parse_suppressions_csv(&text)
                     .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
-                let v = ask(Request::SuppressionImport { entries })?;
-                println!("imported {} address(es)", v["imported"]);
+                // In requests well under the socket's line limit.
+                let mut imported = 0;
+                let mut batch = Vec::new();
+                let mut size = 0;
+                let mut it = entries.into_iter().peekable();
+                while let Some(e) = it.next() {
+                    size += serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0) + 1;
+                    batch.push(e);
+                    if size > herald::control::MAX_REQUEST_LINE / 4 || it.peek().is_none() {
+                        let entries = std::mem::take(&mut batch);
+                        size = 0;
+                        let v = ask(Request::SuppressionImport { entries })?;
+                        imported += v["imported"].as_u64().unwrap_or(0);
+                    }
+                }
+                println!("imported {imported} address(es)");
             }
         },
         Cmd::Serve | Cmd::CheckConfig | Cmd::CheckDns { .. } | Cmd::DkimKeygen { .. } => {

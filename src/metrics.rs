@@ -112,17 +112,12 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
 
 /// Serves until shutdown.
 pub async fn serve(services: Arc<Services>, listener: tokio::net::TcpListener) {
-    let mut shutdown = services.shutdown.clone();
+    let shutdown = services.shutdown.clone();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(services);
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "metrics listener failed");
-    }
+    crate::http::serve(listener, app, shutdown, "metrics").await;
 }
 
 /// Binds `control.metrics_listen`.

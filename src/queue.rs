@@ -116,7 +116,7 @@ impl RcptStatus {
 
 /// The version of the records this build writes. Fields added later carry
 /// serde defaults, so a spool written by an older herald still reads.
-pub const RECORD_VERSION: u32 = 2;
+pub const RECORD_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -155,6 +155,10 @@ pub struct Envelope {
     pub subject: Option<String>,
     pub size: usize,
     pub rcpts: Vec<Rcpt>,
+    /// The client said SMTPUTF8 (RFC 6531) with MAIL FROM (version 3).
+    pub smtputf8: bool,
+    /// The client said BODY=8BITMIME (version 3).
+    pub body_8bit: bool,
 }
 
 impl Envelope {

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::smtp_in::reception::Transaction;
+use crate::envelope::Transaction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::delivery::{self, Routes, Scheduler};
@@ -133,7 +133,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(addr = %l.local_addr()?, "api listening");
         tokio::spawn(crate::api::serve(services.clone(), tokens, l));
     }
-    let conns = Arc::new(Semaphore::new(cfg.listen.max_connections));
+    let conns = Arc::new(smtp_in::Slots::new(&cfg.listen));
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     for (l, implicit) in listeners {
         tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");

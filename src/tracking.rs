@@ -9,7 +9,7 @@
 //! just before `</body>`, else at the end of the part.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use base64::Engine;
+use ipnet::IpNet;
 use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
 use crate::history::{By, EventKind};
@@ -254,13 +255,8 @@ async fn open(
     if method != Method::GET || !first_open(&id) {
         return pixel;
     }
-    // Behind the HTTPS proxy of base_url, the client is the first hop.
-    let client = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(|v| v.trim().to_string())
-        .unwrap_or_else(|| peer.ip().to_string());
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client = client_addr(peer.ip(), forwarded, &s.cfg.tracking.trusted_proxies);
     let received = s
         .history
         .query_by(By::Id(&id), 0, |e| e.event == EventKind::Received)
@@ -293,26 +289,57 @@ async fn open(
     pixel
 }
 
+/// The client that fetched the pixel. `X-Forwarded-For` is believed only
+/// from `trusted_proxies` (anyone else could write any address there), and
+/// then read from the right: the last hop that is not a trusted proxy.
+fn client_addr(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> String {
+    let peer = crate::smtp_in::canonical_ip(peer);
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let (Some(list), true) = (forwarded, is_trusted(&peer)) else {
+        return peer.to_string();
+    };
+    let mut client = peer;
+    for hop in list.rsplit(',') {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(&ip) {
+                    break;
+                }
+            }
+            // A hop that is not an address: stop at what is known.
+            Err(_) => break,
+        }
+    }
+    client.to_string()
+}
+
 /// Serves the pixel until shutdown.
 pub async fn serve(services: Arc<Services>, listener: tokio::net::TcpListener) {
-    let mut shutdown = services.shutdown.clone();
+    let shutdown = services.shutdown.clone();
     let app = Router::new()
         .route("/o/{file}", get(open))
         .with_state(services);
-    let res = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.wait().await })
-    .await;
-    if let Err(e) = res {
-        tracing::error!(error = %e, "tracking listener failed");
-    }
+    crate::http::serve(listener, app, shutdown, "tracking").await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpNet = "10.0.0.0/8".parse().unwrap();
+        let p: IpAddr = "10.1.2.3".parse().unwrap();
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let xff = Some("203.0.113.7, 198.51.100.1, 10.9.9.9");
+        assert_eq!(client_addr(other, xff, &[proxy]), "192.0.2.9");
+        assert_eq!(client_addr(p, xff, &[]), "10.1.2.3");
+        assert_eq!(client_addr(p, xff, &[proxy]), "198.51.100.1");
+        assert_eq!(client_addr(p, Some("10.2.2.2"), &[proxy]), "10.2.2.2");
+        assert_eq!(client_addr(p, Some("junk"), &[proxy]), "10.1.2.3");
+        assert_eq!(client_addr(p, None, &[proxy]), "10.1.2.3");
+    }
 
     #[test]
     fn tokens_verify_and_resist_forgery() {

@@ -104,3 +104,30 @@ fn a_client_refusing_the_certificate_gets_a_hint_in_the_log() {
         h.log()
     );
 }
+
+#[test]
+fn status_shows_the_last_error_of_a_route_whose_host_refuses_connections() {
+    // Nothing listens on the upstream's port: every attempt is refused.
+    let port = free_port();
+    let h = Herald::start(&upstream(port, "none", ""));
+    let (_, out, _) = h.cli(&["status"]);
+    assert!(out.contains("route up: no attempt yet"), "{out}");
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["x@dest.test"], &message("down")).0,
+        250
+    );
+    let mut out = String::new();
+    assert!(wait_until(15, || {
+        out = h.cli(&["status"]).1;
+        out.contains("last error")
+    }));
+    let line = out.lines().find(|l| l.starts_with("route up:")).unwrap();
+    assert!(
+        line.starts_with("route up: ok; last error") && line.contains("connect"),
+        "a refused connection is shown but does not make the route unhealthy: {line}"
+    );
+    let (_, json, _) = h.cli(&["status", "--json"]);
+    assert!(json.contains("\"last_error_ms\":"), "{json}");
+}

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use herald::config::Config;
-use herald::smtp_in::reception::Transaction;
+use herald::envelope::Transaction;
 
 const ID: &str = "QUEUEID";
 
@@ -60,6 +60,8 @@ fn golden_rewrite_cases() {
         auth_user: None,
         sender: "app@platform.test".into(),
         rcpts: vec!["a@dest.test".into()],
+        smtputf8: false,
+        body_8bit: false,
     };
     let mut failures = Vec::new();
     for eml in cases {

@@ -5,16 +5,20 @@
 
 pub mod ops;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::services::Services;
+use crate::smtp_in::line::{read_line, Line};
 use crate::suppression::Entry;
+
+/// The longest request line (a suppression import of many entries fits):
+/// a client cannot make herald buffer without end.
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
 
 /// Every request the socket understands.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,7 +91,9 @@ pub enum Request {
 }
 
 /// Binds the socket: creates its directory, replaces a stale socket (one
-/// nobody answers on), refuses to steal a live one, and sets mode 0660.
+/// nobody answers on), refuses to steal a live one. The socket is created
+/// with mode 0660 (under a umask of 0117): a chmod after bind would leave
+/// a moment in which anyone could connect.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -101,10 +107,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let l = UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("control.socket: cannot bind {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
+    // The umask is the process's: this runs at start-up, before any
+    // session or delivery could create a file in the meantime.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o117) };
+    let l = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    l.map_err(|e| anyhow::anyhow!("control.socket: cannot bind {}: {e}", path.display()))
 }
 
 /// Serves the socket until shutdown, then removes it.
@@ -125,8 +135,23 @@ pub async fn serve(services: Arc<Services>, listener: UnixListener, path: PathBu
 
 async fn connection(services: Arc<Services>, stream: UnixStream) {
     let (rd, mut wr) = stream.into_split();
-    let mut lines = BufReader::new(rd).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut rd = BufReader::new(rd);
+    let mut buf = Vec::new();
+    loop {
+        match read_line(&mut rd, &mut buf, MAX_REQUEST_LINE).await {
+            Ok(Line::Complete) => {}
+            Ok(Line::TooLong { .. }) => {
+                let answer = ops::error(format!(
+                    "bad request: line longer than {MAX_REQUEST_LINE} bytes"
+                ));
+                let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+                out.push(b'\n');
+                let _ = wr.write_all(&out).await;
+                return;
+            }
+            Ok(Line::Eof) | Err(_) => return,
+        }
+        let line = String::from_utf8_lossy(&buf);
         if line.trim().is_empty() {
             continue;
         }

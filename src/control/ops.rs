@@ -200,8 +200,8 @@ fn route_health(s: &Services) -> Vec<Value> {
     names
         .into_iter()
         .map(|n| match health.get(&n) {
-            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms}),
-            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null}),
+            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms, "last_error_ms": h.last_error_ms}),
+            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null, "last_error_ms": Value::Null}),
         })
         .collect()
 }

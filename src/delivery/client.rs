@@ -23,6 +23,22 @@ pub struct Conn {
     pub client: Client,
     /// The server advertised SIZE: we may send `SIZE=` with MAIL FROM.
     pub size: bool,
+    /// The server advertised SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// The server advertised 8BITMIME.
+    pub eightbitmime: bool,
+}
+
+/// What the message asks of MAIL FROM beyond the address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MailParams {
+    pub smtputf8: bool,
+    pub body_8bit: bool,
+}
+
+/// An address that only an SMTPUTF8 server may be given (RFC 6531).
+pub fn needs_smtputf8(addr: &str) -> bool {
+    !addr.is_ascii()
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -277,6 +293,8 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     }
     Ok(Conn {
         size: caps.has_capability(smtp_proto::EXT_SIZE),
+        smtputf8: caps.has_capability(smtp_proto::EXT_SMTP_UTF8),
+        eightbitmime: caps.has_capability(smtp_proto::EXT_8BIT_MIME),
         client,
     })
 }
@@ -393,14 +411,24 @@ pub async fn transact(
     mail_from: &str,
     rcpts: &[String],
     message: &[u8],
+    params: MailParams,
 ) -> Outcome {
     let client = &mut conn.client;
     let broken = |e: mail_send::Error| Outcome::Broken(io_text(host, &e));
-    let size = if conn.size {
+    let mut size = if conn.size {
         format!(" SIZE={}", message.len())
     } else {
         String::new()
     };
+    // Carried when the client used them and the server offers them.
+    if params.body_8bit && conn.eightbitmime {
+        size.push_str(" BODY=8BITMIME");
+    }
+    let utf8 =
+        params.smtputf8 || needs_smtputf8(mail_from) || rcpts.iter().any(|r| needs_smtputf8(r));
+    if utf8 && conn.smtputf8 {
+        size.push_str(" SMTPUTF8");
+    }
     let r = match client
         .cmd(format!("MAIL FROM:<{mail_from}>{size}\r\n").as_bytes())
         .await

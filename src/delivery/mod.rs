@@ -108,6 +108,8 @@ pub struct RouteHealth {
     pub healthy: bool,
     pub last_error: Option<String>,
     pub since_ms: u64,
+    /// When `last_error` happened (a refusal, or a connection that failed).
+    pub last_error_ms: Option<u64>,
 }
 
 /// Connections and health per upstream, shared by all attempts.
@@ -145,6 +147,7 @@ impl Routes {
             healthy: true,
             last_error: None,
             since_ms: now_ms(),
+            last_error_ms: None,
         });
         if e.healthy {
             tracing::error!(
@@ -156,6 +159,23 @@ impl Routes {
             e.since_ms = now_ms();
         }
         e.last_error = Some(why.to_string());
+        e.last_error_ms = Some(now_ms());
+    }
+
+    /// Records the last error of a route that failed for a reason that is
+    /// not a refusal of the route (connection refused, a timeout): `status`
+    /// shows it, and the route stays healthy, since a down host is no
+    /// misconfiguration.
+    fn note_error(&self, route: &str, why: &str) {
+        let mut h = self.health.lock().unwrap();
+        let e = h.entry(route.to_string()).or_insert(RouteHealth {
+            healthy: true,
+            last_error: None,
+            since_ms: now_ms(),
+            last_error_ms: None,
+        });
+        e.last_error = Some(why.to_string());
+        e.last_error_ms = Some(now_ms());
     }
 
     fn mark_healthy(&self, route: &str) {
@@ -173,6 +193,7 @@ impl Routes {
                     healthy: true,
                     last_error: None,
                     since_ms: now_ms(),
+                    last_error_ms: None,
                 },
             );
         }
@@ -678,6 +699,8 @@ async fn deliver_group(
                     Err(e) => {
                         if e.class == Class::Route && smart {
                             s.routes.mark_unhealthy(route, e.text());
+                        } else {
+                            s.routes.note_error(route, e.text());
                         }
                         last_err = e;
                         break;
@@ -698,9 +721,45 @@ async fn deliver_group(
                 s.routes.put(&pool_key, conn);
                 return;
             }
+            // RFC 6531: a UTF-8 address goes only to a server that offers
+            // SMTPUTF8; to any other, it bounces (a policy of the route,
+            // never a suppression), rather than go out as a violation.
+            if !conn.smtputf8 {
+                let utf8_sender = client::needs_smtputf8(&env.mail_from);
+                let why = format!(
+                    "{}: the address needs SMTPUTF8 (RFC 6531: UTF-8 in {}), which the server does not offer",
+                    target.host,
+                    if utf8_sender { "the envelope sender" } else { "the recipient address" }
+                );
+                let v = Verdict::Bounced(why, Class::Policy);
+                idx.retain(|&i| {
+                    if utf8_sender || client::needs_smtputf8(&env.rcpts[i].addr) {
+                        apply(s, env, i, &v, &target.host);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if idx.is_empty() {
+                    s.routes.put(&pool_key, conn);
+                    return;
+                }
+            }
             let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
-            match client::transact(&mut conn, &target.host, smart, &env.mail_from, &rcpts, body)
-                .await
+            let params = client::MailParams {
+                smtputf8: env.smtputf8,
+                body_8bit: env.body_8bit,
+            };
+            match client::transact(
+                &mut conn,
+                &target.host,
+                smart,
+                &env.mail_from,
+                &rcpts,
+                body,
+                params,
+            )
+            .await
             {
                 Outcome::Judged { verdicts, reusable } => {
                     s.routes.mark_healthy(route);
@@ -724,6 +783,7 @@ async fn deliver_group(
                     fresh_only = true;
                 }
                 Outcome::Broken(why) => {
+                    s.routes.note_error(route, &why);
                     last_err = ConnError::temporary(why);
                     break;
                 }

@@ -1,20 +1,94 @@
 //! Inbound SMTP: listeners, the connection cap, and draining on shutdown.
 
 pub mod auth;
+pub mod data;
 pub mod line;
 pub mod reception;
 pub mod session;
 pub mod spool;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::Listen;
 use crate::services::Services;
+
+/// A refusal is written with this much patience: a client that does not
+/// read it does not keep the socket.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection slots, shared by every SMTP listener: `max_connections` in
+/// all, and `max_connections_per_ip` for one client address, so that a
+/// few clients cannot hold every slot.
+pub struct Slots {
+    all: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: usize,
+}
+
+/// A session's hold on its slots, given back on drop.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Slots {
+    pub fn new(l: &Listen) -> Slots {
+        Slots {
+            all: Arc::new(Semaphore::new(l.max_connections)),
+            per_ip: Default::default(),
+            max_per_ip: l.max_connections_per_ip,
+        }
+    }
+
+    /// A slot for a client at `ip`, or the refusal to send it.
+    pub fn take(&self, ip: IpAddr) -> Result<Slot, &'static str> {
+        let ip = canonical_ip(ip);
+        let mut m = self.per_ip.lock().unwrap();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err("listen.max_connections_per_ip");
+        }
+        let permit = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "listen.max_connections")?;
+        *n += 1;
+        Ok(Slot {
+            _permit: permit,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+}
+
+/// An IPv4 client on an IPv6 socket is the IPv4 address.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
 
 /// Binds with a deep backlog: a burst of platform workers connecting at once
 /// must queue in the kernel, not be refused (STACK.md: a backlog of 31
@@ -36,7 +110,7 @@ pub async fn accept_loop(
     services: Arc<Services>,
     listener: TcpListener,
     implicit_tls: bool,
-    conns: Arc<Semaphore>,
+    slots: Arc<Slots>,
     drain: mpsc::Sender<()>,
 ) {
     let mut shutdown = services.shutdown.clone();
@@ -53,17 +127,25 @@ pub async fn accept_loop(
             },
             _ = shutdown.wait() => break,
         };
-        let permit = match conns.clone().try_acquire_owned() {
+        let permit = match slots.take(peer.ip()) {
             Ok(p) => p,
-            Err(_) => {
+            Err(key) => {
                 let host = services.cfg.hostname.clone();
+                let why = if key == "listen.max_connections" {
+                    "Too many connections"
+                } else {
+                    "Too many connections from your address"
+                };
                 tokio::spawn(async move {
                     let mut tcp = tcp;
-                    let msg = format!("421 4.7.0 {host} Too many connections, try again later\r\n");
-                    let _ = tcp.write_all(msg.as_bytes()).await;
-                    let _ = tcp.shutdown().await;
+                    let msg = format!("421 4.7.0 {host} {why}, try again later\r\n");
+                    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+                        let _ = tcp.write_all(msg.as_bytes()).await;
+                        let _ = tcp.shutdown().await;
+                    })
+                    .await;
                 });
-                tracing::warn!(%peer, "connection refused: listen.max_connections reached");
+                tracing::warn!(%peer, "connection refused: {key} reached");
                 continue;
             }
         };

@@ -7,23 +7,12 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::envelope::Transaction;
 use crate::history::EventKind;
 use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::rewrite;
 use crate::services::Services;
 use crate::smtp_in::spool::Spool;
-
-/// One SMTP transaction as the session collected it.
-#[derive(Debug, Clone)]
-pub struct Transaction {
-    pub peer: IpAddr,
-    pub helo: String,
-    pub tls: bool,
-    pub auth_user: Option<String>,
-    /// MAIL FROM as given ("" for the null sender).
-    pub sender: String,
-    pub rcpts: Vec<String>,
-}
 
 /// `rejected` events one connection may write: a hostile client must not
 /// be able to fill history (or the disk) with its own refusals.
@@ -164,6 +153,8 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
         tag: prepared.tag.clone(),
         subject: prepared.subject.clone(),
         size: prepared.message.len(),
+        smtputf8: t.smtputf8,
+        body_8bit: t.body_8bit,
         rcpts: t
             .rcpts
             .iter()

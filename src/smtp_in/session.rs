@@ -6,7 +6,8 @@
 //!   a message line may be as long as the message size limit (platforms
 //!   send HTML on one line; `crate::mime` makes it transportable);
 //! - in DATA, a bare LF never ends a line for the purpose of the end-of-data
-//!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling);
+//!   marker, so `<LF>.<CR><LF>` is content, not the end (no SMTP smuggling:
+//!   `super::data`);
 //! - MAIL and RCPT are parsed here (null sender, a space after the colon,
 //!   SIZE=, SMTPUTF8, quoted local parts), and mailin only sees a normalised
 //!   command so that its state follows;
@@ -15,7 +16,7 @@
 //! - the message is committed to disk in this loop when the final `.`
 //!   arrives, and only then answered with 250.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,9 +25,11 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::auth::Auth;
+use super::data::DataLines;
 use super::line::{read_line, Line};
-use super::reception::{self, Transaction};
+use super::reception;
 use super::spool::Spool;
+use crate::envelope::Transaction;
 use crate::services::Services;
 use crate::tls::Stream;
 
@@ -37,6 +40,18 @@ pub const MAX_COMMAND_LINE: usize = 2048;
 pub const MAX_ERRORS: usize = 20;
 /// RFC 5321 4.5.3.2.7 suggests 5 minutes for the server.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that does not read its replies (say, one pipelining megabytes
+/// of NOOP) must not hold its slot: a write that cannot finish in this time
+/// ends the session.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes `out` with [`WRITE_TIMEOUT`]; false when the session must end.
+async fn send<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, w.write_all(out)).await,
+        Ok(Ok(()))
+    )
+}
 
 /// State the mailin `Handler` shares with the loop: the message being
 /// received.
@@ -241,11 +256,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         Stream::Plain(tcp)
     };
 
-    let ip = peer.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    };
+    let ip = super::canonical_ip(peer.ip());
     let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
     let mut builder = SessionBuilder::new(cfg.hostname.clone());
     if services.tls.is_some() && !implicit_tls {
@@ -274,12 +285,15 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     let mut helo = String::new();
     let mut txn: Option<Transaction> = None;
     let mut in_data = false;
-    let mut data_prev_bare_lf = false;
+    let mut data_lines = DataLines::new();
     let mut auth = Auth::default();
     let mut refusals = reception::Refusals::default();
 
     let mut errors = 0;
     let mut counted = 0;
+    // A session that never completes a transaction (a line every few
+    // minutes, for ever) would hold its slot: it has session_timeout.
+    let mut deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
     loop {
         // A client that only makes errors (junk, unknown commands) would
         // hold a connection slot for ever: after MAX_ERRORS, 421.
@@ -295,7 +309,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         }
         // PIPELINING: answer in one write once the client's batch is read.
         if !out.is_empty() && reader.buffer().is_empty() {
-            if reader.get_mut().write_all(&out).await.is_err() {
+            if !send(reader.get_mut(), &out).await {
                 return;
             }
             out.clear();
@@ -311,14 +325,27 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         } else {
             MAX_COMMAND_LINE
         };
+        let wait = deadline.min(tokio::time::Instant::now() + IDLE_TIMEOUT);
         let read = tokio::select! {
-            r = tokio::time::timeout(IDLE_TIMEOUT, read_line(&mut reader, &mut line, max)) => r,
+            r = tokio::time::timeout_at(wait, read_line(&mut reader, &mut line, max)) => r,
             _ = shutdown.wait(), if !in_data => {
                 reply(&mut out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
                 break;
             }
         };
         let status = match read {
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                reply(
+                    &mut out,
+                    421,
+                    &format!(
+                        "4.4.2 {} No transaction completed in {}, closing connection",
+                        cfg.hostname,
+                        crate::config::format_duration(cfg.listen.session_timeout)
+                    ),
+                );
+                break;
+            }
             Err(_) => {
                 reply(
                     &mut out,
@@ -337,38 +364,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let mut sh = shared.lock().unwrap();
                 sh.oversize = true;
                 sh.data.clear();
-                data_prev_bare_lf = !crlf;
+                data_lines.skipped(crlf);
                 continue;
             }
-            // Decide the end of DATA on the bytes as sent: only CRLF "." CRLF.
-            let bare_lf = !line.ends_with(b"\r\n");
-            let is_end = !bare_lf && line == b".\r\n" && !data_prev_bare_lf;
-            if bare_lf {
-                // Normalise to CRLF so what we store and relay is valid.
-                line.pop();
-                line.extend_from_slice(b"\r\n");
-            }
-            if line[..line.len() - 2].contains(&b'\r') {
-                // A bare CR is no line end here, but a hop downstream may
-                // take `<CR>.<CR>` for one: normalise it to CRLF too.
-                let mut fixed = Vec::with_capacity(line.len() + 16);
-                for &b in &line[..line.len() - 2] {
-                    if b == b'\r' {
-                        fixed.extend_from_slice(b"\r\n");
-                    } else {
-                        fixed.push(b);
-                    }
-                }
-                fixed.extend_from_slice(b"\r\n");
-                line = fixed;
-            }
-            if !is_end && (line == b".\r\n" || (data_prev_bare_lf && line.first() == Some(&b'.'))) {
-                // Not the end marker, and either it only looks like one
-                // after normalising, or it did not start after a CRLF and
-                // so was not dot-stuffed: protect its dot from mailin.
-                line.insert(0, b'.');
-            }
-            data_prev_bare_lf = bare_lf;
+            let is_end = data_lines.feed(&mut line);
             let r = session.process(&line);
             if !is_end {
                 if r.action != Action::NoReply {
@@ -412,6 +411,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             };
             if code >= 400 {
                 refusals.record(&services, ip, &rcpts, code, &text);
+            } else {
+                deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
             }
             reply(&mut out, code, &text);
             continue;
@@ -472,6 +473,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         let mut exts = vec![
                             "PIPELINING".to_string(),
                             format!("SIZE {}", cfg.listen.max_message_size),
+                            "SMTPUTF8".to_string(),
                         ];
                         // Keep what mailin advertises (8BITMIME, STARTTLS).
                         let buf = r.buffer().unwrap_or_default();
@@ -526,6 +528,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     continue;
                 }
                 let mut body8 = false;
+                let mut smtputf8 = false;
                 let mut bad_param = None;
                 for (k, v) in &p.params {
                     match (k.as_str(), v.as_deref()) {
@@ -544,7 +547,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         },
                         ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
                         ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
-                        ("SMTPUTF8", None) | ("AUTH", Some(_)) => {}
+                        ("SMTPUTF8", None) => smtputf8 = true,
+                        ("AUTH", Some(_)) => {}
                         _ => {
                             bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
                         }
@@ -570,6 +574,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                         auth_user: auth.user.clone(),
                         sender: p.addr,
                         rcpts: Vec::new(),
+                        smtputf8,
+                        body_8bit: body8,
                     });
                     reply(&mut out, 250, "2.1.0 Ok");
                 } else {
@@ -655,7 +661,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let r = session.process(&line);
                 if r.code == 354 {
                     in_data = true;
-                    data_prev_bare_lf = false;
+                    data_lines = DataLines::new();
                     reply(&mut out, 354, "End data with <CR><LF>.<CR><LF>");
                 } else {
                     write_response(&mut out, &r);
@@ -673,7 +679,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 if r.action != Action::UpgradeTls {
                     continue;
                 }
-                if reader.get_mut().write_all(&out).await.is_err() {
+                if !send(reader.get_mut(), &out).await {
                     return;
                 }
                 out.clear();
@@ -749,8 +755,9 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             _ => reply(&mut out, 500, "5.5.2 Command not recognized"),
         }
     }
-    let _ = reader.get_mut().write_all(&out).await;
-    let _ = reader.get_mut().shutdown().await;
+    if send(reader.get_mut(), &out).await {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, reader.get_mut().shutdown()).await;
+    }
 }
 
 /// Logs a failed inbound handshake; when the client refused our

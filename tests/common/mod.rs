@@ -122,6 +122,8 @@ impl<T: Read + Write + Send> Io for T {}
 #[derive(Debug, Clone)]
 pub struct Received {
     pub mail_from: String,
+    /// What followed the address in MAIL FROM (" SIZE=123 SMTPUTF8").
+    pub mail_params: String,
     pub rcpts: Vec<String>,
     pub data: Vec<u8>,
     pub tls: bool,
@@ -155,6 +157,8 @@ pub struct Script {
     /// Answer RSET, then close the connection (a server that drops idle
     /// sessions).
     pub close_after_rset: bool,
+    /// Offer SMTPUTF8 (RFC 6531) in the EHLO reply.
+    pub smtputf8: bool,
 }
 
 /// In `data_replies`: read the message, then close without a reply.
@@ -252,12 +256,13 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     st.lock().unwrap().connections += 1;
-    let (implicit, starttls, auth) = {
+    let (implicit, starttls, auth, smtputf8) = {
         let s = st.lock().unwrap();
         (
             s.script.implicit_tls.clone(),
             s.script.starttls.clone(),
             s.script.auth.clone(),
+            s.script.smtputf8,
         )
     };
     let mut tls = implicit.is_some();
@@ -271,6 +276,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
     let mut rd = BufReader::new(stream);
     let mut authed: Option<String> = None;
     let mut from = String::new();
+    let mut mail_params = String::new();
     let mut rcpts: Vec<String> = Vec::new();
     macro_rules! say {
         ($($t:tt)*) => {{ let s = format!($($t)*); rd.get_mut().write_all(s.as_bytes())?; rd.get_mut().flush()?; }};
@@ -303,6 +309,9 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
             }
             if auth.is_some() {
                 caps.push("AUTH PLAIN LOGIN".into());
+            }
+            if smtputf8 {
+                caps.push("SMTPUTF8".into());
             }
             let n = caps.len();
             let mut out = String::new();
@@ -378,6 +387,10 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                     .unwrap_or("")
                     .trim_start_matches('<')
                     .to_string();
+                mail_params = cmd[10..]
+                    .split_once('>')
+                    .map(|(_, p)| p.to_string())
+                    .unwrap_or_default();
                 rcpts.clear();
             }
             say!("{r}\r\n");
@@ -431,6 +444,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
             if r.starts_with('2') {
                 st.lock().unwrap().messages.push(Received {
                     mail_from: from.clone(),
+                    mail_params: mail_params.clone(),
                     rcpts: rcpts.clone(),
                     data,
                     tls,
