@@ -249,7 +249,32 @@ pub fn print_status(v: &Value, json: bool) {
             ),
             None => "no refusal seen".to_string(),
         };
-        println!("route {}: {state}", s(&r["name"]));
+        let held = arr(v, "paused_routes")
+            .iter()
+            .any(|p| p.as_str() == r["name"].as_str());
+        let held = if held {
+            " (PAUSED: herald resume --route NAME)".replace("NAME", &s(&r["name"]))
+        } else {
+            String::new()
+        };
+        println!("route {}: {state}{held}", s(&r["name"]));
+    }
+    for d in arr(v, "destinations") {
+        let mut line = format!(
+            "destination {}: sessions {}/{}, rate {}",
+            s(&d["name"]),
+            d["sessions"],
+            d["max_sessions"],
+            d["rate"].as_str().unwrap_or("unlimited")
+        );
+        match d["throttled_until_ms"].as_u64() {
+            Some(t) => line.push_str(&format!(", THROTTLED until {}", relative(Some(t)))),
+            None => line.push_str(", not throttled"),
+        }
+        if let Some(r) = d["last_reply"].as_str() {
+            line.push_str(&format!(", last throttle reply: {r}"));
+        }
+        println!("{line}");
     }
 }
 

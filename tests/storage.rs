@@ -277,7 +277,11 @@ fn a_body_missing_from_the_spool_gives_expired_with_the_reason() {
     {
         let db = sled::open(h.path("data")).unwrap();
         let bodies = db.open_tree("bodies").unwrap();
-        let keys: Vec<_> = bodies.scan_prefix(id.as_bytes()).keys().map(|k| k.unwrap()).collect();
+        let keys: Vec<_> = bodies
+            .scan_prefix(id.as_bytes())
+            .keys()
+            .map(|k| k.unwrap())
+            .collect();
         assert!(!keys.is_empty());
         for k in keys {
             bodies.remove(k).unwrap();
@@ -288,7 +292,10 @@ fn a_body_missing_from_the_spool_gives_expired_with_the_reason() {
     let (code, _, _) = h.cli(&["resume"]);
     assert_eq!(code, 0);
     assert!(
-        wait_until(10, || h.cli(&["trace", "lost@dest.test"]).1.contains("expired")),
+        wait_until(10, || h
+            .cli(&["trace", "lost@dest.test"])
+            .1
+            .contains("expired")),
         "{}",
         h.log()
     );

@@ -108,6 +108,14 @@ fn status(s: &Services) -> Answer {
         "storage": storage,
         "uptime_s": s.started.elapsed().as_secs(),
         "routes": route_health(s),
+        "paused_routes": s.routes.shaper.paused(),
+        "destinations": s
+            .routes
+            .shaper
+            .all(&s.cfg)
+            .iter()
+            .map(|d| d.report())
+            .collect::<Vec<_>>(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
@@ -178,11 +186,14 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
                 }
             })
             .map_err(|e| e.to_string())?;
-        if env.is_some() {
+        if let Some(env) = env {
             found = true;
+            // Tried now even if its destination is backing off.
+            s.routes.shaper.clear_backoff(&env.upstream);
             s.scheduler.schedule(id, now);
         }
     }
+    s.scheduler.wake();
     if !all && !found {
         return Err(format!("{} is not in the queue", ids[0]));
     }

@@ -376,7 +376,10 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             let rcpts = t.rcpts.clone();
             let (code, text) = if let Some(e) = spool_error {
                 tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
-                (451, "4.3.0 Local storage error; try again later".to_string())
+                (
+                    451,
+                    "4.3.0 Local storage error; try again later".to_string(),
+                )
             } else if oversize {
                 (
                     552,

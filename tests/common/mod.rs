@@ -126,6 +126,8 @@ pub struct Received {
     pub data: Vec<u8>,
     pub tls: bool,
     pub auth: Option<String>,
+    /// When the end of DATA was read.
+    pub at: Instant,
 }
 
 impl Received {
@@ -155,6 +157,14 @@ pub struct Script {
     /// Answer RSET, then close the connection (a server that drops idle
     /// sessions).
     pub close_after_rset: bool,
+    /// Sessions allowed at once; beyond, the greeting is
+    /// "421 4.7.0 too many sessions" and the connection closes.
+    pub max_sessions: Option<usize>,
+    /// (N, reply): more than N transactions in one second get `reply` to
+    /// MAIL FROM and the connection closes (a rate-limited provider).
+    pub rate_limit: Option<(usize, String)>,
+    /// Offer PIPELINING.
+    pub pipelining: bool,
 }
 
 /// In `data_replies`: read the message, then close without a reply.
@@ -169,6 +179,36 @@ pub struct SinkState {
     pub data_attempts: usize,
     pub connections: usize,
     pub auth_failures: usize,
+    /// Sessions open now, and the most ever open at once (a session counts
+    /// until QUIT is read or the connection closes).
+    pub open_sessions: usize,
+    pub peak_sessions: usize,
+    pub sessions_refused: usize,
+    /// MAIL FROM commands answered with the rate-limit reply.
+    pub rate_limited: usize,
+    /// Start times of the transactions accepted at MAIL FROM.
+    pub mail_times: VecDeque<Instant>,
+    /// MAIL FROM lines that arrived with more commands behind them in the
+    /// same read (the client pipelines).
+    pub pipelined: usize,
+}
+
+/// Counts a sink session open until it is closed (QUIT or end).
+struct Open(Arc<Mutex<SinkState>>, bool);
+
+impl Open {
+    fn close(&mut self) {
+        if !self.1 {
+            self.1 = true;
+            self.0.lock().unwrap().open_sessions -= 1;
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 pub struct Sink {
@@ -251,7 +291,26 @@ impl Drop for Sink {
 fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    st.lock().unwrap().connections += 1;
+    let mut open = {
+        let mut s = st.lock().unwrap();
+        s.connections += 1;
+        s.open_sessions += 1;
+        s.peak_sessions = s.peak_sessions.max(s.open_sessions);
+        Open(st.clone(), false)
+    };
+    let refuse = {
+        let s = st.lock().unwrap();
+        s.script.max_sessions.is_some_and(|m| s.open_sessions > m)
+    };
+    if refuse {
+        // Not one of the allowed sessions: it does not count as open.
+        open.close();
+        st.lock().unwrap().sessions_refused += 1;
+        let mut t = tcp;
+        t.write_all(b"421 4.7.0 too many sessions\r\n")?;
+        return Ok(());
+    }
+    let pipelining = st.lock().unwrap().script.pipelining;
     let (implicit, starttls, auth) = {
         let s = st.lock().unwrap();
         (
@@ -303,6 +362,9 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
             }
             if auth.is_some() {
                 caps.push("AUTH PLAIN LOGIN".into());
+            }
+            if pipelining {
+                caps.push("PIPELINING".into());
             }
             let n = caps.len();
             let mut out = String::new();
@@ -365,9 +427,38 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 say!("535 5.7.8 bad credentials\r\n");
             }
         } else if up.starts_with("MAIL FROM:") {
+            if !rd.buffer().is_empty() {
+                st.lock().unwrap().pipelined += 1;
+            }
             if auth.is_some() && authed.is_none() {
                 say!("530 5.7.0 auth required\r\n");
                 continue;
+            }
+            let limited = {
+                let mut s = st.lock().unwrap();
+                let now = Instant::now();
+                while s
+                    .mail_times
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    s.mail_times.pop_front();
+                }
+                match s.script.rate_limit.clone() {
+                    Some((n, reply)) if s.mail_times.len() >= n => {
+                        s.rate_limited += 1;
+                        Some(reply)
+                    }
+                    _ => {
+                        s.mail_times.push_back(now);
+                        None
+                    }
+                }
+            };
+            if let Some(reply) = limited {
+                open.close();
+                say!("{reply}\r\n");
+                return Ok(());
             }
             let r = st.lock().unwrap().script.mail_replies.pop_front();
             let r = r.unwrap_or_else(|| "250 2.1.0 ok".into());
@@ -435,6 +526,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                     data,
                     tls,
                     auth: authed.clone(),
+                    at: Instant::now(),
                 });
             }
             say!("{r}\r\n");
@@ -445,6 +537,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 return Ok(());
             }
         } else if up == "QUIT" {
+            open.close();
             say!("221 bye\r\n");
             return Ok(());
         } else if up == "NOOP" {
