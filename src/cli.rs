@@ -281,7 +281,11 @@ pub fn print_status(v: &Value, json: bool) {
 pub fn print_queue(v: &Value, json: bool) {
     let quarantined = arr(v, "quarantined");
     if let Some(msgs) = listing(v, "messages", json, "queue is empty") {
-        print_queue_table(&msgs, v["paused"].as_bool().unwrap_or(false));
+        print_queue_table(
+            &msgs,
+            v["paused"].as_bool().unwrap_or(false),
+            &arr(v, "paused_routes"),
+        );
         if v["paused"].as_bool() == Some(true) {
             println!("outbound delivery is PAUSED: nothing is attempted until herald resume");
         }
@@ -310,9 +314,13 @@ pub fn print_queue(v: &Value, json: bool) {
 
 /// While delivery is paused, NEXT says so: a due time in the past would
 /// read as if herald were stuck.
-fn print_queue_table(msgs: &[Value], paused: bool) {
+fn print_queue_table(msgs: &[Value], paused: bool, paused_routes: &[Value]) {
     let mut rows = Vec::new();
     for m in msgs {
+        let held = paused_routes.iter().any(|p| {
+            p.as_str()
+                .is_some_and(|p| m["upstream"].as_str() == Some(p))
+        });
         for r in arr(m, "rcpts") {
             let status = s(&r["status"]);
             if matches!(status.as_str(), "queued" | "deferred") {
@@ -324,6 +332,8 @@ fn print_queue_table(msgs: &[Value], paused: bool) {
                     s(&r["attempts"]),
                     if paused {
                         "paused".to_string()
+                    } else if held {
+                        format!("held: route {} paused", s(&m["upstream"]))
                     } else {
                         relative(r["next_attempt"].as_u64())
                     },

@@ -50,15 +50,25 @@ enum Cmd {
     },
     /// Drop queued mail (event `cancelled`)
     Cancel {
-        #[arg(required_unless_present = "tag", conflicts_with = "tag")]
+        #[arg(required_unless_present_any = ["tag", "route"], conflicts_with_all = ["tag", "route"])]
         id: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "route")]
         tag: Option<String>,
+        /// Everything queued for this upstream
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
     },
-    /// Stop all outbound delivery (accepting goes on); kept across restarts
-    Pause,
-    /// Restart outbound delivery
-    Resume,
+    /// Stop all outbound delivery, or one route's (accepting goes on); kept across restarts
+    Pause {
+        /// Only the mail of this upstream
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+    },
+    /// Restart outbound delivery (or one route's)
+    Resume {
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+    },
     /// Events, oldest first
     History {
         #[arg(long)]
@@ -139,8 +149,8 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             let v = ask(Request::Retry { id, all })?;
             println!("{} recipient(s) due now", v["retried"]);
         }
-        Cmd::Cancel { id, tag } => {
-            let v = ask(Request::Cancel { id, tag })?;
+        Cmd::Cancel { id, tag, route } => {
+            let v = ask(Request::Cancel { id, tag, route })?;
             let cancelled = v["cancelled"].as_array().cloned().unwrap_or_default();
             for c in &cancelled {
                 println!(
@@ -164,13 +174,25 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                 println!("nothing was cancelled");
             }
         }
-        Cmd::Pause => {
-            ask(Request::Pause)?;
+        Cmd::Pause { route: None } => {
+            ask(Request::Pause { route: None })?;
             println!("outbound delivery paused (mail is still accepted and queued); herald resume restarts it");
         }
-        Cmd::Resume => {
-            ask(Request::Resume)?;
+        Cmd::Resume { route: None } => {
+            ask(Request::Resume { route: None })?;
             println!("outbound delivery resumed");
+        }
+        Cmd::Pause { route: Some(r) } => {
+            ask(Request::Pause {
+                route: Some(r.clone()),
+            })?;
+            println!("route {r} paused: its mail is held (other routes go on); herald resume --route {r} releases it");
+        }
+        Cmd::Resume { route: Some(r) } => {
+            ask(Request::Resume {
+                route: Some(r.clone()),
+            })?;
+            println!("route {r} resumed");
         }
         Cmd::History {
             rcpt,

@@ -192,3 +192,94 @@ fn a_smart_host_that_refuses_connections_is_backed_off_without_spending_retries(
         .unwrap()
         .contains("herald_destination_throttled{destination=\"up\"} 0"));
 }
+
+fn from(domain: &str, subject: &str) -> String {
+    format!("From: App <app@{domain}>\nTo: louise@dest.test\nSubject: {subject}\n\nHello.\n")
+}
+
+#[test]
+fn a_paused_route_holds_its_mail_across_restart_while_the_other_delivers() {
+    let acme = Sink::start(Script::default());
+    let other = Sink::start(Script::default());
+    let mut h = Herald::start(&format!(
+        "{}[upstreams.acme]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n[[routes]]\nsender_domain = \"acme.test\"\nupstream = \"acme\"\n",
+        upstream(other.port(), "none", ""),
+        acme.port()
+    ));
+    let (code, out, err) = h.cli(&["pause", "--route", "acme"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("route acme paused"), "{out}");
+    let (code, _, err) = h.cli(&["pause", "--route", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no route \"nope\""), "{err}");
+
+    let mut c = h.client();
+    c.ehlo();
+    for i in 0..3 {
+        let (code, _) = c.send(
+            "a@acme.test",
+            &["held@dest.test"],
+            &from("acme.test", &format!("held {i}")),
+        );
+        assert_eq!(code, 250);
+    }
+    let (code, _) = c.send(
+        "a@other.test",
+        &["flows@dest.test"],
+        &from("other.test", "flows"),
+    );
+    assert_eq!(code, 250);
+    drop(c);
+    assert_eq!(other.wait_for(1, 10).len(), 1, "{}", h.log());
+    let q = h.cli(&["queue"]).1;
+    assert!(q.contains("held: route acme paused"), "{q}");
+    let t = h.cli(&["trace", "held@dest.test"]).1;
+    assert!(t.contains("held: route acme paused"), "{t}");
+
+    // Kept across a restart.
+    h.terminate().unwrap();
+    h.spawn();
+    let st = h.cli(&["status"]).1;
+    assert!(
+        st.contains("route acme: ") && st.contains("PAUSED: herald resume --route acme"),
+        "{st}"
+    );
+    let (_, st, _) = h.cli(&["status", "--json"]);
+    assert_eq!(
+        json_lines(&st)[0]["paused_routes"],
+        serde_json::json!(["acme"])
+    );
+    let mut c = h.client();
+    c.ehlo();
+    let (code, _) = c.send(
+        "a@other.test",
+        &["flows2@dest.test"],
+        &from("other.test", "flows 2"),
+    );
+    assert_eq!(code, 250);
+    assert_eq!(other.wait_for(2, 10).len(), 2, "{}", h.log());
+    assert_eq!(acme.count(), 0, "a paused route sends nothing");
+
+    // Socket requests too: one message cancelled by route, then resume.
+    let (code, out, err) = h.cli(&["cancel", "--route", "acme"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches("cancelled ").count(), 3, "{out}");
+    let (code, _) = c.send(
+        "a@acme.test",
+        &["later@dest.test"],
+        &from("acme.test", "after cancel"),
+    );
+    assert_eq!(code, 250);
+    let (code, out, _) = h.cli(&["resume", "--route", "acme"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("route acme resumed"));
+    let got = acme.wait_for(1, 10);
+    assert_eq!(got.len(), 1, "{}", h.log());
+    assert_eq!(got[0].rcpts, vec!["later@dest.test"]);
+    assert!(wait_until(5, || h
+        .cli(&["queue", "--json"])
+        .1
+        .trim()
+        .is_empty()));
+    assert_eq!(acme.count(), 1, "cancelled mail never goes out");
+}
