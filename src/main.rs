@@ -99,6 +99,17 @@ enum Cmd {
         /// Only this From domain (default: every sending domain of the config)
         domain: Option<String>,
     },
+    /// Test a smart host step by step with the configured settings; exit 0 if all pass
+    Probe {
+        /// The name in [upstreams]
+        upstream: String,
+        /// Also try RCPT TO this address
+        #[arg(long, value_name = "ADDR")]
+        to: Option<String>,
+        /// Send a real test message to --to (else RSET and QUIT)
+        #[arg(long, requires = "to")]
+        send: bool,
+    },
     /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
     DkimKeygen {
         #[arg(long)]
@@ -251,7 +262,11 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                 println!("imported {} address(es)", v["imported"]);
             }
         },
-        Cmd::Serve | Cmd::CheckConfig | Cmd::CheckDns { .. } | Cmd::DkimKeygen { .. } => {
+        Cmd::Serve
+        | Cmd::CheckConfig
+        | Cmd::CheckDns { .. }
+        | Cmd::DkimKeygen { .. }
+        | Cmd::Probe { .. } => {
             unreachable!()
         }
     }
@@ -308,6 +323,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve => serve(&path),
         Cmd::CheckDns { domain } => check_dns(&path, domain.as_deref()),
+        Cmd::Probe { upstream, to, send } => probe(&path, &upstream, to.as_deref(), send),
         other => match run_client(&path, other) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -355,6 +371,21 @@ fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
     match rt.block_on(herald::check_dns::run(&cfg, domain)) {
         Ok(results) if herald::check_dns::print(&results) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn probe(path: &std::path::Path, upstream: &str, to: Option<&str>, send: bool) -> ExitCode {
+    let (cfg, rt) = match prepare(path, tokio::runtime::Builder::new_current_thread()) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match rt.block_on(herald::delivery::probe::run(&cfg, upstream, to, send)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("herald: {e}");
             ExitCode::from(1)

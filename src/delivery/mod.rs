@@ -8,6 +8,7 @@
 //! and an event. A message whose recipients are all final leaves the queue.
 
 pub mod client;
+pub mod probe;
 pub mod shaping;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};

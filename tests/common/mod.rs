@@ -54,6 +54,15 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
+        Self::make(dir, false)
+    }
+
+    /// The same, with a leaf certificate that expired in 2020.
+    pub fn expired(dir: &Path) -> Pki {
+        Self::make(dir, true)
+    }
+
+    fn make(dir: &Path, expired: bool) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -62,8 +71,12 @@ impl Pki {
             .push(DnType::CommonName, "herald test CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_params =
+        let mut leaf_params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        if expired {
+            leaf_params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            leaf_params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         let p = Pki {
@@ -165,6 +178,9 @@ pub struct Script {
     pub rate_limit: Option<(usize, String)>,
     /// Offer PIPELINING.
     pub pipelining: bool,
+    /// MAIL FROM before STARTTLS gets "530 5.7.0 Must issue a STARTTLS
+    /// command first".
+    pub require_tls: bool,
 }
 
 /// In `data_replies`: read the message, then close without a reply.
@@ -429,6 +445,10 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
         } else if up.starts_with("MAIL FROM:") {
             if !rd.buffer().is_empty() {
                 st.lock().unwrap().pipelined += 1;
+            }
+            if !tls && st.lock().unwrap().script.require_tls {
+                say!("530 5.7.0 Must issue a STARTTLS command first\r\n");
+                continue;
             }
             if auth.is_some() && authed.is_none() {
                 say!("530 5.7.0 auth required\r\n");
