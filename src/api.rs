@@ -156,24 +156,27 @@ async fn cancel_id(State(api): State<Api>, Path(id): Path<String>) -> Response {
         Request::Cancel {
             id: Some(id),
             tag: None,
+            route: None,
         },
     )
     .await
 }
 
 async fn cancel_tag(State(api): State<Api>, Query(q): Params) -> Response {
-    match q.get("tag") {
-        Some(tag) if !tag.is_empty() => {
+    let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    match (get("tag"), get("route")) {
+        (None, None) => err(400, "tag: give the tag, ?tag=TAG (or ?route=NAME)"),
+        (tag, route) => {
             reply(
                 &api,
                 Request::Cancel {
                     id: None,
-                    tag: Some(tag.clone()),
+                    tag,
+                    route,
                 },
             )
             .await
         }
-        _ => err(400, "tag: give the tag, ?tag=TAG"),
     }
 }
 
@@ -277,12 +280,15 @@ async fn suppression_remove(State(api): State<Api>, Path(addr): Path<String>) ->
     }
 }
 
-async fn pause(State(api): State<Api>) -> Response {
-    reply(&api, Request::Pause).await
+/// `?route=NAME` holds one upstream's mail only.
+async fn pause(State(api): State<Api>, Query(q): Params) -> Response {
+    let route = q.get("route").filter(|v| !v.is_empty()).cloned();
+    reply(&api, Request::Pause { route }).await
 }
 
-async fn resume(State(api): State<Api>) -> Response {
-    reply(&api, Request::Resume).await
+async fn resume(State(api): State<Api>, Query(q): Params) -> Response {
+    let route = q.get("route").filter(|v| !v.is_empty()).cloned();
+    reply(&api, Request::Resume { route }).await
 }
 
 /// The support console's files, embedded in the binary.

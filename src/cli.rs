@@ -254,14 +254,43 @@ pub fn print_status(v: &Value, json: bool) {
             ),
             None => "no attempt yet".to_string(),
         };
-        println!("route {}: {state}", s(&r["name"]));
+        let held = arr(v, "paused_routes")
+            .iter()
+            .any(|p| p.as_str() == r["name"].as_str());
+        let held = if held {
+            " (PAUSED: herald resume --route NAME)".replace("NAME", &s(&r["name"]))
+        } else {
+            String::new()
+        };
+        println!("route {}: {state}{held}", s(&r["name"]));
+    }
+    for d in arr(v, "destinations") {
+        let mut line = format!(
+            "destination {}: sessions {}/{}, rate {}",
+            s(&d["name"]),
+            d["sessions"],
+            d["max_sessions"],
+            d["rate"].as_str().unwrap_or("unlimited")
+        );
+        match d["throttled_until_ms"].as_u64() {
+            Some(t) => line.push_str(&format!(", THROTTLED until {}", relative(Some(t)))),
+            None => line.push_str(", not throttled"),
+        }
+        if let Some(r) = d["last_reply"].as_str() {
+            line.push_str(&format!(", last throttle reply: {r}"));
+        }
+        println!("{line}");
     }
 }
 
 pub fn print_queue(v: &Value, json: bool) {
     let quarantined = arr(v, "quarantined");
     if let Some(msgs) = listing(v, "messages", json, "queue is empty") {
-        print_queue_table(&msgs, v["paused"].as_bool().unwrap_or(false));
+        print_queue_table(
+            &msgs,
+            v["paused"].as_bool().unwrap_or(false),
+            &arr(v, "paused_routes"),
+        );
         if v["paused"].as_bool() == Some(true) {
             println!("outbound delivery is PAUSED: nothing is attempted until herald resume");
         }
@@ -290,9 +319,13 @@ pub fn print_queue(v: &Value, json: bool) {
 
 /// While delivery is paused, NEXT says so: a due time in the past would
 /// read as if herald were stuck.
-fn print_queue_table(msgs: &[Value], paused: bool) {
+fn print_queue_table(msgs: &[Value], paused: bool, paused_routes: &[Value]) {
     let mut rows = Vec::new();
     for m in msgs {
+        let held = paused_routes.iter().any(|p| {
+            p.as_str()
+                .is_some_and(|p| m["upstream"].as_str() == Some(p))
+        });
         for r in arr(m, "rcpts") {
             let status = s(&r["status"]);
             if matches!(status.as_str(), "queued" | "deferred") {
@@ -304,6 +337,8 @@ fn print_queue_table(msgs: &[Value], paused: bool) {
                     s(&r["attempts"]),
                     if paused {
                         "paused".to_string()
+                    } else if held {
+                        format!("held: route {} paused", s(&m["upstream"]))
                     } else {
                         relative(r["next_attempt"].as_u64())
                     },

@@ -197,9 +197,73 @@ pub struct Delivery {
     /// `None` when "0s": automatic suppressions never lift.
     pub suppression_expiry: Option<Duration>,
     pub mx_port: u16,
+    /// Sessions at once to one destination site in direct MX delivery.
+    pub mx_max_connections: usize,
+    /// Messages per period to one MX site; None = no limit.
+    pub mx_max_rate: Option<Rate>,
+}
+
+/// A message rate, "10/s", "30/m", "5000/h": a token bucket that holds
+/// `count` tokens and refills `count` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Parses "10/s", "30/m", "5000/h"; "0" is no limit (None).
+pub fn parse_rate(key: &str, s: &str) -> Result<Option<Rate>, ConfigError> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(None);
+    }
+    let problem = || {
+        bad(
+            key,
+            format!(
+                "{s:?} is not a rate: write e.g. \"10/s\", \"30/m\", \"5000/h\" (\"0\" = no limit)"
+            ),
+        )
+    };
+    let (n, unit) = t.split_once('/').ok_or_else(problem)?;
+    let count: u32 = n.trim().parse().map_err(|_| problem())?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(problem()),
+    };
+    if count == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Rate { count, per }))
 }
 
 impl Delivery {
+    /// The first back-off of a destination that asked herald to slow down
+    /// (a `throttle` reply, or a smart host refusing connections): the
+    /// first value of `retry_schedule`. It doubles with every throttle in
+    /// a row, up to [`Delivery::throttle_backoff_max`].
+    pub fn throttle_backoff(&self) -> Duration {
+        self.retry_schedule[0]
+    }
+
+    /// The longest back-off: 30 times the first (1 min -> 30 min).
+    pub fn throttle_backoff_max(&self) -> Duration {
+        self.retry_schedule[0] * 30
+    }
+
     /// Wait before attempt number `attempts + 1`, after `attempts` failures.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let i = (attempts.max(1) as usize - 1).min(self.retry_schedule.len() - 1);
@@ -237,6 +301,12 @@ pub struct Upstream {
     pub password: Option<Secret>,
     pub ca_file: Option<PathBuf>,
     pub tls_verify: bool,
+    /// Sessions at once to this upstream (default: delivery.concurrency).
+    pub max_connections: usize,
+    /// Messages per period; None = no limit.
+    pub max_rate: Option<Rate>,
+    /// Messages per session before herald opens a fresh one; None = no limit.
+    pub max_messages_per_connection: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -389,6 +459,8 @@ mod raw {
         pub suppress_after_bounces: Option<i64>,
         pub suppression_expiry: Option<String>,
         pub mx_port: Option<i64>,
+        pub mx_max_connections: Option<i64>,
+        pub mx_max_rate: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -401,6 +473,9 @@ mod raw {
         pub password_file: Option<String>,
         pub ca_file: Option<String>,
         pub tls_verify: Option<bool>,
+        pub max_connections: Option<i64>,
+        pub max_rate: Option<String>,
+        pub max_messages_per_connection: Option<i64>,
     }
 
     #[derive(Deserialize)]
@@ -757,7 +832,9 @@ impl Config {
             });
         }
 
-        // [upstreams.*]
+        // [upstreams.*] (their session limit defaults to delivery.concurrency)
+        let concurrency =
+            positive("delivery.concurrency", raw.delivery.concurrency, 16, 10_000)? as usize;
         let mut upstreams = BTreeMap::new();
         for (name, u) in raw.upstreams {
             let key = format!("upstreams.{name}");
@@ -817,6 +894,25 @@ impl Config {
                     password,
                     ca_file,
                     tls_verify: u.tls_verify.unwrap_or(true),
+                    max_connections: positive(
+                        &format!("{key}.max_connections"),
+                        u.max_connections,
+                        concurrency as i64,
+                        10_000,
+                    )? as usize,
+                    max_rate: parse_rate(
+                        &format!("{key}.max_rate"),
+                        u.max_rate.as_deref().unwrap_or("0"),
+                    )?,
+                    max_messages_per_connection: match u.max_messages_per_connection {
+                        None => None,
+                        Some(n) => Some(positive(
+                            &format!("{key}.max_messages_per_connection"),
+                            Some(n),
+                            1,
+                            1_000_000,
+                        )? as u32),
+                    },
                 },
             );
         }
@@ -877,7 +973,7 @@ impl Config {
             )?,
             retry_schedule,
             max_age,
-            concurrency: positive("delivery.concurrency", d.concurrency, 16, 10_000)? as usize,
+            concurrency,
             suppress_after_bounces: positive(
                 "delivery.suppress_after_bounces",
                 d.suppress_after_bounces,
@@ -886,6 +982,16 @@ impl Config {
             )? as u32,
             suppression_expiry: (!expiry.is_zero()).then_some(expiry),
             mx_port: positive("delivery.mx_port", d.mx_port, 25, 65535)? as u16,
+            mx_max_connections: positive(
+                "delivery.mx_max_connections",
+                d.mx_max_connections,
+                concurrency as i64,
+                10_000,
+            )? as usize,
+            mx_max_rate: parse_rate(
+                "delivery.mx_max_rate",
+                d.mx_max_rate.as_deref().unwrap_or("0"),
+            )?,
         };
 
         // [[routes]]
@@ -1161,6 +1267,37 @@ mod tests {
         assert_eq!(format_duration(d("1d 2h 3m")), "1 day 2h 3m");
         assert_eq!(format_duration(d("90s")), "1m 30s");
         assert_eq!(format_duration(Duration::ZERO), "0s");
+    }
+
+    #[test]
+    fn limits_parse_and_default_to_concurrency() {
+        let c = parse(&format!(
+            "{MIN}[delivery]\nconcurrency = 8\nmx_max_rate = \"5000/h\"\n[upstreams.p]\nhost = \"h\"\nmax_rate = \"30/m\"\nmax_messages_per_connection = 100\n[upstreams.q]\nhost = \"h\"\nmax_connections = 2\nmax_rate = \"0\"\n"
+        ))
+        .unwrap();
+        let p = &c.upstreams["p"];
+        assert_eq!(p.max_connections, 8);
+        assert_eq!(
+            p.max_rate,
+            Some(Rate {
+                count: 30,
+                per: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(p.max_rate.unwrap().to_string(), "30/m");
+        assert_eq!(p.max_messages_per_connection, Some(100));
+        assert_eq!(c.upstreams["q"].max_connections, 2);
+        assert_eq!(c.upstreams["q"].max_rate, None);
+        assert_eq!(c.delivery.mx_max_connections, 8);
+        assert_eq!(c.delivery.mx_max_rate.unwrap().count, 5000);
+        for bad in ["10", "10/d", "x/s", "-1/s"] {
+            let err = parse(&format!(
+                "{MIN}[upstreams.p]\nhost = \"h\"\nmax_rate = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("upstreams.p.max_rate"), "{bad}: {err}");
+        }
     }
 
     #[test]

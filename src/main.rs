@@ -50,15 +50,25 @@ enum Cmd {
     },
     /// Drop queued mail (event `cancelled`)
     Cancel {
-        #[arg(required_unless_present = "tag", conflicts_with = "tag")]
+        #[arg(required_unless_present_any = ["tag", "route"], conflicts_with_all = ["tag", "route"])]
         id: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "route")]
         tag: Option<String>,
+        /// Everything queued for this upstream
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
     },
-    /// Stop all outbound delivery (accepting goes on); kept across restarts
-    Pause,
-    /// Restart outbound delivery
-    Resume,
+    /// Stop all outbound delivery, or one route's (accepting goes on); kept across restarts
+    Pause {
+        /// Only the mail of this upstream
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+    },
+    /// Restart outbound delivery (or one route's)
+    Resume {
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+    },
     /// Events, oldest first
     History {
         #[arg(long)]
@@ -95,6 +105,17 @@ enum Cmd {
     CheckDns {
         /// Only this From domain (default: every sending domain of the config)
         domain: Option<String>,
+    },
+    /// Test a smart host step by step with the configured settings; exit 0 if all pass
+    Probe {
+        /// The name in [upstreams]
+        upstream: String,
+        /// Also try RCPT TO this address
+        #[arg(long, value_name = "ADDR")]
+        to: Option<String>,
+        /// Send a real test message to --to (else RSET and QUIT)
+        #[arg(long, requires = "to")]
+        send: bool,
     },
     /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
     DkimKeygen {
@@ -152,8 +173,8 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             let v = ask(Request::Retry { id, all })?;
             println!("{} recipient(s) due now", v["retried"]);
         }
-        Cmd::Cancel { id, tag } => {
-            let v = ask(Request::Cancel { id, tag })?;
+        Cmd::Cancel { id, tag, route } => {
+            let v = ask(Request::Cancel { id, tag, route })?;
             let cancelled = v["cancelled"].as_array().cloned().unwrap_or_default();
             for c in &cancelled {
                 println!(
@@ -177,13 +198,25 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                 println!("nothing was cancelled");
             }
         }
-        Cmd::Pause => {
-            ask(Request::Pause)?;
+        Cmd::Pause { route: None } => {
+            ask(Request::Pause { route: None })?;
             println!("outbound delivery paused (mail is still accepted and queued); herald resume restarts it");
         }
-        Cmd::Resume => {
-            ask(Request::Resume)?;
+        Cmd::Resume { route: None } => {
+            ask(Request::Resume { route: None })?;
             println!("outbound delivery resumed");
+        }
+        Cmd::Pause { route: Some(r) } => {
+            ask(Request::Pause {
+                route: Some(r.clone()),
+            })?;
+            println!("route {r} paused: its mail is held (other routes go on); herald resume --route {r} releases it");
+        }
+        Cmd::Resume { route: Some(r) } => {
+            ask(Request::Resume {
+                route: Some(r.clone()),
+            })?;
+            println!("route {r} resumed");
         }
         Cmd::History {
             rcpt,
@@ -264,7 +297,11 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
                 println!("imported {imported} address(es)");
             }
         },
-        Cmd::Serve | Cmd::CheckConfig | Cmd::CheckDns { .. } | Cmd::DkimKeygen { .. } => {
+        Cmd::Serve
+        | Cmd::CheckConfig
+        | Cmd::CheckDns { .. }
+        | Cmd::DkimKeygen { .. }
+        | Cmd::Probe { .. } => {
             unreachable!()
         }
     }
@@ -324,6 +361,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve => serve(&path),
         Cmd::CheckDns { domain } => check_dns(&path, domain.as_deref()),
+        Cmd::Probe { upstream, to, send } => probe(&path, &upstream, to.as_deref(), send),
         other => match run_client(&path, other) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -386,6 +424,21 @@ fn check_dns(path: &std::path::Path, domain: Option<&str>) -> ExitCode {
     match rt.block_on(herald::check_dns::run(&cfg, domain)) {
         Ok(results) if herald::check_dns::print(&results) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("herald: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn probe(path: &std::path::Path, upstream: &str, to: Option<&str>, send: bool) -> ExitCode {
+    let (cfg, rt) = match prepare(path, tokio::runtime::Builder::new_current_thread()) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match rt.block_on(herald::delivery::probe::run(&cfg, upstream, to, send)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("herald: {e}");
             ExitCode::from(1)

@@ -82,6 +82,22 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
             })
             .collect(),
     );
+    let now = crate::queue::now_ms();
+    gauge(
+        "herald_destination_throttled",
+        "1 while a destination backs off after asking herald to slow down.",
+        s.routes
+            .shaper
+            .all(&s.cfg)
+            .iter()
+            .map(|d| {
+                (
+                    format!("{{destination=\"{}\"}}", d.key),
+                    d.throttled_until(now).is_some() as u8 as f64,
+                )
+            })
+            .collect(),
+    );
     gauge(
         "herald_uptime_seconds",
         "Seconds since start.",

@@ -323,8 +323,9 @@ fn upstream_down_defers_then_delivers_when_it_returns() {
         c.send("a@b.test", &["x@dest.test"], &message("later")).0,
         250
     );
+    // One line for the destination, not one per message.
     assert!(
-        wait_until(10, || h.log().contains("deferred")),
+        wait_until(10, || h.log().contains("destination throttled")),
         "{}",
         h.log()
     );

@@ -40,9 +40,19 @@ pub enum Request {
         id: Option<String>,
         #[serde(default)]
         tag: Option<String>,
+        /// Everything queued for this upstream ("mx": direct delivery).
+        #[serde(default)]
+        route: Option<String>,
     },
-    Pause,
-    Resume,
+    /// Without a route: all outbound delivery.
+    Pause {
+        #[serde(default)]
+        route: Option<String>,
+    },
+    Resume {
+        #[serde(default)]
+        route: Option<String>,
+    },
     History {
         #[serde(default)]
         rcpt: Option<String>,

@@ -57,9 +57,16 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
         Request::Queue => queue(s),
         Request::Show { id } => show(s, &id),
         Request::Retry { id, all } => retry(s, id.as_deref(), all),
-        Request::Cancel { id, tag } => cancel(s, id.as_deref(), tag.as_deref()).await,
-        Request::Pause => set_paused(s, true).await,
-        Request::Resume => set_paused(s, false).await,
+        Request::Cancel {
+            route: Some(route),
+            id: None,
+            tag: None,
+        } => cancel_route(s, &route).await,
+        Request::Cancel { id, tag, route: _ } => cancel(s, id.as_deref(), tag.as_deref()).await,
+        Request::Pause { route: None } => set_paused(s, true).await,
+        Request::Resume { route: None } => set_paused(s, false).await,
+        Request::Pause { route: Some(r) } => set_route_paused(s, &r, true).await,
+        Request::Resume { route: Some(r) } => set_route_paused(s, &r, false).await,
         Request::History {
             rcpt,
             id,
@@ -234,6 +241,14 @@ fn status(s: &Services) -> Answer {
         "storage": storage,
         "uptime_s": s.started.elapsed().as_secs(),
         "routes": route_health(s),
+        "paused_routes": s.routes.shaper.paused(),
+        "destinations": s
+            .routes
+            .shaper
+            .all(&s.cfg)
+            .iter()
+            .map(|d| d.report())
+            .collect::<Vec<_>>(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }
@@ -245,6 +260,7 @@ fn queue(s: &Services) -> Answer {
         "messages": all,
         "quarantined": quarantined,
         "paused": s.paused.load(Ordering::Relaxed),
+        "paused_routes": s.routes.shaper.paused(),
     }))
 }
 
@@ -304,11 +320,14 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
                 }
             })
             .map_err(|e| e.to_string())?;
-        if env.is_some() {
+        if let Some(env) = env {
             found = true;
+            // Tried now even if its destination is backing off.
+            s.routes.shaper.clear_backoff(&env.upstream);
             s.scheduler.schedule(id, now);
         }
     }
+    s.scheduler.wake();
     if !all && !found {
         return Err(format!("{} is not in the queue", ids[0]));
     }
@@ -419,6 +438,86 @@ async fn set_paused(s: &Services, paused: bool) -> Answer {
     Ok(json!({ "paused": paused }))
 }
 
+fn known_route(s: &Services, route: &str) -> Result<(), String> {
+    if route == "mx" || s.cfg.upstreams.contains_key(route) {
+        return Ok(());
+    }
+    let known: Vec<&str> = s.cfg.upstreams.keys().map(String::as_str).collect();
+    Err(format!(
+        "no route {route:?}: give the name of an upstream ({}) or \"mx\"",
+        known.join(", ")
+    ))
+}
+
+/// Holds or releases one upstream's mail; kept across restarts.
+async fn set_route_paused(s: &Services, route: &str, paused: bool) -> Answer {
+    known_route(s, route)?;
+    let list = s.routes.shaper.set_paused(route, paused);
+    let saved = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
+    s.store
+        .meta_set(
+            crate::delivery::shaping::META_PAUSED_ROUTES,
+            (!list.is_empty()).then_some(saved.as_slice()),
+        )
+        .map_err(|e| e.to_string())?;
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.scheduler.wake();
+    tracing::warn!(
+        route,
+        "route {}",
+        if paused {
+            "paused: its mail is held"
+        } else {
+            "resumed"
+        }
+    );
+    Ok(json!({ "route": route, "paused": paused, "paused_routes": list }))
+}
+
+/// Drops everything queued for one upstream.
+async fn cancel_route(s: &Services, route: &str) -> Answer {
+    known_route(s, route)?;
+    let mut cancelled = Vec::new();
+    for t in s.store.all().map_err(|e| e.to_string())? {
+        if t.upstream != route {
+            continue;
+        }
+        let mut newly = Vec::new();
+        s.store
+            .update(&t.id, |env| {
+                for r in env.rcpts.iter_mut() {
+                    if !r.status.is_final() {
+                        r.status = RcptStatus::Cancelled;
+                        r.updated = now_ms();
+                        r.last_reply = Some(format!("cancelled by operator (route {route})"));
+                        newly.push(r.addr.clone());
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        for rcpt in newly {
+            s.history
+                .record(
+                    EventKind::Cancelled,
+                    &t.id,
+                    &rcpt,
+                    &format!("cancelled by operator before delivery (route {route})"),
+                    t.tag.as_deref(),
+                    t.subject.as_deref(),
+                )
+                .map_err(|e| e.to_string())?;
+            cancelled.push(json!({"id": t.id, "rcpt": rcpt}));
+        }
+    }
+    s.store.commit().await.map_err(|e| e.to_string())?;
+    tracing::info!(
+        route,
+        recipients = cancelled.len(),
+        "route's queued mail cancelled by operator"
+    );
+    Ok(json!({ "cancelled": cancelled, "already_final": [] }))
+}
+
 fn history(
     s: &Services,
     rcpt: Option<&str>,
@@ -460,6 +559,17 @@ fn ago(ms: u64) -> String {
             "in {}",
             crate::config::format_duration(Duration::from_secs((ms - now) / 1000))
         )
+    }
+}
+
+/// "; held: route NAME paused ..." when the message's route is paused.
+fn held_note(s: &Services, id: &str) -> String {
+    match s.store.envelope(id) {
+        Ok(Some(env)) if s.routes.shaper.is_paused(&env.upstream) => format!(
+            "; held: route {0} paused (herald resume --route {0})",
+            env.upstream
+        ),
+        _ => String::new(),
     }
 }
 
@@ -514,6 +624,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
                         .map(|r| r.next_attempt)
                 });
             let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
+            d.push_str(&held_note(s, latest_id));
             if let Some(c @ (Class::Route | Class::Throttle | Class::Soft)) = last.class {
                 d.push_str(&format!("; {}", c.advice()));
             }
@@ -586,9 +697,9 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
                 .flatten()
                 .and_then(|env| env.next_due());
             let paused = if s.paused.load(Ordering::Relaxed) {
-                " (delivery is PAUSED: herald resume)"
+                " (delivery is PAUSED: herald resume)".to_string()
             } else {
-                ""
+                held_note(s, latest_id)
             };
             match next {
                 Some(n) if n > now_ms() => format!(

@@ -23,6 +23,10 @@ pub struct Conn {
     pub client: Client,
     /// The server advertised SIZE: we may send `SIZE=` with MAIL FROM.
     pub size: bool,
+    /// The server advertised PIPELINING: MAIL and the RCPTs go in one write.
+    pub pipelining: bool,
+    /// Transactions run on this session.
+    pub sent: u32,
     /// The server advertised SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
     /// The server advertised 8BITMIME.
@@ -74,6 +78,8 @@ pub struct ConnError {
     pub class: Class,
     /// The reply code, or 0 for network and TLS failures.
     pub code: u16,
+    /// No session at all: the connection was refused or timed out.
+    pub unreachable: bool,
 }
 
 impl ConnError {
@@ -83,6 +89,15 @@ impl ConnError {
             text: text.into(),
             class: Class::Transient,
             code: 0,
+            unreachable: false,
+        }
+    }
+
+    /// The server could not be reached (refused, timed out).
+    pub fn unreachable(text: impl Into<String>) -> ConnError {
+        ConnError {
+            unreachable: true,
+            ..ConnError::temporary(text)
         }
     }
 
@@ -93,6 +108,7 @@ impl ConnError {
             text: text.into(),
             class: Class::Route,
             code: 0,
+            unreachable: false,
         }
     }
 
@@ -154,6 +170,7 @@ fn classify_reply(target: &Target, r: &Response<String>, what: &str, stage: Stag
         text: format!("{}: {what}: {}", target.host, reply_text(r)),
         class: class_of(r, stage, target.smart_host),
         code: r.code,
+        unreachable: false,
     }
 }
 
@@ -207,8 +224,8 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
     };
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(ConnError::temporary(format!("{addr}: connect: {e}"))),
-        Err(_) => return Err(ConnError::temporary(format!("{addr}: connect timed out"))),
+        Ok(Err(e)) => return Err(ConnError::unreachable(format!("{addr}: connect: {e}"))),
+        Err(_) => return Err(ConnError::unreachable(format!("{addr}: connect timed out"))),
     };
     let _ = tcp.set_nodelay(true);
     let stream = if target.security == Security::Tls {
@@ -295,6 +312,8 @@ async fn connect_once(target: &Target) -> Result<Conn, ConnError> {
         size: caps.has_capability(smtp_proto::EXT_SIZE),
         smtputf8: caps.has_capability(smtp_proto::EXT_SMTP_UTF8),
         eightbitmime: caps.has_capability(smtp_proto::EXT_8BIT_MIME),
+        pipelining: caps.has_capability(smtp_proto::EXT_PIPELINING),
+        sent: 0,
         client,
     })
 }
@@ -397,6 +416,53 @@ fn judge_all(v: Verdict, n: usize, reusable: bool) -> Outcome {
     }
 }
 
+/// Writes pipelined commands at once and reads up to `n` replies, in
+/// order. Replies read before a failure are kept: a server that answers
+/// `421` and closes has still said why.
+async fn pipeline(
+    client: &mut Client,
+    cmds: &[u8],
+    n: usize,
+) -> (Vec<Response<String>>, Option<mail_send::Error>) {
+    use smtp_proto::response::parser::ResponseReceiver;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut replies = Vec::with_capacity(n);
+    let res = tokio::time::timeout(COMMAND_TIMEOUT, async {
+        client.stream.write_all(cmds).await?;
+        client.stream.flush().await?;
+        let mut buf = vec![0u8; 4096];
+        let mut parser = ResponseReceiver::default();
+        while replies.len() < n {
+            let got = client.stream.read(&mut buf).await?;
+            if got == 0 {
+                return Err(mail_send::Error::UnparseableReply);
+            }
+            let mut it = buf[..got].iter();
+            loop {
+                match parser.parse(&mut it) {
+                    Ok(r) => {
+                        replies.push(r);
+                        parser.reset();
+                        if replies.len() == n {
+                            break;
+                        }
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                    Err(_) => return Err(mail_send::Error::UnparseableReply),
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let failure = match res {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(mail_send::Error::Timeout),
+    };
+    (replies, failure)
+}
+
 async fn rset_ok(client: &mut Client) -> bool {
     matches!(client.cmd(b"RSET\r\n").await, Ok(r) if r.code == 250)
 }
@@ -429,36 +495,78 @@ pub async fn transact(
     if utf8 && conn.smtputf8 {
         size.push_str(" SMTPUTF8");
     }
-    let r = match client
-        .cmd(format!("MAIL FROM:<{mail_from}>{size}\r\n").as_bytes())
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return broken(e),
+    let mail = format!("MAIL FROM:<{mail_from}>{size}\r\n");
+    // With PIPELINING (RFC 2920) MAIL and every RCPT go in one write and
+    // the replies are read in order; else one command at a time.
+    let (replies, failure) = if conn.pipelining {
+        let mut cmds = mail.into_bytes();
+        for rcpt in rcpts {
+            cmds.extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+        }
+        pipeline(client, &cmds, rcpts.len() + 1).await
+    } else {
+        let mut replies = Vec::new();
+        let mut failure = None;
+        match client.cmd(mail.as_bytes()).await {
+            Ok(r) => {
+                let go = r.code < 300;
+                replies.push(r);
+                if go {
+                    for rcpt in rcpts {
+                        match client.cmd(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).await {
+                            Ok(r) => replies.push(r),
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => failure = Some(e),
+        }
+        (replies, failure)
+    };
+    let Some(r) = replies.first() else {
+        return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
     };
     if r.code >= 300 {
-        let v = verdict_for(&r, host, "MAIL FROM", Stage::Mail, smart_host);
-        let reusable = rset_ok(client).await;
+        let v = verdict_for(r, host, "MAIL FROM", Stage::Mail, smart_host);
+        let reusable = failure.is_none() && rset_ok(client).await;
         return judge_all(v, rcpts.len(), reusable);
     }
+    // A server that says 421 closes the session: the recipients it did not
+    // answer get that reply too.
+    let closing = replies.last().filter(|r| r.code == 421).cloned();
+    if replies.len() < rcpts.len() + 1 && closing.is_none() {
+        return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
+    }
     let mut verdicts = Vec::with_capacity(rcpts.len());
-    for rcpt in rcpts {
-        let r = match client.cmd(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).await {
-            Ok(r) => r,
-            Err(e) => return broken(e),
-        };
-        let v = verdict_for(&r, host, "", Stage::Rcpt, smart_host);
+    for i in 0..rcpts.len() {
+        let r = replies.get(i + 1).or(closing.as_ref()).expect("a reply");
+        let v = verdict_for(r, host, "", Stage::Rcpt, smart_host);
         // A refusal of the sender or the login, reported at RCPT (Postfix
         // does): at a smart host it stops the whole transaction.
         if smart_host && v.class() == Some(Class::Route) {
             let _ = rset_ok(client).await;
-            return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(&r)));
+            return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(r)));
         }
         verdicts.push(match v {
             // Accepted at RCPT: the verdict comes after DATA.
             Verdict::Delivered(_) => None,
             v => Some(v),
         });
+    }
+    if let Some(closing) = &closing {
+        // The session is over; nobody is sent DATA on it.
+        let v = verdict_for(closing, host, "", Stage::Rcpt, smart_host);
+        return Outcome::Judged {
+            verdicts: verdicts
+                .into_iter()
+                .map(|x| x.unwrap_or_else(|| v.clone()))
+                .collect(),
+            reusable: false,
+        };
     }
     if verdicts.iter().all(Option::is_some) {
         let reusable = rset_ok(client).await;

@@ -8,8 +8,10 @@
 //! and an event. A message whose recipients are all final leaves the queue.
 
 pub mod client;
+pub mod probe;
+pub mod shaping;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,8 +33,9 @@ const POOL_MAX: usize = 32;
 pub enum SchedMsg {
     /// (Re)schedule a message at this time (ms).
     Due(String, u64),
-    /// An attempt finished (the message may have been rescheduled first).
-    Done(String),
+    /// An attempt finished (the message may have been rescheduled first);
+    /// its route, whose slot is free again.
+    Done(String, String),
     /// Something changed (resume): look at the due list again.
     Wake,
 }
@@ -57,8 +60,10 @@ impl Scheduler {
         let _ = self.tx.send(SchedMsg::Wake);
     }
 
-    fn done(&self, id: &str) {
-        let _ = self.tx.send(SchedMsg::Done(id.to_string()));
+    fn done(&self, id: &str, route: &str) {
+        let _ = self
+            .tx
+            .send(SchedMsg::Done(id.to_string(), route.to_string()));
     }
 }
 
@@ -117,6 +122,8 @@ pub struct RouteHealth {
 pub struct Routes {
     pool: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
     pub health: Mutex<HashMap<String, RouteHealth>>,
+    /// Limits, back-off and paused routes per destination.
+    pub shaper: shaping::Shaper,
 }
 
 impl Routes {
@@ -238,11 +245,75 @@ impl DueList {
     }
 }
 
+/// Messages held back per route: the route is paused, its destination
+/// backs off, has no token yet, or has every slot in use. Held messages
+/// are not attempts: nothing is recorded for them.
+#[derive(Default)]
+struct Held {
+    /// Per route, in arrival order, and when to look at them again.
+    routes: HashMap<String, (VecDeque<String>, u64)>,
+}
+
+impl Held {
+    fn hold(&mut self, route: &str, id: String, wake: u64) {
+        let e = self
+            .routes
+            .entry(route.to_string())
+            .or_insert_with(|| (VecDeque::new(), wake));
+        e.0.push_back(id);
+        e.1 = wake;
+    }
+
+    fn wake(&mut self, route: &str, at: u64) {
+        if let Some(e) = self.routes.get_mut(route) {
+            e.1 = e.1.min(at);
+        }
+    }
+
+    fn wake_all(&mut self, at: u64) {
+        for e in self.routes.values_mut() {
+            e.1 = e.1.min(at);
+        }
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.routes
+            .values()
+            .filter(|(q, _)| !q.is_empty())
+            .map(|(_, t)| *t)
+            .min()
+    }
+}
+
+/// Whether a message on `route` may start now, and with what pass.
+enum Start {
+    Go(Option<shaping::Pass>),
+    Hold(u64),
+}
+
+fn gate(s: &Services, route: &str) -> Start {
+    if s.routes.shaper.is_paused(route) {
+        return Start::Hold(u64::MAX);
+    }
+    // Direct MX delivery: the site is known only after the MX lookup; the
+    // attempt waits for its slot there.
+    if route == "mx" {
+        return Start::Go(None);
+    }
+    match s.routes.shaper.upstream(&s.cfg, route).try_pass() {
+        shaping::Gate::Go(p) => Start::Go(Some(p)),
+        shaping::Gate::Wait(t) => Start::Hold(t),
+        shaping::Gate::Full => Start::Hold(u64::MAX),
+    }
+}
+
 pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedMsg>) {
     let mut due = DueList::default();
+    let mut held = Held::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let sem = Arc::new(Semaphore::new(services.cfg.delivery.concurrency));
     let mut shutdown = services.shutdown.clone();
+    services.routes.shaper.load_paused(&services.store);
 
     match services.store.all() {
         Ok(all) => {
@@ -263,7 +334,11 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         // delivery is held (and looked at again every second).
         let failed = services.store.health.is_failed();
         let paused = services.paused.load(Ordering::Relaxed) || failed;
-        let next = due.first().filter(|_| !paused);
+        let next = [due.first(), held.first()]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|&t| !paused && t != u64::MAX);
         let sleep = match next {
             Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
             None if failed => Duration::from_secs(1),
@@ -272,53 +347,74 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(SchedMsg::Due(id, t)) => due.schedule(&id, t),
-                Some(SchedMsg::Done(id)) => { inflight.remove(&id); }
-                Some(SchedMsg::Wake) => {}
+                Some(SchedMsg::Done(id, route)) => {
+                    inflight.remove(&id);
+                    // A slot is free: what waited for one may go.
+                    held.wake(&route, now_ms());
+                }
+                Some(SchedMsg::Wake) => held.wake_all(now_ms()),
                 None => break,
             },
             _ = tokio::time::sleep(sleep), if next.is_some() || failed => {
                 let now = now_ms();
-                loop {
-                    if services.paused.load(Ordering::Relaxed) || services.store.health.is_failed() {
-                        break;
+                let stopped = || services.paused.load(Ordering::Relaxed) || services.store.health.is_failed();
+                // Held messages whose time has come first (they waited
+                // longest), one by one until their route holds again.
+                let woken: Vec<String> = held
+                    .routes
+                    .iter()
+                    .filter(|(_, (q, wake))| *wake <= now && !q.is_empty())
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for route in woken {
+                    while !stopped() {
+                        let Some(id) = held.routes.get_mut(&route).and_then(|e| e.0.pop_front()) else { break };
+                        if inflight.contains(&id) {
+                            due.schedule(&id, now + 1000);
+                            continue;
+                        }
+                        match gate(&services, &route) {
+                            Start::Go(pass) => {
+                                if !start(&services, &sem, &mut inflight, id, route.clone(), pass).await {
+                                    break 'run;
+                                }
+                            }
+                            Start::Hold(t) => {
+                                let e = held.routes.get_mut(&route).expect("held route");
+                                e.0.push_front(id);
+                                e.1 = t;
+                                break;
+                            }
+                        }
                     }
+                }
+                while !stopped() {
                     let Some(id) = due.pop_due(now) else { break };
                     if inflight.contains(&id) {
                         // An attempt is running; look again shortly.
                         due.schedule(&id, now + 1000);
                         continue;
                     }
-                    let mut stop = services.shutdown.clone();
-                    let permit = tokio::select! {
-                        p = sem.clone().acquire_owned() => p.expect("semaphore closed"),
-                        _ = stop.wait() => break 'run,
+                    let route = match services.store.envelope(&id) {
+                        Ok(Some(env)) => env.upstream,
+                        Ok(None) => continue, // finished or cancelled meanwhile
+                        Err(_) => "mx".to_string(),
                     };
-                    inflight.insert(id.clone());
-                    let s = services.clone();
-                    tokio::spawn(async move {
-                        // Run the attempt as its own task so that a panic in
-                        // it cannot leave the message marked in flight.
-                        let (s2, id2) = (s.clone(), id.clone());
-                        if let Err(e) = tokio::spawn(async move { attempt(&s2, &id2).await }).await {
-                            tracing::error!(%id, error = %e, "delivery attempt failed unexpectedly; next try in 5 minutes");
-                            // Not at once again: that would spin on the same fault.
-                            let later = now_ms() + 300_000;
-                            let _ = s.store.update(&id, |env| {
-                                for r in env.rcpts.iter_mut().filter(|r| !r.status.is_final()) {
-                                    r.next_attempt = r.next_attempt.max(later);
-                                }
-                            });
+                    // Others already wait for this route: keep their order.
+                    if let Some((q, wake)) = held.routes.get_mut(&route) {
+                        if !q.is_empty() && *wake > now {
+                            q.push_back(id);
+                            continue;
                         }
-                        s.scheduler.done(&id);
-                        if s.unsaved.contains(&id) {
-                            s.scheduler.schedule(&id, now_ms() + UNSAVED_RETRY_MS);
-                        } else if let Ok(Some(env)) = s.store.envelope(&id) {
-                            if let Some(t) = env.next_due() {
-                                s.scheduler.schedule(&id, t);
+                    }
+                    match gate(&services, &route) {
+                        Start::Go(pass) => {
+                            if !start(&services, &sem, &mut inflight, id, route, pass).await {
+                                break 'run;
                             }
                         }
-                        drop(permit);
-                    });
+                        Start::Hold(t) => held.hold(&route, id, t),
+                    }
                 }
             }
             _ = shutdown.wait() => break,
@@ -333,6 +429,49 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     {
         tracing::warn!("deliveries still in flight at shutdown; they will be retried");
     }
+}
+
+/// Starts one attempt once a delivery slot is free; false at shutdown.
+async fn start(
+    services: &Arc<Services>,
+    sem: &Arc<Semaphore>,
+    inflight: &mut HashSet<String>,
+    id: String,
+    route: String,
+    pass: Option<shaping::Pass>,
+) -> bool {
+    let mut stop = services.shutdown.clone();
+    let permit = tokio::select! {
+        p = sem.clone().acquire_owned() => p.expect("semaphore closed"),
+        _ = stop.wait() => return false,
+    };
+    inflight.insert(id.clone());
+    let s = services.clone();
+    tokio::spawn(async move {
+        // Run the attempt as its own task so that a panic in it cannot
+        // leave the message marked in flight.
+        let (s2, id2) = (s.clone(), id.clone());
+        if let Err(e) = tokio::spawn(async move { attempt(&s2, &id2, pass).await }).await {
+            tracing::error!(%id, error = %e, "delivery attempt failed unexpectedly; next try in 5 minutes");
+            // Not at once again: that would spin on the same fault.
+            let later = now_ms() + 300_000;
+            let _ = s.store.update(&id, |env| {
+                for r in env.rcpts.iter_mut().filter(|r| !r.status.is_final()) {
+                    r.next_attempt = r.next_attempt.max(later);
+                }
+            });
+        }
+        s.scheduler.done(&id, &route);
+        if s.unsaved.contains(&id) {
+            s.scheduler.schedule(&id, now_ms() + UNSAVED_RETRY_MS);
+        } else if let Ok(Some(env)) = s.store.envelope(&id) {
+            if let Some(t) = env.next_due() {
+                s.scheduler.schedule(&id, t);
+            }
+        }
+        drop(permit);
+    });
+    true
 }
 
 /// Builds the connection target for a named upstream.
@@ -530,7 +669,8 @@ fn is_stale(now: u64, expires: u64, next: u64) -> bool {
 type Targets = Result<Vec<Target>, Verdict>;
 
 /// One delivery attempt for the due recipients of one message.
-pub async fn attempt(s: &Services, id: &str) {
+pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
+    let mut pass = pass;
     // An earlier outcome is not on disk yet: write it first, or wait.
     if let Some((env, before)) = s.unsaved.take(id) {
         save(s, &env, &before);
@@ -656,11 +796,109 @@ pub async fn attempt(s: &Services, id: &str) {
                 continue;
             }
         };
-        deliver_group(s, &mut env, &body, &route, &targets, &idx).await;
+        // The destination's slot: taken by the scheduler for an upstream;
+        // for an MX site (known only now) waited for here.
+        let pass = match pass.take() {
+            Some(p) => p,
+            None => {
+                let dest = if route == "mx" {
+                    let hosts: Vec<&str> = targets.iter().map(|t| t.host.as_str()).collect();
+                    s.routes.shaper.mx_site(&s.cfg, &hosts)
+                } else {
+                    s.routes.shaper.upstream(&s.cfg, &route)
+                };
+                if let Some(until) = dest.throttled_until(now_ms()) {
+                    let why = dest.report()["last_reply"]
+                        .as_str()
+                        .unwrap_or("throttled")
+                        .to_string();
+                    for &i in &idx {
+                        apply_throttled(s, &mut env, i, &why, Class::Throttle, until);
+                    }
+                    save(s, &env, &before);
+                    continue;
+                }
+                dest.pass().await
+            }
+        };
+        deliver_group(s, &mut env, &body, &route, &targets, &idx, &pass.dest).await;
+        drop(pass);
         // Saved after each destination: a crash later in this attempt must
         // not resend groups already delivered.
         save(s, &env, &before);
     }
+}
+
+/// A recipient held back because its destination asked herald to slow
+/// down: deferred until the back-off ends, its retry counter not spent.
+fn apply_throttled(
+    s: &Services,
+    env: &mut Envelope,
+    idx: usize,
+    reply: &str,
+    class: Class,
+    until: u64,
+) {
+    let now = now_ms();
+    let expires = env.received_at + s.cfg.delivery.max_age.as_millis() as u64;
+    let r = &mut env.rcpts[idx];
+    r.updated = now;
+    r.class = Some(class);
+    let (kind, text) = if now >= expires {
+        r.status = RcptStatus::Expired;
+        (
+            EventKind::Expired,
+            format!(
+                "gave up after {} (delivery.max_age); last reply: {reply}",
+                crate::config::format_duration(s.cfg.delivery.max_age)
+            ),
+        )
+    } else {
+        r.status = RcptStatus::Deferred;
+        r.next_attempt = until.min(expires);
+        (
+            EventKind::Deferred,
+            format!(
+                "destination throttled: {reply}; next try in {}",
+                crate::config::format_duration(Duration::from_secs(
+                    r.next_attempt.saturating_sub(now).div_ceil(1000)
+                ))
+            ),
+        )
+    };
+    r.last_reply = Some(text.clone());
+    // One log line per destination (when it starts backing off), not one
+    // per message; an expiry is final and logged as such.
+    if kind == EventKind::Expired {
+        tracing::warn!(id = %env.id, rcpt = %r.addr, class = class.as_str(), reply = %text, "expired");
+    } else {
+        tracing::debug!(id = %env.id, rcpt = %r.addr, reply = %text, "deferred");
+    }
+    let addr = r.addr.clone();
+    record(s, env, kind, Some(class), &addr, &text);
+}
+
+/// The destination backs off; returns when its back-off ends.
+fn throttle(s: &Services, dest: &shaping::Dest, reply: &str) -> u64 {
+    let cfg = &s.cfg.delivery;
+    let (until, new) = dest.throttle(reply, cfg.throttle_backoff(), cfg.throttle_backoff_max());
+    if new {
+        tracing::warn!(
+            destination = %dest.key,
+            reply,
+            backoff = %crate::config::format_duration(Duration::from_secs(
+                until.saturating_sub(now_ms()).div_ceil(1000)
+            )),
+            "destination throttled: no new sessions to it until the back-off ends"
+        );
+    }
+    until
+}
+
+/// Closes a session politely (QUIT, and its reply) so that the server has
+/// counted it gone before the slot is used again.
+async fn quit(mut conn: Conn) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.client.cmd(b"QUIT\r\n")).await;
 }
 
 /// Tries the targets in order until one judges the recipients.
@@ -671,12 +909,19 @@ async fn deliver_group(
     route: &str,
     targets: &[Target],
     idx: &[usize],
+    dest: &shaping::Dest,
 ) {
     let mut idx = idx.to_vec();
     let mut last_err = ConnError::temporary("no host to try");
     let smart = env.upstream != "mx";
+    let max_per_conn = s
+        .cfg
+        .upstreams
+        .get(route)
+        .filter(|_| smart)
+        .and_then(|u| u.max_messages_per_connection);
     for target in targets {
-        let pool_key = format!("{route}/{}:{}", target.host, target.port);
+        let pool_key = format!("{}|{route}/{}:{}", dest.key, target.host, target.port);
         // A pooled connection that turns out dead is replaced by a fresh
         // one at once: that is not the recipients' deferral.
         let mut fresh_only = false;
@@ -763,11 +1008,28 @@ async fn deliver_group(
             {
                 Outcome::Judged { verdicts, reusable } => {
                     s.routes.mark_healthy(route);
-                    for (&i, v) in idx.iter().zip(verdicts.iter()) {
-                        apply(s, env, i, v, &target.host);
+                    if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success()
+                    {
+                        tracing::info!(destination = %dest.key, "destination accepts mail again");
                     }
-                    if reusable {
+                    let throttled = verdicts.iter().find_map(|v| match v {
+                        Verdict::Deferred(t, Class::Throttle) => Some(t.clone()),
+                        _ => None,
+                    });
+                    let until = throttled.map(|t| throttle(s, dest, &t));
+                    for (&i, v) in idx.iter().zip(verdicts.iter()) {
+                        match (v, until) {
+                            (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => {
+                                apply_throttled(s, env, i, t, *c, until)
+                            }
+                            _ => apply(s, env, i, v, &target.host),
+                        }
+                    }
+                    conn.sent += 1;
+                    if reusable && max_per_conn.is_none_or(|m| conn.sent < m) {
                         s.routes.put(&pool_key, conn);
+                    } else if reusable {
+                        quit(conn).await;
                     }
                     return;
                 }
@@ -789,6 +1051,15 @@ async fn deliver_group(
                 }
             }
         }
+    }
+    // A destination that asks to slow down, or a smart host that does not
+    // take connections, backs off as a whole.
+    if last_err.class == Class::Throttle || (smart && last_err.unreachable) {
+        let until = throttle(s, dest, last_err.text());
+        for &i in &idx {
+            apply_throttled(s, env, i, last_err.text(), last_err.class, until);
+        }
+        return;
     }
     let v = last_err.verdict();
     for &i in &idx {

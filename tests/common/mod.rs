@@ -54,6 +54,15 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
+        Self::make(dir, false)
+    }
+
+    /// The same, with a leaf certificate that expired in 2020.
+    pub fn expired(dir: &Path) -> Pki {
+        Self::make(dir, true)
+    }
+
+    fn make(dir: &Path, expired: bool) -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -62,8 +71,12 @@ impl Pki {
             .push(DnType::CommonName, "herald test CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_params =
+        let mut leaf_params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        if expired {
+            leaf_params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            leaf_params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
         let leaf_key = KeyPair::generate().unwrap();
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         let p = Pki {
@@ -128,6 +141,8 @@ pub struct Received {
     pub data: Vec<u8>,
     pub tls: bool,
     pub auth: Option<String>,
+    /// When the end of DATA was read.
+    pub at: Instant,
 }
 
 impl Received {
@@ -159,6 +174,17 @@ pub struct Script {
     pub close_after_rset: bool,
     /// Offer SMTPUTF8 (RFC 6531) in the EHLO reply.
     pub smtputf8: bool,
+    /// Sessions allowed at once; beyond, the greeting is
+    /// "421 4.7.0 too many sessions" and the connection closes.
+    pub max_sessions: Option<usize>,
+    /// (N, reply): more than N transactions in one second get `reply` to
+    /// MAIL FROM and the connection closes (a rate-limited provider).
+    pub rate_limit: Option<(usize, String)>,
+    /// Offer PIPELINING.
+    pub pipelining: bool,
+    /// MAIL FROM before STARTTLS gets "530 5.7.0 Must issue a STARTTLS
+    /// command first".
+    pub require_tls: bool,
 }
 
 /// In `data_replies`: read the message, then close without a reply.
@@ -173,6 +199,36 @@ pub struct SinkState {
     pub data_attempts: usize,
     pub connections: usize,
     pub auth_failures: usize,
+    /// Sessions open now, and the most ever open at once (a session counts
+    /// until QUIT is read or the connection closes).
+    pub open_sessions: usize,
+    pub peak_sessions: usize,
+    pub sessions_refused: usize,
+    /// MAIL FROM commands answered with the rate-limit reply.
+    pub rate_limited: usize,
+    /// Start times of the transactions accepted at MAIL FROM.
+    pub mail_times: VecDeque<Instant>,
+    /// MAIL FROM lines that arrived with more commands behind them in the
+    /// same read (the client pipelines).
+    pub pipelined: usize,
+}
+
+/// Counts a sink session open until it is closed (QUIT or end).
+struct Open(Arc<Mutex<SinkState>>, bool);
+
+impl Open {
+    fn close(&mut self) {
+        if !self.1 {
+            self.1 = true;
+            self.0.lock().unwrap().open_sessions -= 1;
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 pub struct Sink {
@@ -255,7 +311,26 @@ impl Drop for Sink {
 fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
-    st.lock().unwrap().connections += 1;
+    let mut open = {
+        let mut s = st.lock().unwrap();
+        s.connections += 1;
+        s.open_sessions += 1;
+        s.peak_sessions = s.peak_sessions.max(s.open_sessions);
+        Open(st.clone(), false)
+    };
+    let refuse = {
+        let s = st.lock().unwrap();
+        s.script.max_sessions.is_some_and(|m| s.open_sessions > m)
+    };
+    if refuse {
+        // Not one of the allowed sessions: it does not count as open.
+        open.close();
+        st.lock().unwrap().sessions_refused += 1;
+        let mut t = tcp;
+        t.write_all(b"421 4.7.0 too many sessions\r\n")?;
+        return Ok(());
+    }
+    let pipelining = st.lock().unwrap().script.pipelining;
     let (implicit, starttls, auth, smtputf8) = {
         let s = st.lock().unwrap();
         (
@@ -312,6 +387,9 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
             }
             if smtputf8 {
                 caps.push("SMTPUTF8".into());
+            }
+            if pipelining {
+                caps.push("PIPELINING".into());
             }
             let n = caps.len();
             let mut out = String::new();
@@ -374,9 +452,42 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 say!("535 5.7.8 bad credentials\r\n");
             }
         } else if up.starts_with("MAIL FROM:") {
+            if !rd.buffer().is_empty() {
+                st.lock().unwrap().pipelined += 1;
+            }
+            if !tls && st.lock().unwrap().script.require_tls {
+                say!("530 5.7.0 Must issue a STARTTLS command first\r\n");
+                continue;
+            }
             if auth.is_some() && authed.is_none() {
                 say!("530 5.7.0 auth required\r\n");
                 continue;
+            }
+            let limited = {
+                let mut s = st.lock().unwrap();
+                let now = Instant::now();
+                while s
+                    .mail_times
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    s.mail_times.pop_front();
+                }
+                match s.script.rate_limit.clone() {
+                    Some((n, reply)) if s.mail_times.len() >= n => {
+                        s.rate_limited += 1;
+                        Some(reply)
+                    }
+                    _ => {
+                        s.mail_times.push_back(now);
+                        None
+                    }
+                }
+            };
+            if let Some(reply) = limited {
+                open.close();
+                say!("{reply}\r\n");
+                return Ok(());
             }
             let r = st.lock().unwrap().script.mail_replies.pop_front();
             let r = r.unwrap_or_else(|| "250 2.1.0 ok".into());
@@ -449,6 +560,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                     data,
                     tls,
                     auth: authed.clone(),
+                    at: Instant::now(),
                 });
             }
             say!("{r}\r\n");
@@ -459,6 +571,7 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 return Ok(());
             }
         } else if up == "QUIT" {
+            open.close();
             say!("221 bye\r\n");
             return Ok(());
         } else if up == "NOOP" {

@@ -1,0 +1,577 @@
+//! `herald probe UPSTREAM [--to ADDR] [--send]`: a step-by-step test of a
+//! smart host with the configured settings, before mail depends on it.
+//!
+//! Each step (connect, TLS, greeting, EHLO, STARTTLS, AUTH, MAIL FROM with
+//! every sender herald would use on this upstream, RCPT TO, DATA) prints
+//! the server's reply and, when it fails, a hint for the usual causes. The
+//! probe stops at the first failure; the exit code is 0 only if every step
+//! passed. It runs on its own, without the daemon.
+
+use std::time::{Duration, Instant};
+
+use mail_send::SmtpClient;
+use smtp_proto::{Response, EXT_START_TLS};
+use tokio::io::BufWriter;
+use tokio::net::TcpStream;
+
+use super::client::{reply_text, Client};
+use crate::config::{Config, Security, Upstream};
+use crate::tls::Stream;
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the probe printed, step by step.
+struct Report {
+    ok: bool,
+}
+
+impl Report {
+    fn pass(&self, step: &str, text: &str) {
+        println!("  ok    {step:<10} {text}");
+    }
+
+    fn fail(&mut self, step: &str, text: &str, hint: &str) {
+        self.ok = false;
+        println!("  FAIL  {step:<10} {text}");
+        if !hint.is_empty() {
+            println!("        {:<10} hint: {hint}", "");
+        }
+    }
+}
+
+/// The envelope senders herald uses on `name`: `bounce_address`, or (when
+/// it is not set) the `default_sender` of each route to this upstream.
+fn senders(cfg: &Config, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if cfg.sender.bounce_explicit || cfg.delivery.upstream == name {
+        out.push(cfg.sender.bounce_address.clone());
+    }
+    for r in cfg.routes.iter().filter(|r| r.upstream == name) {
+        let s = match (&r.default_sender, cfg.sender.bounce_explicit) {
+            (Some(d), false) => d.clone(),
+            _ => cfg.sender.bounce_address.clone(),
+        };
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    if out.is_empty() {
+        out.push(cfg.sender.bounce_address.clone());
+    }
+    out
+}
+
+/// Why a TLS handshake failed, for people.
+fn tls_hint(err: &str, u: &Upstream) -> String {
+    let e = err.to_ascii_lowercase();
+    if e.contains("expired") {
+        "the server's certificate has expired: the smart host's operator must renew it (tls_verify = false would hide the problem, not fix it)".into()
+    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
+        format!(
+            "certificate name mismatch: upstreams.{}.host = {:?} is not a name in the server's certificate; use the host name the provider documents",
+            u.name, u.host
+        )
+    } else if e.contains("unknownissuer") || e.contains("unknown issuer") {
+        format!(
+            "the certificate is not signed by a CA herald trusts: set upstreams.{}.ca_file to the provider's CA",
+            u.name
+        )
+    } else if e.contains("corrupt")
+        || e.contains("invalid content type")
+        || e.contains("wrong version")
+        || e.contains("received corrupt message")
+    {
+        format!(
+            "port {} does not speak TLS from the first byte: use security = \"starttls\" (usually port 587) or \"none\"",
+            u.port
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// The `notAfter` of a DER certificate as "YYYY-MM-DD HH:MM:SS UTC" and as
+/// seconds since the epoch, read by walking the ASN.1 of its validity.
+fn not_after(der: &[u8]) -> Option<(String, i64)> {
+    // (tag, content, rest)
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let tag = *b.first()?;
+        let first = *b.get(1)? as usize;
+        let (len, head) = if first < 0x80 {
+            (first, 2)
+        } else {
+            let n = first & 0x7f;
+            let mut len = 0usize;
+            for i in 0..n {
+                len = len << 8 | *b.get(2 + i)? as usize;
+            }
+            (len, 2 + n)
+        };
+        let content = b.get(head..head + len)?;
+        Some((tag, content, &b[head + len..]))
+    }
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    let (tag, _, r) = tlv(rest)?;
+    if tag == 0xa0 {
+        rest = r; // version
+    }
+    for _ in 0..3 {
+        rest = tlv(rest)?.2; // serial, signature, issuer
+    }
+    let (_, validity, _) = tlv(rest)?;
+    let after = tlv(tlv(validity)?.2)?;
+    let text = std::str::from_utf8(after.1).ok()?;
+    let (year, rest) = match after.0 {
+        0x17 => {
+            let y: i32 = text.get(0..2)?.parse().ok()?;
+            (if y < 50 { 2000 + y } else { 1900 + y }, text.get(2..)?)
+        }
+        0x18 => (text.get(0..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    let n = |i: usize| -> Option<u32> { rest.get(i..i + 2)?.parse().ok() };
+    let dt =
+        chrono::NaiveDate::from_ymd_opt(year, n(0)?, n(2)?)?.and_hms_opt(n(4)?, n(6)?, n(8)?)?;
+    Some((
+        dt.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        dt.and_utc().timestamp(),
+    ))
+}
+
+async fn handshake(
+    u: &Upstream,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+    r: &mut Report,
+    step: &str,
+) -> Option<Stream> {
+    let Ok(name) = rustls::pki_types::ServerName::try_from(u.host.clone()) else {
+        r.fail(step, &format!("{:?} is not a TLS server name", u.host), "");
+        return None;
+    };
+    let connector = tokio_rustls::TlsConnector::from(tls.clone());
+    match tokio::time::timeout(STEP_TIMEOUT, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => {
+            let (_, conn) = s.get_ref();
+            let version = conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default();
+            let chain = conn.peer_certificates().unwrap_or_default();
+            let expiry = chain
+                .first()
+                .and_then(|c| not_after(c.as_ref()))
+                .map(|(t, at)| {
+                    let days = (at - chrono::Utc::now().timestamp()) / 86400;
+                    format!(", certificate valid until {t} (in {days} days)")
+                })
+                .unwrap_or_default();
+            r.pass(
+                step,
+                &format!(
+                    "{version}, chain of {} certificate(s) verified for {}{expiry}",
+                    chain.len(),
+                    u.host
+                ),
+            );
+            Some(Stream::ClientTls(Box::new(s)))
+        }
+        Ok(Err(e)) => {
+            let text = format!("handshake: {e}");
+            r.fail(step, &text, &tls_hint(&format!("{e:?} {e}"), u));
+            None
+        }
+        Err(_) => {
+            r.fail(
+                step,
+                "handshake timed out",
+                "the server did not answer the TLS hello: it may expect STARTTLS (security = \"starttls\")",
+            );
+            None
+        }
+    }
+}
+
+async fn cmd(c: &mut Client, line: &str) -> Result<Response<String>, String> {
+    match tokio::time::timeout(STEP_TIMEOUT, c.cmd(format!("{line}\r\n").as_bytes())).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(format!("{e}")),
+        Err(_) => Err("no reply within 10s".into()),
+    }
+}
+
+/// Hints for replies to MAIL FROM and RCPT TO.
+fn envelope_hint(r: &Response<String>, u: &Upstream, sender: &str) -> String {
+    let t = r.message.to_ascii_lowercase();
+    if t.contains("starttls") || t.contains("tls") && r.code == 530 {
+        return format!(
+            "the server requires TLS: set upstreams.{}.security = \"starttls\" (or \"tls\" on port 465)",
+            u.name
+        );
+    }
+    if r.code == 530 || t.contains("authentication required") {
+        return format!(
+            "the server wants a login: set upstreams.{0}.username and password_file",
+            u.name
+        );
+    }
+    if (500..600).contains(&r.code) {
+        return format!(
+            "sender not owned or not verified: this account may not send as {sender}; verify it at the provider, or change [sender] default_sender / bounce_address (or the route's default_sender)"
+        );
+    }
+    String::new()
+}
+
+/// Runs the probe; true when every step passed.
+pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result<bool, String> {
+    let u = cfg.upstreams.get(name).ok_or_else(|| {
+        let known: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
+        format!(
+            "no upstream {name:?} in the configuration (known: {})",
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        )
+    })?;
+    if send && to.is_none() {
+        return Err("--send needs --to ADDR (the test message goes there)".into());
+    }
+    let tls = crate::tls::client_config(u.ca_file.as_deref(), u.tls_verify)
+        .map_err(|e| format!("upstreams.{name}: {e}"))?;
+    println!(
+        "probe of upstream {name}: {}:{}, security = \"{}\"{}",
+        u.host,
+        u.port,
+        u.security,
+        if u.username.is_some() {
+            ", with AUTH"
+        } else {
+            ""
+        }
+    );
+    let mut r = Report { ok: true };
+
+    // connect
+    let addr = format!("{}:{}", u.host, u.port);
+    let t0 = Instant::now();
+    let tcp = match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(&addr)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            r.fail("connect", &format!("{addr}: {e}"), "nothing accepts connections there: check host and port (587 for starttls, 465 for tls, 25 for none) and the firewall");
+            return Ok(false);
+        }
+        Err(_) => {
+            r.fail(
+                "connect",
+                &format!("{addr}: timed out"),
+                "no answer: a firewall may drop the traffic (many clouds block outbound port 25)",
+            );
+            return Ok(false);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    r.pass(
+        "connect",
+        &format!("{addr} in {} ms", t0.elapsed().as_millis()),
+    );
+
+    let stream = if u.security == Security::Tls {
+        match handshake(u, &tls, tcp, &mut r, "TLS").await {
+            Some(s) => s,
+            None => return Ok(false),
+        }
+    } else {
+        Stream::Plain(tcp)
+    };
+    let mut c: Client = SmtpClient {
+        stream: BufWriter::new(stream),
+        timeout: STEP_TIMEOUT,
+    };
+
+    // greeting
+    match tokio::time::timeout(STEP_TIMEOUT, c.read()).await {
+        Ok(Ok(g)) if g.code == 220 => r.pass("greeting", &reply_text(&g)),
+        Ok(Ok(g)) => {
+            r.fail("greeting", &reply_text(&g), "the server refuses the session: too many connections, or herald's address is blocked");
+            return Ok(false);
+        }
+        Ok(Err(e)) => {
+            r.fail(
+                "greeting",
+                &format!("{e}"),
+                if u.security == Security::Tls {
+                    ""
+                } else {
+                    "the port may expect TLS from the first byte: try security = \"tls\" (port 465)"
+                },
+            );
+            return Ok(false);
+        }
+        Err(_) => {
+            r.fail("greeting", "no greeting within 10s", if u.security == Security::Tls { "" } else { "the port probably expects TLS from the first byte: use security = \"tls\" (port 465)" });
+            return Ok(false);
+        }
+    }
+
+    // EHLO (and again after STARTTLS)
+    let caps_text = |e: &smtp_proto::EhloResponse<String>| -> String {
+        use smtp_proto::*;
+        let mut v = Vec::new();
+        for (bit, n) in [
+            (EXT_PIPELINING, "PIPELINING"),
+            (EXT_SIZE, "SIZE"),
+            (EXT_8BIT_MIME, "8BITMIME"),
+            (EXT_START_TLS, "STARTTLS"),
+            (EXT_SMTP_UTF8, "SMTPUTF8"),
+            (EXT_ENHANCED_STATUS_CODES, "ENHANCEDSTATUSCODES"),
+            (EXT_CHUNKING, "CHUNKING"),
+        ] {
+            if e.has_capability(bit) {
+                v.push(n.to_string());
+            }
+        }
+        if e.has_capability(EXT_AUTH) {
+            let mut m = Vec::new();
+            if e.auth_mechanisms & AUTH_PLAIN != 0 {
+                m.push("PLAIN");
+            }
+            if e.auth_mechanisms & AUTH_LOGIN != 0 {
+                m.push("LOGIN");
+            }
+            v.push(format!("AUTH {}", m.join(" ")));
+        }
+        if v.is_empty() {
+            "no extensions".into()
+        } else {
+            v.join(", ")
+        }
+    };
+    let mut caps = match c.ehlo(&cfg.hostname).await {
+        Ok(e) => {
+            r.pass("EHLO", &caps_text(&e));
+            e
+        }
+        Err(e) => {
+            r.fail("EHLO", &format!("{e}"), "");
+            return Ok(false);
+        }
+    };
+
+    if u.security == Security::StartTls {
+        if !caps.has_capability(EXT_START_TLS) {
+            r.fail("STARTTLS", "not offered", &format!("the server offers no STARTTLS on port {}: use security = \"tls\" if the port is 465, or \"none\" only on a private network", u.port));
+            return Ok(false);
+        }
+        match cmd(&mut c, "STARTTLS").await {
+            Ok(g) if g.code == 220 => {}
+            Ok(g) => {
+                r.fail("STARTTLS", &reply_text(&g), "");
+                return Ok(false);
+            }
+            Err(e) => {
+                r.fail("STARTTLS", &e, "");
+                return Ok(false);
+            }
+        }
+        let tcp = match c.stream.into_inner() {
+            Stream::Plain(t) => t,
+            _ => return Err("STARTTLS on a TLS stream".into()),
+        };
+        let s = match handshake(u, &tls, tcp, &mut r, "STARTTLS").await {
+            Some(s) => s,
+            None => return Ok(false),
+        };
+        c = SmtpClient {
+            stream: BufWriter::new(s),
+            timeout: STEP_TIMEOUT,
+        };
+        caps = match c.ehlo(&cfg.hostname).await {
+            Ok(e) => {
+                r.pass("EHLO", &format!("(after TLS) {}", caps_text(&e)));
+                e
+            }
+            Err(e) => {
+                r.fail("EHLO", &format!("{e}"), "");
+                return Ok(false);
+            }
+        };
+    }
+
+    // AUTH
+    match (&u.username, &u.password) {
+        (Some(user), Some(pass)) => {
+            if !c.stream.get_ref().is_tls() && u.security != Security::None {
+                r.fail("AUTH", "not sent without TLS", "");
+                return Ok(false);
+            }
+            let creds = mail_send::Credentials::new(user.clone(), pass.expose().to_string());
+            match tokio::time::timeout(STEP_TIMEOUT, c.authenticate(&creds, &caps)).await {
+                Ok(Ok(_)) => r.pass("AUTH", &format!("logged in as {user}")),
+                Ok(Err(
+                    mail_send::Error::AuthenticationFailed(resp)
+                    | mail_send::Error::UnexpectedReply(resp),
+                )) => {
+                    r.fail(
+                        "AUTH",
+                        &reply_text(&resp),
+                        &format!("{} bad credentials: the server refused the login {user:?}: check upstreams.{name}.username and password_file (some providers need an app password or SMTP AUTH enabled for the mailbox)", resp.code),
+                    );
+                    return Ok(false);
+                }
+                Ok(Err(mail_send::Error::UnsupportedAuthMechanism)) => {
+                    r.fail(
+                        "AUTH",
+                        "the server offers no mechanism herald supports (PLAIN, LOGIN)",
+                        "AUTH is often offered only after STARTTLS: check security",
+                    );
+                    return Ok(false);
+                }
+                Ok(Err(e)) => {
+                    r.fail("AUTH", &format!("{e}"), "");
+                    return Ok(false);
+                }
+                Err(_) => {
+                    r.fail("AUTH", "no reply within 10s", "");
+                    return Ok(false);
+                }
+            }
+        }
+        _ => r.pass("AUTH", "no credentials configured: skipped"),
+    }
+
+    // MAIL FROM for every sender herald would use here, then RCPT TO.
+    let all = senders(cfg, name);
+    for (i, sender) in all.iter().enumerate() {
+        match cmd(&mut c, &format!("MAIL FROM:<{sender}>")).await {
+            Ok(g) if g.code == 250 => {
+                r.pass("MAIL FROM", &format!("<{sender}>: {}", reply_text(&g)))
+            }
+            Ok(g) => {
+                r.fail(
+                    "MAIL FROM",
+                    &format!("<{sender}>: {}", reply_text(&g)),
+                    &envelope_hint(&g, u, sender),
+                );
+                let _ = cmd(&mut c, "QUIT").await;
+                return Ok(false);
+            }
+            Err(e) => {
+                r.fail("MAIL FROM", &e, "");
+                return Ok(false);
+            }
+        }
+        let last = i + 1 == all.len();
+        if !last {
+            let _ = cmd(&mut c, "RSET").await;
+        }
+    }
+    if let Some(to) = to {
+        match cmd(&mut c, &format!("RCPT TO:<{to}>")).await {
+            Ok(g) if (200..300).contains(&g.code) => {
+                r.pass("RCPT TO", &format!("<{to}>: {}", reply_text(&g)))
+            }
+            Ok(g) => {
+                let class = super::client::class_of(&g, crate::reply::Stage::Rcpt, true);
+                r.fail(
+                    "RCPT TO",
+                    &format!("<{to}>: {}", reply_text(&g)),
+                    &format!("{class}: {}", class.meaning()),
+                );
+                let _ = cmd(&mut c, "QUIT").await;
+                return Ok(false);
+            }
+            Err(e) => {
+                r.fail("RCPT TO", &e, "");
+                return Ok(false);
+            }
+        }
+    }
+    if send {
+        let to = to.unwrap_or_default();
+        match cmd(&mut c, "DATA").await {
+            Ok(g) if g.code == 354 => {}
+            Ok(g) => {
+                r.fail("DATA", &reply_text(&g), "");
+                return Ok(false);
+            }
+            Err(e) => {
+                r.fail("DATA", &e, "");
+                return Ok(false);
+            }
+        }
+        let msg = format!(
+            "From: herald probe <{}>\r\nTo: <{to}>\r\nSubject: herald probe of upstream {name}\r\nDate: {}\r\nMessage-ID: <probe.{}@{}>\r\n\r\nThis is a test message sent by herald probe {name}.\r\n",
+            cfg.sender.default_sender,
+            chrono::Utc::now().to_rfc2822(),
+            crate::queue::now_ms(),
+            cfg.hostname
+        );
+        let reply = async {
+            use tokio::io::AsyncWriteExt;
+            super::client::write_stuffed(&mut c.stream, msg.as_bytes()).await?;
+            c.stream.flush().await?;
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        let end = match reply {
+            Ok(()) => tokio::time::timeout(Duration::from_secs(60), c.read())
+                .await
+                .map_err(|_| "no reply within 60s".to_string())
+                .and_then(|x| x.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match end {
+            Ok(g) if g.code == 250 => {
+                r.pass("DATA", &format!("test message sent: {}", reply_text(&g)))
+            }
+            Ok(g) => {
+                r.fail("DATA", &reply_text(&g), "");
+                return Ok(false);
+            }
+            Err(e) => {
+                r.fail("DATA", &e, "");
+                return Ok(false);
+            }
+        }
+    } else {
+        match cmd(&mut c, "RSET").await {
+            Ok(g) if g.code == 250 => r.pass("RSET", &reply_text(&g)),
+            Ok(g) => r.fail("RSET", &reply_text(&g), ""),
+            Err(e) => r.fail("RSET", &e, ""),
+        }
+    }
+    match cmd(&mut c, "QUIT").await {
+        Ok(g) => r.pass("QUIT", &reply_text(&g)),
+        Err(e) => r.pass("QUIT", &format!("(closed: {e})")),
+    }
+    println!(
+        "{}",
+        if r.ok {
+            "every step passed: herald can send through this upstream"
+        } else {
+            "the probe FAILED (see the hints above)"
+        }
+    );
+    Ok(r.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_after_is_read_from_a_certificate() {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.not_after = rcgen::date_time_ymd(2031, 7, 4);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let (text, at) = not_after(cert.der()).unwrap();
+        assert_eq!(text, "2031-07-04 00:00:00 UTC");
+        assert_eq!(at, 1_940_889_600);
+    }
+}

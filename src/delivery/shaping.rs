@@ -1,0 +1,372 @@
+//! Traffic shaping: how fast and how wide herald sends to each destination.
+//!
+//! A destination is a configured upstream (by name) or, in direct MX
+//! delivery, a site: the set of MX hosts of a domain, so that domains served
+//! by the same provider share one limit. Each destination has a number of
+//! session slots (`max_connections` / `mx_max_connections`), a token bucket
+//! (`max_rate` / `mx_max_rate`) and a back-off: a `throttle` reply (or a
+//! smart host refusing connections) stops new sessions for a while, 1 min
+//! doubling to 30 min by default, until a success resets it.
+//!
+//! Waiting for a slot, a token or the end of a back-off is not an attempt:
+//! nothing is recorded and no retry counter is spent.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Config, Rate};
+use crate::queue::now_ms;
+
+/// A token bucket of `rate.count` tokens refilled at `count` per `per`:
+/// after an idle period up to `count` messages may go at once.
+#[derive(Debug)]
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate.count as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn per_ms(&self) -> f64 {
+        self.rate.count as f64 / self.rate.per.as_millis().max(1) as f64
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let ms = now.saturating_duration_since(self.at).as_secs_f64() * 1000.0;
+        self.tokens = (self.tokens + ms * self.per_ms()).min(self.rate.count as f64);
+        self.at = now;
+    }
+
+    /// Milliseconds until a token is there (0: one is there now).
+    fn wait_ms(&mut self, now: Instant) -> u64 {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            0
+        } else {
+            ((1.0 - self.tokens) / self.per_ms()).ceil() as u64
+        }
+    }
+
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+}
+
+/// Back-off state of a destination.
+#[derive(Debug, Default, Clone)]
+struct Backoff {
+    /// Throttles in a row since the last success.
+    level: u32,
+    /// No new sessions before this (ms since the epoch).
+    until_ms: u64,
+    last_reply: Option<String>,
+}
+
+/// One destination: its slots, its rate and its back-off.
+pub struct Dest {
+    pub key: String,
+    limit: usize,
+    slots: Arc<Semaphore>,
+    rate: Option<Rate>,
+    bucket: Mutex<Option<Bucket>>,
+    backoff: Mutex<Backoff>,
+}
+
+/// A slot (and a token already spent) for one attempt at a destination:
+/// the slot is free again when the pass drops.
+pub struct Pass {
+    pub dest: Arc<Dest>,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Whether a message for a destination may start now.
+pub enum Gate {
+    Go(Pass),
+    /// Not before this time (ms): back-off or no token yet.
+    Wait(u64),
+    /// Every slot is in use: look again when an attempt ends.
+    Full,
+}
+
+impl Dest {
+    fn new(key: String, limit: usize, rate: Option<Rate>) -> Dest {
+        Dest {
+            key,
+            limit,
+            slots: Arc::new(Semaphore::new(limit)),
+            rate,
+            bucket: Mutex::new(rate.map(Bucket::new)),
+            backoff: Mutex::new(Backoff::default()),
+        }
+    }
+
+    /// The end of the back-off, when one is running.
+    pub fn throttled_until(&self, now: u64) -> Option<u64> {
+        let b = self.backoff.lock().unwrap();
+        (b.until_ms > now).then_some(b.until_ms)
+    }
+
+    /// Takes a slot and a token without waiting, or says when to look again.
+    pub fn try_pass(self: &Arc<Self>) -> Gate {
+        let now = now_ms();
+        if let Some(t) = self.throttled_until(now) {
+            return Gate::Wait(t);
+        }
+        let mut bucket = self.bucket.lock().unwrap();
+        if let Some(b) = bucket.as_mut() {
+            let w = b.wait_ms(Instant::now());
+            if w > 0 {
+                return Gate::Wait(now + w);
+            }
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return Gate::Full;
+        };
+        if let Some(b) = bucket.as_mut() {
+            b.take();
+        }
+        Gate::Go(Pass {
+            dest: self.clone(),
+            _slot: slot,
+        })
+    }
+
+    /// Waits for a slot and a token (direct MX delivery, where the site is
+    /// known only once the MX hosts are).
+    pub async fn pass(self: &Arc<Self>) -> Pass {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("slots never close");
+        loop {
+            let w = match self.bucket.lock().unwrap().as_mut() {
+                None => 0,
+                Some(b) => {
+                    let w = b.wait_ms(Instant::now());
+                    if w == 0 {
+                        b.take();
+                    }
+                    w
+                }
+            };
+            if w == 0 {
+                return Pass {
+                    dest: self.clone(),
+                    _slot: slot,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(w)).await;
+        }
+    }
+
+    /// The destination asked herald to slow down: no new sessions until
+    /// the returned time. A throttle reported while a back-off already
+    /// runs (another session's reply) does not lengthen it. The second
+    /// value is true when this starts a back-off (log it once).
+    pub fn throttle(&self, reply: &str, base: Duration, max: Duration) -> (u64, bool) {
+        let now = now_ms();
+        let mut b = self.backoff.lock().unwrap();
+        b.last_reply = Some(reply.to_string());
+        if b.until_ms > now {
+            return (b.until_ms, false);
+        }
+        let wait = base
+            .checked_mul(1u32 << b.level.min(20))
+            .unwrap_or(max)
+            .min(max);
+        b.level = b.level.saturating_add(1);
+        b.until_ms = now + wait.as_millis() as u64;
+        (b.until_ms, true)
+    }
+
+    /// A success: the back-off starts again from its first value.
+    /// True when a back-off was reset.
+    pub fn success(&self) -> bool {
+        let mut b = self.backoff.lock().unwrap();
+        let was = b.level > 0;
+        b.level = 0;
+        b.until_ms = 0;
+        was
+    }
+
+    /// What `status` shows.
+    pub fn report(&self) -> serde_json::Value {
+        let b = self.backoff.lock().unwrap().clone();
+        let now = now_ms();
+        serde_json::json!({
+            "name": self.key,
+            "sessions": self.limit - self.slots.available_permits(),
+            "max_sessions": self.limit,
+            "rate": self.rate.map(|r| r.to_string()),
+            "throttled_until_ms": (b.until_ms > now).then_some(b.until_ms),
+            "last_reply": b.last_reply,
+        })
+    }
+}
+
+/// Every destination seen, and the routes held by `pause --route`.
+#[derive(Default)]
+pub struct Shaper {
+    dests: Mutex<HashMap<String, Arc<Dest>>>,
+    paused: Mutex<BTreeSet<String>>,
+}
+
+/// The meta key that keeps the paused routes across restarts (JSON list).
+pub const META_PAUSED_ROUTES: &str = "paused_routes";
+
+impl Shaper {
+    fn get(&self, key: &str, make: impl FnOnce() -> Dest) -> Arc<Dest> {
+        let mut d = self.dests.lock().unwrap();
+        d.entry(key.to_string())
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+
+    /// The destination of a configured upstream.
+    pub fn upstream(&self, cfg: &Config, name: &str) -> Arc<Dest> {
+        let (limit, rate) = match cfg.upstreams.get(name) {
+            Some(u) => (u.max_connections, u.max_rate),
+            None => (cfg.delivery.concurrency, None),
+        };
+        self.get(name, || Dest::new(name.to_string(), limit, rate))
+    }
+
+    /// The destination site of a set of MX hosts: "mx:a.example,b.example".
+    pub fn mx_site(&self, cfg: &Config, hosts: &[&str]) -> Arc<Dest> {
+        let set: BTreeSet<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let key = format!("mx:{}", set.into_iter().collect::<Vec<_>>().join(","));
+        let (limit, rate) = (cfg.delivery.mx_max_connections, cfg.delivery.mx_max_rate);
+        self.get(&key, || Dest::new(key.clone(), limit, rate))
+    }
+
+    /// Every destination, for `status` and `/metrics`: the configured
+    /// upstreams first, then the MX sites seen.
+    pub fn all(&self, cfg: &Config) -> Vec<Arc<Dest>> {
+        for name in cfg.upstreams.keys() {
+            self.upstream(cfg, name);
+        }
+        let d = self.dests.lock().unwrap();
+        let mut v: Vec<Arc<Dest>> = d.values().cloned().collect();
+        v.sort_by(|a, b| {
+            (a.key.starts_with("mx:"), &a.key).cmp(&(b.key.starts_with("mx:"), &b.key))
+        });
+        v
+    }
+
+    /// Ends the back-off of a route's destinations (`herald retry`: the
+    /// operator wants it tried now): the upstream, or every MX site.
+    pub fn clear_backoff(&self, route: &str) {
+        for (key, d) in self.dests.lock().unwrap().iter() {
+            if key == route || (route == "mx" && key.starts_with("mx:")) {
+                d.success();
+            }
+        }
+    }
+
+    pub fn is_paused(&self, route: &str) -> bool {
+        self.paused.lock().unwrap().contains(route)
+    }
+
+    pub fn paused(&self) -> Vec<String> {
+        self.paused.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Sets the paused routes (as loaded or changed); returns the list.
+    pub fn set_paused(&self, route: &str, paused: bool) -> Vec<String> {
+        let mut p = self.paused.lock().unwrap();
+        if paused {
+            p.insert(route.to_string());
+        } else {
+            p.remove(route);
+        }
+        p.iter().cloned().collect()
+    }
+
+    /// Loads the paused routes kept in the store's meta tree.
+    pub fn load_paused(&self, store: &crate::queue::Store) {
+        if let Ok(Some(v)) = store.meta_get(META_PAUSED_ROUTES) {
+            if let Ok(list) = serde_json::from_slice::<Vec<String>>(&v) {
+                *self.paused.lock().unwrap() = list.into_iter().collect();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(count: u32, secs: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(rate(10, 1));
+        b.at = t0;
+        for _ in 0..10 {
+            assert_eq!(b.wait_ms(t0), 0);
+            b.take();
+        }
+        assert_eq!(b.wait_ms(t0), 100);
+        assert_eq!(b.wait_ms(t0 + Duration::from_millis(100)), 0);
+        b.take();
+        // Never more than the burst, however long the pause.
+        assert_eq!(b.wait_ms(t0 + Duration::from_secs(3600)), 0);
+        assert!(b.tokens <= 10.0);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum_and_resets_on_success() {
+        let d = Dest::new("up".into(), 2, None);
+        let (base, max) = (Duration::from_secs(60), Duration::from_secs(1800));
+        let now = now_ms();
+        let (t, new) = d.throttle("421 slow down", base, max);
+        assert!(new);
+        assert!(t >= now + 60_000 && t < now + 62_000, "{t} {now}");
+        // A second reply while it runs changes nothing.
+        assert_eq!(d.throttle("421 again", base, max), (t, false));
+        // Expired: the next throttle doubles.
+        d.backoff.lock().unwrap().until_ms = 0;
+        let (t2, _) = d.throttle("421", base, max);
+        assert!(t2 >= now + 120_000 && t2 < now + 122_000);
+        for _ in 0..10 {
+            d.backoff.lock().unwrap().until_ms = 0;
+            d.throttle("421", base, max);
+        }
+        let until = d.backoff.lock().unwrap().until_ms;
+        assert!(until <= now_ms() + 1_800_000 && until > now + 1_790_000);
+        assert!(d.success());
+        assert_eq!(d.throttled_until(now_ms()), None);
+        let (t3, _) = d.throttle("421", base, max);
+        assert!(t3 < now_ms() + 61_000);
+    }
+
+    #[test]
+    fn slots_are_limited_and_freed_by_dropping_the_pass() {
+        let d = Arc::new(Dest::new("up".into(), 2, None));
+        let a = d.try_pass();
+        let b = d.try_pass();
+        assert!(matches!(a, Gate::Go(_)) && matches!(b, Gate::Go(_)));
+        assert!(matches!(d.try_pass(), Gate::Full));
+        drop(a);
+        assert!(matches!(d.try_pass(), Gate::Go(_)));
+    }
+}
