@@ -271,9 +271,17 @@ async function queueView() {
   show(
     el("h1", {}, "Queue"),
     el("p", { id: "paused" }, "Outbound delivery is " + (st.paused ? "PAUSED" : "active") + ". ", pause),
-    table(["Route", "Queued messages", "Healthy", "Last error"],
-      st.routes.map((r) => [r.name, perRoute[r.name] || 0,
-        r.healthy === false ? "no" : r.healthy === true ? "yes" : "not used yet", r.last_error || "-"]), "routes"),
+    table(["Route", "Queued messages", "Healthy", "Held", "Last error"],
+      st.routes.map((r) => {
+        const held = (st.paused_routes || []).includes(r.name);
+        const button = el("button", { class: "route-pause", "data-route": r.name, on: { click: async () => {
+          await api("POST", (held ? "/resume" : "/pause") + "?route=" + encodeURIComponent(r.name));
+          await queueView();
+        } } }, held ? "Resume route" : "Pause route");
+        return [r.name, perRoute[r.name] || 0,
+          r.healthy === false ? "no" : r.healthy === true ? "yes" : "not used yet",
+          el("span", {}, held ? "PAUSED " : "", button), r.last_error || "-"];
+      }), "routes"),
     table(["Queue id", "Received", "Status", "Recipient", "Tries", "Next", "Tag", "Last reply"], rows, "queue"),
   );
 }

@@ -1212,6 +1212,34 @@ mod tests {
     const MIN: &str = "[sender]\ndefault_sender = \"n@example.com\"\n";
 
     #[test]
+    fn webhook_tags_match_globs_and_events_are_checked() {
+        assert!(glob("file-*", "file-1234"));
+        assert!(glob("*-1234", "file-1234"));
+        assert!(glob("f*e-*4", "file-1234"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("file-*", "order-1"));
+        assert!(!glob("exact", "exactly"));
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "0123456789abcdef0123").unwrap();
+        let text = format!(
+            "{MIN}[[webhooks]]\nurl = \"https://p.example/h\"\nsecret_file = \"{}\"\nevents = [\"delivered\"]\ntags = [\"file-*\"]\n",
+            key.display()
+        );
+        let c = parse(&text).unwrap();
+        let w = &c.webhooks[0];
+        assert_eq!(w.name, "https://p.example/h");
+        assert!(w.wants("delivered", Some("file-7")));
+        assert!(!w.wants("delivered", Some("order-7")));
+        assert!(!w.wants("delivered", None), "a tag filter needs a tag");
+        assert!(!w.wants("bounced", Some("file-7")));
+        let bad = text.replace("[\"delivered\"]", "[\"delivred\"]");
+        assert!(parse(&bad).unwrap_err().to_string().contains("webhooks[0].events"));
+        let bad = text.replace("https://p.example/h", "ftp://p.example/h");
+        assert!(parse(&bad).unwrap_err().to_string().contains("webhooks[0].url"));
+    }
+
+    #[test]
     fn minimal_config_has_the_documented_defaults() {
         let c = parse(MIN).unwrap();
         assert_eq!(c.listen.smtp, vec!["127.0.0.1:2525".parse().unwrap()]);

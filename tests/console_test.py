@@ -8,7 +8,7 @@ usage: console_test.py BASE_URL TOKEN DEFERRED_ID SCREENSHOT_DIR
 import json, sys, time, urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -22,7 +22,8 @@ opts.binary_location = "/usr/bin/chromium"
 for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
     opts.add_argument(a)
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-wait = WebDriverWait(driver, 15)
+# Views re-render after an action: an element found just before may be gone.
+wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def check(cond, what):
@@ -99,6 +100,15 @@ try:
     driver.switch_to.alert.accept()
     wait.until(EC.presence_of_element_located((By.ID, "state")))
     check("No longer queued" in text("#state"), "Cancel")
+
+    # Queue: one route paused and resumed from the page.
+    driver.get(base + "/console/#/queue")
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button.route-pause[data-route='up']"))).click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "routes"), "PAUSED"))
+    check(api("/status")["paused_routes"] == ["up"], "route up paused through the page")
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "button.route-pause[data-route='up']"))).click()
+    wait.until(lambda d: "PAUSED" not in d.find_element(By.ID, "routes").text)
+    check(api("/status")["paused_routes"] == [], "route up resumed")
 
     # Overview: the chart has a point per hour and series, and its counts
     # are what the events API says.
