@@ -16,7 +16,7 @@
 //! - the message is committed to disk in this loop when the final `.`
 //!   arrives, and only then answered with 250.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -237,8 +237,11 @@ fn valid_domain(domain: &str) -> bool {
 }
 
 /// Runs one connection to its end. `implicit_tls` is set for `smtps`.
+///
+/// This is the I/O loop: it owns the reader, the timeouts, PIPELINING's
+/// batched writes and the STARTTLS stream swap; each command is handled
+/// by the [`SmtpSession`] method named after its verb.
 pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
-    let cfg = &services.cfg;
     let _ = tcp.set_nodelay(true);
     let stream = if implicit_tls {
         let Some(acceptor) = services.tls.clone() else {
@@ -256,87 +259,47 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         Stream::Plain(tcp)
     };
 
-    let ip = super::canonical_ip(peer.ip());
-    let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
-    let mut builder = SessionBuilder::new(cfg.hostname.clone());
-    if services.tls.is_some() && !implicit_tls {
-        builder.enable_start_tls();
-    }
-    let shared = Arc::new(Mutex::new(Shared {
-        data: Spool::new(&cfg.storage.path.join("incoming")),
-        oversize: false,
-        spool_error: None,
-        max_size: cfg.listen.max_message_size,
-    }));
-    let handler = InHandler {
-        shared: shared.clone(),
-    };
-    let mut session = builder.build(ip, handler);
-    if implicit_tls {
-        session.tls_active();
-    }
-
+    let mut s = SmtpSession::new(services.clone(), peer, implicit_tls);
+    let cfg = &services.cfg;
     let mut reader = BufReader::new(stream);
-    let mut out: Vec<u8> = Vec::with_capacity(512);
     let mut line = Vec::with_capacity(1024);
     let mut shutdown = services.shutdown.clone();
-    reply(&mut out, 220, &format!("{} ESMTP herald", cfg.hostname));
+    reply(&mut s.out, 220, &format!("{} ESMTP herald", cfg.hostname));
 
-    let mut helo = String::new();
-    let mut txn: Option<Transaction> = None;
-    let mut in_data = false;
-    let mut data_lines = DataLines::new();
-    let mut auth = Auth::default();
-    let mut refusals = reception::Refusals::default();
-
-    let mut errors = 0;
-    let mut counted = 0;
-    // A session that never completes a transaction (a line every few
-    // minutes, for ever) would hold its slot: it has session_timeout.
-    let mut deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
     loop {
-        // A client that only makes errors (junk, unknown commands) would
-        // hold a connection slot for ever: after MAX_ERRORS, 421.
-        errors += count_errors(&out[counted.min(out.len())..]);
-        counted = out.len();
-        if errors >= MAX_ERRORS {
-            reply(
-                &mut out,
-                421,
-                &format!("4.7.0 {} Too many errors, closing connection", cfg.hostname),
-            );
+        if s.too_many_errors() {
             break;
         }
         // PIPELINING: answer in one write once the client's batch is read.
-        if !out.is_empty() && reader.buffer().is_empty() {
-            if !send(reader.get_mut(), &out).await {
+        if !s.out.is_empty() && reader.buffer().is_empty() {
+            if !send(reader.get_mut(), &s.out).await {
                 return;
             }
-            out.clear();
-            counted = 0;
+            s.out.clear();
+            s.counted = 0;
         }
         if line.capacity() > 1 << 20 {
             // Do not keep a one-line message's buffer for the whole session.
             line = Vec::with_capacity(1024);
         }
-        let max = if in_data {
+        let max = if s.in_data {
             // A longer line makes the message too big anyway.
             cfg.listen.max_message_size.saturating_add(3)
         } else {
             MAX_COMMAND_LINE
         };
-        let wait = deadline.min(tokio::time::Instant::now() + IDLE_TIMEOUT);
+        let wait = s.deadline.min(tokio::time::Instant::now() + IDLE_TIMEOUT);
         let read = tokio::select! {
             r = tokio::time::timeout_at(wait, read_line(&mut reader, &mut line, max)) => r,
-            _ = shutdown.wait(), if !in_data => {
-                reply(&mut out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
+            _ = shutdown.wait(), if !s.in_data => {
+                reply(&mut s.out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
                 break;
             }
         };
         let status = match read {
-            Err(_) if tokio::time::Instant::now() >= deadline => {
+            Err(_) if tokio::time::Instant::now() >= s.deadline => {
                 reply(
-                    &mut out,
+                    &mut s.out,
                     421,
                     &format!(
                         "4.4.2 {} No transaction completed in {}, closing connection",
@@ -348,7 +311,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             }
             Err(_) => {
                 reply(
-                    &mut out,
+                    &mut s.out,
                     421,
                     &format!("4.4.2 {} Timeout, closing connection", cfg.hostname),
                 );
@@ -356,334 +319,24 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
             }
             Ok(Err(_)) => return,
             Ok(Ok(Line::Eof)) => return,
-            Ok(Ok(s)) => s,
+            Ok(Ok(st)) => st,
         };
 
-        if in_data {
-            if let Line::TooLong { crlf } = status {
-                let mut sh = shared.lock().unwrap();
-                sh.oversize = true;
-                sh.data.clear();
-                data_lines.skipped(crlf);
-                continue;
-            }
-            let is_end = data_lines.feed(&mut line);
-            let r = session.process(&line);
-            if !is_end {
-                if r.action != Action::NoReply {
-                    write_response(&mut out, &r);
-                }
-                continue;
-            }
-            in_data = false;
-            let (data, oversize, spool_error) = {
-                let mut sh = shared.lock().unwrap();
-                let dir = cfg.storage.path.join("incoming");
-                (
-                    std::mem::replace(&mut sh.data, Spool::new(&dir)),
-                    sh.oversize,
-                    sh.spool_error.take(),
-                )
-            };
-            let Some(t) = txn.take() else {
-                reply(&mut out, 503, "5.5.1 Bad sequence of commands");
-                continue;
-            };
-            let rcpts = t.rcpts.clone();
-            let (code, text) = if let Some(e) = spool_error {
-                tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
-                (
-                    451,
-                    "4.3.0 Local storage error; try again later".to_string(),
-                )
-            } else if oversize {
-                (
-                    552,
-                    format!(
-                        "5.3.4 Message too big (limit {} bytes)",
-                        cfg.listen.max_message_size
-                    ),
-                )
-            } else {
-                // Anything the client pipelined after the dot waits; the
-                // reply goes out only after the commit.
-                reception::accept(&services, t, data).await
-            };
-            if code >= 400 {
-                refusals.record(&services, ip, &rcpts, code, &text);
-            } else {
-                deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
-            }
-            reply(&mut out, code, &text);
-            continue;
-        }
-
-        if matches!(status, Line::TooLong { .. }) {
-            auth.abort();
-            reply(
-                &mut out,
-                500,
-                &format!("5.5.2 Line too long (limit {MAX_COMMAND_LINE} bytes)"),
-            );
-            continue;
-        }
-        if !line.ends_with(b"\r\n") {
-            auth.abort();
-            reply(
-                &mut out,
-                500,
-                "5.5.2 Syntax error: command not terminated by CRLF",
-            );
-            continue;
-        }
-        let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
-        // An address is relayed as given: bytes that are not UTF-8 would
-        // go out as U+FFFD, another address.
-        let utf8 = std::str::from_utf8(&line).is_ok();
-        let verb = text
-            .split([' ', ':'])
-            .next()
-            .unwrap_or("")
-            .to_ascii_uppercase();
-        let tls_active = reader.get_ref().is_tls();
-        // Credentials never cross a network in clear text.
-        let can_auth = !cfg.listen.users.is_empty() && (tls_active || ip.is_loopback());
-        if auth.in_progress() {
-            if auth.answer(&services, peer, text.trim(), &mut out) {
-                break;
-            }
-            continue;
-        }
-        let authed = auth.user.is_some();
-
-        match verb.as_str() {
-            "EHLO" | "HELO" => {
-                let r = session.process(&line);
-                if r.code == 250 {
-                    // It goes into the Received: header: no control
-                    // characters (a CR or LF there would forge fields).
-                    helo = text[4..]
-                        .trim()
-                        .chars()
-                        .map(|c| if c.is_control() { '?' } else { c })
-                        .take(255)
-                        .collect();
-                    txn = None;
-                    if verb == "EHLO" {
-                        let mut exts = vec![
-                            "PIPELINING".to_string(),
-                            format!("SIZE {}", cfg.listen.max_message_size),
-                            "SMTPUTF8".to_string(),
-                        ];
-                        // Keep what mailin advertises (8BITMIME, STARTTLS).
-                        let buf = r.buffer().unwrap_or_default();
-                        for l in String::from_utf8_lossy(&buf).lines().skip(1) {
-                            exts.push(l.get(4..).unwrap_or("").to_string());
-                        }
-                        if can_auth {
-                            exts.push("AUTH PLAIN LOGIN".into());
-                        }
-                        out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
-                        for (i, e) in exts.iter().enumerate() {
-                            let sep = if i + 1 == exts.len() { ' ' } else { '-' };
-                            out.extend_from_slice(format!("250{sep}{e}\r\n").as_bytes());
-                        }
-                    } else {
-                        reply(&mut out, 250, &cfg.hostname);
-                    }
-                } else {
-                    write_response(&mut out, &r);
-                }
-            }
-            "MAIL" => {
-                let Some(arg) = strip_prefix_ci(&text, "MAIL FROM:") else {
-                    reply(&mut out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
-                    continue;
-                };
-                if helo.is_empty() {
-                    reply(&mut out, 503, "5.5.1 Send EHLO or HELO first");
-                    continue;
-                }
-                if txn.is_some() {
-                    reply(&mut out, 503, "5.5.1 Nested MAIL command");
-                    continue;
-                }
-                let p = match parse_path(arg) {
-                    Ok(_) if !utf8 => {
-                        reply(&mut out, 501, "5.1.7 Bad sender address: not UTF-8");
-                        continue;
-                    }
-                    Ok(p) => p,
-                    Err(why) => {
-                        reply(
-                            &mut out,
-                            501,
-                            &format!("5.1.7 Bad sender address syntax: {why}"),
-                        );
-                        continue;
-                    }
-                };
-                if !p.addr.is_empty() && !p.addr.contains('@') {
-                    reply(&mut out, 501, "5.1.7 Bad sender address syntax");
-                    continue;
-                }
-                let mut body8 = false;
-                let mut smtputf8 = false;
-                let mut bad_param = None;
-                for (k, v) in &p.params {
-                    match (k.as_str(), v.as_deref()) {
-                        ("SIZE", Some(n)) => match n.parse::<u64>() {
-                            Ok(n) if n > cfg.listen.max_message_size as u64 => {
-                                bad_param = Some((
-                                    552,
-                                    format!(
-                                        "5.3.4 Message size exceeds limit ({} bytes)",
-                                        cfg.listen.max_message_size
-                                    ),
-                                ));
-                            }
-                            Ok(_) => {}
-                            Err(_) => bad_param = Some((501, "5.5.4 Bad SIZE value".into())),
-                        },
-                        ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
-                        ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
-                        ("SMTPUTF8", None) => smtputf8 = true,
-                        ("AUTH", Some(_)) => {}
-                        _ => {
-                            bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
-                        }
-                    }
-                }
-                if let Some((code, text)) = bad_param {
-                    reply(&mut out, code, &text);
-                    continue;
-                }
-                // mailin only needs to move to its MAIL state.
-                let norm: &[u8] = if body8 {
-                    b"MAIL FROM:<sender@herald.invalid> BODY=8BITMIME\r\n"
-                } else {
-                    b"MAIL FROM:<sender@herald.invalid>\r\n"
-                };
-                let r = session.process(norm);
-                if r.code == 250 {
-                    refusals.new_transaction();
-                    txn = Some(Transaction {
-                        peer: ip,
-                        helo: helo.clone(),
-                        tls: tls_active,
-                        auth_user: auth.user.clone(),
-                        sender: p.addr,
-                        rcpts: Vec::new(),
-                        smtputf8,
-                        body_8bit: body8,
-                    });
-                    reply(&mut out, 250, "2.1.0 Ok");
-                } else {
-                    write_response(&mut out, &r);
-                }
-            }
-            "RCPT" => {
-                let Some(arg) = strip_prefix_ci(&text, "RCPT TO:") else {
-                    reply(&mut out, 501, "5.5.4 Syntax: RCPT TO:<address>");
-                    continue;
-                };
-                let Some(t) = txn.as_mut() else {
-                    reply(&mut out, 503, "5.5.1 Need MAIL command first");
-                    continue;
-                };
-                let p = match parse_path(arg) {
-                    Ok(_) if !utf8 => {
-                        reply(&mut out, 501, "5.1.3 Bad recipient address: not UTF-8");
-                        continue;
-                    }
-                    Ok(p) if valid_recipient(&p.addr) => p,
-                    Ok(_) => {
-                        reply(&mut out, 501, "5.1.3 Bad recipient address syntax");
-                        continue;
-                    }
-                    Err(why) => {
-                        reply(
-                            &mut out,
-                            501,
-                            &format!("5.1.3 Bad recipient address syntax: {why}"),
-                        );
-                        continue;
-                    }
-                };
-                if let Some((k, _)) = p.params.first() {
-                    reply(&mut out, 555, &format!("5.5.4 Unsupported parameter {k}"));
-                    continue;
-                }
-                // Relaying is refused here, where the address is known,
-                // so that the refusal goes on record for it.
-                let refused = if !allowed && !authed {
-                    Some(if !cfg.listen.users.is_empty() {
-                        (530, "5.7.0 Authentication required".to_string())
-                    } else {
-                        (
-                            550,
-                            format!(
-                                "5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"
-                            ),
-                        )
-                    })
-                } else if t.rcpts.len() >= cfg.listen.max_recipients {
-                    Some((
-                        452,
-                        format!(
-                            "4.5.3 Too many recipients (limit {})",
-                            cfg.listen.max_recipients
-                        ),
-                    ))
-                } else {
-                    None
-                };
-                if let Some((code, text)) = refused {
-                    refusals.record(&services, ip, std::slice::from_ref(&p.addr), code, &text);
-                    reply(&mut out, code, &text);
-                    continue;
-                }
-                let r = session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
-                if r.code == 250 {
-                    if !t.rcpts.iter().any(|x| same_mailbox(x, &p.addr)) {
-                        t.rcpts.push(p.addr);
-                    }
-                    reply(&mut out, 250, "2.1.5 Ok");
-                } else {
-                    write_response(&mut out, &r);
-                }
-            }
-            "DATA" => {
-                if txn.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
-                    reply(&mut out, 503, "5.5.1 Need RCPT command first");
-                    continue;
-                }
-                let r = session.process(&line);
-                if r.code == 354 {
-                    in_data = true;
-                    data_lines = DataLines::new();
-                    reply(&mut out, 354, "End data with <CR><LF>.<CR><LF>");
-                } else {
-                    write_response(&mut out, &r);
-                }
-            }
-            "RSET" => {
-                txn = None;
-                let r = session.process(b"RSET\r\n");
-                write_response(&mut out, &r);
-            }
-            "BDAT" => reply(&mut out, 502, "5.5.1 BDAT not implemented; use DATA"),
-            "STARTTLS" => {
-                let r = session.process(&line);
-                write_response(&mut out, &r);
-                if r.action != Action::UpgradeTls {
-                    continue;
-                }
-                if !send(reader.get_mut(), &out).await {
+        let next = if s.in_data {
+            s.data_line(&mut line, status).await
+        } else {
+            s.tls = reader.get_ref().is_tls();
+            s.command(&line, status)
+        };
+        match next {
+            Next::Continue => {}
+            Next::Close => break,
+            Next::UpgradeTls => {
+                if !send(reader.get_mut(), &s.out).await {
                     return;
                 }
-                out.clear();
-                counted = 0;
+                s.out.clear();
+                s.counted = 0;
                 // Bytes pipelined after STARTTLS were sent in clear text
                 // and must not be read as if they came over TLS.
                 let stream = reader.into_inner();
@@ -693,7 +346,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))
                     .await
                 {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
                         handshake_failed(peer, &e, "STARTTLS");
                         return;
@@ -701,62 +354,602 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     Err(_) => return,
                 };
                 reader = BufReader::new(Stream::ServerTls(Box::new(tls)));
-                session.tls_active();
-                helo.clear();
-                txn = None;
-                auth = Auth::default();
+                s.tls_started();
             }
-            "AUTH" => {
-                if cfg.listen.users.is_empty() {
-                    reply(
-                        &mut out,
-                        503,
-                        "5.5.1 AUTH not available: no users are configured",
-                    );
-                    continue;
-                }
-                if !can_auth {
-                    reply(
-                        &mut out,
-                        538,
-                        "5.7.11 Encryption required: use STARTTLS first",
-                    );
-                    continue;
-                }
-                if authed {
-                    reply(&mut out, 503, "5.5.1 Already authenticated");
-                    continue;
-                }
-                if txn.is_some() {
-                    reply(
-                        &mut out,
-                        503,
-                        "5.5.1 AUTH not allowed during a mail transaction",
-                    );
-                    continue;
-                }
-                let mut words = text.split_ascii_whitespace().skip(1);
-                let mech = words.next().unwrap_or("");
-                if auth.start(&services, peer, mech, words.next(), &mut out) {
-                    break;
-                }
-            }
-            "QUIT" => {
-                reply(&mut out, 221, "2.0.0 Bye");
-                break;
-            }
-            "NOOP" => reply(&mut out, 250, "2.0.0 Ok"),
-            "VRFY" => reply(
-                &mut out,
-                252,
-                "2.5.0 Cannot VRFY user, but will accept message",
-            ),
-            "HELP" => reply(&mut out, 214, "2.0.0 See RFC 5321"),
-            _ => reply(&mut out, 500, "5.5.2 Command not recognized"),
         }
     }
-    if send(reader.get_mut(), &out).await {
+    if send(reader.get_mut(), &s.out).await {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, reader.get_mut().shutdown()).await;
+    }
+}
+
+/// What the I/O loop does after a command or a DATA line.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Read the next line.
+    Continue,
+    /// Write what is pending and close the connection.
+    Close,
+    /// Write what is pending, then swap the stream for TLS (STARTTLS).
+    UpgradeTls,
+}
+
+/// One command line, as the command methods see it.
+struct Command<'a> {
+    /// The raw line, CRLF included (what mailin is given).
+    line: &'a [u8],
+    /// The line without its CRLF, non-UTF-8 bytes replaced.
+    text: &'a str,
+    /// The verb, in upper case.
+    verb: &'a str,
+    /// The line is valid UTF-8: an address is relayed as given, and bytes
+    /// that are not UTF-8 would go out as U+FFFD, another address.
+    utf8: bool,
+}
+
+/// The state of one connection apart from its stream: mailin's state
+/// machine, the client's EHLO name, AUTH, the transaction, the pending
+/// replies and the counters and limits. One method per SMTP command.
+struct SmtpSession {
+    services: Arc<Services>,
+    peer: SocketAddr,
+    ip: IpAddr,
+    /// The client is in `listen.allowed_networks`.
+    allowed: bool,
+    /// The stream is TLS (set by the I/O loop before each command).
+    tls: bool,
+    session: mailin::Session<InHandler>,
+    shared: Arc<Mutex<Shared>>,
+    /// Replies not yet written (PIPELINING).
+    out: Vec<u8>,
+    helo: String,
+    txn: Option<Transaction>,
+    in_data: bool,
+    data_lines: DataLines,
+    auth: Auth,
+    refusals: reception::Refusals,
+    /// Syntax errors so far, and how much of `out` has been counted.
+    errors: usize,
+    counted: usize,
+    /// A session that never completes a transaction (a line every few
+    /// minutes, for ever) would hold its slot: it has session_timeout.
+    deadline: tokio::time::Instant,
+}
+
+impl SmtpSession {
+    fn new(services: Arc<Services>, peer: SocketAddr, implicit_tls: bool) -> SmtpSession {
+        let cfg = &services.cfg;
+        let ip = super::canonical_ip(peer.ip());
+        let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
+        let mut builder = SessionBuilder::new(cfg.hostname.clone());
+        if services.tls.is_some() && !implicit_tls {
+            builder.enable_start_tls();
+        }
+        let shared = Arc::new(Mutex::new(Shared {
+            data: Spool::new(&cfg.storage.path.join("incoming")),
+            oversize: false,
+            spool_error: None,
+            max_size: cfg.listen.max_message_size,
+        }));
+        let handler = InHandler {
+            shared: shared.clone(),
+        };
+        let mut session = builder.build(ip, handler);
+        if implicit_tls {
+            session.tls_active();
+        }
+        let deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
+        SmtpSession {
+            services,
+            peer,
+            ip,
+            allowed,
+            tls: implicit_tls,
+            session,
+            shared,
+            out: Vec::with_capacity(512),
+            helo: String::new(),
+            txn: None,
+            in_data: false,
+            data_lines: DataLines::new(),
+            auth: Auth::default(),
+            refusals: reception::Refusals::default(),
+            errors: 0,
+            counted: 0,
+            deadline,
+        }
+    }
+
+    /// A client that only makes errors (junk, unknown commands) would
+    /// hold a connection slot for ever: after MAX_ERRORS, 421 and true.
+    fn too_many_errors(&mut self) -> bool {
+        self.errors += count_errors(&self.out[self.counted.min(self.out.len())..]);
+        self.counted = self.out.len();
+        if self.errors >= MAX_ERRORS {
+            reply(
+                &mut self.out,
+                421,
+                &format!(
+                    "4.7.0 {} Too many errors, closing connection",
+                    self.services.cfg.hostname
+                ),
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Credentials never cross a network in clear text.
+    fn can_auth(&self) -> bool {
+        !self.services.cfg.listen.users.is_empty() && (self.tls || self.ip.is_loopback())
+    }
+
+    /// The I/O loop has swapped the stream for TLS: start afresh.
+    fn tls_started(&mut self) {
+        self.tls = true;
+        self.session.tls_active();
+        self.helo.clear();
+        self.txn = None;
+        self.auth = Auth::default();
+    }
+
+    /// One line of a message in DATA; at the final `.`, the message is
+    /// committed to disk and only then answered.
+    async fn data_line(&mut self, line: &mut Vec<u8>, status: Line) -> Next {
+        if let Line::TooLong { crlf } = status {
+            let mut sh = self.shared.lock().unwrap();
+            sh.oversize = true;
+            sh.data.clear();
+            self.data_lines.skipped(crlf);
+            return Next::Continue;
+        }
+        let is_end = self.data_lines.feed(line);
+        let r = self.session.process(line);
+        if !is_end {
+            if r.action != Action::NoReply {
+                write_response(&mut self.out, &r);
+            }
+            return Next::Continue;
+        }
+        self.end_of_data().await
+    }
+
+    /// The final `.` of DATA.
+    async fn end_of_data(&mut self) -> Next {
+        let services = self.services.clone();
+        let cfg = &services.cfg;
+        self.in_data = false;
+        let (data, oversize, spool_error) = {
+            let mut sh = self.shared.lock().unwrap();
+            let dir = cfg.storage.path.join("incoming");
+            (
+                std::mem::replace(&mut sh.data, Spool::new(&dir)),
+                sh.oversize,
+                sh.spool_error.take(),
+            )
+        };
+        let Some(t) = self.txn.take() else {
+            reply(&mut self.out, 503, "5.5.1 Bad sequence of commands");
+            return Next::Continue;
+        };
+        let rcpts = t.rcpts.clone();
+        let ip = self.ip;
+        let (code, text) = if let Some(e) = spool_error {
+            tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
+            (
+                451,
+                "4.3.0 Local storage error; try again later".to_string(),
+            )
+        } else if oversize {
+            (
+                552,
+                format!(
+                    "5.3.4 Message too big (limit {} bytes)",
+                    cfg.listen.max_message_size
+                ),
+            )
+        } else {
+            // Anything the client pipelined after the dot waits; the
+            // reply goes out only after the commit.
+            reception::accept(&services, t, data).await
+        };
+        if code >= 400 {
+            self.refusals.record(&services, ip, &rcpts, code, &text);
+        } else {
+            self.deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
+        }
+        reply(&mut self.out, code, &text);
+        Next::Continue
+    }
+
+    /// One command line: checks its framing, feeds an AUTH exchange in
+    /// progress, else calls the method of its verb.
+    fn command(&mut self, line: &[u8], status: Line) -> Next {
+        if matches!(status, Line::TooLong { .. }) {
+            self.auth.abort();
+            reply(
+                &mut self.out,
+                500,
+                &format!("5.5.2 Line too long (limit {MAX_COMMAND_LINE} bytes)"),
+            );
+            return Next::Continue;
+        }
+        if !line.ends_with(b"\r\n") {
+            self.auth.abort();
+            reply(
+                &mut self.out,
+                500,
+                "5.5.2 Syntax error: command not terminated by CRLF",
+            );
+            return Next::Continue;
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+        let utf8 = std::str::from_utf8(line).is_ok();
+        let verb = text
+            .split([' ', ':'])
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if self.auth.in_progress() {
+            return self.auth_answer(text.trim());
+        }
+        let cmd = Command {
+            line,
+            text: &text,
+            verb: &verb,
+            utf8,
+        };
+        match verb.as_str() {
+            "EHLO" | "HELO" => self.ehlo(&cmd),
+            "MAIL" => self.mail(&cmd),
+            "RCPT" => self.rcpt(&cmd),
+            "DATA" => self.data(&cmd),
+            "RSET" => self.rset(),
+            "BDAT" => self.bdat(),
+            "STARTTLS" => self.starttls(&cmd),
+            "AUTH" => self.auth(&cmd),
+            "QUIT" => self.quit(),
+            "NOOP" => self.noop(),
+            "VRFY" => self.vrfy(),
+            "HELP" => self.help(),
+            _ => self.unknown(),
+        }
+    }
+
+    /// EHLO and HELO.
+    fn ehlo(&mut self, cmd: &Command) -> Next {
+        let cfg = &self.services.cfg;
+        let r = self.session.process(cmd.line);
+        if r.code == 250 {
+            // It goes into the Received: header: no control
+            // characters (a CR or LF there would forge fields).
+            self.helo = cmd.text[4..]
+                .trim()
+                .chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .take(255)
+                .collect();
+            self.txn = None;
+            if cmd.verb == "EHLO" {
+                let mut exts = vec![
+                    "PIPELINING".to_string(),
+                    format!("SIZE {}", cfg.listen.max_message_size),
+                    "SMTPUTF8".to_string(),
+                ];
+                // Keep what mailin advertises (8BITMIME, STARTTLS).
+                let buf = r.buffer().unwrap_or_default();
+                for l in String::from_utf8_lossy(&buf).lines().skip(1) {
+                    exts.push(l.get(4..).unwrap_or("").to_string());
+                }
+                if self.can_auth() {
+                    exts.push("AUTH PLAIN LOGIN".into());
+                }
+                self.out
+                    .extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
+                for (i, e) in exts.iter().enumerate() {
+                    let sep = if i + 1 == exts.len() { ' ' } else { '-' };
+                    self.out
+                        .extend_from_slice(format!("250{sep}{e}\r\n").as_bytes());
+                }
+            } else {
+                reply(&mut self.out, 250, &cfg.hostname);
+            }
+        } else {
+            write_response(&mut self.out, &r);
+        }
+        Next::Continue
+    }
+
+    /// MAIL FROM: parsed here (null sender, SIZE=, BODY=, SMTPUTF8);
+    /// mailin only sees a normalised command.
+    fn mail(&mut self, cmd: &Command) -> Next {
+        let max_size = self.services.cfg.listen.max_message_size;
+        let Some(arg) = strip_prefix_ci(cmd.text, "MAIL FROM:") else {
+            reply(&mut self.out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
+            return Next::Continue;
+        };
+        if self.helo.is_empty() {
+            reply(&mut self.out, 503, "5.5.1 Send EHLO or HELO first");
+            return Next::Continue;
+        }
+        if self.txn.is_some() {
+            reply(&mut self.out, 503, "5.5.1 Nested MAIL command");
+            return Next::Continue;
+        }
+        let p = match parse_path(arg) {
+            Ok(_) if !cmd.utf8 => {
+                reply(&mut self.out, 501, "5.1.7 Bad sender address: not UTF-8");
+                return Next::Continue;
+            }
+            Ok(p) => p,
+            Err(why) => {
+                reply(
+                    &mut self.out,
+                    501,
+                    &format!("5.1.7 Bad sender address syntax: {why}"),
+                );
+                return Next::Continue;
+            }
+        };
+        if !p.addr.is_empty() && !p.addr.contains('@') {
+            reply(&mut self.out, 501, "5.1.7 Bad sender address syntax");
+            return Next::Continue;
+        }
+        let mut body8 = false;
+        let mut smtputf8 = false;
+        let mut bad_param = None;
+        for (k, v) in &p.params {
+            match (k.as_str(), v.as_deref()) {
+                ("SIZE", Some(n)) => match n.parse::<u64>() {
+                    Ok(n) if n > max_size as u64 => {
+                        bad_param = Some((
+                            552,
+                            format!("5.3.4 Message size exceeds limit ({max_size} bytes)"),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(_) => bad_param = Some((501, "5.5.4 Bad SIZE value".into())),
+                },
+                ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
+                ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
+                ("SMTPUTF8", None) => smtputf8 = true,
+                ("AUTH", Some(_)) => {}
+                _ => {
+                    bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
+                }
+            }
+        }
+        if let Some((code, text)) = bad_param {
+            reply(&mut self.out, code, &text);
+            return Next::Continue;
+        }
+        // mailin only needs to move to its MAIL state.
+        let norm: &[u8] = if body8 {
+            b"MAIL FROM:<sender@herald.invalid> BODY=8BITMIME\r\n"
+        } else {
+            b"MAIL FROM:<sender@herald.invalid>\r\n"
+        };
+        let r = self.session.process(norm);
+        if r.code == 250 {
+            self.refusals.new_transaction();
+            self.txn = Some(Transaction {
+                peer: self.ip,
+                helo: self.helo.clone(),
+                tls: self.tls,
+                auth_user: self.auth.user.clone(),
+                sender: p.addr,
+                rcpts: Vec::new(),
+                smtputf8,
+                body_8bit: body8,
+            });
+            reply(&mut self.out, 250, "2.1.0 Ok");
+        } else {
+            write_response(&mut self.out, &r);
+        }
+        Next::Continue
+    }
+
+    /// RCPT TO: the address is checked, relaying and the recipient limit
+    /// are enforced (and refusals recorded), duplicates are merged.
+    fn rcpt(&mut self, cmd: &Command) -> Next {
+        let services = self.services.clone();
+        let cfg = &services.cfg;
+        let ip = self.ip;
+        let authed = self.auth.user.is_some();
+        let Some(arg) = strip_prefix_ci(cmd.text, "RCPT TO:") else {
+            reply(&mut self.out, 501, "5.5.4 Syntax: RCPT TO:<address>");
+            return Next::Continue;
+        };
+        let Some(t) = self.txn.as_mut() else {
+            reply(&mut self.out, 503, "5.5.1 Need MAIL command first");
+            return Next::Continue;
+        };
+        let p = match parse_path(arg) {
+            Ok(_) if !cmd.utf8 => {
+                reply(&mut self.out, 501, "5.1.3 Bad recipient address: not UTF-8");
+                return Next::Continue;
+            }
+            Ok(p) if valid_recipient(&p.addr) => p,
+            Ok(_) => {
+                reply(&mut self.out, 501, "5.1.3 Bad recipient address syntax");
+                return Next::Continue;
+            }
+            Err(why) => {
+                reply(
+                    &mut self.out,
+                    501,
+                    &format!("5.1.3 Bad recipient address syntax: {why}"),
+                );
+                return Next::Continue;
+            }
+        };
+        if let Some((k, _)) = p.params.first() {
+            reply(
+                &mut self.out,
+                555,
+                &format!("5.5.4 Unsupported parameter {k}"),
+            );
+            return Next::Continue;
+        }
+        // Relaying is refused here, where the address is known,
+        // so that the refusal goes on record for it.
+        let refused = if !self.allowed && !authed {
+            Some(if !cfg.listen.users.is_empty() {
+                (530, "5.7.0 Authentication required".to_string())
+            } else {
+                (
+                    550,
+                    format!("5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"),
+                )
+            })
+        } else if t.rcpts.len() >= cfg.listen.max_recipients {
+            Some((
+                452,
+                format!(
+                    "4.5.3 Too many recipients (limit {})",
+                    cfg.listen.max_recipients
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, text)) = refused {
+            self.refusals
+                .record(&services, ip, std::slice::from_ref(&p.addr), code, &text);
+            reply(&mut self.out, code, &text);
+            return Next::Continue;
+        }
+        let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
+        if r.code == 250 {
+            if !t.rcpts.iter().any(|x| same_mailbox(x, &p.addr)) {
+                t.rcpts.push(p.addr);
+            }
+            reply(&mut self.out, 250, "2.1.5 Ok");
+        } else {
+            write_response(&mut self.out, &r);
+        }
+        Next::Continue
+    }
+
+    /// DATA: the lines that follow go to [`SmtpSession::data_line`].
+    fn data(&mut self, cmd: &Command) -> Next {
+        if self.txn.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
+            reply(&mut self.out, 503, "5.5.1 Need RCPT command first");
+            return Next::Continue;
+        }
+        let r = self.session.process(cmd.line);
+        if r.code == 354 {
+            self.in_data = true;
+            self.data_lines = DataLines::new();
+            reply(&mut self.out, 354, "End data with <CR><LF>.<CR><LF>");
+        } else {
+            write_response(&mut self.out, &r);
+        }
+        Next::Continue
+    }
+
+    fn rset(&mut self) -> Next {
+        self.txn = None;
+        let r = self.session.process(b"RSET\r\n");
+        write_response(&mut self.out, &r);
+        Next::Continue
+    }
+
+    fn bdat(&mut self) -> Next {
+        reply(&mut self.out, 502, "5.5.1 BDAT not implemented; use DATA");
+        Next::Continue
+    }
+
+    /// STARTTLS: the I/O loop writes the 220 and swaps the stream, then
+    /// calls [`SmtpSession::tls_started`].
+    fn starttls(&mut self, cmd: &Command) -> Next {
+        let r = self.session.process(cmd.line);
+        write_response(&mut self.out, &r);
+        if r.action != Action::UpgradeTls {
+            return Next::Continue;
+        }
+        Next::UpgradeTls
+    }
+
+    /// AUTH PLAIN / LOGIN, with or without an initial response.
+    fn auth(&mut self, cmd: &Command) -> Next {
+        if self.services.cfg.listen.users.is_empty() {
+            reply(
+                &mut self.out,
+                503,
+                "5.5.1 AUTH not available: no users are configured",
+            );
+            return Next::Continue;
+        }
+        if !self.can_auth() {
+            reply(
+                &mut self.out,
+                538,
+                "5.7.11 Encryption required: use STARTTLS first",
+            );
+            return Next::Continue;
+        }
+        if self.auth.user.is_some() {
+            reply(&mut self.out, 503, "5.5.1 Already authenticated");
+            return Next::Continue;
+        }
+        if self.txn.is_some() {
+            reply(
+                &mut self.out,
+                503,
+                "5.5.1 AUTH not allowed during a mail transaction",
+            );
+            return Next::Continue;
+        }
+        let mut words = cmd.text.split_ascii_whitespace().skip(1);
+        let mech = words.next().unwrap_or("");
+        if self
+            .auth
+            .start(&self.services, self.peer, mech, words.next(), &mut self.out)
+        {
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    /// The client's answer to a 334 challenge of AUTH.
+    fn auth_answer(&mut self, answer: &str) -> Next {
+        if self
+            .auth
+            .answer(&self.services, self.peer, answer, &mut self.out)
+        {
+            return Next::Close;
+        }
+        Next::Continue
+    }
+
+    fn quit(&mut self) -> Next {
+        reply(&mut self.out, 221, "2.0.0 Bye");
+        Next::Close
+    }
+
+    fn noop(&mut self) -> Next {
+        reply(&mut self.out, 250, "2.0.0 Ok");
+        Next::Continue
+    }
+
+    fn vrfy(&mut self) -> Next {
+        reply(
+            &mut self.out,
+            252,
+            "2.5.0 Cannot VRFY user, but will accept message",
+        );
+        Next::Continue
+    }
+
+    fn help(&mut self) -> Next {
+        reply(&mut self.out, 214, "2.0.0 See RFC 5321");
+        Next::Continue
+    }
+
+    fn unknown(&mut self) -> Next {
+        reply(&mut self.out, 500, "5.5.2 Command not recognized");
+        Next::Continue
     }
 }
 
