@@ -1234,9 +1234,15 @@ mod tests {
         assert!(!w.wants("delivered", None), "a tag filter needs a tag");
         assert!(!w.wants("bounced", Some("file-7")));
         let bad = text.replace("[\"delivered\"]", "[\"delivred\"]");
-        assert!(parse(&bad).unwrap_err().to_string().contains("webhooks[0].events"));
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("webhooks[0].events"));
         let bad = text.replace("https://p.example/h", "ftp://p.example/h");
-        assert!(parse(&bad).unwrap_err().to_string().contains("webhooks[0].url"));
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("webhooks[0].url"));
     }
 
     #[test]
