@@ -8,36 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000} S=${2:-10} R=${3:-3}
 SHARED=${SHARED:-../shared/bench}
-command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || {
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
-}
-# Debian's "No configuration" install leaves no main.cf; postconf needs one.
-[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+. bench/lib.sh
+need_postfix_tools
 cargo build --release --locked
 work=$(mktemp -d)
-cat > "$work/herald.toml" <<CONF
-hostname = "bench.local"
-[listen]
-smtp = ["127.0.0.1:2525"]
-max_connections = 1024
-max_connections_per_ip = 1024
-[storage]
-path = "data"
-[sender]
-default_sender = "notifications@example.com"
-[delivery]
-upstream = "sink"
-concurrency = 16
-[upstreams.sink]
-host = "127.0.0.1"
-port = 2600
-security = "none"
-CONF
+herald_config "$work/herald.toml" 2525 2600
 ./target/release/herald serve --config "$work/herald.toml" 2>"$work/herald.log" &
 HPID=$!
 trap 'kill $HPID 2>/dev/null; wait $HPID 2>/dev/null; "$SHARED/postfix-peer.sh" stop; rm -rf "$work"' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2525) 2>/dev/null && break; sleep 0.1; done
+wait_port 2525
 "$SHARED/postfix-peer.sh" start
 echo "== herald (pid $HPID)"
 "$SHARED/bench.sh" -s "$S" -r "$R" -p "$HPID" -n herald -I 30 127.0.0.1:2525 "$N" | tee "$work/herald.out"

@@ -7,38 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}
-command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || {
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
-}
-PATH=$PATH:/usr/sbin
+. bench/lib.sh
+need_postfix_tools
 cargo build --release --locked
 work=$(mktemp -d)
-cat > "$work/herald.toml" <<CONF
-hostname = "bench.local"
-[listen]
-smtp = ["127.0.0.1:2526"]
-max_connections = 1024
-max_connections_per_ip = 1024
-[storage]
-path = "data"
-[sender]
-default_sender = "notifications@example.com"
-[delivery]
-upstream = "nowhere"
-[upstreams.nowhere]
-host = "127.0.0.1"
-port = 9
-security = "none"
-[control]
-socket = "data/herald.sock"
-metrics_listen = "127.0.0.1:9026"
-CONF
+# The upstream is a closed port: with delivery paused the queue only grows.
+herald_config "$work/herald.toml" 2526 9 "" 'metrics_listen = "127.0.0.1:9026"'
 herald() { ./target/release/herald --config "$work/herald.toml" "$@"; }
 ./target/release/herald --config "$work/herald.toml" serve 2>"$work/herald.log" &
 HPID=$!
 trap 'kill $HPID 2>/dev/null; wait $HPID 2>/dev/null; rm -rf "$work"; true' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/2526) 2>/dev/null && break; sleep 0.1; done
+wait_port 2526
 # Held, so the queue only grows.
 herald pause >/dev/null
 echo "filling the queue with $N messages..."

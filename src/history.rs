@@ -261,26 +261,7 @@ impl History {
         tag: Option<&str>,
         subject: Option<&str>,
     ) -> Result<Event, QueueError> {
-        self.record_classed(kind, None, id, rcpt, detail, tag, subject)
-    }
-
-    /// [`History::record`] with the class of the reply behind the event.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_classed(
-        &self,
-        kind: EventKind,
-        class: Option<Class>,
-        id: &str,
-        rcpt: &str,
-        detail: &str,
-        tag: Option<&str>,
-        subject: Option<&str>,
-    ) -> Result<Event, QueueError> {
-        let extra = Extra {
-            class,
-            ..Default::default()
-        };
-        self.record_with(kind, id, rcpt, detail, tag, subject, extra)
+        self.record_with(kind, id, rcpt, detail, tag, subject, Extra::default())
     }
 
     /// Records an event with everything it carries (webhooks send it all).

@@ -5,32 +5,13 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{Read, Write};
 
 const TOKEN: &str = "support-console-token-0123";
 
-/// One HTTP/1.1 request: (status, JSON body).
+/// One API request: (status, JSON body).
 fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let code = String::from_utf8_lossy(&raw[9..12]).parse().unwrap_or(0);
-    let text = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| String::from_utf8_lossy(&raw[p + 4..]).into_owned())
-        .unwrap_or_default();
+    let (code, raw) = http(addr, method, path, token, body);
+    let text = String::from_utf8_lossy(&raw).into_owned();
     (
         code,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -91,7 +72,7 @@ fn every_route_and_its_errors() {
         "Subject: Your file\nX-Herald-Tag: file-1\n\nready\n",
     );
     assert_eq!(code, 250);
-    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let id = queue_id(&reply);
     let (code, v) = get("/api/v1/queue");
     assert_eq!(code, 200);
     assert_eq!(v["messages"][0]["id"], id.as_str());

@@ -4,24 +4,13 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 
 fn check(dir: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("check-dns")
-        .args(args)
-        .arg("--config")
-        .arg(dir.join("herald.toml"))
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let config = dir.join("herald.toml");
+    let mut all: Vec<&std::ffi::OsStr> = vec!["check-dns".as_ref()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    all.extend(["--config".as_ref(), config.as_os_str()]);
+    run_herald(all)
 }
 
 #[test]

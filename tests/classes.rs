@@ -7,22 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn ok(h: &Herald, args: &[&str]) -> String {
-    let (code, out, err) = h.cli(args);
-    assert_eq!(code, 0, "herald {args:?}: {out}{err}");
-    out
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn events(h: &Herald, rcpt: &str) -> Vec<Value> {
-    json_lines(&ok(h, &["history", "--rcpt", rcpt, "--json"]))
-}
-
 fn with_metrics(port: u16, extra: &str) -> String {
     format!("{extra}\n[control]\nmetrics_listen = \"127.0.0.1:{port}\"\n")
 }
@@ -48,11 +32,12 @@ fn unverified_sender_at_smart_host_defers_everyone_and_suppresses_nobody() {
     // The next attempt gets 250: both delivered, nobody ever bounced.
     let msgs = sink.wait_for(1, 15);
     assert_eq!(msgs.len(), 1, "{}", h.log());
-    assert!(wait_until(10, || events(&h, "paul@dest.test")
+    assert!(wait_until(10, || h
+        .events("paul@dest.test")
         .iter()
         .any(|e| e["event"] == "delivered")));
     for r in rcpts {
-        let evs = events(&h, r);
+        let evs = h.events(r);
         let deferred: Vec<&Value> = evs.iter().filter(|e| e["event"] == "deferred").collect();
         assert_eq!(deferred.len(), 1, "{evs:?}");
         assert_eq!(deferred[0]["class"], "route", "{evs:?}");
@@ -65,7 +50,7 @@ fn unverified_sender_at_smart_host_defers_everyone_and_suppresses_nobody() {
         );
         assert!(!evs.iter().any(|e| e["event"] == "bounced"), "{evs:?}");
     }
-    let list = ok(&h, &["suppression", "list"]);
+    let list = h.ok(&["suppression", "list"]);
     assert!(list.contains("no suppressed addresses"), "{list}");
     assert!(!h.log().contains("address suppressed"), "{}", h.log());
 }
@@ -90,13 +75,14 @@ fn policy_refusal_bounces_without_suppressing_and_trace_says_why() {
         250
     );
     assert!(
-        wait_until(10, || events(&h, "louise@dest.test")
+        wait_until(10, || h
+            .events("louise@dest.test")
             .iter()
             .any(|e| e["event"] == "bounced")),
         "{}",
         h.log()
     );
-    let evs = events(&h, "louise@dest.test");
+    let evs = h.events("louise@dest.test");
     let bounced = evs.iter().find(|e| e["event"] == "bounced").unwrap();
     assert_eq!(bounced["class"], "policy", "{bounced}");
     assert!(
@@ -107,9 +93,9 @@ fn policy_refusal_bounces_without_suppressing_and_trace_says_why() {
         "{bounced}"
     );
     // Never suppressed: the next mail to the address is attempted.
-    let list = ok(&h, &["suppression", "list"]);
+    let list = h.ok(&["suppression", "list"]);
     assert!(list.contains("no suppressed addresses"), "{list}");
-    let t = ok(&h, &["trace", "louise@dest.test"]);
+    let t = h.ok(&["trace", "louise@dest.test"]);
     assert!(
         t.contains("herald check-dns") && t.contains("nothing is wrong with the address"),
         "{t}"
@@ -159,13 +145,13 @@ fn unknown_user_bounces_hard_and_is_suppressed_full_mailbox_is_not() {
         &message("classes"),
     );
     assert_eq!(code, 250, "{reply}");
-    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let id = queue_id(&reply);
     assert!(
         wait_until(10, || h.log().contains("address suppressed")),
         "{}",
         h.log()
     );
-    let shown = json_lines(&ok(&h, &["show", &id, "--json"]));
+    let shown = json_lines(&h.ok(&["show", &id, "--json"]));
     let rcpts = shown[0]["queued"]["rcpts"].as_array().unwrap().clone();
     let class_of = |addr: &str| {
         rcpts
@@ -186,20 +172,20 @@ fn unknown_user_bounces_hard_and_is_suppressed_full_mailbox_is_not() {
         class_of("busy@dest.test"),
         ("deferred".into(), "throttle".into())
     );
-    let human = ok(&h, &["show", &id]);
+    let human = h.ok(&["show", &id]);
     assert!(
         human.contains("CLASS") && human.contains("throttle"),
         "{human}"
     );
 
-    let list = json_lines(&ok(&h, &["suppression", "list", "--json"]));
+    let list = json_lines(&h.ok(&["suppression", "list", "--json"]));
     let addrs: Vec<&str> = list.iter().map(|e| e["addr"].as_str().unwrap()).collect();
     assert_eq!(addrs, vec!["gone@dest.test"]);
-    let t = ok(&h, &["trace", "gone@dest.test"]);
+    let t = h.ok(&["trace", "gone@dest.test"]);
     assert!(t.contains("remove it from your platform"), "{t}");
-    let t = ok(&h, &["trace", "full@dest.test"]);
+    let t = h.ok(&["trace", "full@dest.test"]);
     assert!(t.contains("mailbox is full"), "{t}");
-    let t = ok(&h, &["trace", "busy@dest.test"]);
+    let t = h.ok(&["trace", "busy@dest.test"]);
     assert!(t.contains("slow down") || t.contains("limiting"), "{t}");
 }
 
@@ -232,16 +218,17 @@ fn mx_refusals_are_classified_too() {
         250
     );
     assert!(
-        wait_until(15, || events(&h, "x@blocked.test")
+        wait_until(15, || h
+            .events("x@blocked.test")
             .iter()
             .any(|e| e["event"] == "bounced")),
         "{}",
         h.log()
     );
-    let evs = events(&h, "x@blocked.test");
+    let evs = h.events("x@blocked.test");
     let b = evs.iter().find(|e| e["event"] == "bounced").unwrap();
     assert_eq!(b["class"], "policy", "{b}");
     assert!(b["detail"].as_str().unwrap().contains("spamhaus"), "{b}");
-    let list = ok(&h, &["suppression", "list"]);
+    let list = h.ok(&["suppression", "list"]);
     assert!(list.contains("no suppressed addresses"), "{list}");
 }

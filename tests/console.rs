@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 
 const TOKEN: &str = "support-console-token-0123";
 
@@ -49,18 +48,14 @@ fn a_support_person_answers_from_the_browser_alone() {
     }
     let (code, reply) = c.send("app@platform.test", &["later@dest.test"], &message("later"));
     assert_eq!(code, 250);
-    let deferred = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let deferred = queue_id(&reply);
     assert_eq!(sink.wait_for(2, 10).len(), 2);
-    let events = |rcpt: &str| -> Vec<Value> {
-        let (_, out, _) = h.cli(&["history", "--rcpt", rcpt, "--json"]);
-        out.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    };
-    assert!(wait_until(10, || events("gone@dest.test")
+    assert!(wait_until(10, || h
+        .events("gone@dest.test")
         .iter()
         .any(|e| e["event"] == "bounced")));
-    assert!(wait_until(10, || events("later@dest.test")
+    assert!(wait_until(10, || h
+        .events("later@dest.test")
         .iter()
         .any(|e| e["event"] == "deferred")));
 
@@ -87,7 +82,7 @@ fn a_support_person_answers_from_the_browser_alone() {
     // What the page did, seen from outside the page.
     let (_, list, _) = h.cli(&["suppression", "list"]);
     assert!(!list.contains("gone@dest.test"), "Remove lifted it: {list}");
-    let later = events("later@dest.test");
+    let later = h.events("later@dest.test");
     assert!(later.iter().filter(|e| e["event"] == "deferred").count() >= 1);
     assert!(later.iter().any(|e| e["event"] == "cancelled"), "{later:?}");
     let seen = sink.state.lock().unwrap().rcpt_seen.clone();

@@ -4,15 +4,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
-
-fn events(h: &Herald, rcpt: &str) -> Vec<Value> {
-    let (code, out, err) = h.cli(&["history", "--rcpt", rcpt, "--json"]);
-    assert_eq!(code, 0, "{err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn a_dead_pooled_connection_is_replaced_without_a_deferral() {
@@ -35,10 +26,11 @@ fn a_dead_pooled_connection_is_replaced_without_a_deferral() {
         250
     );
     assert_eq!(sink.wait_for(2, 10).len(), 2, "{}", h.log());
-    assert!(wait_until(5, || events(&h, "two@dest.test")
+    assert!(wait_until(5, || h
+        .events("two@dest.test")
         .iter()
         .any(|e| e["event"] == "delivered")));
-    let evs = events(&h, "two@dest.test");
+    let evs = h.events("two@dest.test");
     assert!(
         !evs.iter().any(|e| e["event"] == "deferred"),
         "a dead pooled connection is not the recipient's deferral: {evs:?}"
@@ -81,13 +73,14 @@ fn a_reply_lost_after_the_dot_defers_and_never_tries_the_next_mx() {
         250
     );
     assert!(
-        wait_until(15, || events(&h, "u@d.test")
+        wait_until(15, || h
+            .events("u@d.test")
             .iter()
             .any(|e| e["event"] == "deferred")),
         "{}",
         h.log()
     );
-    let evs = events(&h, "u@d.test");
+    let evs = h.events("u@d.test");
     let d = evs.iter().find(|e| e["event"] == "deferred").unwrap();
     assert!(
         d["detail"]

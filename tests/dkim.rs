@@ -10,19 +10,9 @@ const BODY: &str = "Bonjour Louise,\n\nLe fichier « rapport.pdf » est prêt.\n
 
 #[test]
 fn signed_with_rsa_and_ed25519_and_verified_by_dkimpy() {
-    let dir = tempfile::tempdir().unwrap();
-    let rsa = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
-    let ed = dkim_keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
     let sink = Sink::start(Script::default());
-    let h = Herald::start_in(
-        dir,
-        &format!(
-            "[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"rsa.pem\"\n\
-             [[dkim]]\ndomain = \"ed.example\"\nselector = \"ed1\"\nprivate_key = \"ed.pem\"\n\
-             [[routes]]\nsender_domain = \"edcustomer.test\"\nupstream = \"up\"\ndefault_sender = \"notify@ed.example\"\n{}",
-            upstream(sink.port(), "none", "")
-        ),
-    );
+    let (h, keys) = signing_herald(&sink);
+    let [rsa, ed]: [(String, String); 2] = keys.try_into().unwrap();
     let mut c = h.client();
     c.ehlo();
     let msg = format!(
@@ -127,19 +117,9 @@ fn warns_at_startup_when_the_default_sender_cannot_be_signed() {
 /// verifies with dkimpy (it refuses a `b=` value folded onto a lone `;`).
 #[test]
 fn every_signature_verifies_with_dkimpy_whatever_the_headers() {
-    let dir = tempfile::tempdir().unwrap();
-    let rsa = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
-    let ed = dkim_keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
     let sink = Sink::start(Script::default());
-    let h = Herald::start_in(
-        dir,
-        &format!(
-            "[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"rsa.pem\"\n\
-             [[dkim]]\ndomain = \"ed.example\"\nselector = \"ed1\"\nprivate_key = \"ed.pem\"\n\
-             [[routes]]\nsender_domain = \"edcustomer.test\"\nupstream = \"up\"\ndefault_sender = \"notify@ed.example\"\n{}",
-            upstream(sink.port(), "none", "")
-        ),
-    );
+    let (h, keys) = signing_herald(&sink);
+    let [rsa, ed]: [(String, String); 2] = keys.try_into().unwrap();
     // What swaks sends, then optional fields, MIME ones among them.
     let swaks = [
         "Date: Tue, 24 Nov 2026 02:34:13 +0000",

@@ -190,19 +190,11 @@ fn a_session_of_errors_is_closed_after_twenty() {
 fn check_config(dir: &std::path::Path, config: &str) -> (i32, String) {
     let path = dir.join("herald.toml");
     std::fs::write(&path, format!("{BASE}{config}")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    run_herald([
+        "check-config".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])
 }
 
 #[test]

@@ -8,25 +8,6 @@ mod common;
 
 use common::*;
 
-/// A herald signing for example.com (RSA) and ed.example (Ed25519, mail
-/// from edcustomer.test), relaying to `sink`. Returns it with both DKIM
-/// records.
-fn signing_herald(sink: &Sink) -> (Herald, Vec<(String, String)>) {
-    let dir = tempfile::tempdir().unwrap();
-    let rsa = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
-    let ed = dkim_keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
-    let h = Herald::start_in(
-        dir,
-        &format!(
-            "[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"rsa.pem\"\n\
-             [[dkim]]\ndomain = \"ed.example\"\nselector = \"ed1\"\nprivate_key = \"ed.pem\"\n\
-             [[routes]]\nsender_domain = \"edcustomer.test\"\nupstream = \"up\"\ndefault_sender = \"notify@ed.example\"\n{}",
-            upstream(sink.port(), "none", "")
-        ),
-    );
-    (h, vec![rsa, ed])
-}
-
 /// Sends `msg` (LF line ends, made CRLF), waits for it at the sink and
 /// checks what the issue asks: delivered, lines of at most 998 bytes,
 /// decoded parts identical to the ones sent, DKIM verified. Returns what

@@ -7,27 +7,11 @@ use common::*;
 use serde_json::Value;
 use std::time::Duration;
 
-fn ok(h: &Herald, args: &[&str]) -> String {
-    let (code, out, err) = h.cli(args);
-    assert_eq!(code, 0, "herald {args:?}: {out}{err}");
-    out
-}
-
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn queue_id(reply: &str) -> String {
-    reply.trim().rsplit(' ').next().unwrap().to_string()
-}
-
 #[test]
 fn pause_survives_restart_queue_lists_held_mail_and_resume_delivers() {
     let sink = Sink::start(Script::default());
     let mut h = Herald::start(&upstream(sink.port(), "none", ""));
-    let out = ok(&h, &["pause"]);
+    let out = h.ok(&["pause"]);
     assert!(out.contains("paused"), "{out}");
     let mut c = h.client();
     c.ehlo();
@@ -36,7 +20,7 @@ fn pause_survives_restart_queue_lists_held_mail_and_resume_delivers() {
     let id = queue_id(&reply);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(sink.count(), 0, "paused: nothing goes out");
-    let q = ok(&h, &["queue"]);
+    let q = h.ok(&["queue"]);
     assert!(
         q.contains(&id) && q.contains("louise@dest.test") && q.contains("queued"),
         "{q}"
@@ -45,20 +29,20 @@ fn pause_survives_restart_queue_lists_held_mail_and_resume_delivers() {
 
     h.terminate().unwrap();
     h.spawn();
-    let st = ok(&h, &["status"]);
+    let st = h.ok(&["status"]);
     assert!(st.contains("PAUSED"), "{st}");
     assert!(st.contains("queue: 1 message"), "{st}");
-    let st = json_lines(&ok(&h, &["status", "--json"]));
+    let st = json_lines(&h.ok(&["status", "--json"]));
     assert_eq!(st[0]["paused"], Value::Bool(true));
-    let q = json_lines(&ok(&h, &["queue", "--json"]));
+    let q = json_lines(&h.ok(&["queue", "--json"]));
     assert_eq!(q.len(), 1);
     assert_eq!(q[0]["id"], Value::String(id.clone()));
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(sink.count(), 0, "still paused after restart");
 
-    ok(&h, &["resume"]);
+    h.ok(&["resume"]);
     assert_eq!(sink.wait_for(1, 10).len(), 1, "{}", h.log());
-    let st = json_lines(&ok(&h, &["status", "--json"]));
+    let st = json_lines(&h.ok(&["status", "--json"]));
     assert_eq!(st[0]["paused"], Value::Bool(false));
     assert_eq!(st[0]["messages"], 0, "delivered mail leaves the queue");
 }
@@ -72,12 +56,10 @@ fn history_shows_received_and_delivered_and_show_explains_a_message() {
     let (_, reply) = c.send("a@b.test", &["Louise@Dest.test"], &message("history"));
     let id = queue_id(&reply);
     sink.wait_for(1, 10);
-    assert!(wait_until(5, || ok(&h, &["history", "--id", &id])
+    assert!(wait_until(5, || h
+        .ok(&["history", "--id", &id])
         .contains("delivered")));
-    let ev = json_lines(&ok(
-        &h,
-        &["history", "--rcpt", "louise@dest.test", "--json"],
-    ));
+    let ev = json_lines(&h.ok(&["history", "--rcpt", "louise@dest.test", "--json"]));
     let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -91,12 +73,12 @@ fn history_shows_received_and_delivered_and_show_explains_a_message() {
         ev[1]
     );
     assert!(ev[0]["time"].as_str().unwrap().ends_with('Z'));
-    let human = ok(&h, &["history", "--since", "1h"]);
+    let human = h.ok(&["history", "--since", "1h"]);
     assert!(
         human.contains("TIME") && human.contains("delivered"),
         "{human}"
     );
-    let shown = ok(&h, &["show", &id]);
+    let shown = h.ok(&["show", &id]);
     assert!(
         shown.contains("no longer queued") && shown.contains("delivered"),
         "{shown}"
@@ -128,7 +110,7 @@ fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
         h.log()
     );
 
-    let list = ok(&h, &["suppression", "list"]);
+    let list = h.ok(&["suppression", "list"]);
     assert!(
         list.contains("gone@dest.test") && list.contains("550 5.1.1"),
         "{list}"
@@ -147,7 +129,7 @@ fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
         "{seen:?}"
     );
 
-    let t = ok(&h, &["trace", "GONE@dest.test"]);
+    let t = h.ok(&["trace", "GONE@dest.test"]);
     assert!(t.contains("SUPPRESSED"), "{t}");
     assert!(t.contains("550 5.1.1"), "{t}");
     assert!(
@@ -155,7 +137,7 @@ fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
         "{t}"
     );
     assert!(t.contains("herald suppression remove"), "{t}");
-    let tj = json_lines(&ok(&h, &["trace", "gone@dest.test", "--json"]));
+    let tj = json_lines(&h.ok(&["trace", "gone@dest.test", "--json"]));
     let kinds: Vec<&str> = tj[0]["events"]
         .as_array()
         .unwrap()
@@ -168,7 +150,7 @@ fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
         "newest first"
     );
 
-    let out = ok(&h, &["suppression", "remove", "gone@dest.test"]);
+    let out = h.ok(&["suppression", "remove", "gone@dest.test"]);
     assert!(out.contains("lifted"), "{out}");
     sink.state.lock().unwrap().script.rcpt_replies.clear();
     assert_eq!(
@@ -178,7 +160,8 @@ fn bounce_suppresses_then_trace_explains_and_remove_lifts() {
     let msgs = sink.wait_for(1, 10);
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].text().contains("Subject: third"));
-    assert!(wait_until(5, || ok(&h, &["trace", "gone@dest.test"])
+    assert!(wait_until(5, || h
+        .ok(&["trace", "gone@dest.test"])
         .contains("diagnosis: delivered")));
 }
 
@@ -195,30 +178,30 @@ fn delayed_mail_cancelled_by_tag_never_goes_out() {
     let (code, reply) = c.send("a@b.test", &["louise@dest.test", "paul@dest.test"], &msg);
     assert_eq!(code, 250);
     let id = queue_id(&reply);
-    let q = ok(&h, &["queue"]);
+    let q = h.ok(&["queue"]);
     assert!(
         q.contains("file-1234") && q.contains("in 59m"),
         "held an hour: {q}"
     );
-    let t = ok(&h, &["trace", "louise@dest.test"]);
+    let t = h.ok(&["trace", "louise@dest.test"]);
     assert!(t.contains("held until its first attempt"), "{t}");
 
-    let out = ok(&h, &["cancel", "--tag", "file-1234"]);
+    let out = h.ok(&["cancel", "--tag", "file-1234"]);
     assert_eq!(out.matches("cancelled ").count(), 2, "{out}");
-    ok(&h, &["retry", "--all"]);
+    h.ok(&["retry", "--all"]);
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(sink.count(), 0);
-    let ev = json_lines(&ok(&h, &["history", "--tag", "file-1234", "--json"]));
+    let ev = json_lines(&h.ok(&["history", "--tag", "file-1234", "--json"]));
     assert_eq!(
         ev.iter().filter(|e| e["event"] == "cancelled").count(),
         2,
         "{ev:?}"
     );
-    assert!(ok(&h, &["queue"]).contains("queue is empty"));
-    let t = ok(&h, &["trace", "paul@dest.test"]);
+    assert!(h.ok(&["queue"]).contains("queue is empty"));
+    let t = h.ok(&["trace", "paul@dest.test"]);
     assert!(t.contains("diagnosis: cancelled"), "{t}");
     // Cancelling again changes nothing and says so.
-    let out = ok(&h, &["cancel", &id]);
+    let out = h.ok(&["cancel", &id]);
     assert!(
         out.contains("already cancelled") && out.contains("nothing was cancelled"),
         "{out}"
@@ -228,9 +211,10 @@ fn delayed_mail_cancelled_by_tag_never_goes_out() {
     let msg = format!("X-Herald-Tag: file-99\n{}", message("sent"));
     assert_eq!(c.send("a@b.test", &["louise@dest.test"], &msg).0, 250);
     sink.wait_for(1, 10);
-    assert!(wait_until(5, || ok(&h, &["history", "--tag", "file-99"])
+    assert!(wait_until(5, || h
+        .ok(&["history", "--tag", "file-99"])
         .contains("delivered")));
-    let out = ok(&h, &["cancel", "--tag", "file-99"]);
+    let out = h.ok(&["cancel", "--tag", "file-99"]);
     assert!(out.contains("already delivered"), "{out}");
     let (code, _, err) = h.cli(&["cancel", "--tag", "never-seen"]);
     assert_eq!(code, 1);
@@ -247,15 +231,15 @@ fn retry_makes_deferred_mail_due_now() {
     c.ehlo();
     let (_, reply) = c.send("a@b.test", &["louise@dest.test"], &message("resend"));
     let id = queue_id(&reply);
-    assert!(wait_until(10, || ok(&h, &["queue"]).contains("deferred")));
-    let t = ok(&h, &["trace", "louise@dest.test"]);
+    assert!(wait_until(10, || h.ok(&["queue"]).contains("deferred")));
+    let t = h.ok(&["trace", "louise@dest.test"]);
     assert!(
         t.contains("diagnosis: deferred") && t.contains("next attempt in 59m"),
         "{t}"
     );
     assert!(t.contains(&format!("herald retry {id}")), "{t}");
     let sink = Sink::start_on(port, Script::default());
-    let out = ok(&h, &["retry", &id]);
+    let out = h.ok(&["retry", &id]);
     assert!(out.contains("1 recipient(s) due now"), "{out}");
     assert_eq!(sink.wait_for(1, 10).len(), 1, "{}", h.log());
     let (code, _, _) = h.cli(&["retry", "NOSUCHID"]);
@@ -276,13 +260,13 @@ fn history_is_purged_after_retention() {
         250
     );
     sink.wait_for(1, 10);
-    assert!(!json_lines(&ok(&h, &["history", "--json"])).is_empty());
+    assert!(!json_lines(&h.ok(&["history", "--json"])).is_empty());
     assert!(
-        wait_until(8, || ok(&h, &["history", "--json"]).trim().is_empty()),
+        wait_until(8, || h.ok(&["history", "--json"]).trim().is_empty()),
         "{}",
-        ok(&h, &["history"])
+        h.ok(&["history"])
     );
-    let t = ok(&h, &["trace", "louise@dest.test"]);
+    let t = h.ok(&["trace", "louise@dest.test"]);
     assert!(
         t.contains("diagnosis: no mail for louise@dest.test in the last 2s"),
         "{t}"
@@ -292,26 +276,25 @@ fn history_is_purged_after_retention() {
 #[test]
 fn suppression_add_export_import_round_trip() {
     let h = Herald::start("");
-    ok(
-        &h,
-        &[
-            "suppression",
-            "add",
-            "x@dest.test",
-            "--reason",
-            "asked to stop",
-        ],
-    );
-    let csv = ok(&h, &["suppression", "export"]);
+    h.ok(&[
+        "suppression",
+        "add",
+        "x@dest.test",
+        "--reason",
+        "asked to stop",
+    ]);
+    let csv = h.ok(&["suppression", "export"]);
     assert!(csv.starts_with("address,reason"), "{csv}");
     assert!(csv.contains("x@dest.test,asked to stop"), "{csv}");
-    ok(&h, &["suppression", "remove", "x@dest.test"]);
-    assert!(ok(&h, &["suppression", "list"]).contains("no suppressed addresses"));
+    h.ok(&["suppression", "remove", "x@dest.test"]);
+    assert!(h
+        .ok(&["suppression", "list"])
+        .contains("no suppressed addresses"));
     let file = h.path("list.csv");
     std::fs::write(&file, format!("{csv}y@dest.test,,,,,,\n")).unwrap();
-    let out = ok(&h, &["suppression", "import", file.to_str().unwrap()]);
+    let out = h.ok(&["suppression", "import", file.to_str().unwrap()]);
     assert!(out.contains("imported 2"), "{out}");
-    let list = json_lines(&ok(&h, &["suppression", "list", "--json"]));
+    let list = json_lines(&h.ok(&["suppression", "list", "--json"]));
     let addrs: Vec<&str> = list.iter().map(|e| e["addr"].as_str().unwrap()).collect();
     assert!(
         addrs.contains(&"x@dest.test") && addrs.contains(&"y@dest.test"),
@@ -348,7 +331,7 @@ fn cli_against_a_stopped_daemon_exits_2_with_one_line() {
     h.kill9();
     assert!(sock.exists());
     h.spawn();
-    ok(&h, &["status"]);
+    h.ok(&["status"]);
 }
 
 fn get_text(addr: &str, path: &str) -> (u16, String) {
@@ -388,7 +371,7 @@ fn healthz_and_metrics() {
     assert!(m.contains("herald_queue_messages 0"), "{m}");
     assert!(m.contains("herald_route_healthy{route=\"up\"} 1"), "{m}");
     assert!(m.contains("herald_paused 0"), "{m}");
-    ok(&h, &["pause"]);
+    h.ok(&["pause"]);
     assert!(get_text(&addr, "/metrics").1.contains("herald_paused 1"));
     assert_eq!(get_text(&addr, "/healthz").1, "ok (delivery paused)\n");
     assert_eq!(get_text(&addr, "/nope").0, 404);

@@ -17,20 +17,14 @@ fn probe(port: u16, security: &str, extra: &str, args: &[&str]) -> (i32, String)
     std::fs::write(&cfg, text).unwrap();
     std::fs::write(dir.path().join("pass"), "secret\n").unwrap();
     std::fs::write(dir.path().join("wrong"), "wrong\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["probe", "up", "--config"])
-        .arg(&cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let mut all: Vec<&std::ffi::OsStr> = vec![
+        "probe".as_ref(),
+        "up".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+    ];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    run_herald(all)
 }
 
 fn step<'a>(out: &'a str, name: &str) -> &'a str {

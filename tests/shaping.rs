@@ -7,12 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn json_lines(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
 /// Sends `n` messages on one session, each to `rcpts` recipients.
 fn submit(h: &Herald, n: usize, rcpts: usize, subject: &str) {
     let mut c = h.client();

@@ -54,21 +54,8 @@ fn subject_of(m: &Received) -> String {
 const TOKEN: &str = "storage-test-token-0123456789";
 
 fn api_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    (
-        raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0),
-        raw,
-    )
+    let (code, raw) = http(addr, "POST", path, Some(TOKEN), body);
+    (code, String::from_utf8_lossy(&raw).into_owned())
 }
 
 fn health(addr: &str) -> u16 {
@@ -171,6 +158,18 @@ fn a_full_disk_gets_451_loses_nothing_and_delivers_each_message_at_most_twice() 
     // A change over the HTTP API cannot be stored: 503.
     let (code, body) = api_post(&api, "/api/v1/suppressions", r#"{"addr": "x@dest.test"}"#);
     assert_eq!(code, 503, "{body}");
+    // A message too large to keep in memory cannot be spooled to the full
+    // disk either: 451, and the log says where it failed.
+    let mut c = h.client();
+    c.ehlo();
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(98)).repeat(30_000)
+    );
+    let (code, text) = c.send("a@b.test", &["x@dest.test"], &big);
+    assert_eq!(code, 451, "{text}");
+    assert!(h.log().contains("cannot spool the message"), "{}", h.log());
+    drop(c);
 
     // Space again, the upstream back.
     std::fs::remove_file(spool.join("filler")).unwrap();
@@ -229,7 +228,7 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
     c.ehlo();
     let (code, reply) = c.send("a@b.test", &["x@dest.test"], &message("good"));
     assert_eq!(code, 250);
-    let good = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let good = queue_id(&reply);
     drop(c);
     assert!(h.terminate().unwrap().success());
 
@@ -295,7 +294,7 @@ fn a_body_missing_from_the_spool_gives_expired_with_the_reason() {
     c.ehlo();
     let (code, reply) = c.send("a@b.test", &["lost@dest.test"], &message("lost body"));
     assert_eq!(code, 250);
-    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let id = queue_id(&reply);
     drop(c);
     assert!(h.terminate().unwrap().success());
     // Storage damage: every byte of the body gone, the envelope kept.

@@ -24,7 +24,7 @@ fn pixel_is_injected_and_its_fetch_records_opened() {
     c.ehlo();
     let (code, reply) = c.send("app@platform.test", &["louise@dest.test"], HTML);
     assert_eq!(code, 250);
-    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let id = queue_id(&reply);
     let untracked = HTML.replace("X-Herald-Tag: file-7", "X-Herald-Track: no");
     assert_eq!(
         c.send("app@platform.test", &["paul@dest.test"], &untracked)

@@ -147,17 +147,6 @@ impl Drop for Receiver {
 
 const HTML: &str = "From: Claire <claire@customer.test>\nSubject: Your file\nX-Herald-Tag: file-7\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body><p>Your file is ready.</p></body></html>\n";
 
-fn history(h: &Herald, rcpt: &str) -> Vec<Value> {
-    let (_, out, _) = h.cli(&["history", "--rcpt", rcpt, "--json"]);
-    out.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn has(h: &Herald, rcpt: &str, event: &str) -> bool {
-    history(h, rcpt).iter().any(|e| e["event"] == event)
-}
-
 #[test]
 fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
     let sink = Sink::start(Script {
@@ -191,14 +180,14 @@ fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
     assert_eq!(code, 250);
     let msgs = sink.wait_for(1, 10);
     assert_eq!(msgs.len(), 1, "{}", h.log());
-    assert!(wait_until(10, || has(&h, "gone@dest.test", "bounced")));
+    assert!(wait_until(10, || h.has_event("gone@dest.test", "bounced")));
     // Opened: fetch the pixel that arrived.
     let text = msgs[0].text().replace("=\r\n", "");
     let at = text.find("/o/").expect("pixel");
     let path: String = text[at..].chars().take_while(|c| *c != '"').collect();
     let path = path.replace("=3D", "=");
     assert_eq!(http_get(&format!("127.0.0.1:{pixel_port}"), &path).0, 200);
-    assert!(wait_until(10, || has(&h, "ok@dest.test", "opened")));
+    assert!(wait_until(10, || h.has_event("ok@dest.test", "opened")));
     // Rejected: two From fields.
     let (code, _) = c.send(
         "app@platform.test",
@@ -206,7 +195,7 @@ fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
         "From: a@b.test\nFrom: c@d.test\nSubject: two\n\nx\n",
     );
     assert_eq!(code, 554);
-    assert!(wait_until(10, || has(&h, "rej@dest.test", "rejected")));
+    assert!(wait_until(10, || h.has_event("rej@dest.test", "rejected")));
     // Cancelled: held by a delay, then cancelled (which commits everything
     // recorded before it).
     let (code, reply) = c.send(
@@ -215,7 +204,7 @@ fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
         "Subject: later\nX-Herald-Delay: 1h\n\nlater\n",
     );
     assert_eq!(code, 250);
-    let id = reply.trim().rsplit(' ').next().unwrap().to_string();
+    let id = queue_id(&reply);
     drop(c);
     let (code, out, err) = h.cli(&["cancel", &id]);
     assert_eq!(code, 0, "{out}{err}");
@@ -336,6 +325,9 @@ fn a_client_error_drops_the_event_with_a_log_line_and_a_server_error_retries() {
         out.contains("\"backlog\":0") && out.contains("\"dropped\":1"),
         "{out}"
     );
+    let (code, _, err) = h.cli(&["webhooks", "test", "no-such-hook"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no webhook named"), "{err}");
 }
 
 #[test]

@@ -384,33 +384,7 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
     }
     let mut cancelled = Vec::new();
     for t in &targets {
-        let mut newly = Vec::new();
-        s.store
-            .update(&t.id, |env| {
-                for r in env.rcpts.iter_mut() {
-                    if !r.status.is_final() {
-                        r.status = RcptStatus::Cancelled;
-                        r.updated = now_ms();
-                        r.last_reply = Some("cancelled by operator".into());
-                        newly.push(r.addr.clone());
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        for rcpt in newly {
-            s.history
-                .record(
-                    EventKind::Cancelled,
-                    &t.id,
-                    &rcpt,
-                    "cancelled by operator before delivery",
-                    t.tag.as_deref(),
-                    t.subject.as_deref(),
-                )
-                .map_err(|e| e.to_string())?;
-            tracing::info!(id = %t.id, rcpt = %rcpt, "cancelled");
-            cancelled.push(json!({"id": t.id, "rcpt": rcpt}));
-        }
+        cancel_pending(s, t, "", &mut cancelled)?;
     }
     s.store.commit().await.map_err(|e| e.to_string())?;
     if cancelled.is_empty() && already.is_empty() {
@@ -474,6 +448,44 @@ async fn set_route_paused(s: &Services, route: &str, paused: bool) -> Answer {
     Ok(json!({ "route": route, "paused": paused, "paused_routes": list }))
 }
 
+/// Cancels the recipients of `t` still pending, records `cancelled` for
+/// each (with `why` after the standard text), and lists them in `out`.
+fn cancel_pending(
+    s: &Services,
+    t: &Envelope,
+    why: &str,
+    out: &mut Vec<Value>,
+) -> Result<(), String> {
+    let mut newly = Vec::new();
+    s.store
+        .update(&t.id, |env| {
+            for r in env.rcpts.iter_mut() {
+                if !r.status.is_final() {
+                    r.status = RcptStatus::Cancelled;
+                    r.updated = now_ms();
+                    r.last_reply = Some(format!("cancelled by operator{why}"));
+                    newly.push(r.addr.clone());
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    for rcpt in newly {
+        s.history
+            .record(
+                EventKind::Cancelled,
+                &t.id,
+                &rcpt,
+                &format!("cancelled by operator before delivery{why}"),
+                t.tag.as_deref(),
+                t.subject.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+        tracing::info!(id = %t.id, rcpt = %rcpt, "cancelled");
+        out.push(json!({"id": t.id, "rcpt": rcpt}));
+    }
+    Ok(())
+}
+
 /// Drops everything queued for one upstream.
 async fn cancel_route(s: &Services, route: &str) -> Answer {
     known_route(s, route)?;
@@ -482,32 +494,7 @@ async fn cancel_route(s: &Services, route: &str) -> Answer {
         if t.upstream != route {
             continue;
         }
-        let mut newly = Vec::new();
-        s.store
-            .update(&t.id, |env| {
-                for r in env.rcpts.iter_mut() {
-                    if !r.status.is_final() {
-                        r.status = RcptStatus::Cancelled;
-                        r.updated = now_ms();
-                        r.last_reply = Some(format!("cancelled by operator (route {route})"));
-                        newly.push(r.addr.clone());
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        for rcpt in newly {
-            s.history
-                .record(
-                    EventKind::Cancelled,
-                    &t.id,
-                    &rcpt,
-                    &format!("cancelled by operator before delivery (route {route})"),
-                    t.tag.as_deref(),
-                    t.subject.as_deref(),
-                )
-                .map_err(|e| e.to_string())?;
-            cancelled.push(json!({"id": t.id, "rcpt": rcpt}));
-        }
+        cancel_pending(s, &t, &format!(" (route {route})"), &mut cancelled)?;
     }
     s.store.commit().await.map_err(|e| e.to_string())?;
     tracing::info!(

@@ -404,6 +404,15 @@ fn verdict_for(r: &Response<String>, host: &str, what: &str, stage: Stage, smart
     }
 }
 
+/// The verdicts of a transaction: those given at RCPT, and `v` for every
+/// recipient RCPT accepted.
+fn judged(at_rcpt: Vec<Option<Verdict>>, v: &Verdict) -> Vec<Verdict> {
+    at_rcpt
+        .into_iter()
+        .map(|x| x.unwrap_or_else(|| v.clone()))
+        .collect()
+}
+
 /// The outcome of a reply that judges every recipient of the transaction
 /// at once (MAIL FROM).
 fn judge_all(v: Verdict, n: usize, reusable: bool) -> Outcome {
@@ -561,10 +570,7 @@ pub async fn transact(
         // The session is over; nobody is sent DATA on it.
         let v = verdict_for(closing, host, "", Stage::Rcpt, smart_host);
         return Outcome::Judged {
-            verdicts: verdicts
-                .into_iter()
-                .map(|x| x.unwrap_or_else(|| v.clone()))
-                .collect(),
+            verdicts: judged(verdicts, &v),
             reusable: false,
         };
     }
@@ -588,10 +594,7 @@ pub async fn transact(
             return Outcome::RouteRefused(t.clone());
         }
         return Outcome::Judged {
-            verdicts: verdicts
-                .into_iter()
-                .map(|x| x.unwrap_or_else(|| v.clone()))
-                .collect(),
+            verdicts: judged(verdicts, &v),
             reusable: false,
         };
     }
@@ -608,10 +611,7 @@ pub async fn transact(
                 Class::Transient,
             );
             return Outcome::Judged {
-                verdicts: verdicts
-                    .into_iter()
-                    .map(|x| x.unwrap_or_else(|| v.clone()))
-                    .collect(),
+                verdicts: judged(verdicts, &v),
                 reusable: false,
             };
         }
@@ -621,10 +621,7 @@ pub async fn transact(
         return Outcome::RouteRefused(format!("{host}: end of DATA: {}", reply_text(&final_reply)));
     }
     Outcome::Judged {
-        verdicts: verdicts
-            .into_iter()
-            .map(|x| x.unwrap_or_else(|| v.clone()))
-            .collect(),
+        verdicts: judged(verdicts, &v),
         reusable: true,
     }
 }

@@ -117,6 +117,18 @@ pub struct RouteHealth {
     pub last_error_ms: Option<u64>,
 }
 
+impl RouteHealth {
+    /// A route seen for the first time: healthy since now.
+    fn new() -> RouteHealth {
+        RouteHealth {
+            healthy: true,
+            last_error: None,
+            since_ms: now_ms(),
+            last_error_ms: None,
+        }
+    }
+}
+
 /// Connections and health per upstream, shared by all attempts.
 #[derive(Default)]
 pub struct Routes {
@@ -150,12 +162,7 @@ impl Routes {
     /// Records a route failure; logs only when the route turns unhealthy.
     fn mark_unhealthy(&self, route: &str, why: &str) {
         let mut h = self.health.lock().unwrap();
-        let e = h.entry(route.to_string()).or_insert(RouteHealth {
-            healthy: true,
-            last_error: None,
-            since_ms: now_ms(),
-            last_error_ms: None,
-        });
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
         if e.healthy {
             tracing::error!(
                 route,
@@ -175,34 +182,18 @@ impl Routes {
     /// misconfiguration.
     fn note_error(&self, route: &str, why: &str) {
         let mut h = self.health.lock().unwrap();
-        let e = h.entry(route.to_string()).or_insert(RouteHealth {
-            healthy: true,
-            last_error: None,
-            since_ms: now_ms(),
-            last_error_ms: None,
-        });
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
         e.last_error = Some(why.to_string());
         e.last_error_ms = Some(now_ms());
     }
 
     fn mark_healthy(&self, route: &str) {
         let mut h = self.health.lock().unwrap();
-        if let Some(e) = h.get_mut(route) {
-            if !e.healthy {
-                tracing::info!(route, "route works again");
-                e.healthy = true;
-                e.since_ms = now_ms();
-            }
-        } else {
-            h.insert(
-                route.to_string(),
-                RouteHealth {
-                    healthy: true,
-                    last_error: None,
-                    since_ms: now_ms(),
-                    last_error_ms: None,
-                },
-            );
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
+        if !e.healthy {
+            tracing::info!(route, "route works again");
+            e.healthy = true;
+            e.since_ms = now_ms();
         }
     }
 }
@@ -679,20 +670,23 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
         }
         tracing::info!(%id, "outcome of an earlier attempt written");
     }
-    // The body's share of the memory budget, taken before it is read.
-    let size = match s.store.envelope(id) {
-        Ok(Some(e)) => e.size,
-        _ => 0,
-    };
-    let _memory = s.memory.reserve(size).await;
-    let (mut env, body) = match (s.store.envelope(id), s.store.body(id)) {
-        (Ok(Some(e)), Ok(Some(b))) => (e, b),
-        (Ok(None), _) => return, // cancelled or finished meanwhile
-        (Err(e), _) | (_, Err(e)) => {
+    let mut env = match s.store.envelope(id) {
+        Ok(Some(e)) => e,
+        Ok(None) => return, // cancelled or finished meanwhile
+        Err(e) => {
             tracing::error!(%id, error = %e, "cannot read queued message");
             return;
         }
-        (Ok(Some(mut env)), Ok(None)) => {
+    };
+    // The body's share of the memory budget, taken before it is read.
+    let _memory = s.memory.reserve(env.size).await;
+    let body = match s.store.body(id) {
+        Ok(Some(b)) => b,
+        Err(e) => {
+            tracing::error!(%id, error = %e, "cannot read queued message");
+            return;
+        }
+        Ok(None) => {
             // Nothing can be sent; say so in the history of each recipient
             // rather than leave them looking deferred.
             tracing::error!(%id, "queued message has no body; its recipients expire");

@@ -37,6 +37,26 @@ impl Report {
             println!("        {:<10} hint: {hint}", "");
         }
     }
+
+    /// The reply when it has code `want`; else the step fails (no hint).
+    fn expect(
+        &mut self,
+        step: &str,
+        reply: Result<Response<String>, String>,
+        want: u16,
+    ) -> Option<Response<String>> {
+        match reply {
+            Ok(g) if g.code == want => Some(g),
+            Ok(g) => {
+                self.fail(step, &reply_text(&g), "");
+                None
+            }
+            Err(e) => {
+                self.fail(step, &e, "");
+                None
+            }
+        }
+    }
 }
 
 /// The envelope senders herald uses on `name`: `bounce_address`, or (when
@@ -367,16 +387,10 @@ pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Resu
             r.fail("STARTTLS", "not offered", &format!("the server offers no STARTTLS on port {}: use security = \"tls\" if the port is 465, or \"none\" only on a private network", u.port));
             return Ok(false);
         }
-        match cmd(&mut c, "STARTTLS").await {
-            Ok(g) if g.code == 220 => {}
-            Ok(g) => {
-                r.fail("STARTTLS", &reply_text(&g), "");
-                return Ok(false);
-            }
-            Err(e) => {
-                r.fail("STARTTLS", &e, "");
-                return Ok(false);
-            }
+        if r.expect("STARTTLS", cmd(&mut c, "STARTTLS").await, 220)
+            .is_none()
+        {
+            return Ok(false);
         }
         let tcp = match c.stream.into_inner() {
             Stream::Plain(t) => t,
@@ -493,16 +507,8 @@ pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Resu
     }
     if send {
         let to = to.unwrap_or_default();
-        match cmd(&mut c, "DATA").await {
-            Ok(g) if g.code == 354 => {}
-            Ok(g) => {
-                r.fail("DATA", &reply_text(&g), "");
-                return Ok(false);
-            }
-            Err(e) => {
-                r.fail("DATA", &e, "");
-                return Ok(false);
-            }
+        if r.expect("DATA", cmd(&mut c, "DATA").await, 354).is_none() {
+            return Ok(false);
         }
         let msg = format!(
             "From: herald probe <{}>\r\nTo: <{to}>\r\nSubject: herald probe of upstream {name}\r\nDate: {}\r\nMessage-ID: <probe.{}@{}>\r\n\r\nThis is a test message sent by herald probe {name}.\r\n",
@@ -525,25 +531,12 @@ pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Resu
                 .and_then(|x| x.map_err(|e| e.to_string())),
             Err(e) => Err(e.to_string()),
         };
-        match end {
-            Ok(g) if g.code == 250 => {
-                r.pass("DATA", &format!("test message sent: {}", reply_text(&g)))
-            }
-            Ok(g) => {
-                r.fail("DATA", &reply_text(&g), "");
-                return Ok(false);
-            }
-            Err(e) => {
-                r.fail("DATA", &e, "");
-                return Ok(false);
-            }
+        match r.expect("DATA", end, 250) {
+            Some(g) => r.pass("DATA", &format!("test message sent: {}", reply_text(&g))),
+            None => return Ok(false),
         }
-    } else {
-        match cmd(&mut c, "RSET").await {
-            Ok(g) if g.code == 250 => r.pass("RSET", &reply_text(&g)),
-            Ok(g) => r.fail("RSET", &reply_text(&g), ""),
-            Err(e) => r.fail("RSET", &e, ""),
-        }
+    } else if let Some(g) = r.expect("RSET", cmd(&mut c, "RSET").await, 250) {
+        r.pass("RSET", &reply_text(&g));
     }
     match cmd(&mut c, "QUIT").await {
         Ok(g) => r.pass("QUIT", &reply_text(&g)),

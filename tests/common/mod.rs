@@ -718,6 +718,35 @@ impl Herald {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
+
+    /// Runs a client subcommand that must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "herald {args:?}: {out}{err}");
+        out
+    }
+
+    /// `herald history --rcpt RCPT --json`, oldest first.
+    pub fn events(&self, rcpt: &str) -> Vec<serde_json::Value> {
+        json_lines(&self.ok(&["history", "--rcpt", rcpt, "--json"]))
+    }
+
+    /// Whether RCPT's history has an event of this kind.
+    pub fn has_event(&self, rcpt: &str, event: &str) -> bool {
+        self.events(rcpt).iter().any(|e| e["event"] == event)
+    }
+}
+
+/// Parses JSON Lines (the CLI's --json output).
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The queue id at the end of a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queue_id(reply: &str) -> String {
+    reply.trim().rsplit(' ').next().unwrap().to_string()
 }
 
 impl Drop for Herald {
@@ -1079,21 +1108,78 @@ pub fn serve_fails(dir: &Path, config: &str) -> String {
 
 /// A plain HTTP/1.1 GET: (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
-    use std::io::Write as _;
+    http(addr, "GET", path, None, "")
+}
+
+/// One HTTP/1.1 request, with a bearer token when given: (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: test-mua\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: test-mua\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let code = String::from_utf8_lossy(&raw[9..12]).parse().unwrap_or(0);
+    let _ = s.read_to_end(&mut raw);
+    let code = raw
+        .get(9..12)
+        .and_then(|c| String::from_utf8_lossy(c).parse().ok())
+        .unwrap_or(0);
     let body = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|p| raw[p + 4..].to_vec())
         .unwrap_or_default();
     (code, body)
+}
+
+/// A herald signing for example.com (RSA) and ed.example (Ed25519, mail
+/// from edcustomer.test), relaying to `sink`. Returns it with both DKIM
+/// records.
+pub fn signing_herald(sink: &Sink) -> (Herald, Vec<(String, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let rsa = dkim_keygen(dir.path(), "example.com", "herald", "rsa", "rsa.pem");
+    let ed = dkim_keygen(dir.path(), "ed.example", "ed1", "ed25519", "ed.pem");
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"herald\"\nprivate_key = \"rsa.pem\"\n\
+             [[dkim]]\ndomain = \"ed.example\"\nselector = \"ed1\"\nprivate_key = \"ed.pem\"\n\
+             [[routes]]\nsender_domain = \"edcustomer.test\"\nupstream = \"up\"\ndefault_sender = \"notify@ed.example\"\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    (h, vec![rsa, ed])
+}
+
+/// Runs the herald binary with `args` (a local command such as check-config,
+/// check-dns or probe): its exit code and stdout followed by stderr.
+pub fn run_herald<I, S>(args: I) -> (i32, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

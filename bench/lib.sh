@@ -1,0 +1,46 @@
+# What the bench scripts share; source it: . "$(dirname "$0")/lib.sh"
+
+# smtp-source and smtp-sink come with Postfix (installed as root on first
+# use; Debian's "No configuration" install leaves no main.cf, postconf needs one).
+need_postfix_tools() {
+  command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || {
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix >/dev/null
+  }
+  [ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+  PATH=$PATH:/usr/sbin
+}
+
+# herald_config FILE SMTP_PORT UPSTREAM_PORT [LISTEN_LINES] [MORE_TOML]
+# A bench configuration: SMTP on 127.0.0.1:SMTP_PORT, the queue in data/
+# beside FILE, relaying to 127.0.0.1:UPSTREAM_PORT without TLS. LISTEN_LINES
+# go into [listen]; MORE_TOML follows [control] (keys of it, or sections).
+herald_config() {
+  cat > "$1" <<CONF
+hostname = "bench.local"
+[listen]
+smtp = ["127.0.0.1:$2"]
+max_connections = 1024
+max_connections_per_ip = 1024
+${4:-}
+[storage]
+path = "data"
+[sender]
+default_sender = "notifications@example.com"
+[delivery]
+upstream = "sink"
+concurrency = 16
+[upstreams.sink]
+host = "127.0.0.1"
+port = $3
+security = "none"
+[control]
+socket = "data/herald.sock"
+${5:-}
+CONF
+}
+
+# wait_port PORT: until something accepts on 127.0.0.1:PORT (10 s at most).
+wait_port() {
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done
+}
