@@ -71,7 +71,6 @@ impl Tokens {
 #[derive(Clone)]
 struct Api {
     s: Arc<Services>,
-    tokens: Tokens,
 }
 
 fn err(status: u16, msg: impl Into<String>) -> Response {
@@ -109,7 +108,17 @@ async fn auth(State(api): State<Api>, req: HttpRequest, next: Next) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(t) if api.tokens.accepts(t) => next.run(req).await,
+        // The tokens in force: a reload re-reads tokens_file.
+        Some(t)
+            if api
+                .s
+                .live()
+                .api_tokens
+                .as_ref()
+                .is_some_and(|k| k.accepts(t)) =>
+        {
+            next.run(req).await
+        }
         Some(_) => {
             tracing::warn!("api: request with a wrong token refused");
             err(401, "wrong token")
@@ -352,8 +361,8 @@ async fn not_found() -> Response {
 
 /// The router: `/api/v1/...`, every route behind the bearer token except
 /// the OpenAPI document.
-pub fn router(s: Arc<Services>, tokens: Tokens) -> Router {
-    let api = Api { s, tokens };
+pub fn router(s: Arc<Services>) -> Router {
+    let api = Api { s };
     let protected = Router::new()
         .route("/api/v1/status", get(status))
         .route("/api/v1/queue", get(queue))
@@ -395,9 +404,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// Serves until shutdown.
 /// With the connection cap and header timeout of every HTTP listener.
-pub async fn serve(s: Arc<Services>, tokens: Tokens, listener: tokio::net::TcpListener) {
+pub async fn serve(s: Arc<Services>, listener: tokio::net::TcpListener) {
     let shutdown = s.shutdown.clone();
-    crate::http::serve(listener, router(s, tokens), shutdown, "api").await;
+    crate::http::serve(listener, router(s), shutdown, "api").await;
 }
 
 #[cfg(test)]

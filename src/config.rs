@@ -89,7 +89,7 @@ pub const WEBHOOK_EVENTS: [&str; 10] = [
 ];
 
 /// One `[[webhooks]]` endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Webhook {
     /// `name`, else the URL: what `herald webhooks test NAME` takes.
     pub name: String,
@@ -127,13 +127,13 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 }
 
 /// `[api]`: the HTTP query API, off unless `listen` is set.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Api {
     pub listen: Option<SocketAddr>,
     pub tokens_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listen {
     pub smtp: Vec<SocketAddr>,
     pub smtps: Vec<SocketAddr>,
@@ -149,25 +149,25 @@ pub struct Listen {
     pub users: Vec<User>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct User {
     pub username: String,
     pub password: Secret,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Storage {
     pub path: PathBuf,
     pub history_retention: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sender {
     pub default_sender: String,
     pub always_default_sender: bool,
@@ -178,14 +178,14 @@ pub struct Sender {
     pub reply_to_original: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DkimKey {
     pub domain: String,
     pub selector: String,
     pub private_key: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     /// Name in `upstreams`, or "mx" for direct delivery.
     pub upstream: String,
@@ -291,7 +291,7 @@ impl fmt::Display for Security {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
     pub host: String,
@@ -309,7 +309,7 @@ pub struct Upstream {
     pub max_messages_per_connection: Option<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub sender_domain: Option<String>,
     pub auth_user: Option<String>,
@@ -317,7 +317,7 @@ pub struct Route {
     pub default_sender: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tracking {
     pub enabled: bool,
     pub listen: SocketAddr,
@@ -327,13 +327,13 @@ pub struct Tracking {
     pub trusted_proxies: Vec<IpNet>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Control {
     pub socket: PathBuf,
     pub metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Dns {
     pub nameservers: Vec<SocketAddr>,
 }

@@ -52,7 +52,8 @@ pub fn resolver(cfg: &Config) -> Result<TokioResolver, String> {
 /// bounces at once.
 pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdict> {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
-    let mut hosts: Vec<(u16, String)> = match s.resolver.mx_lookup(fqdn.as_str()).await {
+    let live = s.live();
+    let mut hosts: Vec<(u16, String)> = match live.resolver.mx_lookup(fqdn.as_str()).await {
         Ok(lookup) => lookup
             .answers()
             .iter()
@@ -86,7 +87,7 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
     hosts.sort();
     let mut targets = Vec::new();
     for (_, host) in hosts {
-        let ips: Vec<IpAddr> = match s.resolver.lookup_ip(host.as_str()).await {
+        let ips: Vec<IpAddr> = match live.resolver.lookup_ip(host.as_str()).await {
             Ok(l) => l.iter().collect(),
             Err(_) => continue,
         };
@@ -95,12 +96,12 @@ pub async fn mx_targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdi
             targets.push(Target {
                 host: name.clone(),
                 connect_to: Some(ip),
-                port: s.cfg.delivery.mx_port,
+                port: live.cfg.delivery.mx_port,
                 security: Security::None,
                 opportunistic: true,
                 tls: s.mx_tls.clone(),
                 credentials: None,
-                helo: s.cfg.hostname.clone(),
+                helo: live.cfg.hostname.clone(),
                 smart_host: false,
             });
             if targets.len() >= MAX_MX_TARGETS {

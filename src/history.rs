@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -122,8 +122,12 @@ pub struct History {
     /// Webhook outbox: `NAME \0 EVENT-KEY` -> event JSON, written with the
     /// event itself (same flush, same commit), removed once delivered.
     pub outbox: sled::Tree,
-    hooks: Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>,
+    /// The endpoints in force, each with the wake-up of its sender; a
+    /// reload replaces the list.
+    hooks: Arc<RwLock<Hooks>>,
 }
+
+type Hooks = Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -197,19 +201,36 @@ impl History {
 
     /// Events for these endpoints also go to the outbox; each endpoint's
     /// `Notify` wakes its sender.
-    pub fn with_webhooks(mut self, hooks: &[crate::config::Webhook]) -> History {
-        self.hooks = Arc::new(
-            hooks
-                .iter()
-                .map(|h| (h.clone(), Arc::new(tokio::sync::Notify::new())))
-                .collect(),
-        );
+    pub fn with_webhooks(self, hooks: &[crate::config::Webhook]) -> History {
+        self.set_webhooks(hooks);
         self
     }
 
-    /// The wake-up of endpoint `i`'s sender.
-    pub fn outbox_notify(&self, i: usize) -> Arc<tokio::sync::Notify> {
-        self.hooks[i].1.clone()
+    /// The endpoints after a reload; one that keeps its name keeps its
+    /// wake-up (its sender goes on).
+    pub fn set_webhooks(&self, hooks: &[crate::config::Webhook]) {
+        let mut cur = self.hooks.write().unwrap_or_else(|e| e.into_inner());
+        let next = hooks
+            .iter()
+            .map(|h| {
+                let wake = cur
+                    .iter()
+                    .find(|(old, _)| old.name == h.name)
+                    .map(|(_, w)| w.clone())
+                    .unwrap_or_default();
+                (h.clone(), wake)
+            })
+            .collect();
+        *cur = Arc::new(next);
+    }
+
+    /// The wake-up of endpoint `name`'s sender.
+    pub fn outbox_notify(&self, name: &str) -> Arc<tokio::sync::Notify> {
+        let cur = self.hooks.read().unwrap_or_else(|e| e.into_inner());
+        cur.iter()
+            .find(|(h, _)| h.name == name)
+            .map(|(_, w)| w.clone())
+            .unwrap_or_default()
     }
 
     /// The outbox key prefix of an endpoint.
@@ -297,7 +318,8 @@ impl History {
             user_agent: extra.user_agent,
         };
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
-        for (hook, wake) in self.hooks.iter() {
+        let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for (hook, wake) in hooks.iter() {
             if hook.wants(kind.as_str(), tag) {
                 let mut k = Self::outbox_prefix(&hook.name);
                 k.extend_from_slice(&key);

@@ -14,6 +14,8 @@ pub mod dns;
 pub mod envelope;
 pub mod history;
 pub mod http;
+pub mod limit;
+pub mod live;
 pub mod metrics;
 pub mod mime;
 pub mod notify;

@@ -117,6 +117,8 @@ enum Cmd {
         #[arg(long, requires = "to")]
         send: bool,
     },
+    /// Make the running herald re-read its config file (as SIGHUP does); exit 1 if refused
+    Reload,
     /// Make a DKIM key (PKCS#8 PEM, mode 0600) and print the DNS record to publish
     DkimKeygen {
         #[arg(long)]
@@ -244,6 +246,12 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             )
         }
         Cmd::Trace { addr, json } => print_trace(&ask(Request::Trace { addr })?, json),
+        Cmd::Reload => {
+            let v = ask(Request::Reload)?;
+            let r: herald::live::Report = serde_json::from_value(v)
+                .map_err(|e| CliError::Failed(format!("bad answer from herald: {e}")))?;
+            println!("{}", r.line());
+        }
         Cmd::Webhooks { cmd: None, json } => print_webhooks(&ask(Request::Webhooks)?, json),
         Cmd::Webhooks {
             cmd: Some(WebhooksCmd::Test { name }),
@@ -329,7 +337,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::CheckConfig => match Config::load(&path)
             .map_err(|e| e.to_string())
-            .and_then(|cfg| check_files(&cfg).map_err(|e| format!("{e:#}")))
+            .and_then(|cfg| check_files(cfg).map_err(|e| format!("{e:#}")))
         {
             Ok(()) => {
                 println!("{}: ok", path.display());
@@ -372,19 +380,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// What `serve` loads besides the config, so that `check-config` refuses
-/// what `serve` would: the `[listen] tls` certificate and key, every DKIM
-/// key, the tracking secret, the upstreams' CA files.
-fn check_files(cfg: &Config) -> anyhow::Result<()> {
-    herald::tls::install_provider();
-    if let Some(t) = &cfg.listen.tls {
-        herald::tls::server_config(&t.cert, &t.key)
-            .map_err(|e| anyhow::anyhow!("listen.tls: {e:#}"))?;
-    }
-    herald::dkim::Signers::from_config(cfg).map_err(|e| anyhow::anyhow!("dkim: {e}"))?;
-    herald::tracking::load_secret(cfg)?;
-    herald::delivery::client_tls_configs(cfg)?;
-    Ok(())
+/// What `serve` (and a reload) loads besides the config, so that
+/// `check-config` refuses what they would: the `[listen] tls` certificate
+/// and key, every DKIM key, the tracking secret, the CA files, the API
+/// tokens.
+fn check_files(cfg: Config) -> anyhow::Result<()> {
+    herald::live::Live::build(cfg).map(|_| ())
 }
 
 /// A client subcommand. Rust ignores SIGPIPE, so `herald history | head -1`

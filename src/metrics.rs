@@ -73,7 +73,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
     gauge(
         "herald_route_healthy",
         "0 while the upstream refuses the route (5xx to AUTH, MAIL FROM, ...).",
-        s.cfg
+        s.cfg()
             .upstreams
             .keys()
             .map(|n| {
@@ -88,7 +88,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
         "1 while a destination backs off after asking herald to slow down.",
         s.routes
             .shaper
-            .all(&s.cfg)
+            .all(&s.cfg())
             .iter()
             .map(|d| {
                 (

@@ -1,7 +1,8 @@
-//! `herald serve`: wires storage, listeners, delivery and shutdown together.
+//! `herald serve`: wires storage, listeners, delivery, reloads and shutdown
+//! together.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::delivery::{self, Routes, Scheduler};
 use crate::history::History;
+use crate::live::Live;
 use crate::queue::Store;
 use crate::services::{Services, META_PAUSED};
 use crate::shutdown::Shutdown;
@@ -19,7 +21,6 @@ use crate::smtp_in;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
     let store = Store::open(&cfg.storage.path).with_context(|| {
         format!(
             "storage.path: cannot open {} (is another herald running on it?)",
@@ -29,27 +30,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let history = History::open(&store.db)?.with_webhooks(&cfg.webhooks);
     history.load_hourly()?;
     let suppression = crate::suppression::Suppression::open(&store.db)?;
-    let tls = match &cfg.listen.tls {
-        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::tls::server_config(&t.cert, &t.key).context("listen.tls")?,
-        )),
-        None => None,
-    };
-    let signers = crate::dkim::Signers::from_config(&cfg).context("dkim")?;
-    for sender in std::iter::once(&cfg.sender.default_sender)
-        .chain(cfg.routes.iter().filter_map(|r| r.default_sender.as_ref()))
-    {
-        let domain = sender.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-        if !signers.has_key_for(domain) {
-            tracing::warn!(
-                sender = %sender,
-                "no [[dkim]] key for {domain}: mail sent as {sender} will be unsigned and may fail DMARC"
-            );
-        }
-    }
-    let client_tls = delivery::client_tls_configs(&cfg)?;
+    let live = Live::build(cfg)?;
+    live.warn_unsigned();
+    let cfg = live.cfg.clone();
     let mx_tls = crate::tls::client_config(None, false)?;
-    let resolver = crate::dns::resolver(&cfg).map_err(anyhow::Error::msg)?;
 
     // Signal handlers first: a SIGTERM that arrives while we start (the
     // listeners are already bound) must drain, not kill.
@@ -66,32 +50,29 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let control = crate::control::bind(&cfg.control.socket)?;
-    let (tracking_key, tracking) = if let Some(key) = crate::tracking::load_secret(&cfg)? {
+    let tracking = if live.tracking_key.is_some() {
         let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
             .await
             .with_context(|| {
                 format!("tracking.listen: cannot listen on {}", cfg.tracking.listen)
             })?;
-        (Some(key), Some(l))
+        Some(l)
     } else {
-        (None, None)
+        None
     };
     let metrics = match cfg.control.metrics_listen {
         Some(a) => Some(crate::metrics::bind(a).await?),
         None => None,
     };
-    let api = match (cfg.api.listen, &cfg.api.tokens_file) {
-        (Some(a), Some(tokens)) => Some((
-            crate::api::bind(a).await?,
-            crate::api::Tokens::load(tokens)?,
-        )),
+    let api = match (cfg.api.listen, &live.api_tokens) {
+        (Some(a), Some(_)) => Some(crate::api::bind(a).await?),
         _ => None,
     };
     let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
     let services = Arc::new(Services {
-        cfg: cfg.clone(),
+        current: RwLock::new(Arc::new(live)),
         store: store.clone(),
         history,
         suppression,
@@ -100,15 +81,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         unsaved: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
         hooks: crate::webhooks::Hooks::new(&cfg.webhooks),
-        client_tls,
         mx_tls,
-        resolver,
-        tls,
-        signers,
-        tracking_key,
         shutdown: shutdown_rx,
         paused: AtomicBool::new(paused),
         started: Instant::now(),
+        attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
+        conns: smtp_in::Slots::new(&cfg.listen),
+        reloads: tokio::sync::watch::channel(0).0,
+        reload_lock: Mutex::new(()),
+        tracking_served: tracking.is_some(),
     });
 
     let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
@@ -118,9 +99,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.control.socket.clone(),
     ));
     tokio::spawn(purge_history(services.clone()));
-    for i in 0..cfg.webhooks.len() {
-        tokio::spawn(crate::webhooks::run(services.clone(), i));
-    }
+    tokio::spawn(crate::webhooks::supervise(services.clone()));
     if let Some(l) = tracking {
         tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
         tokio::spawn(crate::tracking::serve(services.clone(), l));
@@ -129,11 +108,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(addr = %l.local_addr()?, "metrics listening");
         tokio::spawn(crate::metrics::serve(services.clone(), l));
     }
-    if let Some((l, tokens)) = api {
+    if let Some(l) = api {
         tracing::info!(addr = %l.local_addr()?, "api listening");
-        tokio::spawn(crate::api::serve(services.clone(), tokens, l));
+        tokio::spawn(crate::api::serve(services.clone(), l));
     }
-    let conns = Arc::new(smtp_in::Slots::new(&cfg.listen));
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     for (l, implicit) in listeners {
         tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
@@ -141,7 +119,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             services.clone(),
             l,
             implicit,
-            conns.clone(),
             drain_tx.clone(),
         ));
     }
@@ -156,9 +133,21 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::notify::notify(&format!("READY=1\nSTATUS={}", status_line(&services)));
     let sd = tokio::spawn(supervise(services.clone(), sched.abort_handle()));
 
-    let restart = tokio::select! {
-        _ = signals.wait() => false,
-        _ = storage_needs_restart(&store) => true,
+    let storage_failed = storage_needs_restart(&store);
+    tokio::pin!(storage_failed);
+    let mut signals = signals;
+    let restart = loop {
+        tokio::select! {
+            sig = signals.next() => match sig {
+                Signal::Stop => break false,
+                // SIGHUP: the same reload as `herald reload`, logged.
+                Signal::Reload => {
+                    let s = services.clone();
+                    let _ = tokio::task::spawn_blocking(move || crate::live::reload(&s)).await;
+                }
+            },
+            _ = &mut storage_failed => break true,
+        }
     };
     tracing::info!("shutting down: no new connections, finishing sessions in flight");
     crate::notify::notify("STOPPING=1\nSTATUS=draining: finishing sessions in flight");
@@ -205,7 +194,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// What `systemctl status` shows of herald.
-fn status_line(s: &Services) -> String {
+pub(crate) fn status_line(s: &Services) -> String {
     let (messages, _, deferred) = s.store.stats.get();
     let state = if s.store.health.is_failed() {
         "STORAGE FAILED"
@@ -261,10 +250,17 @@ async fn storage_needs_restart(store: &Store) {
     }
 }
 
-/// SIGTERM and SIGINT, caught from the start of `serve`.
+/// SIGTERM, SIGINT and SIGHUP, caught from the start of `serve` (SIGHUP's
+/// default action would end the process).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -273,13 +269,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {},
-            _ = self.int.recv() => {},
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }
@@ -287,10 +285,11 @@ impl Signals {
 /// Deletes events older than `history_retention`, at start and then
 /// periodically (every minute, or every half retention if that is shorter).
 async fn purge_history(s: Arc<Services>) {
-    let retention = s.cfg.storage.history_retention;
-    let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(60));
     let mut shutdown = s.shutdown.clone();
     loop {
+        // Read each time: a reload may change it.
+        let retention = s.cfg().storage.history_retention;
+        let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(60));
         let before = crate::queue::now_ms().saturating_sub(retention.as_millis() as u64);
         match s.history.purge_before(before) {
             Ok(0) => {}

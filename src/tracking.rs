@@ -226,9 +226,14 @@ async fn open(
     headers: HeaderMap,
     Path(file): Path<String>,
 ) -> impl IntoResponse {
-    let id = file
-        .strip_suffix(".gif")
-        .and_then(|t| s.tracking_key.as_deref().and_then(|k| verify(k, t)));
+    // The key before the last reload's change still counts its pixels.
+    let live = s.live();
+    let id = file.strip_suffix(".gif").and_then(|t| {
+        [&live.tracking_key, &live.tracking_previous]
+            .into_iter()
+            .flatten()
+            .find_map(|k| verify(k, t))
+    });
     let Some(id) = id else {
         return (
             StatusCode::NOT_FOUND,
@@ -256,7 +261,7 @@ async fn open(
         return pixel;
     }
     let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let client = client_addr(peer.ip(), forwarded, &s.cfg.tracking.trusted_proxies);
+    let client = client_addr(peer.ip(), forwarded, &live.cfg.tracking.trusted_proxies);
     let received = s
         .history
         .query_by(By::Id(&id), 0, |e| e.event == EventKind::Received)

@@ -6,12 +6,16 @@
 //! outbox in order and POSTs; 2xx removes the entries, 408, 429, 5xx and
 //! network errors are retried with backoff for 24 hours, other 4xx are
 //! dropped with a log line. SMTP and delivery never wait for an endpoint.
+//! Senders follow reloads: an endpoint's new URL, secret or events apply
+//! to its next POST, a new endpoint gets a sender, a removed one's stops
+//! (its undelivered events stay in the outbox, should it come back).
 //!
 //! Signature (Stripe's scheme): `Herald-Signature: t=UNIX,v1=HEX` with
 //! HEX = HMAC-SHA256(key, "UNIX.BODY"); `Herald-Event-Id` names the event
 //! (comma-separated for a batch), for deduplication.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
@@ -43,24 +47,108 @@ pub struct HookState {
     pub dropped: u64,
 }
 
-/// The state of every endpoint, shared with the control socket.
+/// The state of every endpoint, shared with the control socket, in the
+/// order of the config.
 #[derive(Default)]
-pub struct Hooks(pub Vec<Mutex<HookState>>);
+pub struct Hooks {
+    list: RwLock<Vec<Arc<Mutex<HookState>>>>,
+    /// Endpoints whose sender runs.
+    running: Mutex<HashSet<String>>,
+}
 
 impl Hooks {
     pub fn new(cfg: &[Webhook]) -> Hooks {
-        Hooks(
-            cfg.iter()
-                .map(|w| {
-                    Mutex::new(HookState {
-                        name: w.name.clone(),
-                        url: w.url.clone(),
-                        ..Default::default()
-                    })
-                })
-                .collect(),
-        )
+        let h = Hooks::default();
+        h.set(cfg);
+        h
     }
+
+    /// The endpoints after a reload: one that keeps its name keeps its
+    /// counters.
+    pub fn set(&self, cfg: &[Webhook]) {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        let next = cfg
+            .iter()
+            .map(|w| {
+                let st = list
+                    .iter()
+                    .find(|st| st.lock().unwrap_or_else(|e| e.into_inner()).name == w.name)
+                    .cloned()
+                    .unwrap_or_default();
+                {
+                    let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                    g.name = w.name.clone();
+                    g.url = w.url.clone();
+                }
+                st
+            })
+            .collect();
+        *list = next;
+    }
+
+    /// What each endpoint last did, in the order of the config.
+    pub fn states(&self) -> Vec<HookState> {
+        let list = self.list.read().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .map(|st| st.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    fn state(&self, name: &str) -> Arc<Mutex<HookState>> {
+        let list = self.list.read().unwrap_or_else(|e| e.into_inner());
+        list.iter()
+            .find(|st| st.lock().unwrap_or_else(|e| e.into_inner()).name == name)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// Starts a sender for every endpoint that has none: at start-up and
+/// after each reload.
+pub async fn supervise(s: Arc<Services>) {
+    let mut reloads = s.reloads.subscribe();
+    let mut shutdown = s.shutdown.clone();
+    loop {
+        {
+            // Under the lock senders take to decide to stop (see `current`).
+            let mut running = s.hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+            for w in &s.cfg().webhooks {
+                if running.insert(w.name.clone()) {
+                    tokio::spawn(run(s.clone(), w.name.clone()));
+                }
+            }
+        }
+        tokio::select! {
+            r = reloads.changed() => if r.is_err() { return },
+            _ = shutdown.wait() => return,
+        }
+    }
+}
+
+/// What a sender works with, read again before each POST.
+struct Current {
+    hook: Webhook,
+    tls: Arc<rustls::ClientConfig>,
+    state: Arc<Mutex<HookState>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Endpoint `name` as configured now, or None (and the sender is
+/// deregistered) when a reload removed it.
+fn current(s: &Services, name: &str) -> Option<Current> {
+    let mut running = s.hooks.running.lock().unwrap_or_else(|e| e.into_inner());
+    let live = s.live();
+    let hook = live.cfg.webhooks.iter().find(|w| w.name == name);
+    let (Some(hook), Some(tls)) = (hook, live.webhook_tls.get(name)) else {
+        running.remove(name);
+        return None;
+    };
+    Some(Current {
+        hook: hook.clone(),
+        tls: tls.clone(),
+        state: s.hooks.state(name),
+        wake: s.history.outbox_notify(name),
+    })
 }
 
 /// The signature header value for `body` at `t` (Unix seconds).
@@ -196,21 +284,24 @@ fn entry_time(prefix_len: usize, key: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends endpoint `i`'s outbox until shutdown.
-pub async fn run(s: Arc<Services>, i: usize) {
-    let hook = s.cfg.webhooks[i].clone();
-    let tls = match crate::tls::client_config(hook.ca_file.as_deref(), true) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(webhook = %hook.name, error = %e, "webhook TLS configuration failed");
-            return;
-        }
-    };
-    let wake = s.history.outbox_notify(i);
+/// Sends endpoint `name`'s outbox until shutdown, or until a reload
+/// removes the endpoint.
+pub async fn run(s: Arc<Services>, name: String) {
     let mut shutdown = s.shutdown.clone();
-    let prefix_len = History::outbox_prefix(&hook.name).len();
+    let mut reloads = s.reloads.subscribe();
+    let prefix_len = History::outbox_prefix(&name).len();
     let mut backoff = Duration::from_secs(1);
     loop {
+        let Some(Current {
+            hook,
+            tls,
+            state,
+            wake,
+        }) = current(&s, &name)
+        else {
+            tracing::info!(webhook = %name, "webhook endpoint no longer configured: its sender stops");
+            return;
+        };
         let history = s.history.clone();
         let name = hook.name.clone();
         let batch = tokio::task::spawn_blocking(move || {
@@ -227,6 +318,7 @@ pub async fn run(s: Arc<Services>, i: usize) {
             tokio::select! {
                 _ = wake.notified() => continue,
                 _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = reloads.changed() => continue,
                 _ = shutdown.wait() => return,
             }
         }
@@ -240,10 +332,7 @@ pub async fn run(s: Arc<Services>, i: usize) {
         }
         if !stale.is_empty() {
             tracing::warn!(webhook = %hook.name, events = stale.len(), "webhook events older than 24h dropped");
-            s.hooks.0[i]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .dropped += stale.len() as u64;
+            state.lock().unwrap_or_else(|e| e.into_inner()).dropped += stale.len() as u64;
             continue;
         }
         let ids: Vec<String> = batch
@@ -272,10 +361,15 @@ pub async fn run(s: Arc<Services>, i: usize) {
             r = post(&hook, &tls, body, &ids) => r,
             _ = shutdown.wait() => return,
         };
-        let retry = record_result(&s, i, &hook.name, &batch, result);
+        let retry = record_result(&s, &state, &hook.name, &batch, result);
         if retry {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
+                // A reload may have fixed the endpoint: try it now.
+                _ = reloads.changed() => {
+                    backoff = Duration::from_secs(1);
+                    continue;
+                }
                 _ = shutdown.wait() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(300));
@@ -289,12 +383,12 @@ pub async fn run(s: Arc<Services>, i: usize) {
 /// true when the batch is to be tried again.
 fn record_result(
     s: &Services,
-    i: usize,
+    state: &Mutex<HookState>,
     name: &str,
     batch: &[(sled::IVec, Vec<u8>)],
     result: Sent,
 ) -> bool {
-    let mut st = s.hooks.0[i].lock().unwrap_or_else(|e| e.into_inner());
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     match result {
         Sent::Done => {
             for (k, _) in batch {
@@ -332,14 +426,18 @@ fn record_result(
 /// Sends one signed test event to endpoint `name` now (not through the
 /// outbox); returns what the endpoint said.
 pub async fn test(s: &Services, name: &str) -> Result<String, String> {
-    let hook = s
+    let live = s.live();
+    let hook = live
         .cfg
         .webhooks
         .iter()
         .find(|w| w.name == name || w.url == name)
         .ok_or_else(|| format!("no webhook named {name:?}"))?;
-    let tls =
-        crate::tls::client_config(hook.ca_file.as_deref(), true).map_err(|e| e.to_string())?;
+    let tls = live
+        .webhook_tls
+        .get(&hook.name)
+        .cloned()
+        .ok_or_else(|| format!("{}: no TLS configuration", hook.name))?;
     let t = now_ms();
     let id = format!("test-{t}");
     let body = serde_json::json!({

@@ -98,6 +98,8 @@ pub enum Request {
     SuppressionImport {
         entries: Vec<Entry>,
     },
+    /// Re-read the config file herald was started with (`herald reload`).
+    Reload,
 }
 
 /// Binds the socket: creates its directory, replaces a stale socket (one

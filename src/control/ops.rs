@@ -101,6 +101,9 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
         Request::WebhookTest { name } => crate::webhooks::test(s, &name)
             .await
             .map(|m| json!({ "result": m })),
+        Request::Reload => {
+            crate::live::reload(s).map(|r| serde_json::to_value(&r).unwrap_or_default())
+        }
     }
 }
 
@@ -108,10 +111,9 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
 fn webhooks(s: &Services) -> Value {
     let list: Vec<Value> = s
         .hooks
-        .0
-        .iter()
-        .map(|h| {
-            let st = h.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        .states()
+        .into_iter()
+        .map(|st| {
             let backlog = crate::webhooks::backlog(&s.history, &st.name);
             let mut v = serde_json::to_value(&st).unwrap_or_default();
             v["backlog"] = json!(backlog);
@@ -200,8 +202,9 @@ type Answer = Result<Value, String>;
 
 fn route_health(s: &Services) -> Vec<Value> {
     let health = s.routes.health.lock().unwrap().clone();
-    let mut names: Vec<String> = s.cfg.upstreams.keys().cloned().collect();
-    if s.cfg.delivery.upstream == "mx" || s.cfg.routes.iter().any(|r| r.upstream == "mx") {
+    let cfg = s.cfg();
+    let mut names: Vec<String> = cfg.upstreams.keys().cloned().collect();
+    if cfg.delivery.upstream == "mx" || cfg.routes.iter().any(|r| r.upstream == "mx") {
         names.push("mx".into());
     }
     names
@@ -245,7 +248,7 @@ fn status(s: &Services) -> Answer {
         "destinations": s
             .routes
             .shaper
-            .all(&s.cfg)
+            .all(&s.cfg())
             .iter()
             .map(|d| d.report())
             .collect::<Vec<_>>(),
@@ -287,7 +290,7 @@ fn show(s: &Services, id: &str) -> Answer {
     if env.is_none() && events.is_empty() {
         return Err(format!(
             "no message {id} in the queue or in the last {} of history",
-            crate::config::format_duration(s.cfg.storage.history_retention)
+            crate::config::format_duration(s.cfg().storage.history_retention)
         ));
     }
     Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events }))
@@ -413,10 +416,11 @@ async fn set_paused(s: &Services, paused: bool) -> Answer {
 }
 
 fn known_route(s: &Services, route: &str) -> Result<(), String> {
-    if route == "mx" || s.cfg.upstreams.contains_key(route) {
+    let cfg = s.cfg();
+    if route == "mx" || cfg.upstreams.contains_key(route) {
         return Ok(());
     }
-    let known: Vec<&str> = s.cfg.upstreams.keys().map(String::as_str).collect();
+    let known: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
     Err(format!(
         "no route {route:?}: give the name of an upstream ({}) or \"mx\"",
         known.join(", ")
@@ -566,7 +570,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
     if events.is_empty() {
         let mut d = format!(
             "no mail for {addr} in the last {}: herald never received any, so the platform did not send it (check the platform's logs and the address it used)",
-            crate::config::format_duration(s.cfg.storage.history_retention)
+            crate::config::format_duration(s.cfg().storage.history_retention)
         );
         if let Some(e) = supp {
             d.push_str(&format!(

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::config::Security;
 use crate::history::EventKind;
@@ -159,6 +159,21 @@ impl Routes {
         }
     }
 
+    /// Closes every idle connection: a reload changed the upstreams, and
+    /// these were opened (and authenticated) with the old settings.
+    pub fn close_idle(&self) {
+        let idle: Vec<Conn> = self
+            .pool
+            .lock()
+            .unwrap()
+            .drain()
+            .flat_map(|(_, list)| list.into_iter().map(|(_, c)| c))
+            .collect();
+        for c in idle {
+            tokio::spawn(quit(c));
+        }
+    }
+
     /// Records a route failure; logs only when the route turns unhealthy.
     fn mark_unhealthy(&self, route: &str, why: &str) {
         let mut h = self.health.lock().unwrap();
@@ -291,7 +306,7 @@ fn gate(s: &Services, route: &str) -> Start {
     if route == "mx" {
         return Start::Go(None);
     }
-    match s.routes.shaper.upstream(&s.cfg, route).try_pass() {
+    match s.routes.shaper.upstream(&s.cfg(), route).try_pass() {
         shaping::Gate::Go(p) => Start::Go(Some(p)),
         shaping::Gate::Wait(t) => Start::Hold(t),
         shaping::Gate::Full => Start::Hold(u64::MAX),
@@ -302,7 +317,6 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     let mut due = DueList::default();
     let mut held = Held::default();
     let mut inflight: HashSet<String> = HashSet::new();
-    let sem = Arc::new(Semaphore::new(services.cfg.delivery.concurrency));
     let mut shutdown = services.shutdown.clone();
     services.routes.shaper.load_paused(&services.store);
 
@@ -366,7 +380,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                         }
                         match gate(&services, &route) {
                             Start::Go(pass) => {
-                                if !start(&services, &sem, &mut inflight, id, route.clone(), pass).await {
+                                if !start(&services, &mut inflight, id, route.clone(), pass).await {
                                     break 'run;
                                 }
                             }
@@ -400,7 +414,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                     }
                     match gate(&services, &route) {
                         Start::Go(pass) => {
-                            if !start(&services, &sem, &mut inflight, id, route, pass).await {
+                            if !start(&services, &mut inflight, id, route, pass).await {
                                 break 'run;
                             }
                         }
@@ -413,8 +427,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     }
     // Let attempts in flight record their outcome (a delivery the upstream
     // accepted but we did not record would be sent again after restart).
-    let all = services.cfg.delivery.concurrency as u32;
-    if tokio::time::timeout(Duration::from_secs(20), sem.acquire_many(all))
+    if tokio::time::timeout(Duration::from_secs(20), services.attempts.idle())
         .await
         .is_err()
     {
@@ -425,7 +438,6 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
 /// Starts one attempt once a delivery slot is free; false at shutdown.
 async fn start(
     services: &Arc<Services>,
-    sem: &Arc<Semaphore>,
     inflight: &mut HashSet<String>,
     id: String,
     route: String,
@@ -433,7 +445,7 @@ async fn start(
 ) -> bool {
     let mut stop = services.shutdown.clone();
     let permit = tokio::select! {
-        p = sem.clone().acquire_owned() => p.expect("semaphore closed"),
+        p = services.attempts.acquire() => p,
         _ = stop.wait() => return false,
     };
     inflight.insert(id.clone());
@@ -467,12 +479,13 @@ async fn start(
 
 /// Builds the connection target for a named upstream.
 fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
-    let u = s
+    let live = s.live();
+    let u = live
         .cfg
         .upstreams
         .get(name)
         .ok_or_else(|| format!("upstream {name:?} is not configured (any more)"))?;
-    let tls = s
+    let tls = live
         .client_tls
         .get(name)
         .cloned()
@@ -485,7 +498,7 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
         opportunistic: false,
         tls,
         credentials: u.username.clone().zip(u.password.clone()),
-        helo: s.cfg.hostname.clone(),
+        helo: live.cfg.hostname.clone(),
         smart_host: true,
     })
 }
@@ -493,7 +506,7 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
 /// Applies one recipient verdict and records the event.
 fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: &str) {
     let now = now_ms();
-    let cfg = &s.cfg.delivery;
+    let cfg = &s.cfg().delivery;
     let r = &mut env.rcpts[idx];
     r.updated = now;
     r.last_host = Some(host.to_string());
@@ -719,7 +732,7 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
         .collect();
     // Past max_age (after a long pause, say): a stale notification is
     // worse than none, so it expires instead of going out late.
-    let expires = env.received_at + s.cfg.delivery.max_age.as_millis() as u64;
+    let expires = env.received_at + s.cfg().delivery.max_age.as_millis() as u64;
     let mut due = due;
     // The last retry is scheduled at `expires` itself and still runs; a
     // recipient that was due earlier and is only now reached is stale.
@@ -797,9 +810,9 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
             None => {
                 let dest = if route == "mx" {
                     let hosts: Vec<&str> = targets.iter().map(|t| t.host.as_str()).collect();
-                    s.routes.shaper.mx_site(&s.cfg, &hosts)
+                    s.routes.shaper.mx_site(&s.cfg(), &hosts)
                 } else {
-                    s.routes.shaper.upstream(&s.cfg, &route)
+                    s.routes.shaper.upstream(&s.cfg(), &route)
                 };
                 if let Some(until) = dest.throttled_until(now_ms()) {
                     let why = dest.report()["last_reply"]
@@ -834,7 +847,7 @@ fn apply_throttled(
     until: u64,
 ) {
     let now = now_ms();
-    let expires = env.received_at + s.cfg.delivery.max_age.as_millis() as u64;
+    let expires = env.received_at + s.cfg().delivery.max_age.as_millis() as u64;
     let r = &mut env.rcpts[idx];
     r.updated = now;
     r.class = Some(class);
@@ -844,7 +857,7 @@ fn apply_throttled(
             EventKind::Expired,
             format!(
                 "gave up after {} (delivery.max_age); last reply: {reply}",
-                crate::config::format_duration(s.cfg.delivery.max_age)
+                crate::config::format_duration(s.cfg().delivery.max_age)
             ),
         )
     } else {
@@ -874,7 +887,7 @@ fn apply_throttled(
 
 /// The destination backs off; returns when its back-off ends.
 fn throttle(s: &Services, dest: &shaping::Dest, reply: &str) -> u64 {
-    let cfg = &s.cfg.delivery;
+    let cfg = &s.cfg().delivery;
     let (until, new) = dest.throttle(reply, cfg.throttle_backoff(), cfg.throttle_backoff_max());
     if new {
         tracing::warn!(
@@ -909,7 +922,7 @@ async fn deliver_group(
     let mut last_err = ConnError::temporary("no host to try");
     let smart = env.upstream != "mx";
     let max_per_conn = s
-        .cfg
+        .cfg()
         .upstreams
         .get(route)
         .filter(|_| smart)

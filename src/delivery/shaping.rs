@@ -9,15 +9,15 @@
 //! doubling to 30 min by default, until a success resets it.
 //!
 //! Waiting for a slot, a token or the end of a back-off is not an attempt:
-//! nothing is recorded and no retry counter is spent.
+//! nothing is recorded and no retry counter is spent. A reload changes a
+//! destination's limits in place; its back-off and its sessions go on.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use crate::config::{Config, Rate};
+use crate::limit::{Limit, Permit};
 use crate::queue::now_ms;
 
 /// A token bucket of `rate.count` tokens refilled at `count` per `per`:
@@ -76,9 +76,8 @@ struct Backoff {
 /// One destination: its slots, its rate and its back-off.
 pub struct Dest {
     pub key: String,
-    limit: usize,
-    slots: Arc<Semaphore>,
-    rate: Option<Rate>,
+    slots: Limit,
+    /// The token bucket of the rate, None = no limit.
     bucket: Mutex<Option<Bucket>>,
     backoff: Mutex<Backoff>,
 }
@@ -87,7 +86,7 @@ pub struct Dest {
 /// the slot is free again when the pass drops.
 pub struct Pass {
     pub dest: Arc<Dest>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Permit,
 }
 
 /// Whether a message for a destination may start now.
@@ -103,11 +102,23 @@ impl Dest {
     fn new(key: String, limit: usize, rate: Option<Rate>) -> Dest {
         Dest {
             key,
-            limit,
-            slots: Arc::new(Semaphore::new(limit)),
-            rate,
+            slots: Limit::new(limit),
             bucket: Mutex::new(rate.map(Bucket::new)),
             backoff: Mutex::new(Backoff::default()),
+        }
+    }
+
+    fn rate(&self) -> Option<Rate> {
+        self.bucket.lock().unwrap().as_ref().map(|b| b.rate)
+    }
+
+    /// New limits from a reload: slots at once, a new bucket if the rate
+    /// changed (full, as at start-up).
+    fn set_limits(&self, limit: usize, rate: Option<Rate>) {
+        self.slots.resize(limit);
+        let mut bucket = self.bucket.lock().unwrap();
+        if bucket.as_ref().map(|b| b.rate) != rate {
+            *bucket = rate.map(Bucket::new);
         }
     }
 
@@ -130,7 +141,7 @@ impl Dest {
                 return Gate::Wait(now + w);
             }
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+        let Some(slot) = self.slots.try_acquire() else {
             return Gate::Full;
         };
         if let Some(b) = bucket.as_mut() {
@@ -145,12 +156,7 @@ impl Dest {
     /// Waits for a slot and a token (direct MX delivery, where the site is
     /// known only once the MX hosts are).
     pub async fn pass(self: &Arc<Self>) -> Pass {
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("slots never close");
+        let slot = self.slots.acquire().await;
         loop {
             let w = match self.bucket.lock().unwrap().as_mut() {
                 None => 0,
@@ -208,9 +214,9 @@ impl Dest {
         let now = now_ms();
         serde_json::json!({
             "name": self.key,
-            "sessions": self.limit - self.slots.available_permits(),
-            "max_sessions": self.limit,
-            "rate": self.rate.map(|r| r.to_string()),
+            "sessions": self.slots.in_use(),
+            "max_sessions": self.slots.size(),
+            "rate": self.rate().map(|r| r.to_string()),
             "throttled_until_ms": (b.until_ms > now).then_some(b.until_ms),
             "last_reply": b.last_reply,
         })
@@ -235,12 +241,20 @@ impl Shaper {
             .clone()
     }
 
-    /// The destination of a configured upstream.
-    pub fn upstream(&self, cfg: &Config, name: &str) -> Arc<Dest> {
-        let (limit, rate) = match cfg.upstreams.get(name) {
+    /// The limits of a destination under `cfg`.
+    fn limits(cfg: &Config, key: &str) -> (usize, Option<Rate>) {
+        if key.starts_with("mx:") {
+            return (cfg.delivery.mx_max_connections, cfg.delivery.mx_max_rate);
+        }
+        match cfg.upstreams.get(key) {
             Some(u) => (u.max_connections, u.max_rate),
             None => (cfg.delivery.concurrency, None),
-        };
+        }
+    }
+
+    /// The destination of a configured upstream.
+    pub fn upstream(&self, cfg: &Config, name: &str) -> Arc<Dest> {
+        let (limit, rate) = Self::limits(cfg, name);
         self.get(name, || Dest::new(name.to_string(), limit, rate))
     }
 
@@ -248,8 +262,21 @@ impl Shaper {
     pub fn mx_site(&self, cfg: &Config, hosts: &[&str]) -> Arc<Dest> {
         let set: BTreeSet<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         let key = format!("mx:{}", set.into_iter().collect::<Vec<_>>().join(","));
-        let (limit, rate) = (cfg.delivery.mx_max_connections, cfg.delivery.mx_max_rate);
+        let (limit, rate) = Self::limits(cfg, &key);
         self.get(&key, || Dest::new(key.clone(), limit, rate))
+    }
+
+    /// After a reload: every destination seen takes the new limits, and
+    /// upstreams no longer configured (with no session left) are dropped.
+    pub fn follow(&self, cfg: &Config) {
+        let mut d = self.dests.lock().unwrap();
+        d.retain(|key, dest| {
+            key.starts_with("mx:") || cfg.upstreams.contains_key(key) || dest.slots.in_use() > 0
+        });
+        for (key, dest) in d.iter() {
+            let (limit, rate) = Self::limits(cfg, key);
+            dest.set_limits(limit, rate);
+        }
     }
 
     /// Every destination, for `status` and `/metrics`: the configured

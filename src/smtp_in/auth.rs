@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use base64::Engine;
 
-use crate::services::Services;
+use crate::config::Config;
 
 /// Failed logins before the connection is closed.
 const MAX_FAILURES: u32 = 3;
@@ -86,7 +86,7 @@ impl Auth {
     /// close.
     pub fn start(
         &mut self,
-        services: &Services,
+        cfg: &Config,
         peer: SocketAddr,
         mech: &str,
         initial: Option<&str>,
@@ -105,11 +105,11 @@ impl Auth {
             }
             ("PLAIN", Some(r)) => {
                 self.step = Step::PlainWait;
-                self.answer(services, peer, r, out)
+                self.answer(cfg, peer, r, out)
             }
             ("LOGIN", Some(r)) => {
                 self.step = Step::LoginUser;
-                self.answer(services, peer, r, out)
+                self.answer(cfg, peer, r, out)
             }
             _ => {
                 reply(
@@ -126,7 +126,7 @@ impl Auth {
     /// session must close.
     pub fn answer(
         &mut self,
-        services: &Services,
+        cfg: &Config,
         peer: SocketAddr,
         line: &str,
         out: &mut Vec<u8>,
@@ -158,7 +158,7 @@ impl Auth {
             reply(out, 501, "5.5.2 Cannot decode the AUTH response");
             return self.too_many(out);
         };
-        let ok = services.cfg.listen.users.iter().any(|u| {
+        let ok = cfg.listen.users.iter().any(|u| {
             ct_eq(u.username.as_bytes(), user.as_bytes())
                 & ct_eq(u.password.expose().as_bytes(), pass.as_bytes())
         });

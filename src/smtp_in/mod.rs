@@ -9,12 +9,13 @@ pub mod spool;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::config::Listen;
 use crate::services::Services;
@@ -25,16 +26,16 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection slots, shared by every SMTP listener: `max_connections` in
 /// all, and `max_connections_per_ip` for one client address, so that a
-/// few clients cannot hold every slot.
+/// few clients cannot hold every slot. A reload may change both.
 pub struct Slots {
-    all: Arc<Semaphore>,
+    all: crate::limit::Limit,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    max_per_ip: usize,
+    max_per_ip: AtomicUsize,
 }
 
 /// A session's hold on its slots, given back on drop.
 pub struct Slot {
-    _permit: OwnedSemaphorePermit,
+    _permit: crate::limit::Permit,
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -54,10 +55,17 @@ impl Drop for Slot {
 impl Slots {
     pub fn new(l: &Listen) -> Slots {
         Slots {
-            all: Arc::new(Semaphore::new(l.max_connections)),
+            all: crate::limit::Limit::new(l.max_connections),
             per_ip: Default::default(),
-            max_per_ip: l.max_connections_per_ip,
+            max_per_ip: AtomicUsize::new(l.max_connections_per_ip),
         }
+    }
+
+    /// New limits (a reload): sessions open beyond them go on.
+    pub fn resize(&self, l: &Listen) {
+        self.all.resize(l.max_connections);
+        self.max_per_ip
+            .store(l.max_connections_per_ip, Ordering::Relaxed);
     }
 
     /// A slot for a client at `ip`, or the refusal to send it.
@@ -65,14 +73,10 @@ impl Slots {
         let ip = canonical_ip(ip);
         let mut m = self.per_ip.lock().unwrap();
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err("listen.max_connections_per_ip");
         }
-        let permit = self
-            .all
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "listen.max_connections")?;
+        let permit = self.all.try_acquire().ok_or("listen.max_connections")?;
         *n += 1;
         Ok(Slot {
             _permit: permit,
@@ -110,7 +114,6 @@ pub async fn accept_loop(
     services: Arc<Services>,
     listener: TcpListener,
     implicit_tls: bool,
-    slots: Arc<Slots>,
     drain: mpsc::Sender<()>,
 ) {
     let mut shutdown = services.shutdown.clone();
@@ -127,10 +130,10 @@ pub async fn accept_loop(
             },
             _ = shutdown.wait() => break,
         };
-        let permit = match slots.take(peer.ip()) {
+        let permit = match services.conns.take(peer.ip()) {
             Ok(p) => p,
             Err(key) => {
-                let host = services.cfg.hostname.clone();
+                let host = services.cfg().hostname.clone();
                 let why = if key == "listen.max_connections" {
                     "Too many connections"
                 } else {

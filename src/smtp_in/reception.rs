@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::envelope::Transaction;
 use crate::history::EventKind;
+use crate::live::Live;
 use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::rewrite;
 use crate::services::Services;
@@ -66,9 +67,10 @@ impl Refusals {
     }
 }
 
-/// Queues the message; returns the SMTP reply to send.
-pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String) {
-    let cfg = &s.cfg;
+/// Queues the message; returns the SMTP reply to send. `live` is the
+/// configuration of the transaction: one rewrite policy and one key set.
+pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> (u16, String) {
+    let cfg = &live.cfg;
     // A storage that failed a sync cannot be trusted with a 250: say so at
     // once rather than let the client wait for a disk that does not answer.
     if s.store.health.is_failed() {
@@ -87,7 +89,7 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
             return (451, "4.3.0 Local storage error; try again later".into());
         }
     };
-    let has_key = |d: &str| s.signers.has_key_for(d);
+    let has_key = |d: &str| live.signers.has_key_for(d);
     let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
         Ok(p) => p,
         Err(e) => {
@@ -105,7 +107,7 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
             ),
         );
     }
-    if let (Some(key), true) = (s.tracking_key.as_deref(), prepared.track) {
+    if let (Some(key), true) = (live.tracking_key.as_deref(), prepared.track) {
         let url = format!(
             "{}/o/{}.gif",
             cfg.tracking.base_url.trim_end_matches('/'),
@@ -118,7 +120,7 @@ pub async fn accept(s: &Services, t: Transaction, spool: Spool) -> (u16, String)
         prepared.message = m;
     }
     // DKIM last, over the final headers and body.
-    match s.signers.sign(
+    match live.signers.sign(
         prepared.from.rsplit_once('@').map(|(_, d)| d).unwrap_or(""),
         &prepared.message,
     ) {

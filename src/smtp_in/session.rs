@@ -30,6 +30,7 @@ use super::line::{read_line, Line};
 use super::reception;
 use super::spool::Spool;
 use crate::envelope::Transaction;
+use crate::live::Live;
 use crate::services::Services;
 use crate::tls::Stream;
 
@@ -244,7 +245,7 @@ fn valid_domain(domain: &str) -> bool {
 pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
     let _ = tcp.set_nodelay(true);
     let stream = if implicit_tls {
-        let Some(acceptor) = services.tls.clone() else {
+        let Some(acceptor) = services.live().tls.clone() else {
             return;
         };
         match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp)).await {
@@ -260,11 +261,14 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
     };
 
     let mut s = SmtpSession::new(services.clone(), peer, implicit_tls);
-    let cfg = &services.cfg;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(1024);
     let mut shutdown = services.shutdown.clone();
-    reply(&mut s.out, 220, &format!("{} ESMTP herald", cfg.hostname));
+    reply(
+        &mut s.out,
+        220,
+        &format!("{} ESMTP herald", s.live.cfg.hostname),
+    );
 
     loop {
         if s.too_many_errors() {
@@ -284,7 +288,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         }
         let max = if s.in_data {
             // A longer line makes the message too big anyway.
-            cfg.listen.max_message_size.saturating_add(3)
+            s.live.cfg.listen.max_message_size.saturating_add(3)
         } else {
             MAX_COMMAND_LINE
         };
@@ -292,7 +296,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         let read = tokio::select! {
             r = tokio::time::timeout_at(wait, read_line(&mut reader, &mut line, max)) => r,
             _ = shutdown.wait(), if !s.in_data => {
-                reply(&mut s.out, 421, &format!("4.3.2 {} Service shutting down, try again later", cfg.hostname));
+                reply(&mut s.out, 421, &format!("4.3.2 {} Service shutting down, try again later", s.live.cfg.hostname));
                 break;
             }
         };
@@ -303,8 +307,8 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                     421,
                     &format!(
                         "4.4.2 {} No transaction completed in {}, closing connection",
-                        cfg.hostname,
-                        crate::config::format_duration(cfg.listen.session_timeout)
+                        s.live.cfg.hostname,
+                        crate::config::format_duration(s.live.cfg.listen.session_timeout)
                     ),
                 );
                 break;
@@ -313,7 +317,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 reply(
                     &mut s.out,
                     421,
-                    &format!("4.4.2 {} Timeout, closing connection", cfg.hostname),
+                    &format!("4.4.2 {} Timeout, closing connection", s.live.cfg.hostname),
                 );
                 break;
             }
@@ -340,7 +344,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
                 // Bytes pipelined after STARTTLS were sent in clear text
                 // and must not be read as if they came over TLS.
                 let stream = reader.into_inner();
-                let (Stream::Plain(tcp), Some(acceptor)) = (stream, services.tls.clone()) else {
+                let (Stream::Plain(tcp), Some(acceptor)) = (stream, s.live.tls.clone()) else {
                     return;
                 };
                 let tls = match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(tcp))
@@ -392,6 +396,10 @@ struct Command<'a> {
 /// replies and the counters and limits. One method per SMTP command.
 struct SmtpSession {
     services: Arc<Services>,
+    /// The configuration this session works with: taken again between
+    /// transactions, so a reload applies from the next one and never in
+    /// the middle of one.
+    live: Arc<Live>,
     peer: SocketAddr,
     ip: IpAddr,
     /// The client is in `listen.allowed_networks`.
@@ -418,11 +426,12 @@ struct SmtpSession {
 
 impl SmtpSession {
     fn new(services: Arc<Services>, peer: SocketAddr, implicit_tls: bool) -> SmtpSession {
-        let cfg = &services.cfg;
+        let live = services.live();
+        let cfg = &live.cfg;
         let ip = super::canonical_ip(peer.ip());
         let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
         let mut builder = SessionBuilder::new(cfg.hostname.clone());
-        if services.tls.is_some() && !implicit_tls {
+        if live.tls.is_some() && !implicit_tls {
             builder.enable_start_tls();
         }
         let shared = Arc::new(Mutex::new(Shared {
@@ -441,6 +450,7 @@ impl SmtpSession {
         let deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
         SmtpSession {
             services,
+            live: live.clone(),
             peer,
             ip,
             allowed,
@@ -471,7 +481,7 @@ impl SmtpSession {
                 421,
                 &format!(
                     "4.7.0 {} Too many errors, closing connection",
-                    self.services.cfg.hostname
+                    self.live.cfg.hostname
                 ),
             );
             return true;
@@ -479,9 +489,25 @@ impl SmtpSession {
         false
     }
 
+    /// Between transactions: the configuration in force now (a reload may
+    /// have changed users, limits, networks or keys).
+    fn refresh(&mut self) {
+        let live = self.services.live();
+        if !Arc::ptr_eq(&live, &self.live) {
+            self.allowed = live
+                .cfg
+                .listen
+                .allowed_networks
+                .iter()
+                .any(|n| n.contains(&self.ip));
+            self.shared.lock().unwrap().max_size = live.cfg.listen.max_message_size;
+            self.live = live;
+        }
+    }
+
     /// Credentials never cross a network in clear text.
     fn can_auth(&self) -> bool {
-        !self.services.cfg.listen.users.is_empty() && (self.tls || self.ip.is_loopback())
+        !self.live.cfg.listen.users.is_empty() && (self.tls || self.ip.is_loopback())
     }
 
     /// The I/O loop has swapped the stream for TLS: start afresh.
@@ -517,7 +543,8 @@ impl SmtpSession {
     /// The final `.` of DATA.
     async fn end_of_data(&mut self) -> Next {
         let services = self.services.clone();
-        let cfg = &services.cfg;
+        let live = self.live.clone();
+        let cfg = &live.cfg;
         self.in_data = false;
         let (data, oversize, spool_error) = {
             let mut sh = self.shared.lock().unwrap();
@@ -551,7 +578,7 @@ impl SmtpSession {
         } else {
             // Anything the client pipelined after the dot waits; the
             // reply goes out only after the commit.
-            reception::accept(&services, t, data).await
+            reception::accept(&services, &live, t, data).await
         };
         if code >= 400 {
             self.refusals.record(&services, ip, &rcpts, code, &text);
@@ -582,6 +609,9 @@ impl SmtpSession {
                 "5.5.2 Syntax error: command not terminated by CRLF",
             );
             return Next::Continue;
+        }
+        if self.txn.is_none() {
+            self.refresh();
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
         let utf8 = std::str::from_utf8(line).is_ok();
@@ -618,7 +648,8 @@ impl SmtpSession {
 
     /// EHLO and HELO.
     fn ehlo(&mut self, cmd: &Command) -> Next {
-        let cfg = &self.services.cfg;
+        let live = self.live.clone();
+        let cfg = &live.cfg;
         let r = self.session.process(cmd.line);
         if r.code == 250 {
             // It goes into the Received: header: no control
@@ -663,7 +694,7 @@ impl SmtpSession {
     /// MAIL FROM: parsed here (null sender, SIZE=, BODY=, SMTPUTF8);
     /// mailin only sees a normalised command.
     fn mail(&mut self, cmd: &Command) -> Next {
-        let max_size = self.services.cfg.listen.max_message_size;
+        let max_size = self.live.cfg.listen.max_message_size;
         let Some(arg) = strip_prefix_ci(cmd.text, "MAIL FROM:") else {
             reply(&mut self.out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
             return Next::Continue;
@@ -753,7 +784,8 @@ impl SmtpSession {
     /// are enforced (and refusals recorded), duplicates are merged.
     fn rcpt(&mut self, cmd: &Command) -> Next {
         let services = self.services.clone();
-        let cfg = &services.cfg;
+        let live = self.live.clone();
+        let cfg = &live.cfg;
         let ip = self.ip;
         let authed = self.auth.user.is_some();
         let Some(arg) = strip_prefix_ci(cmd.text, "RCPT TO:") else {
@@ -873,7 +905,7 @@ impl SmtpSession {
 
     /// AUTH PLAIN / LOGIN, with or without an initial response.
     fn auth(&mut self, cmd: &Command) -> Next {
-        if self.services.cfg.listen.users.is_empty() {
+        if self.live.cfg.listen.users.is_empty() {
             reply(
                 &mut self.out,
                 503,
@@ -905,7 +937,7 @@ impl SmtpSession {
         let mech = words.next().unwrap_or("");
         if self
             .auth
-            .start(&self.services, self.peer, mech, words.next(), &mut self.out)
+            .start(&self.live.cfg, self.peer, mech, words.next(), &mut self.out)
         {
             return Next::Close;
         }
@@ -916,7 +948,7 @@ impl SmtpSession {
     fn auth_answer(&mut self, answer: &str) -> Next {
         if self
             .auth
-            .answer(&self.services, self.peer, answer, &mut self.out)
+            .answer(&self.live.cfg, self.peer, answer, &mut self.out)
         {
             return Next::Close;
         }
