@@ -1,5 +1,5 @@
-//! Running under systemd: readiness, status, watchdog and stopping
-//! notifications arrive in order on a datagram socket given as
+//! Running under systemd: readiness, status, watchdog, reloading and
+//! stopping notifications arrive in order on a datagram socket given as
 //! NOTIFY_SOCKET, as systemd would see them with Type=notify.
 
 mod common;
@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
-fn ready_status_watchdog_and_stopping_in_order() {
+fn ready_status_watchdog_reloading_and_stopping_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -58,6 +58,23 @@ fn ready_status_watchdog_and_stopping_in_order() {
         "{:?}",
         start.elapsed()
     );
+    // SIGHUP reloads: RELOADING=1 (with the monotonic time systemd wants),
+    // then READY=1 again.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGHUP);
+    }
+    let mut m = recv();
+    while m.contains("WATCHDOG=1") && !m.contains("RELOADING") {
+        m = recv();
+    }
+    assert!(m.contains("RELOADING=1"), "{m:?}");
+    assert!(m.contains("MONOTONIC_USEC="), "{m:?}");
+    let mut m = recv();
+    while !m.contains("READY=1") {
+        assert!(!m.contains("STOPPING"), "{m:?}");
+        m = recv();
+    }
+    assert!(m.contains("STATUS=0 queued"), "{m:?}");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

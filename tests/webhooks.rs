@@ -342,3 +342,52 @@ fn a_webhook_key_shorter_than_16_bytes_is_refused_by_name() {
     );
     assert!(err.contains("webhooks[0].secret_file"), "{err}");
 }
+
+#[test]
+fn a_reload_adds_moves_and_removes_an_endpoint() {
+    let sink = Sink::start(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("webhook.key"), KEY).unwrap();
+    let h = Herald::start_in(dir, &upstream(sink.port(), "none", ""));
+    let base = std::fs::read_to_string(&h.config).unwrap();
+    let hook = |port: u16| {
+        format!("{base}\n[[webhooks]]\nname = \"platform\"\nurl = \"http://127.0.0.1:{port}/h\"\nsecret_file = \"webhook.key\"\nevents = [\"delivered\"]\ntimeout = \"2s\"\n")
+    };
+    let send = |rcpt: &str| {
+        let mut c = h.client();
+        c.ehlo();
+        assert_eq!(c.send("app@platform.test", &[rcpt], HTML).0, 250);
+    };
+
+    // Added: the next events go to it, signed.
+    let first_port = free_port();
+    let first = Receiver::start(first_port, 200);
+    std::fs::write(&h.config, hook(first_port)).unwrap();
+    assert!(h.ok(&["reload"]).contains("webhooks (1)"));
+    send("one@dest.test");
+    assert!(wait_until(10, || first.count("delivered", "one@dest.test") == 1));
+    assert!(first.posts.lock().unwrap().iter().all(|p| p.signature_ok));
+
+    // Moved to another URL: the same sender (and counters) goes on there.
+    let second_port = free_port();
+    let second = Receiver::start(second_port, 200);
+    std::fs::write(&h.config, hook(second_port)).unwrap();
+    assert!(h.ok(&["reload"]).contains("webhooks (1)"));
+    send("two@dest.test");
+    assert!(wait_until(10, || second
+        .count("delivered", "two@dest.test")
+        == 1));
+    assert_eq!(first.count("delivered", "two@dest.test"), 0);
+    let list = h.ok(&["webhooks", "--json"]);
+    assert!(list.contains(&format!("127.0.0.1:{second_port}")), "{list}");
+    assert!(list.contains("\"delivered\":2"), "{list}");
+
+    // Removed: nothing more is sent, and it is no longer listed.
+    std::fs::write(&h.config, &base).unwrap();
+    assert!(h.ok(&["reload"]).contains("webhooks (0)"));
+    send("three@dest.test");
+    assert_eq!(sink.wait_for(3, 10).len(), 3);
+    assert!(wait_until(10, || h.has_event("three@dest.test", "delivered")));
+    assert!(h.ok(&["webhooks"]).contains("no [[webhooks]] configured"));
+    assert_eq!(second.count("delivered", "three@dest.test"), 0);
+}
