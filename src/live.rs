@@ -146,8 +146,10 @@ impl Report {
     /// restart: listen.smtp".
     pub fn line(&self) -> String {
         let mut s = format!("reloaded {}: ", self.path);
-        if self.changed.is_empty() {
+        if self.changed.is_empty() && self.restart.is_empty() {
             s.push_str("nothing changed");
+        } else if self.changed.is_empty() {
+            s.push_str("nothing to apply now");
         } else {
             s.push_str(&self.changed.join(", "));
         }
@@ -176,7 +178,7 @@ pub fn reload(s: &Services) -> Result<Report, String> {
         Ok(r) => {
             tracing::info!(
                 path = %r.path,
-                changed = %r.changed.join(", "),
+                changed = %if r.changed.is_empty() { "nothing".to_string() } else { r.changed.join(", ") },
                 "configuration reloaded"
             );
             if !r.restart.is_empty() {
