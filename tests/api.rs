@@ -293,3 +293,21 @@ fn every_route_of_the_openapi_document_answers() {
     }
     assert!(n >= 12, "{n} operations");
 }
+
+#[test]
+fn a_reload_reads_the_tokens_file_again() {
+    let (h, api, _sink) = start();
+    let status = |t: &str| call(&api, "GET", "/api/v1/status", Some(t), "").0;
+    assert_eq!(status(TOKEN), 200);
+    let next = "rotated-console-token-4567";
+    std::fs::write(h.path("api.tokens"), format!("{next}\n")).unwrap();
+    assert!(h.ok(&["reload"]).contains("api.tokens_file"));
+    assert_eq!(status(next), 200);
+    assert_eq!(status(TOKEN), 401, "the removed token is refused");
+    // A tokens file that is refused keeps the tokens in force.
+    std::fs::write(h.path("api.tokens"), "short\n").unwrap();
+    let (code, _, err) = h.cli(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("api.tokens_file: line 1"), "{err}");
+    assert_eq!(status(next), 200);
+}

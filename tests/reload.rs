@@ -319,10 +319,26 @@ fn new_routes_and_upstreams_apply_to_new_mail() {
         got[0].text()
     );
     assert_eq!(first.count(), 1);
-    // status knows the new upstream and its limit.
-    let status: serde_json::Value = serde_json::from_str(&h.ok(&["status", "--json"])).unwrap();
-    let text = status.to_string();
-    assert!(text.contains("\"second\""), "{text}");
+    // status knows the new upstream and its limit; a new limit applies
+    // in place.
+    let max_sessions = || {
+        let status: serde_json::Value = serde_json::from_str(&h.ok(&["status", "--json"])).unwrap();
+        status["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "second")
+            .map(|d| d["max_sessions"].clone())
+    };
+    assert_eq!(max_sessions(), Some(2.into()));
+    edit(&h, |t| {
+        t.replace(
+            "max_connections = 2",
+            "max_connections = 5\nmax_rate = \"30/m\"",
+        )
+    });
+    assert!(h.ok(&["reload"]).contains("upstreams"));
+    assert_eq!(max_sessions(), Some(5.into()));
 
     // Removed again: new mail goes by [delivery] upstream.
     std::fs::write(

@@ -101,3 +101,56 @@ fn tracking_needs_a_readable_key() {
     );
     assert!(err.contains("tracking.secret_file"), "{err}");
 }
+
+#[test]
+fn a_reloaded_secret_signs_new_pixels_and_old_ones_still_count() {
+    let sink = Sink::start(Script::default());
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tracking.key"), [7u8; 32]).unwrap();
+    std::fs::write(dir.path().join("tracking2.key"), [9u8; 32]).unwrap();
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[tracking]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nbase_url = \"http://127.0.0.1:{port}/\"\nsecret_file = \"tracking.key\"\n{}",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let pixel = |rcpt: &str| {
+        let mut c = h.client();
+        c.ehlo();
+        assert_eq!(c.send("app@platform.test", &[rcpt], HTML).0, 250);
+        assert!(wait_until(10, || sink
+            .messages()
+            .iter()
+            .any(|m| m.rcpts[0] == rcpt)));
+        let m = sink
+            .messages()
+            .into_iter()
+            .find(|m| m.rcpts[0] == rcpt)
+            .unwrap();
+        let html = mail_parser::MessageParser::default()
+            .parse(&m.data)
+            .unwrap()
+            .body_html(0)
+            .unwrap()
+            .into_owned();
+        let at = html.find("/o/").unwrap_or_else(|| panic!("{html}"));
+        html[at..].split('"').next().unwrap().to_string()
+    };
+    let old = pixel("before@dest.test");
+    let text = std::fs::read_to_string(&h.config).unwrap();
+    std::fs::write(&h.config, text.replace("tracking.key", "tracking2.key")).unwrap();
+    assert!(h.ok(&["reload"]).contains("tracking"));
+    let new = pixel("after@dest.test");
+    assert_ne!(
+        old.rsplit('.').nth(1),
+        new.rsplit('.').nth(1),
+        "new key, new token"
+    );
+    assert_eq!(http_get(&addr, &new).0, 200);
+    assert_eq!(http_get(&addr, &old).0, 200, "signed with the previous key");
+    assert!(wait_until(10, || h.has_event("before@dest.test", "opened")
+        && h.has_event("after@dest.test", "opened")));
+}
