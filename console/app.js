@@ -223,7 +223,7 @@ async function suppressionsView() {
     body.replaceChildren(table(["Address", "Since", "Lifts", "Source", "Reason"],
       entries.map((e) => [
         e.addr, ago(e.added_ms), e.expires_ms ? ago(e.expires_ms) : "never",
-        e.automatic ? "bounce" : "manual",
+        e.automatic ? (e.reason === "complaint" ? "complaint" : "bounce") : "manual",
         el("span", {}, e.reason + (e.reply ? ": " + e.reply : "") + " ",
           el("button", { class: "remove", "data-addr": e.addr,
             on: { click: () => removeSuppression(e.addr, suppressionsView).catch(failure) } }, "Remove")),

@@ -95,6 +95,13 @@ pub fn identities(cfg: &Config, domain: Option<&str>) -> Vec<Identity> {
             );
         }
     }
+    // With [bounces], every recipient's return path is b-TOKEN@DOMAIN:
+    // that is the domain SPF is checked for.
+    if let Some(b) = &cfg.bounces {
+        for i in out.iter_mut() {
+            i.envelope_domain = b.domain.clone();
+        }
+    }
     match domain {
         None => out,
         Some(d) => {
@@ -103,7 +110,7 @@ pub fn identities(cfg: &Config, domain: Option<&str>) -> Vec<Identity> {
             if mine.is_empty() {
                 mine.push(Identity {
                     from_domain: d.clone(),
-                    envelope_domain: d,
+                    envelope_domain: cfg.bounces.as_ref().map(|b| b.domain.clone()).unwrap_or(d),
                     upstream: cfg.delivery.upstream.clone(),
                 });
             }
@@ -474,6 +481,83 @@ async fn check_dmarc(
     });
 }
 
+/// The `[bounces]` domain must route reports to herald: its MX must be
+/// this host (`hostname`, or a name with the same addresses).
+async fn check_bounce_mx(cfg: &Config, auth: &MessageAuthenticator, out: &mut Vec<Finding>) {
+    let Some(b) = &cfg.bounces else { return };
+    let d = &b.domain;
+    let host = cfg.hostname.trim_end_matches('.').to_ascii_lowercase();
+    let publish = format!("publish MX {d}. 10 {host}. (and an A/AAAA record for {host})");
+    let mut f = |level, text: String, hint: Option<String>| {
+        out.push(Finding {
+            level,
+            check: "MX",
+            text,
+            hint,
+        })
+    };
+    let exchanges: Vec<String> = match auth.resolver().mx_lookup(format!("{d}.")).await {
+        Ok(l) => l
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some(
+                    mx.exchange
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                ),
+                _ => None,
+            })
+            .collect(),
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Vec::new(),
+        Err(e) => return f(Level::Warn, format!("{d}: DNS error: {e}"), None),
+    };
+    if exchanges.is_empty() {
+        return f(
+            Level::Fail,
+            format!(
+                "{d} (the [bounces] domain) has no MX: bounces and complaints cannot reach herald"
+            ),
+            Some(publish),
+        );
+    }
+    if exchanges.contains(&host) {
+        return f(
+            Level::Ok,
+            format!("{d}: MX {host} (this host) takes its reports"),
+            None,
+        );
+    }
+    // Another name for this host: the same addresses.
+    let addrs = |name: String| async move {
+        auth.resolver()
+            .lookup_ip(format!("{name}."))
+            .await
+            .map(|l| l.iter().collect::<Vec<IpAddr>>())
+            .unwrap_or_default()
+    };
+    let ours = addrs(host.clone()).await;
+    for x in &exchanges {
+        let theirs = addrs(x.clone()).await;
+        if !ours.is_empty() && theirs.iter().any(|ip| ours.contains(ip)) {
+            return f(
+                Level::Ok,
+                format!("{d}: MX {x} has the address of this host ({host})"),
+                None,
+            );
+        }
+    }
+    f(
+        Level::Fail,
+        format!(
+            "{d}: MX {} is not this host ({host}): bounces and complaints go elsewhere",
+            exchanges.join(", ")
+        ),
+        Some(publish),
+    )
+}
+
 /// Runs every check for every identity.
 pub async fn run(
     cfg: &Config,
@@ -492,6 +576,18 @@ pub async fn run(
         check_dmarc(&auth, &id, dkim_domain.as_deref(), spf_passes, &mut out).await;
         all.push((id, out));
     }
+    if let Some(b) = &cfg.bounces {
+        let mut out = Vec::new();
+        check_bounce_mx(cfg, &auth, &mut out).await;
+        all.push((
+            Identity {
+                from_domain: b.domain.clone(),
+                envelope_domain: b.domain.clone(),
+                upstream: String::new(),
+            },
+            out,
+        ));
+    }
     Ok(all)
 }
 
@@ -499,10 +595,17 @@ pub async fn run(
 pub fn print(results: &[(Identity, Vec<Finding>)]) -> bool {
     let mut ok = true;
     for (id, findings) in results {
-        println!(
-            "{} (envelope {}, route {})",
-            id.from_domain, id.envelope_domain, id.upstream
-        );
+        if id.upstream.is_empty() {
+            println!(
+                "{} (the [bounces] domain: where bounces and complaints come back)",
+                id.from_domain
+            );
+        } else {
+            println!(
+                "{} (envelope {}, route {})",
+                id.from_domain, id.envelope_domain, id.upstream
+            );
+        }
         for f in findings {
             let level = match f.level {
                 Level::Ok => "ok  ",

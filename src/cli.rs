@@ -281,6 +281,22 @@ pub fn print_status(v: &Value, json: bool) {
         }
         println!("{line}");
     }
+    if let Some(m) = v["reports"]["since_start"].as_object() {
+        let counts: Vec<String> = m
+            .iter()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{} {n}", k.replace('_', " ")))
+            .collect();
+        println!(
+            "reports to {} since start: {}",
+            s(&v["reports"]["domain"]),
+            if counts.is_empty() {
+                "none".into()
+            } else {
+                counts.join(", ")
+            }
+        );
+    }
 }
 
 pub fn print_queue(v: &Value, json: bool) {
@@ -408,6 +424,32 @@ pub fn print_show(v: &Value, json: bool) {
         return;
     }
     println!("id: {}", s(&v["id"]));
+    let rep = &v["report"];
+    if rep.is_object() {
+        println!(
+            "report: received {} from {} ({}), MAIL FROM <{}> to <{}>, {} bytes",
+            relative(rep["received_ms"].as_u64()),
+            s(&rep["peer"]),
+            s(&rep["helo"]),
+            s(&rep["mail_from"]),
+            s(&rep["rcpt"]),
+            s(&rep["size"])
+        );
+        println!("state: {}  kind: {}", s(&rep["state"]), s(&rep["kind"]));
+        if rep["message"].is_string() {
+            println!(
+                "about: message {} to {}",
+                s(&rep["message"]),
+                s(&rep["recipient"])
+            );
+        }
+        println!("summary: {}", s(&rep["summary"]));
+        println!("\n{}", s(&v["text"]).trim_end());
+        if v["truncated"] == Value::Bool(true) {
+            println!("[... truncated]");
+        }
+        return;
+    }
     let q = &v["queued"];
     if q.is_null() {
         println!("state: no longer queued (every recipient is final; body deleted)");

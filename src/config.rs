@@ -71,6 +71,21 @@ pub struct Config {
     pub dns: Dns,
     pub webhooks: Vec<Webhook>,
     pub api: Api,
+    /// `[bounces]`: signed return paths and the intake of what comes back.
+    pub bounces: Option<Bounces>,
+}
+
+/// `[bounces]`: each recipient's envelope sender is `b-TOKEN@domain`, and
+/// the listener takes the delivery reports and complaints sent there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bounces {
+    pub domain: String,
+    pub listen: Vec<SocketAddr>,
+    /// HMAC key of the return-path tokens and of `X-Herald-Ref:`.
+    pub secret: Secret,
+    pub max_size: usize,
+    /// The feedback-loop address registered with mailbox providers.
+    pub complaint_address: String,
 }
 
 /// Events a webhook may ask for (DESIGN.md's events, less `received`
@@ -371,6 +386,17 @@ mod raw {
         pub webhooks: Vec<Webhook>,
         #[serde(default)]
         pub api: Api,
+        pub bounces: Option<Bounces>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Bounces {
+        pub domain: Option<String>,
+        pub listen: Option<Vec<String>>,
+        pub secret_file: Option<String>,
+        pub max_size: Option<i64>,
+        pub complaint_address: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -1160,6 +1186,71 @@ impl Config {
             }
         }
 
+        // [bounces]
+        let bounces = match raw.bounces {
+            None => None,
+            Some(b) => {
+                let domain = b
+                    .domain
+                    .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+                    .filter(|d| d.contains('.') && !d.contains(|c: char| c.is_whitespace() || c == '@'))
+                    .ok_or_else(|| {
+                        bad(
+                            "bounces.domain",
+                            "must be a domain name whose MX points at herald, e.g. \"bounces.example.com\"",
+                        )
+                    })?;
+                let listen = socket_addrs(
+                    "bounces.listen",
+                    &b.listen.unwrap_or_else(|| vec!["0.0.0.0:25".into()]),
+                )?;
+                if listen.is_empty() {
+                    return Err(bad("bounces.listen", "needs at least one address"));
+                }
+                let file = b.secret_file.ok_or_else(|| {
+                    bad(
+                        "bounces.secret_file",
+                        "missing: the HMAC key of return-path tokens (head -c 32 /dev/urandom | base64 > FILE)",
+                    )
+                })?;
+                let secret = read_secret("bounces.secret_file", &rel(&file))?;
+                if secret.0.len() < 16 {
+                    return Err(bad(
+                        "bounces.secret_file",
+                        format!(
+                            "holds {} bytes; use at least 16 (head -c 32 /dev/urandom | base64 > FILE)",
+                            secret.0.len()
+                        ),
+                    ));
+                }
+                let max_size = positive(
+                    "bounces.max_size",
+                    b.max_size,
+                    1024 * 1024,
+                    64 * 1024 * 1024,
+                )? as usize;
+                let complaint_address = check_address(
+                    "bounces.complaint_address",
+                    &b.complaint_address
+                        .unwrap_or_else(|| format!("fbl@{domain}")),
+                )?
+                .to_ascii_lowercase();
+                if complaint_address.starts_with("b-") {
+                    return Err(bad(
+                        "bounces.complaint_address",
+                        "must not begin with \"b-\" (that is the form of return-path tokens)",
+                    ));
+                }
+                Some(Bounces {
+                    domain,
+                    listen,
+                    secret,
+                    max_size,
+                    complaint_address,
+                })
+            }
+        };
+
         Ok(Config {
             path: path.to_path_buf(),
             hostname,
@@ -1175,6 +1266,7 @@ impl Config {
             dns,
             webhooks,
             api,
+            bounces,
         })
     }
 

@@ -25,7 +25,7 @@ use crate::config::Config;
 /// "oversigns" it, so that a From added in transit breaks the signature.
 /// Fields listed but absent are signed as absent (mail-auth appends them),
 /// so nobody can add a Cc or Reply-To later either.
-pub const SIGNED_HEADERS: [&str; 11] = [
+pub const SIGNED_HEADERS: [&str; 12] = [
     "From",
     "From",
     "To",
@@ -37,6 +37,9 @@ pub const SIGNED_HEADERS: [&str; 11] = [
     "MIME-Version",
     "Content-Type",
     "Content-Transfer-Encoding",
+    // Maps complaints back to the message ([bounces]); signed, and listed
+    // when absent, so that nobody can add one on the way.
+    "X-Herald-Ref",
 ];
 
 #[derive(Debug, thiserror::Error)]

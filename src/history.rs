@@ -32,6 +32,10 @@ pub enum EventKind {
     /// herald refused the transaction (or this recipient): no queue id,
     /// detail "from CLIENT: REPLY".
     Rejected,
+    /// A feedback-loop report: the recipient marked the message as spam.
+    Complained,
+    /// A remote server reported a delay (a DSN with `Action: delayed`).
+    Delayed,
 }
 
 impl EventKind {
@@ -46,6 +50,8 @@ impl EventKind {
             EventKind::Expired => "expired",
             EventKind::Opened => "opened",
             EventKind::Rejected => "rejected",
+            EventKind::Complained => "complained",
+            EventKind::Delayed => "delayed",
         }
     }
 }
@@ -79,6 +85,10 @@ pub struct Event {
     /// For `opened`: the mail client's User-Agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    /// For events from a delivery report or complaint: the report's id
+    /// (`herald show REPORT-ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<String>,
 }
 
 /// What an event may carry beyond the fields every event has.
@@ -88,6 +98,7 @@ pub struct Extra {
     pub attempts: Option<u32>,
     pub upstream: Option<String>,
     pub user_agent: Option<String>,
+    pub report: Option<String>,
 }
 
 /// The history key of an event id (hex of 16 bytes), for paging.
@@ -132,7 +143,7 @@ type Hooks = Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>;
 const HOUR_MS: u64 = 3_600_000;
 
 /// Every kind, in the order of the counters.
-pub const KINDS: [EventKind; 9] = [
+pub const KINDS: [EventKind; 11] = [
     EventKind::Received,
     EventKind::Deferred,
     EventKind::Delivered,
@@ -142,6 +153,8 @@ pub const KINDS: [EventKind; 9] = [
     EventKind::Expired,
     EventKind::Opened,
     EventKind::Rejected,
+    EventKind::Complained,
+    EventKind::Delayed,
 ];
 
 /// An indexed field to look events up by.
@@ -316,6 +329,7 @@ impl History {
             attempts: extra.attempts,
             upstream: extra.upstream,
             user_agent: extra.user_agent,
+            report: extra.report,
         };
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();

@@ -3,6 +3,7 @@
 //! smtp_in -> rewrite -> queue -> delivery -> upstream, with history beside.
 
 pub mod api;
+pub mod bounces;
 pub mod budget;
 pub mod check_dns;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod mime;
 pub mod notify;
 pub mod queue;
 pub mod reply;
+pub mod report;
 pub mod rewrite;
 pub mod server;
 pub mod services;

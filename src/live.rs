@@ -263,6 +263,8 @@ fn keep_running(old: &Config, new: &mut Config, tracking_served: bool) -> Vec<St
     keep!("control.socket", control.socket);
     keep!("control.metrics_listen", control.metrics_listen);
     keep!("tracking.listen", tracking.listen);
+    // The intake's listener and the token key are set up at start.
+    keep!("bounces", bounces);
     if old.api.listen != new.api.listen {
         // The API keeps its address and its tokens file together.
         restart.push("api.listen".to_string());

@@ -116,6 +116,16 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
             k.as_str()
         );
     }
+    if let Some(b) = &s.bounces {
+        let _ = writeln!(
+            out,
+            "# HELP herald_reports_total Reports at the [bounces] listener since start, by outcome (refused_*: RCPT refused)."
+        );
+        let _ = writeln!(out, "# TYPE herald_reports_total counter");
+        for (k, n) in b.counts() {
+            let _ = writeln!(out, "herald_reports_total{{outcome=\"{k}\"}} {n}");
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

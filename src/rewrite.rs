@@ -348,6 +348,9 @@ pub fn prepare(
                 p.track = !f.value().eq_ignore_ascii_case("no");
                 continue;
             }
+            // herald writes its own (signed) reference with [bounces]; a
+            // client's could make complaints count against other mail.
+            "x-herald-ref" => continue,
             // The receiving server writes Return-Path from the envelope;
             // a client's would only mislead.
             "bcc" | "return-path" => continue,

@@ -45,9 +45,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     ] {
         for a in addrs {
             let l = smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
-            listeners.push((l, implicit));
+            listeners.push((l, implicit, false));
         }
     }
+    if let Some(b) = &cfg.bounces {
+        for a in &b.listen {
+            let l = smtp_in::bind(*a)
+                .with_context(|| format!("bounces.listen: cannot listen on {a}"))?;
+            listeners.push((l, false, true));
+        }
+    }
+    let (bounces, reports_rx) = match &cfg.bounces {
+        Some(b) => {
+            let (b, rx) = crate::bounces::Bounces::open(&store.db, b)?;
+            (Some(b), Some(rx))
+        }
+        None => (None, None),
+    };
 
     let control = crate::control::bind(&cfg.control.socket)?;
     let tracking = if live.tracking_key.is_some() {
@@ -82,11 +96,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
         hooks: crate::webhooks::Hooks::new(&cfg.webhooks),
         mx_tls,
+        bounces,
         shutdown: shutdown_rx,
         paused: AtomicBool::new(paused),
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
         conns: smtp_in::Slots::new(&cfg.listen),
+        report_conns: smtp_in::Slots::new(&cfg.listen),
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),
         tracking_served: tracking.is_some(),
@@ -100,6 +116,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     tokio::spawn(purge_history(services.clone()));
     tokio::spawn(crate::webhooks::supervise(services.clone()));
+    if let Some(rx) = reports_rx {
+        tokio::spawn(crate::bounces::run(services.clone(), rx));
+    }
     if let Some(l) = tracking {
         tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
         tokio::spawn(crate::tracking::serve(services.clone(), l));
@@ -113,12 +132,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::api::serve(services.clone(), l));
     }
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-    for (l, implicit) in listeners {
-        tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
+    for (l, implicit, intake) in listeners {
+        if intake {
+            tracing::info!(addr = %l.local_addr()?, "bounce and complaint intake listening");
+        } else {
+            tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
+        }
         tokio::spawn(smtp_in::accept_loop(
             services.clone(),
             l,
             implicit,
+            intake,
             drain_tx.clone(),
         ));
     }
@@ -295,6 +319,12 @@ async fn purge_history(s: Arc<Services>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "history purged"),
             Err(e) => tracing::error!(error = %e, "history purge failed"),
+        }
+        if let Some(b) = &s.bounces {
+            let n = b.purge(before);
+            if n > 0 {
+                tracing::info!(reports = n, "old reports purged");
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -39,6 +39,11 @@ pub struct Services {
     pub attempts: crate::limit::Limit,
     /// SMTP connection slots (`listen.max_connections`, per client address).
     pub conns: crate::smtp_in::Slots,
+    /// Slots of the `[bounces]` intake: a flood of reports does not keep
+    /// the platform from submitting.
+    pub report_conns: crate::smtp_in::Slots,
+    /// `[bounces]`: return-path tokens and the report intake.
+    pub bounces: Option<crate::bounces::Bounces>,
     /// Counts reloads; tasks that follow the config (webhook senders)
     /// watch it.
     pub reloads: tokio::sync::watch::Sender<u64>,

@@ -253,6 +253,10 @@ fn status(s: &Services) -> Answer {
             .map(|d| d.report())
             .collect::<Vec<_>>(),
         "version": env!("CARGO_PKG_VERSION"),
+        "reports": s.bounces.as_ref().map(|b| json!({
+            "domain": b.domain,
+            "since_start": b.counts(),
+        })),
     }))
 }
 
@@ -288,6 +292,21 @@ fn show(s: &Services, id: &str) -> Answer {
         .map_err(|e| e.to_string())?
         .map(|b| header_block(&b));
     if env.is_none() && events.is_empty() {
+        // A report's id: what came in, and what herald made of it.
+        if let Some(rec) = s.bounces.as_ref().and_then(|b| b.record(id)) {
+            let body = s
+                .bounces
+                .as_ref()
+                .and_then(|b| b.body(id))
+                .unwrap_or_default();
+            let cap = body.len().min(REPORT_TEXT_CAP);
+            return Ok(json!({
+                "id": id,
+                "report": rec,
+                "text": String::from_utf8_lossy(&body[..cap]),
+                "truncated": body.len() > cap,
+            }));
+        }
         return Err(format!(
             "no message {id} in the queue or in the last {} of history",
             crate::config::format_duration(s.cfg().storage.history_retention)
@@ -295,6 +314,9 @@ fn show(s: &Services, id: &str) -> Answer {
     }
     Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events }))
 }
+
+/// How much of a report `show` prints (the rest stays in the store).
+const REPORT_TEXT_CAP: usize = 256 * 1024;
 
 fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     let ids: Vec<String> = match (id, all) {
@@ -625,6 +647,61 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             d.push_str(&format!("; resend now with: herald retry {}", last.id));
             d
         }
+        EventKind::Bounced if last.report.is_some() => {
+            let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
+            let class = last.class.unwrap_or(Class::Policy);
+            let line = last
+                .detail
+                .strip_suffix(&format!(" ({class}: {}; reported by {reporter})", class.meaning()))
+                .unwrap_or(&last.detail);
+            let accepted = match of_latest.iter().find(|e| e.event == EventKind::Delivered) {
+                Some(e) => format!(
+                    "accepted by {} at {}, then ",
+                    e.upstream.as_deref().unwrap_or("the upstream"),
+                    e.time
+                ),
+                None => String::new(),
+            };
+            let mut d = format!(
+                "{accepted}bounced by the recipient's server (reported by {reporter} at {}): {line}; {} (queue id {}, report {})",
+                last.time,
+                class.meaning(),
+                last.id,
+                last.report.as_deref().unwrap_or("")
+            );
+            if supp.is_some() {
+                d.push_str(&format!("; the address is now suppressed, {lift}"));
+            } else {
+                d.push_str(&format!("; {}", class.advice()));
+            }
+            d
+        }
+        EventKind::Delayed => {
+            let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
+            let accepted = match of_latest.iter().find(|e| e.event == EventKind::Delivered) {
+                Some(e) => format!(
+                    "accepted by {} at {}; ",
+                    e.upstream.as_deref().unwrap_or("the upstream"),
+                    e.time
+                ),
+                None => String::new(),
+            };
+            format!(
+                "{accepted}the next hop reported a delay {} (reported by {reporter}): {}; it keeps trying, and a bounce would show here",
+                ago(last.time_ms),
+                last.detail
+            )
+        }
+        EventKind::Complained => format!(
+            "the recipient reported message {} as spam {} ({}); {}",
+            last.id,
+            ago(last.time_ms),
+            last.detail,
+            match supp {
+                Some(_) => format!("the address is suppressed so that herald sends it nothing more; {lift} only if the recipient asks for mail again"),
+                None => "the suppression has since been lifted".to_string(),
+            }
+        ),
         EventKind::Bounced => {
             let mut d = format!(
                 "bounced {} (queue id {}): {}",

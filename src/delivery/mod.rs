@@ -606,7 +606,7 @@ fn record(
         class,
         attempts: r.map(|r| r.attempts),
         upstream: r.and_then(|r| r.last_host.clone()).filter(|h| h != "-"),
-        user_agent: None,
+        ..Default::default()
     };
     if let Err(e) = s
         .history
@@ -902,6 +902,14 @@ fn throttle(s: &Services, dest: &shaping::Dest, reply: &str) -> u64 {
     until
 }
 
+/// The reply of the first throttled verdict, if any.
+fn throttled_text(verdicts: &[Verdict]) -> Option<String> {
+    verdicts.iter().find_map(|v| match v {
+        Verdict::Deferred(t, Class::Throttle) => Some(t.clone()),
+        _ => None,
+    })
+}
+
 /// Closes a session politely (QUIT, and its reply) so that the server has
 /// counted it gone before the slot is used again.
 async fn quit(mut conn: Conn) {
@@ -921,6 +929,20 @@ async fn deliver_group(
     let mut idx = idx.to_vec();
     let mut last_err = ConnError::temporary("no host to try");
     let smart = env.upstream != "mx";
+    // With [bounces], each recipient has its own return path, so each is
+    // a transaction of its own (on the same connection).
+    let per_rcpt = s.bounces.is_some();
+    if let Some(b) = &s.bounces {
+        b.note_sent(env);
+    }
+    let sender_for = |env: &Envelope, i: usize| -> String {
+        s.bounces
+            .as_ref()
+            .and_then(|b| b.return_path(&env.id, i))
+            .unwrap_or_else(|| env.mail_from.clone())
+    };
+    // A connection kept from the previous transaction of this attempt.
+    let mut carried: Option<Conn> = None;
     let max_per_conn = s
         .cfg()
         .upstreams
@@ -933,16 +955,19 @@ async fn deliver_group(
         // one at once: that is not the recipients' deferral.
         let mut fresh_only = false;
         loop {
-            let mut reused = if fresh_only {
-                None
-            } else {
-                s.routes.take(&pool_key)
-            };
-            if let Some(c) = reused.as_mut() {
-                if c.client.rset().await.is_err() {
-                    reused = None;
+            let reused = match carried.take() {
+                Some(c) => Some(c),
+                None if fresh_only => None,
+                None => {
+                    let mut c = s.routes.take(&pool_key);
+                    if let Some(conn) = c.as_mut() {
+                        if conn.client.rset().await.is_err() {
+                            c = None;
+                        }
+                    }
+                    c
                 }
-            }
+            };
             let was_reused = reused.is_some();
             let mut conn = match reused {
                 Some(c) => c,
@@ -977,7 +1002,7 @@ async fn deliver_group(
             // SMTPUTF8; to any other, it bounces (a policy of the route,
             // never a suppression), rather than go out as a violation.
             if !conn.smtputf8 {
-                let utf8_sender = client::needs_smtputf8(&env.mail_from);
+                let utf8_sender = client::needs_smtputf8(&sender_for(env, idx[0]));
                 let why = format!(
                     "{}: the address needs SMTPUTF8 (RFC 6531: UTF-8 in {}), which the server does not offer",
                     target.host,
@@ -997,16 +1022,18 @@ async fn deliver_group(
                     return;
                 }
             }
-            let rcpts: Vec<String> = idx.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
+            let chunk: Vec<usize> = if per_rcpt { vec![idx[0]] } else { idx.clone() };
+            let rcpts: Vec<String> = chunk.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
             let params = client::MailParams {
                 smtputf8: env.smtputf8,
                 body_8bit: env.body_8bit,
             };
+            let mail_from = sender_for(env, chunk[0]);
             match client::transact(
                 &mut conn,
                 &target.host,
                 smart,
-                &env.mail_from,
+                &mail_from,
                 &rcpts,
                 body,
                 params,
@@ -1019,12 +1046,9 @@ async fn deliver_group(
                     {
                         tracing::info!(destination = %dest.key, "destination accepts mail again");
                     }
-                    let throttled = verdicts.iter().find_map(|v| match v {
-                        Verdict::Deferred(t, Class::Throttle) => Some(t.clone()),
-                        _ => None,
-                    });
-                    let until = throttled.map(|t| throttle(s, dest, &t));
-                    for (&i, v) in idx.iter().zip(verdicts.iter()) {
+                    let throttled = throttled_text(&verdicts);
+                    let until = throttled.as_ref().map(|t| throttle(s, dest, t));
+                    for (&i, v) in chunk.iter().zip(verdicts.iter()) {
                         match (v, until) {
                             (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => {
                                 apply_throttled(s, env, i, t, *c, until)
@@ -1032,13 +1056,33 @@ async fn deliver_group(
                             _ => apply(s, env, i, v, &target.host),
                         }
                     }
+                    idx.retain(|i| !chunk.contains(i));
                     conn.sent += 1;
-                    if reusable && max_per_conn.is_none_or(|m| conn.sent < m) {
-                        s.routes.put(&pool_key, conn);
+                    let keep = reusable && max_per_conn.is_none_or(|m| conn.sent < m);
+                    if idx.is_empty() || until.is_some() {
+                        // The destination asked to slow down: the rest wait
+                        // for its back-off too.
+                        if let (Some(until), Some(t)) = (until, &throttled) {
+                            for &i in &idx {
+                                apply_throttled(s, env, i, t, Class::Throttle, until);
+                            }
+                        }
+                        if keep {
+                            s.routes.put(&pool_key, conn);
+                        } else if reusable {
+                            quit(conn).await;
+                        }
+                        return;
+                    }
+                    // The next recipient's transaction, on this connection
+                    // while it lasts.
+                    if keep {
+                        carried = Some(conn);
                     } else if reusable {
                         quit(conn).await;
                     }
-                    return;
+                    fresh_only = false;
+                    continue;
                 }
                 Outcome::RouteRefused(why) => {
                     if smart {

@@ -114,6 +114,7 @@ pub async fn accept_loop(
     services: Arc<Services>,
     listener: TcpListener,
     implicit_tls: bool,
+    intake: bool,
     drain: mpsc::Sender<()>,
 ) {
     let mut shutdown = services.shutdown.clone();
@@ -130,7 +131,12 @@ pub async fn accept_loop(
             },
             _ = shutdown.wait() => break,
         };
-        let permit = match services.conns.take(peer.ip()) {
+        let slots = if intake {
+            &services.report_conns
+        } else {
+            &services.conns
+        };
+        let permit = match slots.take(peer.ip()) {
             Ok(p) => p,
             Err(key) => {
                 let host = services.cfg().hostname.clone();
@@ -155,7 +161,7 @@ pub async fn accept_loop(
         let s = services.clone();
         let d = drain.clone();
         tokio::spawn(async move {
-            session::run(s, tcp, peer, implicit_tls).await;
+            session::run(s, tcp, peer, implicit_tls, intake).await;
             drop(permit);
             drop(d);
         });

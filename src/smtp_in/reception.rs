@@ -115,6 +115,18 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         );
         prepared.message = crate::tracking::inject(&prepared.message, &url);
     }
+    // A reference that maps a complaint quoting the message back to it
+    // (signed by its MAC, and by DKIM below).
+    if let Some(b) = &s.bounces {
+        let h = format!(
+            "X-Herald-Ref: {}\r\n",
+            crate::bounces::token::reference(&b.key, &id)
+        );
+        let mut m = Vec::with_capacity(h.len() + prepared.message.len());
+        m.extend_from_slice(h.as_bytes());
+        m.extend_from_slice(&prepared.message);
+        prepared.message = m;
+    }
     // Lines over 998 bytes re-encoded, so that no hop rewraps what we sign.
     if let Some(m) = crate::mime::transportable(&prepared.message) {
         prepared.message = m;

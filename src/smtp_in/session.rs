@@ -242,7 +242,15 @@ fn valid_domain(domain: &str) -> bool {
 /// This is the I/O loop: it owns the reader, the timeouts, PIPELINING's
 /// batched writes and the STARTTLS stream swap; each command is handled
 /// by the [`SmtpSession`] method named after its verb.
-pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+/// `intake`: the `[bounces] listen` listener (reports to return-path
+/// tokens and the complaint address only) rather than the platform's.
+pub async fn run(
+    services: Arc<Services>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    intake: bool,
+) {
     let _ = tcp.set_nodelay(true);
     let stream = if implicit_tls {
         let Some(acceptor) = services.live().tls.clone() else {
@@ -260,7 +268,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         Stream::Plain(tcp)
     };
 
-    let mut s = SmtpSession::new(services.clone(), peer, implicit_tls);
+    let mut s = SmtpSession::new(services.clone(), peer, implicit_tls, intake);
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(1024);
     let mut shutdown = services.shutdown.clone();
@@ -288,7 +296,7 @@ pub async fn run(services: Arc<Services>, tcp: TcpStream, peer: SocketAddr, impl
         }
         let max = if s.in_data {
             // A longer line makes the message too big anyway.
-            s.live.cfg.listen.max_message_size.saturating_add(3)
+            s.max_size().saturating_add(3)
         } else {
             MAX_COMMAND_LINE
         };
@@ -422,12 +430,25 @@ struct SmtpSession {
     /// A session that never completes a transaction (a line every few
     /// minutes, for ever) would hold its slot: it has session_timeout.
     deadline: tokio::time::Instant,
+    /// The `[bounces]` intake: reports, not mail to relay.
+    intake: bool,
+    /// What the report of the transaction goes to (intake only).
+    report_target: Option<crate::bounces::Target>,
 }
 
 impl SmtpSession {
-    fn new(services: Arc<Services>, peer: SocketAddr, implicit_tls: bool) -> SmtpSession {
+    fn new(
+        services: Arc<Services>,
+        peer: SocketAddr,
+        implicit_tls: bool,
+        intake: bool,
+    ) -> SmtpSession {
         let live = services.live();
         let cfg = &live.cfg;
+        let max_size = match (&cfg.bounces, intake) {
+            (Some(b), true) => b.max_size,
+            _ => cfg.listen.max_message_size,
+        };
         let ip = super::canonical_ip(peer.ip());
         let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
         let mut builder = SessionBuilder::new(cfg.hostname.clone());
@@ -438,7 +459,7 @@ impl SmtpSession {
             data: Spool::new(&cfg.storage.path.join("incoming")),
             oversize: false,
             spool_error: None,
-            max_size: cfg.listen.max_message_size,
+            max_size,
         }));
         let handler = InHandler {
             shared: shared.clone(),
@@ -467,6 +488,8 @@ impl SmtpSession {
             errors: 0,
             counted: 0,
             deadline,
+            intake,
+            report_target: None,
         }
     }
 
@@ -500,14 +523,24 @@ impl SmtpSession {
                 .allowed_networks
                 .iter()
                 .any(|n| n.contains(&self.ip));
-            self.shared.lock().unwrap().max_size = live.cfg.listen.max_message_size;
             self.live = live;
+            self.shared.lock().unwrap().max_size = self.max_size();
+        }
+    }
+
+    /// `listen.max_message_size`, or `bounces.max_size` at the intake.
+    fn max_size(&self) -> usize {
+        match (&self.live.cfg.bounces, self.intake) {
+            (Some(b), true) => b.max_size,
+            _ => self.live.cfg.listen.max_message_size,
         }
     }
 
     /// Credentials never cross a network in clear text.
     fn can_auth(&self) -> bool {
-        !self.live.cfg.listen.users.is_empty() && (self.tls || self.ip.is_loopback())
+        !self.intake
+            && !self.live.cfg.listen.users.is_empty()
+            && (self.tls || self.ip.is_loopback())
     }
 
     /// The I/O loop has swapped the stream for TLS: start afresh.
@@ -516,6 +549,7 @@ impl SmtpSession {
         self.session.tls_active();
         self.helo.clear();
         self.txn = None;
+        self.report_target = None;
         self.auth = Auth::default();
     }
 
@@ -570,19 +604,19 @@ impl SmtpSession {
         } else if oversize {
             (
                 552,
-                format!(
-                    "5.3.4 Message too big (limit {} bytes)",
-                    cfg.listen.max_message_size
-                ),
+                format!("5.3.4 Message too big (limit {} bytes)", self.max_size()),
             )
+        } else if self.intake {
+            let target = self.report_target.take();
+            crate::bounces::intake::accept(&services, t, target, data).await
         } else {
             // Anything the client pipelined after the dot waits; the
             // reply goes out only after the commit.
             reception::accept(&services, &live, t, data).await
         };
-        if code >= 400 {
+        if code >= 400 && !self.intake {
             self.refusals.record(&services, ip, &rcpts, code, &text);
-        } else {
+        } else if code < 400 {
             self.deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
         }
         reply(&mut self.out, code, &text);
@@ -661,10 +695,11 @@ impl SmtpSession {
                 .take(255)
                 .collect();
             self.txn = None;
+            self.report_target = None;
             if cmd.verb == "EHLO" {
                 let mut exts = vec![
                     "PIPELINING".to_string(),
-                    format!("SIZE {}", cfg.listen.max_message_size),
+                    format!("SIZE {}", self.max_size()),
                     "SMTPUTF8".to_string(),
                 ];
                 // Keep what mailin advertises (8BITMIME, STARTTLS).
@@ -694,7 +729,7 @@ impl SmtpSession {
     /// MAIL FROM: parsed here (null sender, SIZE=, BODY=, SMTPUTF8);
     /// mailin only sees a normalised command.
     fn mail(&mut self, cmd: &Command) -> Next {
-        let max_size = self.live.cfg.listen.max_message_size;
+        let max_size = self.max_size();
         let Some(arg) = strip_prefix_ci(cmd.text, "MAIL FROM:") else {
             reply(&mut self.out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
             return Next::Continue;
@@ -823,6 +858,9 @@ impl SmtpSession {
             );
             return Next::Continue;
         }
+        if self.intake {
+            return self.report_rcpt(p.addr);
+        }
         // Relaying is refused here, where the address is known,
         // so that the refusal goes on record for it.
         let refused = if !self.allowed && !authed {
@@ -863,6 +901,43 @@ impl SmtpSession {
         Next::Continue
     }
 
+    /// RCPT TO at the `[bounces]` intake: a genuine return-path token or
+    /// the complaint address, one per transaction (a report is about one
+    /// recipient); anything else is refused, never relayed.
+    fn report_rcpt(&mut self, addr: String) -> Next {
+        let Some(b) = self.services.bounces.clone() else {
+            reply(&mut self.out, 550, "5.7.1 Not accepting reports");
+            return Next::Continue;
+        };
+        if self.report_target.is_some() {
+            reply(
+                &mut self.out,
+                452,
+                "4.5.3 One recipient per report here; send the others in their own transaction",
+            );
+            return Next::Continue;
+        }
+        match b.check_rcpt(&addr) {
+            Ok(target) => {
+                let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
+                if r.code == 250 {
+                    if let Some(t) = self.txn.as_mut() {
+                        t.rcpts.push(addr);
+                    }
+                    self.report_target = Some(target);
+                    reply(&mut self.out, 250, "2.1.5 Ok");
+                } else {
+                    write_response(&mut self.out, &r);
+                }
+            }
+            Err((code, text)) => {
+                tracing::debug!(peer = %self.ip, rcpt = %addr, "report refused: {text}");
+                reply(&mut self.out, code, &text);
+            }
+        }
+        Next::Continue
+    }
+
     /// DATA: the lines that follow go to [`SmtpSession::data_line`].
     fn data(&mut self, cmd: &Command) -> Next {
         if self.txn.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
@@ -882,6 +957,7 @@ impl SmtpSession {
 
     fn rset(&mut self) -> Next {
         self.txn = None;
+        self.report_target = None;
         let r = self.session.process(b"RSET\r\n");
         write_response(&mut self.out, &r);
         Next::Continue
@@ -905,6 +981,14 @@ impl SmtpSession {
 
     /// AUTH PLAIN / LOGIN, with or without an initial response.
     fn auth(&mut self, cmd: &Command) -> Next {
+        if self.intake {
+            reply(
+                &mut self.out,
+                503,
+                "5.5.1 AUTH not available: this listener only takes reports",
+            );
+            return Next::Continue;
+        }
         if self.live.cfg.listen.users.is_empty() {
             reply(
                 &mut self.out,

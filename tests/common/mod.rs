@@ -842,6 +842,12 @@ impl Client {
     /// A whole transaction; returns the reply to the end of DATA (or the
     /// first refusal).
     pub fn send(&mut self, from: &str, rcpts: &[&str], message: &str) -> (u16, String) {
+        self.send_bytes(from, rcpts, message.as_bytes())
+    }
+
+    /// [`Client::send`] of a message that may not be UTF-8 (LF or CRLF
+    /// line ends, sent as CRLF, dot-stuffed).
+    pub fn send_bytes(&mut self, from: &str, rcpts: &[&str], message: &[u8]) -> (u16, String) {
         let (c, t) = self.cmd(&format!("MAIL FROM:<{from}>"));
         if c != 250 {
             return (c, t);
@@ -856,23 +862,21 @@ impl Client {
         if c != 354 {
             return (c, t);
         }
-        let mut body = message.replace("\r\n", "\n").replace('\n', "\r\n");
-        if !body.ends_with("\r\n") {
-            body.push_str("\r\n");
+        let mut body = Vec::with_capacity(message.len() + 1024);
+        for line in message.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            // dot-stuff
+            if line.first() == Some(&b'.') {
+                body.push(b'.');
+            }
+            body.extend_from_slice(line);
+            body.extend_from_slice(b"\r\n");
         }
-        // dot-stuff
-        let body = body
-            .split("\r\n")
-            .map(|l| {
-                if l.starts_with('.') {
-                    format!(".{l}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\r\n");
-        self.send_raw(body.as_bytes());
+        // The split leaves an empty last piece after a final line end.
+        if message.ends_with(b"\n") {
+            body.truncate(body.len() - 2);
+        }
+        self.send_raw(&body);
         self.send_raw(b".\r\n");
         self.read_reply()
     }

@@ -1,0 +1,815 @@
+//! Reading what comes back to the `[bounces]` listener: delivery status
+//! notifications (RFC 3464 `message/delivery-status` and
+//! `message/global-delivery-status`), the plain-text bounces of servers
+//! that send no such part (qmail, older Exchange, Yahoo, ...), feedback-loop
+//! reports (ARF, RFC 5965) and auto-replies (RFC 3834). Pure: bytes in, a
+//! [`Report`] out; it never panics and gives up with [`Kind::Unparsed`].
+//!
+//! The class of a refusal comes from [`crate::reply::classify`] with the
+//! stage of DATA: only words or enhanced codes that say the address does
+//! not exist make it `hard` (the only class that suppresses); a bare 5xx
+//! without either is `policy`, since wrongly suppressing a customer's
+//! address is the worse mistake.
+
+use crate::reply::{classify, Class, Stage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Failed,
+    Delayed,
+    /// `Action: delivered`, `relayed` or `expanded`.
+    Delivered,
+    AutoReply,
+    /// ARF abuse, fraud, virus or other: a complaint.
+    Complaint,
+    AuthFailure,
+    NotSpam,
+    Unparsed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecipientResult {
+    pub final_recipient: Option<String>,
+    pub original_recipient: Option<String>,
+    /// "failed", "delayed", ... lowercased.
+    pub action: Option<String>,
+    /// Enhanced status code (RFC 3463).
+    pub status: Option<[u16; 3]>,
+    /// SMTP reply code found in the diagnostic.
+    pub code: Option<u16>,
+    /// The remote server's reply, `smtp;` stripped, unfolded.
+    pub diagnostic: Option<String>,
+    /// `dns;` stripped.
+    pub remote_mta: Option<String>,
+    pub last_attempt: Option<String>,
+    pub class: Option<Class>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Feedback {
+    /// Lowercased.
+    pub feedback_type: String,
+    pub user_agent: Option<String>,
+    pub original_rcpt_to: Option<String>,
+    pub original_mail_from: Option<String>,
+    pub source_ip: Option<String>,
+    pub arrival_date: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub kind: Kind,
+    pub recipients: Vec<RecipientResult>,
+    pub reporting_mta: Option<String>,
+    pub feedback: Option<Feedback>,
+    /// `X-Herald-Ref:` of the quoted original.
+    pub herald_ref: Option<String>,
+    /// A quoted `Return-Path:` of herald's form (`b-...@...`), lowercased.
+    pub quoted_return_path: Option<String>,
+    /// Why parsing gave up (kind Unparsed).
+    pub problem: Option<String>,
+}
+
+/// Reports are read up to this size (the listener caps them anyway).
+const MAX_SCAN: usize = 4 * 1024 * 1024;
+
+pub fn parse(raw: &[u8]) -> Report {
+    let raw = &raw[..raw.len().min(MAX_SCAN)];
+    let text = String::from_utf8_lossy(raw);
+    let mut rep = Report {
+        kind: Kind::Unparsed,
+        recipients: Vec::new(),
+        reporting_mta: None,
+        feedback: None,
+        herald_ref: find_header(&text, "x-herald-ref").map(|v| v.trim().to_string()),
+        quoted_return_path: quoted_return_path(&text),
+        problem: None,
+    };
+    let msg = mail_parser::MessageParser::default().parse(raw);
+    // The machine-readable parts, when there are any.
+    let mut dsn = Vec::new();
+    let mut arf = None;
+    if let Some(m) = &msg {
+        let whole = m.raw_message();
+        for p in &m.parts {
+            let Some(ct) = mail_parser::MimeHeaders::content_type(p) else {
+                continue;
+            };
+            let sub = ct.subtype().unwrap_or("").to_ascii_lowercase();
+            if !ct.ctype().eq_ignore_ascii_case("message")
+                && !ct.ctype().eq_ignore_ascii_case("text")
+            {
+                continue;
+            }
+            let (a, b) = (p.offset_body as usize, p.offset_end as usize);
+            let body = whole.get(a..b.max(a)).unwrap_or_default();
+            let body = String::from_utf8_lossy(body).into_owned();
+            match sub.as_str() {
+                "delivery-status" | "global-delivery-status" => dsn.push(body),
+                "feedback-report" => arf = Some(body),
+                _ => {}
+            }
+        }
+    }
+    // ARF: the feedback part, or its fields written elsewhere.
+    let arf = arf.or_else(|| {
+        text.lines()
+            .any(|l| starts_ci(l, "feedback-type:"))
+            .then(|| text.to_string())
+    });
+    if let Some(a) = arf {
+        let groups = groups(&a);
+        let f = |name: &str| groups.iter().find_map(|g| field(g, name));
+        if let Some(t) = f("feedback-type") {
+            let t = t.trim().to_ascii_lowercase();
+            rep.kind = match t.as_str() {
+                "auth-failure" => Kind::AuthFailure,
+                "not-spam" => Kind::NotSpam,
+                _ => Kind::Complaint,
+            };
+            rep.feedback = Some(Feedback {
+                feedback_type: t,
+                user_agent: f("user-agent"),
+                original_rcpt_to: f("original-rcpt-to").map(|a| strip_addr(&a)),
+                original_mail_from: f("original-mail-from").map(|a| strip_addr(&a)),
+                source_ip: f("source-ip"),
+                arrival_date: f("arrival-date").or_else(|| f("received-date")),
+            });
+            return rep;
+        }
+    }
+    // RFC 3464 fields: in their part, else anywhere in the text (servers
+    // that put them in text/plain).
+    let sources: Vec<String> = if dsn.is_empty() {
+        vec![text.to_string()]
+    } else {
+        dsn
+    };
+    for s in &sources {
+        for g in groups(s) {
+            if let Some(m) = field(&g, "reporting-mta") {
+                rep.reporting_mta.get_or_insert(strip_type(&m));
+            }
+            if field(&g, "final-recipient").is_none() && field(&g, "action").is_none() {
+                continue;
+            }
+            if field(&g, "action").is_none() && field(&g, "status").is_none() {
+                continue;
+            }
+            rep.recipients.push(recipient(&g));
+        }
+    }
+    let has = |a: &str| {
+        rep.recipients
+            .iter()
+            .any(|r| r.action.as_deref().is_some_and(|x| x.starts_with(a)))
+    };
+    if !rep.recipients.is_empty() {
+        rep.kind = if has("failed") {
+            Kind::Failed
+        } else if has("delayed") {
+            Kind::Delayed
+        } else if has("delivered") || has("relayed") || has("expanded") {
+            Kind::Delivered
+        } else if rep
+            .recipients
+            .iter()
+            .any(|r| r.status.is_some_and(|s| s[0] == 5))
+        {
+            Kind::Failed
+        } else if rep
+            .recipients
+            .iter()
+            .any(|r| r.status.is_some_and(|s| s[0] == 4))
+        {
+            Kind::Delayed
+        } else {
+            Kind::Unparsed
+        };
+        if rep.kind != Kind::Unparsed {
+            return rep;
+        }
+        rep.recipients.clear();
+    }
+    // An auto-reply says so in its headers, and is not from a mailer.
+    if let Some(m) = &msg {
+        if is_auto_reply(m) {
+            rep.kind = Kind::AutoReply;
+            return rep;
+        }
+    }
+    // Plain text: the first SMTP reply or enhanced status code.
+    let body = match &msg {
+        Some(m) => {
+            let mut b = String::new();
+            for i in 0..4 {
+                if let Some(t) = m.body_text(i) {
+                    b.push_str(&t);
+                    b.push('\n');
+                }
+            }
+            if b.trim().is_empty() {
+                text.to_string()
+            } else {
+                b
+            }
+        }
+        None => text.to_string(),
+    };
+    let found = plain_text(&body).or_else(|| {
+        // No code at all: the words of a failure, in a failure notice.
+        let looks = msg.as_ref().is_some_and(is_failure_notice);
+        looks.then(|| failure_words(&body)).flatten()
+    });
+    if let Some(r) = found {
+        rep.kind = if r.code.is_some_and(|c| c >= 500) || r.status.is_some_and(|s| s[0] == 5) {
+            Kind::Failed
+        } else {
+            Kind::Delayed
+        };
+        rep.recipients.push(r);
+        return rep;
+    }
+    rep.problem = Some(if msg.is_none() {
+        "not a MIME message".into()
+    } else {
+        "no delivery-status part, feedback report, SMTP reply or status code found".into()
+    });
+    rep
+}
+
+fn starts_ci(line: &str, prefix: &str) -> bool {
+    line.len() >= prefix.len()
+        && line.is_char_boundary(prefix.len())
+        && line[..prefix.len()].eq_ignore_ascii_case(prefix)
+}
+
+/// Field groups (blocks separated by blank lines), each unfolded into
+/// (lowercased name, value).
+fn groups(text: &str) -> Vec<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = cur.last_mut() {
+                if last.1.len() < 16 * 1024 {
+                    last.1.push(' ');
+                    last.1.push_str(line.trim());
+                }
+            }
+            continue;
+        }
+        if let Some((n, v)) = line.split_once(':') {
+            if !n.is_empty() && n.len() < 64 && !n.contains(' ') {
+                cur.push((n.to_ascii_lowercase(), v.trim().to_string()));
+                continue;
+            }
+        }
+        // Not a field: ends the group.
+        if !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn field(g: &[(String, String)], name: &str) -> Option<String> {
+    g.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+}
+
+/// "rfc822; a@b" -> "a@b"; "dns; mx.example" -> "mx.example".
+fn strip_type(v: &str) -> String {
+    match v.split_once(';') {
+        Some((t, rest)) if !t.contains(' ') && t.len() < 16 => rest.trim().to_string(),
+        _ => v.trim().to_string(),
+    }
+}
+
+fn strip_addr(v: &str) -> String {
+    strip_type(v)
+        .trim()
+        .trim_matches(['<', '>'])
+        .to_ascii_lowercase()
+}
+
+fn recipient(g: &[(String, String)]) -> RecipientResult {
+    let status = field(g, "status")
+        .map(|s| esc_in(&s))
+        .and_then(|e| e.map(|(e, _)| e));
+    let diagnostic = field(g, "diagnostic-code").map(|d| strip_type(&d));
+    let code = diagnostic.as_deref().and_then(code_in);
+    let action = field(g, "action").map(|a| a.trim().to_ascii_lowercase());
+    let mut r = RecipientResult {
+        final_recipient: field(g, "final-recipient").map(|a| strip_addr(&a)),
+        original_recipient: field(g, "original-recipient").map(|a| strip_addr(&a)),
+        action,
+        status,
+        code,
+        diagnostic,
+        remote_mta: field(g, "remote-mta").map(|m| strip_type(&m)),
+        last_attempt: field(g, "last-attempt-date").or_else(|| field(g, "arrival-date")),
+        class: None,
+    };
+    r.class = class_of(&r);
+    r
+}
+
+/// The class of a failed or delayed result (none for a delivery).
+fn class_of(r: &RecipientResult) -> Option<Class> {
+    let esc = r
+        .status
+        .or_else(|| r.diagnostic.as_deref().and_then(esc_in).map(|(e, _)| e))
+        .unwrap_or([0; 3]);
+    let code = r.code.or(match esc[0] {
+        5 => Some(550),
+        4 => Some(450),
+        // Only the action: "failed" is permanent, "delayed" is not.
+        _ => match r.action.as_deref() {
+            Some("failed") => Some(550),
+            Some("delayed") => Some(450),
+            _ => None,
+        },
+    })?;
+    if code < 400 {
+        return None;
+    }
+    let text = r.diagnostic.as_deref().unwrap_or("");
+    // A server that gave up ("failed") after temporary refusals: the
+    // outcome is final, and the words of the last reply say why.
+    let (code, esc) = if r.action.as_deref() == Some("failed") && code < 500 {
+        let e = if esc[0] == 4 {
+            [5, esc[1], esc[2]]
+        } else {
+            esc
+        };
+        (code + 100, e)
+    } else {
+        (code, esc)
+    };
+    Some(classify(code, esc, text, Stage::Data, false))
+}
+
+/// The first enhanced status code in `s` ("5.1.1", "#5.1.1", "(5.7.1)"),
+/// and where it ends.
+fn esc_in(s: &str) -> Option<([u16; 3], usize)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if (b[i] == b'2' || b[i] == b'4' || b[i] == b'5')
+            && (i == 0 || !b[i - 1].is_ascii_digit() && b[i - 1] != b'.')
+            && b.get(i + 1) == Some(&b'.')
+        {
+            let mut parts = [0u16; 3];
+            let mut j = i;
+            let mut ok = true;
+            for (k, p) in parts.iter_mut().enumerate() {
+                let start = j;
+                while j < b.len() && b[j].is_ascii_digit() && j - start < 3 {
+                    j += 1;
+                }
+                if j == start {
+                    ok = false;
+                    break;
+                }
+                *p = s[start..j].parse().unwrap_or(0);
+                if k < 2 {
+                    if b.get(j) != Some(&b'.') {
+                        ok = false;
+                        break;
+                    }
+                    j += 1;
+                }
+            }
+            let end_ok = j >= b.len()
+                || !(b[j].is_ascii_digit()
+                    || b[j] == b'.' && b.get(j + 1).is_some_and(|c| c.is_ascii_digit()));
+            if ok && end_ok && parts[0] == b[i] as u16 - b'0' as u16 {
+                return Some((parts, j));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The first SMTP reply code (4xx/5xx followed by a space or '-') in `s`.
+fn code_in(s: &str) -> Option<u16> {
+    let b = s.as_bytes();
+    (0..b.len().saturating_sub(2)).find_map(|i| {
+        let c = &b[i..i + 3];
+        let before_ok = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'.');
+        let after = b.get(i + 3).copied();
+        let after_ok = matches!(after, None | Some(b' ') | Some(b'-'));
+        (before_ok
+            && after_ok
+            && (c[0] == b'4' || c[0] == b'5')
+            && c[1].is_ascii_digit()
+            && c[2].is_ascii_digit())
+        .then(|| s[i..i + 3].parse().ok())
+        .flatten()
+    })
+}
+
+/// In a plain-text bounce: the first line with an SMTP reply or an
+/// enhanced status code of a failure or delay.
+fn plain_text(body: &str) -> Option<RecipientResult> {
+    let lines: Vec<&str> = body.lines().take(400).collect();
+    for (i, line) in lines.iter().enumerate() {
+        let l = line.trim();
+        if l.len() > 2000 || starts_ci(l, "received:") || starts_ci(l, "date:") {
+            continue;
+        }
+        let code = code_in(l).filter(|_| {
+            // A reply code stands at the start or after a colon/said:
+            let lower = l.to_ascii_lowercase();
+            let at = lower.find(|c: char| c.is_ascii_digit()).unwrap_or(0);
+            at == 0
+                || lower[..at].trim_end().ends_with(':')
+                || lower[..at].contains("said")
+                || lower[..at].ends_with('(')
+                || esc_in(l).is_some()
+        });
+        let esc = esc_in(l).map(|(e, _)| e).filter(|e| e[0] != 2);
+        if code.is_none() && esc.is_none() {
+            continue;
+        }
+        // The reply may go on over the next lines (indented or "550-").
+        let mut diag = l.to_string();
+        for next in lines.iter().skip(i + 1).take(3) {
+            let n = next.trim();
+            if n.is_empty() || n.len() > 500 {
+                break;
+            }
+            if next.starts_with([' ', '\t'])
+                || code.is_some_and(|c| {
+                    n.starts_with(&format!("{c}-")) || n.starts_with(&format!("{c} "))
+                })
+            {
+                diag.push(' ');
+                diag.push_str(n);
+            } else {
+                break;
+            }
+        }
+        let mut r = RecipientResult {
+            action: Some(
+                if code.is_some_and(|c| c >= 500) || esc.is_some_and(|e| e[0] == 5) {
+                    "failed".into()
+                } else {
+                    "delayed".into()
+                },
+            ),
+            status: esc,
+            code,
+            diagnostic: Some(diag),
+            ..Default::default()
+        };
+        r.class = class_of(&r);
+        return Some(r);
+    }
+    None
+}
+
+/// The value of the first header `name` anywhere in the text (quoted
+/// messages included), unfolded.
+fn find_header(text: &str, name: &str) -> Option<String> {
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        let t = l.trim_start_matches(['>', ' ']);
+        if starts_ci(t, name) && t[name.len()..].starts_with(':') {
+            let mut v = t[name.len() + 1..].trim().to_string();
+            while let Some(n) = lines.peek() {
+                if n.starts_with([' ', '\t']) && v.len() < 1024 {
+                    v.push_str(n.trim());
+                    lines.next();
+                } else {
+                    break;
+                }
+            }
+            return Some(v).filter(|v| !v.is_empty());
+        }
+    }
+    None
+}
+
+/// A quoted `Return-Path:` of herald's form.
+fn quoted_return_path(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let t = l.trim_start_matches(['>', ' ']);
+        if !starts_ci(t, "return-path:") {
+            return None;
+        }
+        let a = t["return-path:".len()..]
+            .trim()
+            .trim_matches(['<', '>'])
+            .to_ascii_lowercase();
+        (a.starts_with("b-") && a.contains('@')).then_some(a)
+    })
+}
+
+/// Phrases of a permanent failure in plain-text bounces without codes.
+const FAILURE_WORDS: [&str; 16] = [
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "does not exist",
+    "mailbox unavailable",
+    "mailbox not found",
+    "invalid recipient",
+    "address rejected",
+    "mailbox is full",
+    "quota",
+    "permanent fatal error",
+    "could not be delivered",
+    "was not delivered",
+    "undeliverable",
+    "delivery has failed",
+    "message rejected",
+];
+
+fn failure_words(body: &str) -> Option<RecipientResult> {
+    let line = body.lines().take(400).map(str::trim).find(|l| {
+        let l = l.to_ascii_lowercase();
+        l.len() < 1000 && FAILURE_WORDS.iter().any(|w| l.contains(w))
+    })?;
+    let mut r = RecipientResult {
+        action: Some("failed".into()),
+        diagnostic: Some(line.to_string()),
+        ..Default::default()
+    };
+    r.class = class_of(&r);
+    Some(r)
+}
+
+/// From a mailer, or titled as a failure notice.
+fn is_failure_notice(m: &mail_parser::Message) -> bool {
+    let from = m
+        .from()
+        .and_then(|f| f.first())
+        .and_then(|a| a.address())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let subject = m.subject().unwrap_or("").to_ascii_lowercase();
+    from.starts_with("mailer-daemon")
+        || from.starts_with("postmaster")
+        || [
+            "undeliver",
+            "failure",
+            "returned",
+            "delivery status",
+            "not delivered",
+            "delivery fail",
+            "could not be delivered",
+        ]
+        .iter()
+        .any(|w| subject.contains(w))
+}
+
+fn is_auto_reply(m: &mail_parser::Message) -> bool {
+    let h = |n: &str| m.header_raw(n).map(|v| v.trim().to_ascii_lowercase());
+    let from = m
+        .from()
+        .and_then(|f| f.first())
+        .and_then(|a| a.address())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if from.starts_with("mailer-daemon") || from.starts_with("postmaster") {
+        return false;
+    }
+    let subject = m.subject().unwrap_or("").to_ascii_lowercase();
+    let marked = h("auto-submitted").is_some_and(|v| v.starts_with("auto-replied"))
+        || h("x-autoreply").is_some()
+        || h("x-autorespond").is_some()
+        || h("precedence").is_some_and(|v| v == "auto_reply")
+        || h("x-auto-response-suppress").is_some();
+    let vacation = [
+        "out of office",
+        "out of the office",
+        "automatic reply",
+        "auto reply",
+        "autoreply",
+        "auto-reply",
+        "vacation",
+        "away from",
+        "abwesenheit",
+    ]
+    .iter()
+    .any(|w| subject.contains(w));
+    let bounce_words = [
+        "undeliver",
+        "failure",
+        "returned",
+        "delivery status",
+        "not delivered",
+    ]
+    .iter()
+    .any(|w| subject.contains(w));
+    (marked || vacation) && !bounce_words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn file(name: &str) -> Vec<u8> {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data/bounces")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn all() -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bounces");
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".eml"))
+            .map(|n| {
+                let b = file(&n);
+                (n, b)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn codes_and_status_codes_are_found_where_servers_put_them() {
+        assert_eq!(
+            esc_in("Sorry, no mailbox here by that name. (#5.1.1)")
+                .unwrap()
+                .0,
+            [5, 1, 1]
+        );
+        assert_eq!(esc_in("550 5.7.1 blocked").unwrap().0, [5, 7, 1]);
+        assert!(esc_in("version 1.2.3").is_none());
+        assert!(esc_in("at 10.5.1.1 today").is_none());
+        assert_eq!(code_in("host said: 550-5.1.1 The email account"), Some(550));
+        assert_eq!(code_in("smtp; 452 4.2.2 full"), Some(452));
+        assert_eq!(code_in("id 12550 x"), None);
+        assert_eq!(strip_type("rfc822; <Ann@Dest.test>"), "<Ann@Dest.test>");
+        assert_eq!(strip_addr("rfc822; <Ann@Dest.test>"), "ann@dest.test");
+    }
+
+    /// One file per server family, with what it means (sisimai's reason
+    /// for it in the comment).
+    #[test]
+    fn a_report_per_server_family() {
+        use Kind::*;
+        let table: &[(&str, Kind, Option<Class>)] = &[
+            ("lhost-postfix-05.eml", Failed, Some(Class::Hard)), // userunknown
+            ("lhost-exim-01.eml", Failed, None),
+            ("lhost-sendmail-01.eml", Failed, None),
+            ("lhost-qmail-01.eml", Failed, None),
+            ("lhost-exchange2007-01.eml", Failed, None),
+            ("lhost-office365-01.eml", Failed, None),
+            ("lhost-gmail-01.eml", Failed, None),
+            ("lhost-yahoo-01.eml", Failed, None),
+            ("lhost-amazonses-01.eml", Failed, None),
+            ("lhost-opensmtpd-02.eml", Failed, None),
+            ("lhost-courier-01.eml", Failed, None),
+            ("rfc3834-02.eml", AutoReply, None),
+            ("arf-01.eml", Complaint, None),
+        ];
+        let mut wrong = Vec::new();
+        for (name, kind, class) in table {
+            let r = parse(&file(name));
+            if r.kind != *kind {
+                wrong.push(format!("{name}: {:?}, want {kind:?}", r.kind));
+            }
+            if let Some(c) = class {
+                let got = r.recipients.first().and_then(|x| x.class);
+                if got != Some(*c) {
+                    wrong.push(format!("{name}: class {got:?}, want {c:?}"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    #[test]
+    fn every_real_report_is_understood_for_what_it_is() {
+        let mut unparsed = Vec::new();
+        let mut wrong = Vec::new();
+        let files = all();
+        for (name, b) in &files {
+            let r = parse(b);
+            let ok = if name.starts_with("arf-")
+                && !String::from_utf8_lossy(b)
+                    .to_ascii_lowercase()
+                    .contains("feedback-type")
+            {
+                // A forwarded message with no feedback report in it (some
+                // providers' "complaints"): never a bounce.
+                r.kind != Kind::Failed
+            } else if name.starts_with("arf-") {
+                matches!(r.kind, Kind::Complaint | Kind::AuthFailure | Kind::NotSpam)
+                    && r.feedback.is_some()
+            } else if name.starts_with("rfc3834-") {
+                r.kind == Kind::AutoReply
+            } else {
+                if r.kind == Kind::Unparsed {
+                    unparsed.push(name.clone());
+                    continue;
+                }
+                matches!(
+                    r.kind,
+                    Kind::Failed | Kind::Delayed | Kind::Delivered | Kind::AutoReply
+                )
+            };
+            if !ok {
+                wrong.push(format!("{name}: {:?}", r.kind));
+            }
+            if r.kind == Kind::Failed {
+                let x = &r.recipients[0];
+                assert!(x.class.is_some(), "{name}: {x:?}");
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        // Plain-text bounces with no code, status or failure words in a
+        // form herald knows (Google Groups, Exchange 2003, KDDI, ...):
+        // kept as unparsed (never suppressing); 43 of 404 today.
+        assert!(
+            unparsed.len() * 100 <= files.len() * 11,
+            "{} unparsed: {unparsed:?}",
+            unparsed.len()
+        );
+    }
+
+    #[test]
+    fn references_and_return_paths_are_found_in_quoted_messages() {
+        let mut dsn = String::from_utf8_lossy(&file("lhost-postfix-05.eml")).into_owned();
+        dsn.push_str(
+            "\nReturn-Path: <b-abc@bounces.example.com>\nX-Herald-Ref: 01ABCDEFGHJK.xyz\n",
+        );
+        let r = parse(dsn.as_bytes());
+        assert_eq!(r.herald_ref.as_deref(), Some("01ABCDEFGHJK.xyz"));
+        assert_eq!(
+            r.quoted_return_path.as_deref(),
+            Some("b-abc@bounces.example.com")
+        );
+        let arf = String::from_utf8_lossy(&file("arf-01.eml")).replacen(
+            "Message-ID:",
+            "X-Herald-Ref: 01ABCDEFGHJK.abc\nMessage-ID:",
+            1,
+        );
+        let r = parse(arf.as_bytes());
+        assert_eq!(r.kind, Kind::Complaint);
+        assert_eq!(r.herald_ref.as_deref(), Some("01ABCDEFGHJK.abc"));
+    }
+
+    #[test]
+    fn mangled_input_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (_, b) in all() {
+            for k in 1..16 {
+                parse(&b[..b.len() * k / 16]);
+            }
+            let mut m = b.clone();
+            for _ in 0..20 {
+                if m.is_empty() {
+                    break;
+                }
+                let i = (rnd() as usize) % m.len();
+                match rnd() % 3 {
+                    0 => m[i] = rnd() as u8,
+                    1 => {
+                        m.remove(i);
+                    }
+                    _ => m.insert(i, b"\n:;-5.\r<>="[(rnd() % 10) as usize]),
+                }
+            }
+            parse(&m);
+        }
+        parse(b"");
+        parse(&[0xff; 1000]);
+        parse(&vec![b'x'; 1 << 20]);
+        let mut folded = b"Content-Type: multipart/report; boundary=x\n".to_vec();
+        folded.extend(std::iter::repeat_n(&b" folded\n"[..], 50_000).flatten());
+        parse(&folded);
+        parse(b"Feedback-Type:\n\nAction: failed\nStatus: 9.9.9.9\n");
+    }
+}
