@@ -202,7 +202,10 @@ mod tests {
             parse(b"EHLO x\r\n").await.0,
             Err(HeaderError::Missing("E".into()))
         );
-        assert_eq!(parse(b"PROXY TCP4 1.2").await.0, Err(HeaderError::Truncated));
+        assert_eq!(
+            parse(b"PROXY TCP4 1.2").await.0,
+            Err(HeaderError::Truncated)
+        );
         let long = format!("PROXY TCP4 {}\r\n", "1".repeat(200));
         assert_eq!(parse(long.as_bytes()).await.0, Err(HeaderError::TooLong));
         assert!(matches!(
@@ -214,7 +217,9 @@ mod tests {
         assert_eq!(parse(&big).await.0, Err(HeaderError::TooLongV2(65535)));
         // Version 3, and an IPv4 block too short for its addresses.
         assert!(matches!(
-            parse(&[&V2_SIGNATURE[..], &[0x31, 0x11, 0, 0]].concat()).await.0,
+            parse(&[&V2_SIGNATURE[..], &[0x31, 0x11, 0, 0]].concat())
+                .await
+                .0,
             Err(HeaderError::Invalid(_))
         ));
         assert!(matches!(
