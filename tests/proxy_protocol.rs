@@ -192,6 +192,30 @@ fn a_header_naming_a_client_outside_allowed_networks_is_refused_relay() {
 }
 
 #[test]
+fn auth_rules_follow_the_client_in_the_header() {
+    use base64::Engine;
+    let plain = base64::engine::general_purpose::STANDARD.encode(b"\0platform\0s3cret");
+    let sink = Sink::start(Script::default());
+    let h = behind_balancer(
+        &sink,
+        "[[listen.users]]\nusername = \"platform\"\npassword = \"s3cret\"\n",
+    );
+    // A remote client must AUTH to relay, and only over TLS: loopback's
+    // exemption is the balancer's, not its clients'.
+    let mut c = via_balancer(&h, &[&v1("203.0.113.9", 40000)]);
+    c.ehlo();
+    assert_eq!(c.cmd("MAIL FROM:<app@platform.test>").0, 250);
+    assert_eq!(c.cmd("RCPT TO:<x@dest.test>").0, 530);
+    assert_eq!(c.cmd("RSET").0, 250);
+    let (code, text) = c.cmd(&format!("AUTH PLAIN {plain}"));
+    assert_eq!(code, 538, "{text}");
+    // The balancer's own connection (LOCAL) is on loopback.
+    let mut c = via_balancer(&h, &[&[V2_SIGNATURE, &[0x20, 0x00, 0, 0]].concat()]);
+    c.ehlo();
+    assert_eq!(c.cmd(&format!("AUTH PLAIN {plain}")).0, 235);
+}
+
+#[test]
 fn v2_local_and_v1_unknown_keep_the_balancers_address() {
     let sink = Sink::start(Script::default());
     let h = behind_balancer(&sink, "");
