@@ -160,6 +160,9 @@ pub struct Listen {
     /// How long a session may go without completing a transaction.
     pub session_timeout: Duration,
     pub allowed_networks: Vec<IpNet>,
+    /// Load balancers whose connections begin with a PROXY v1/v2 header
+    /// naming the real client (issue 12); empty: none.
+    pub proxy_protocol_from: Vec<IpNet>,
     pub tls: Option<TlsFiles>,
     pub users: Vec<User>,
 }
@@ -430,6 +433,8 @@ mod raw {
         pub max_connections_per_ip: Option<i64>,
         pub session_timeout: Option<String>,
         pub allowed_networks: Option<Vec<String>>,
+        #[serde(default)]
+        pub proxy_protocol_from: Vec<String>,
         pub tls: Option<Tls>,
         #[serde(default)]
         pub users: Vec<User>,
@@ -780,6 +785,7 @@ impl Config {
                 l.session_timeout.as_deref().unwrap_or("10m"),
             )?,
             allowed_networks,
+            proxy_protocol_from: networks("listen.proxy_protocol_from", &l.proxy_protocol_from)?,
             tls,
             users,
         };
@@ -1370,6 +1376,10 @@ mod tests {
                 "open relay",
             ),
             ("[listen]\nallowed_networks = [\"::/0\"]\n", "open relay"),
+            (
+                "[listen]\nproxy_protocol_from = [\"balancer\"]\n",
+                "listen.proxy_protocol_from",
+            ),
             ("[storage]\npath = \"\"\n", "storage.path"),
             (
                 "[upstreams.p]\nhost = \"h\"\nsecurity = \"ssl\"\n",

@@ -1,8 +1,10 @@
-//! Inbound SMTP: listeners, the connection cap, and draining on shutdown.
+//! Inbound SMTP: listeners, the connection cap, the PROXY protocol from
+//! listed balancers, and draining on shutdown.
 
 pub mod auth;
 pub mod data;
 pub mod line;
+pub mod proxy;
 pub mod reception;
 pub mod session;
 pub mod spool;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::config::Listen;
@@ -70,14 +72,31 @@ impl Slots {
 
     /// A slot for a client at `ip`, or the refusal to send it.
     pub fn take(&self, ip: IpAddr) -> Result<Slot, &'static str> {
+        self.take_with(ip, None)
+    }
+
+    /// One of the `max_connections`, before the client's address is known:
+    /// a balancer's connection holds it while its PROXY header is read.
+    pub fn any(&self) -> Result<crate::limit::Permit, &'static str> {
+        self.all.try_acquire().ok_or("listen.max_connections")
+    }
+
+    /// [`Slots::take`], with the overall permit already held if given.
+    pub fn take_with(
+        &self,
+        ip: IpAddr,
+        permit: Option<crate::limit::Permit>,
+    ) -> Result<Slot, &'static str> {
         let ip = canonical_ip(ip);
         let mut m = self.per_ip.lock().unwrap();
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
+        if m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err("listen.max_connections_per_ip");
         }
-        let permit = self.all.try_acquire().ok_or("listen.max_connections")?;
-        *n += 1;
+        let permit = match permit {
+            Some(p) => p,
+            None => self.any()?,
+        };
+        *m.entry(ip).or_insert(0) += 1;
         Ok(Slot {
             _permit: permit,
             ip,
@@ -131,30 +150,32 @@ pub async fn accept_loop(
             },
             _ = shutdown.wait() => break,
         };
-        let slots = if intake {
-            &services.report_conns
-        } else {
-            &services.conns
-        };
+        let slots = slots_of(&services, intake);
+        let from_proxy = services
+            .cfg()
+            .listen
+            .proxy_protocol_from
+            .iter()
+            .any(|n| n.contains(&canonical_ip(peer.ip())));
+        if from_proxy {
+            // The per-IP slot waits for the header: the balancer's own
+            // address would put every client behind it in one slot.
+            match slots.any() {
+                Ok(permit) => {
+                    let (s, d) = (services.clone(), drain.clone());
+                    tokio::spawn(async move {
+                        behind_proxy(s, tcp, peer, implicit_tls, intake, permit).await;
+                        drop(d);
+                    });
+                }
+                Err(key) => refuse(&services, tcp, peer, key),
+            }
+            continue;
+        }
         let permit = match slots.take(peer.ip()) {
             Ok(p) => p,
             Err(key) => {
-                let host = services.cfg().hostname.clone();
-                let why = if key == "listen.max_connections" {
-                    "Too many connections"
-                } else {
-                    "Too many connections from your address"
-                };
-                tokio::spawn(async move {
-                    let mut tcp = tcp;
-                    let msg = format!("421 4.7.0 {host} {why}, try again later\r\n");
-                    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
-                        let _ = tcp.write_all(msg.as_bytes()).await;
-                        let _ = tcp.shutdown().await;
-                    })
-                    .await;
-                });
-                tracing::warn!(%peer, "connection refused: {key} reached");
+                refuse(&services, tcp, peer, key);
                 continue;
             }
         };
@@ -166,4 +187,72 @@ pub async fn accept_loop(
             drop(d);
         });
     }
+}
+
+/// The slots of the platform's listeners, or of the `[bounces]` intake.
+fn slots_of(services: &Services, intake: bool) -> &Slots {
+    if intake {
+        &services.report_conns
+    } else {
+        &services.conns
+    }
+}
+
+/// A connection from `[listen] proxy_protocol_from`: the PROXY header
+/// first, then the session as the client it names (`peer` stays the
+/// balancer's for v1 `UNKNOWN` and v2 `LOCAL`, its own health checks).
+async fn behind_proxy(
+    services: Arc<Services>,
+    mut tcp: TcpStream,
+    proxy: SocketAddr,
+    implicit_tls: bool,
+    intake: bool,
+    permit: crate::limit::Permit,
+) {
+    let mut shutdown = services.shutdown.clone();
+    let header = tokio::select! {
+        h = proxy::read_header(&mut tcp) => h,
+        _ = shutdown.wait() => return,
+    };
+    let peer = match header {
+        Ok(client) => client.unwrap_or(proxy),
+        // A balancer's TCP health check: connect, close. Not worth a warning.
+        Err(proxy::HeaderError::Empty) => {
+            tracing::debug!(%proxy, "closed before its PROXY header");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%proxy, "connection from a PROXY protocol balancer closed: {e}");
+            return;
+        }
+    };
+    let slot = slots_of(&services, intake).take_with(peer.ip(), Some(permit));
+    match slot {
+        Ok(slot) => {
+            session::run(services, tcp, peer, implicit_tls, intake).await;
+            drop(slot);
+        }
+        Err(key) => refuse(&services, tcp, peer, key),
+    }
+}
+
+/// Tells a client over the cap why it is turned away, without waiting for
+/// it to read.
+fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static str) {
+    let host = services.cfg().hostname.clone();
+    let why = if key == "listen.max_connections" {
+        "Too many connections"
+    } else {
+        "Too many connections from your address"
+    };
+    tokio::spawn(async move {
+        let mut tcp = tcp;
+        let msg = format!("421 4.7.0 {host} {why}, try again later\r\n");
+        let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+            let _ = tcp.write_all(msg.as_bytes()).await;
+            let _ = tcp.shutdown().await;
+        })
+        .await;
+    });
+    tracing::warn!(%peer, "connection refused: {key} reached");
 }

@@ -22,6 +22,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP connection to `addr` from the loopback address `source` (Linux
+/// answers on all of 127.0.0.0/8): a second client address for tests.
+pub fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let tcp = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        s.connect(addr).await.unwrap()
+    });
+    let tcp = tcp.into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    tcp
+}
+
 /// Polls `f` until it returns true or `secs` pass.
 pub fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + Duration::from_secs(secs);
@@ -772,7 +789,12 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let tcp = TcpStream::connect(addr).unwrap();
+        Client::over(TcpStream::connect(addr).unwrap())
+    }
+
+    /// A client on a connection already open (say, one that began with a
+    /// PROXY header): reads the greeting, which must be 220.
+    pub fn over(tcp: TcpStream) -> Client {
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut c = Client {
             rd: BufReader::new(Box::new(tcp.try_clone().unwrap())),
@@ -785,7 +807,11 @@ impl Client {
 
     /// Connects with TLS from the first byte.
     pub fn connect_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Client {
-        let tcp = TcpStream::connect(addr).unwrap();
+        Client::over_tls(TcpStream::connect(addr).unwrap(), cfg)
+    }
+
+    /// TLS from the next byte on an open connection, then the greeting.
+    pub fn over_tls(tcp: TcpStream, cfg: Arc<rustls::ClientConfig>) -> Client {
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
         let s = rustls::StreamOwned::new(conn, tcp.try_clone().unwrap());
