@@ -38,31 +38,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     // Signal handlers first: a SIGTERM that arrives while we start (the
     // listeners are already bound) must drain, not kill.
     let signals = Signals::install()?;
-    let mut listeners = Vec::new();
-    for (addrs, implicit, key) in [
-        (&cfg.listen.smtp, false, "listen.smtp"),
-        (&cfg.listen.smtps, true, "listen.smtps"),
-    ] {
-        for a in addrs {
-            let l = smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
-            listeners.push((l, implicit, false));
-        }
-    }
-    if let Some(b) = &cfg.bounces {
-        for a in &b.listen {
-            let l = smtp_in::bind(*a)
-                .with_context(|| format!("bounces.listen: cannot listen on {a}"))?;
-            listeners.push((l, false, true));
-        }
-    }
-    let (bounces, reports_rx) = match &cfg.bounces {
-        Some(b) => {
-            let (b, rx) = crate::bounces::Bounces::open(&store.db, b)?;
-            (Some(b), Some(rx))
-        }
-        None => (None, None),
-    };
-
+    // The platform's SMTP listeners last: once they take connections,
+    // every other listener is bound too (tests and load balancers look
+    // at the SMTP port only).
     let control = crate::control::bind(&cfg.control.socket)?;
     let tracking = if live.tracking_key.is_some() {
         let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
@@ -82,6 +60,31 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(a), Some(_)) => Some(crate::api::bind(a).await?),
         _ => None,
     };
+    let mut listeners = Vec::new();
+    if let Some(b) = &cfg.bounces {
+        for a in &b.listen {
+            let l = smtp_in::bind(*a)
+                .with_context(|| format!("bounces.listen: cannot listen on {a}"))?;
+            listeners.push((l, false, true));
+        }
+    }
+    for (addrs, implicit, key) in [
+        (&cfg.listen.smtp, false, "listen.smtp"),
+        (&cfg.listen.smtps, true, "listen.smtps"),
+    ] {
+        for a in addrs {
+            let l = smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
+            listeners.push((l, implicit, false));
+        }
+    }
+    let (bounces, reports_rx) = match &cfg.bounces {
+        Some(b) => {
+            let (b, rx) = crate::bounces::Bounces::open(&store.db, b)?;
+            (Some(b), Some(rx))
+        }
+        None => (None, None),
+    };
+
     let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
