@@ -233,6 +233,7 @@ fn swap(s: &Services) -> Result<Report, String> {
     s.routes.shaper.follow(cfg);
     s.attempts.resize(cfg.delivery.concurrency);
     s.conns.resize(&cfg.listen);
+    s.report_conns.resize(&cfg.listen);
     if report.changed.iter().any(|c| c.starts_with("upstreams")) {
         // Idle sessions were opened (and authenticated) with the old settings.
         s.routes.close_idle();

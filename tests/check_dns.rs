@@ -96,3 +96,64 @@ fn check_dns_reports_spf_dkim_dmarc_and_alignment() {
         "{out}"
     );
 }
+
+/// With `[bounces]`, SPF is checked for the bounce domain (the envelope
+/// sender now), and its MX must be this host.
+#[test]
+fn check_dns_checks_the_bounce_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bounce.key"),
+        "a key of sixteen bytes or more\n",
+    )
+    .unwrap();
+    let dns = Dns::start(&[
+        ("bounces.example.com", "TXT", "v=spf1 ip4:127.0.0.1 -all"),
+        ("bounces.example.com", "MX", "10 mx.elsewhere.test."),
+        ("good.example.com", "MX", "10 relay.test."),
+    ]);
+    let write = |domain: &str| {
+        let config = format!(
+            "{BASE}[delivery]\nupstream = \"up\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = 2600\nsecurity = \"none\"\n\
+             [bounces]\ndomain = \"{domain}\"\nlisten = [\"127.0.0.1:2599\"]\nsecret_file = \"bounce.key\"\n\
+             [dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
+            dns.port
+        );
+        std::fs::write(dir.path().join("herald.toml"), config).unwrap();
+    };
+    write("bounces.example.com");
+    let (code, out) = check(dir.path(), &["example.com"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("(envelope bounces.example.com, route up)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "SPF    bounces.example.com: \"v=spf1 ip4:127.0.0.1 -all\" authorizes upstream"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "FAIL  MX     bounces.example.com: MX mx.elsewhere.test is not this host (relay.test)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("hint: publish MX bounces.example.com. 10 relay.test."),
+        "{out}"
+    );
+    write("good.example.com");
+    let (_, out) = check(dir.path(), &["example.com"]);
+    assert!(
+        out.contains("ok    MX     good.example.com: MX relay.test (this host) takes its reports"),
+        "{out}"
+    );
+    write("none.example.com");
+    let (_, out) = check(dir.path(), &["example.com"]);
+    assert!(
+        out.contains("FAIL  MX     none.example.com (the [bounces] domain) has no MX"),
+        "{out}"
+    );
+}

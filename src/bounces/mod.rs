@@ -444,6 +444,12 @@ fn kind_name(k: &Kind) -> &'static str {
     }
 }
 
+/// What follows the remote reply in the detail of a `bounced` event from
+/// a report; `trace` strips it again to quote the reply alone.
+pub fn bounced_suffix(class: Class, reporter: &str) -> String {
+    format!(" ({class}: {}; reported by {reporter})", class.meaning())
+}
+
 /// What the report says happened, as one line: "550 5.1.1 ... ".
 fn reply_line(r: &crate::report::RecipientResult) -> String {
     let esc = r
@@ -600,10 +606,7 @@ fn decide(
                 record(s, &a, EventKind::Delayed, &detail, extra);
                 return ("delayed", State::Applied, detail);
             }
-            let detail = format!(
-                "{line} ({class}: {}; reported by {reporter})",
-                class.meaning()
-            );
+            let detail = format!("{line}{}", bounced_suffix(class, reporter));
             // Still queued and not final (a report from an earlier hop
             // while herald retries): it is final now.
             let _ = s.store.update(&a.id, |env| {
@@ -617,22 +620,7 @@ fn decide(
                 }
             });
             if class.suppresses() {
-                let cfg = &s.cfg().delivery;
-                match s.suppression.note_bounce(
-                    &a.rcpt,
-                    &line,
-                    &a.id,
-                    cfg.suppress_after_bounces,
-                    cfg.suppression_expiry,
-                ) {
-                    Ok(Some(e)) => tracing::warn!(
-                        rcpt = %a.rcpt,
-                        reason = %e.reason,
-                        "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
-                    ),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
-                }
+                crate::delivery::note_hard_bounce(s, &a.rcpt, &line, &a.id);
             }
             record(s, &a, EventKind::Bounced, &detail, extra);
             ("bounced", State::Applied, detail)

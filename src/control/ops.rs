@@ -586,6 +586,19 @@ fn held_note(s: &Services, id: &str) -> String {
     }
 }
 
+/// "accepted by RELAY at TIME" + `then` when the message was delivered to
+/// the first hop, for outcomes reported after it.
+fn accepted_by(events: &[&Event], then: &str) -> String {
+    match events.iter().find(|e| e.event == EventKind::Delivered) {
+        Some(e) => format!(
+            "accepted by {} at {}{then}",
+            e.upstream.as_deref().unwrap_or("the upstream"),
+            e.time
+        ),
+        None => String::new(),
+    }
+}
+
 /// One line that answers "what happened to the mail for this address?".
 fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) -> String {
     let lift = format!("lift with: herald suppression remove {addr}");
@@ -652,16 +665,9 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             let class = last.class.unwrap_or(Class::Policy);
             let line = last
                 .detail
-                .strip_suffix(&format!(" ({class}: {}; reported by {reporter})", class.meaning()))
+                .strip_suffix(&crate::bounces::bounced_suffix(class, reporter))
                 .unwrap_or(&last.detail);
-            let accepted = match of_latest.iter().find(|e| e.event == EventKind::Delivered) {
-                Some(e) => format!(
-                    "accepted by {} at {}, then ",
-                    e.upstream.as_deref().unwrap_or("the upstream"),
-                    e.time
-                ),
-                None => String::new(),
-            };
+            let accepted = accepted_by(&of_latest, ", then ");
             let mut d = format!(
                 "{accepted}bounced by the recipient's server (reported by {reporter} at {}): {line}; {} (queue id {}, report {})",
                 last.time,
@@ -678,14 +684,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
         }
         EventKind::Delayed => {
             let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
-            let accepted = match of_latest.iter().find(|e| e.event == EventKind::Delivered) {
-                Some(e) => format!(
-                    "accepted by {} at {}; ",
-                    e.upstream.as_deref().unwrap_or("the upstream"),
-                    e.time
-                ),
-                None => String::new(),
-            };
+            let accepted = accepted_by(&of_latest, "; ");
             format!(
                 "{accepted}the next hop reported a delay {} (reported by {reporter}): {}; it keeps trying, and a bounce would show here",
                 ago(last.time_ms),

@@ -503,6 +503,27 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
     })
 }
 
+/// Counts a hard bounce of `addr` (a reply at RCPT or a report that came
+/// back) toward `suppress_after_bounces`; logs the suppression it causes.
+pub fn note_hard_bounce(s: &Services, addr: &str, reply: &str, id: &str) {
+    let cfg = &s.cfg().delivery;
+    match s.suppression.note_bounce(
+        addr,
+        reply,
+        id,
+        cfg.suppress_after_bounces,
+        cfg.suppression_expiry,
+    ) {
+        Ok(Some(e)) => tracing::warn!(
+            rcpt = %addr,
+            reason = %e.reason,
+            "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
+    }
+}
+
 /// Applies one recipient verdict and records the event.
 fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: &str) {
     let now = now_ms();
@@ -526,21 +547,7 @@ fn apply(s: &Services, env: &mut Envelope, idx: usize, verdict: &Verdict, host: 
             // Only a hard bounce says the address is bad: a full mailbox or
             // a refusal of the message never suppresses anybody.
             if class.suppresses() {
-                match s.suppression.note_bounce(
-                    &r.addr,
-                    t,
-                    &env.id,
-                    cfg.suppress_after_bounces,
-                    cfg.suppression_expiry,
-                ) {
-                    Ok(Some(e)) => tracing::warn!(
-                        rcpt = %r.addr,
-                        reason = %e.reason,
-                        "address suppressed: mail to it will not be attempted (herald suppression remove to lift)"
-                    ),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot update the suppression list"),
-                }
+                note_hard_bounce(s, &r.addr, t, &env.id);
             }
             (
                 EventKind::Bounced,
