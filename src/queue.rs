@@ -81,6 +81,18 @@ impl IdGen {
     }
 }
 
+/// A queue or report id as a client gave it (CLI, API, control socket),
+/// in its canonical form: 12 Crockford base32 characters, upper case. None
+/// for anything else, so that nothing a client sends is ever looked up, let
+/// alone joined to a path, unless it is of the form herald makes.
+pub fn parse_id(text: &str) -> Option<String> {
+    let t = text.trim();
+    (t.len() == 12
+        && t.bytes()
+            .all(|c| CROCKFORD.contains(&c.to_ascii_uppercase())))
+    .then(|| t.to_ascii_uppercase())
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RcptStatus {
@@ -545,6 +557,10 @@ impl Store {
     /// The message bytes (from its chunks; a spool written before chunks
     /// has the whole body under the queue id).
     pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        // Never a path from anything but an id of ours.
+        if parse_id(id).as_deref() != Some(id) {
+            return Ok(None);
+        }
         let mut out: Option<Vec<u8>> = None;
         for item in self.bodies.scan_prefix(chunk_prefix(id)) {
             let (_, v) = item?;
@@ -834,11 +850,34 @@ mod tests {
         ids.push(later);
     }
 
+    #[test]
+    fn only_ids_of_herald_s_form_are_taken_from_clients() {
+        let id = IdGen::new().next();
+        assert_eq!(parse_id(&id).as_deref(), Some(id.as_str()));
+        assert_eq!(
+            parse_id(&id.to_ascii_lowercase()).as_deref(),
+            Some(id.as_str())
+        );
+        for bad in [
+            "",
+            "/dev/zero",
+            "/etc/passwd",
+            "../../herald.toml",
+            "..%2F..%2Fx",
+            "01JH5Z8Q3M7",
+            "01JH5Z8Q3M7KK",
+            "01JH5Z8Q3M7U",
+            "01JH5Z8Q/M7K",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn insert_commit_reload() {
         let dir = tempfile::tempdir().unwrap();
         let env = Envelope {
-            id: "ID1".into(),
+            id: "01JH5Z8Q3M71".into(),
             received_at: 1,
             client_ip: "127.0.0.1".into(),
             helo: "x".into(),
@@ -867,44 +906,47 @@ mod tests {
                 })
             })
             .expect("reopen");
-        assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
+        assert_eq!(s.body("01JH5Z8Q3M71").unwrap().unwrap(), b"abc");
         assert_eq!(s.all().unwrap().len(), 1);
         // A large body in chunks reads back whole, and goes away whole.
         let big: Vec<u8> = (0..(3 * BODY_CHUNK + 17))
             .map(|i| (i % 251) as u8)
             .collect();
         let env2 = Envelope {
-            id: "ID2".into(),
+            id: "01JH5Z8Q3M72".into(),
             rcpts: env.rcpts.clone(),
             ..Default::default()
         };
         s.insert(&env2, &big).unwrap();
-        assert_eq!(s.body("ID2").unwrap().unwrap(), big);
-        s.remove("ID2").unwrap();
-        assert_eq!(s.body("ID2").unwrap(), None);
-        assert_eq!(s.bodies.scan_prefix(chunk_prefix("ID2")).count(), 0);
+        assert_eq!(s.body("01JH5Z8Q3M72").unwrap().unwrap(), big);
+        s.remove("01JH5Z8Q3M72").unwrap();
+        assert_eq!(s.body("01JH5Z8Q3M72").unwrap(), None);
+        assert_eq!(
+            s.bodies.scan_prefix(chunk_prefix("01JH5Z8Q3M72")).count(),
+            0
+        );
         // Larger still: a file of its own, synced by the next commit.
         let huge: Vec<u8> = (0..(BODY_FILE_MIN * 3)).map(|i| (i % 241) as u8).collect();
         let env3 = Envelope {
-            id: "ID3".into(),
+            id: "01JH5Z8Q3M73".into(),
             rcpts: env.rcpts.clone(),
             ..Default::default()
         };
         s.insert(&env3, &huge).unwrap();
-        assert!(dir.path().join("bodies/ID3").exists());
+        assert!(dir.path().join("bodies/01JH5Z8Q3M73").exists());
         s.commit().await.unwrap();
         assert!(s.unsynced.lock().unwrap().is_empty());
-        assert_eq!(s.body("ID3").unwrap().unwrap(), huge);
-        s.remove("ID3").unwrap();
-        assert!(!dir.path().join("bodies/ID3").exists());
+        assert_eq!(s.body("01JH5Z8Q3M73").unwrap().unwrap(), huge);
+        s.remove("01JH5Z8Q3M73").unwrap();
+        assert!(!dir.path().join("bodies/01JH5Z8Q3M73").exists());
         assert_eq!(s.stats.get(), (1, 1, 0));
         // The same id again is refused, never overwritten.
         assert!(matches!(
             s.insert(&env, b"other"),
             Err(QueueError::Exists(_))
         ));
-        assert_eq!(s.body("ID1").unwrap().unwrap(), b"abc");
-        s.remove("ID1").unwrap();
+        assert_eq!(s.body("01JH5Z8Q3M71").unwrap().unwrap(), b"abc");
+        s.remove("01JH5Z8Q3M71").unwrap();
         assert!(s.is_empty());
         assert_eq!(s.stats.get(), (0, 0, 0));
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -79,7 +80,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let (bounces, reports_rx) = match &cfg.bounces {
         Some(b) => {
-            let (b, rx) = crate::bounces::Bounces::open(&store.db, b)?;
+            let (b, rx) = crate::bounces::Bounces::open(&store.db, &cfg.storage.path, b)?;
             (Some(b), Some(rx))
         }
         None => (None, None),
@@ -104,8 +105,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         paused: AtomicBool::new(paused),
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
-        conns: smtp_in::Slots::new(&cfg.listen),
-        report_conns: smtp_in::Slots::new(&cfg.listen),
+        conns: smtp_in::Slots::new(
+            cfg.listen.max_connections,
+            cfg.listen.max_connections_per_ip,
+        ),
+        report_conns: match &cfg.bounces {
+            Some(b) => smtp_in::Slots::new(b.max_connections, b.max_connections_per_ip),
+            None => smtp_in::Slots::new(0, 0),
+        },
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),
         tracking_served: tracking.is_some(),
@@ -119,9 +126,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     tokio::spawn(purge_history(services.clone()));
     tokio::spawn(crate::webhooks::supervise(services.clone()));
-    if let Some(rx) = reports_rx {
-        tokio::spawn(crate::bounces::run(services.clone(), rx));
-    }
     if let Some(l) = tracking {
         tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
         tokio::spawn(crate::tracking::serve(services.clone(), l));
@@ -135,19 +139,24 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::api::serve(services.clone(), l));
     }
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-    for (l, implicit, intake) in listeners {
-        if intake {
+    let mut intake = Vec::new();
+    for (l, implicit, is_intake) in listeners {
+        if is_intake {
             tracing::info!(addr = %l.local_addr()?, "bounce and complaint intake listening");
-        } else {
-            tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
+            intake.push(l.into_std()?);
+            continue;
         }
+        tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
         tokio::spawn(smtp_in::accept_loop(
             services.clone(),
             l,
             implicit,
-            intake,
+            false,
             drain_tx.clone(),
         ));
+    }
+    if let Some(rx) = reports_rx {
+        start_intake(services.clone(), intake, rx, drain_tx.clone())?;
     }
     drop(drain_tx);
     tracing::info!(
@@ -311,6 +320,66 @@ impl Signals {
 
 /// Deletes events older than `history_retention`, at start and then
 /// periodically (every minute, or every half retention if that is shorter).
+/// The `[bounces]` intake runs on a runtime and thread of its own, at a
+/// lower CPU priority (nice 10), with the applying of reports: whatever
+/// the internet sends to the bounce domain's MX, the platform's listeners
+/// and delivery keep their cores. `drain` is held until its sessions end.
+fn start_intake(
+    services: Arc<Services>,
+    listeners: Vec<std::net::TcpListener>,
+    reports: mpsc::UnboundedReceiver<String>,
+    drain: mpsc::Sender<()>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("herald-intake")
+        .build()
+        .context("cannot start the intake's runtime")?;
+    std::thread::Builder::new()
+        .name("herald-intake".into())
+        .spawn(move || {
+            // Threads it starts (the blocking pool) inherit this.
+            lower_priority();
+            rt.block_on(async move {
+                let (local_tx, mut local_rx) = mpsc::channel::<()>(1);
+                for l in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(smtp_in::accept_loop(
+                                services.clone(),
+                                l,
+                                false,
+                                true,
+                                local_tx.clone(),
+                            ));
+                        }
+                        Err(e) => tracing::error!(error = %e, "intake listener lost"),
+                    }
+                }
+                drop(local_tx);
+                let applier = tokio::spawn(crate::bounces::run(services.clone(), reports));
+                // Every accept loop and session has ended (shutdown).
+                let _ = local_rx.recv().await;
+                let _ = applier.await;
+                drop(drain);
+            });
+        })
+        .context("cannot start the intake's thread")?;
+    Ok(())
+}
+
+/// nice 10 for the calling thread (Linux: a thread's own priority).
+fn lower_priority() {
+    // SAFETY: plain system calls on the calling thread's id.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the intake's priority");
+    }
+}
+
 async fn purge_history(s: Arc<Services>) {
     let mut shutdown = s.shutdown.clone();
     loop {

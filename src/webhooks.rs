@@ -166,7 +166,7 @@ pub fn signature(key: &[u8], t: u64, body: &[u8]) -> String {
 /// The result of one POST.
 enum Sent {
     Done,
-    /// Try again later (408, 429, 5xx, network).
+    /// Try again later (3xx, 408, 429, 5xx, network).
     Retry(String),
     /// The endpoint refuses these events for good (other 4xx).
     Refused(String),
@@ -233,6 +233,11 @@ async fn post(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: Vec<u8>, id
         Ok(Ok(code)) if code == 408 || code == 429 || code >= 500 => {
             Sent::Retry(format!("HTTP {code}"))
         }
+        // A redirect is not followed (the signature names one URL): the
+        // events wait, and the error says which URL to configure.
+        Ok(Ok(code)) if (300..400).contains(&code) => Sent::Retry(format!(
+            "HTTP {code}: a redirect, not followed; set the webhook's url to where it points"
+        )),
         Ok(Ok(code)) => Sent::Refused(format!("HTTP {code}")),
     }
 }

@@ -311,3 +311,73 @@ fn a_reload_reads_the_tokens_file_again() {
     assert!(err.contains("api.tokens_file: line 1"), "{err}");
     assert_eq!(status(next), 200);
 }
+
+#[test]
+fn identifiers_from_a_request_never_reach_a_path() {
+    let (h, api, _sink) = start();
+    // A FIFO beside the config: opening it would hang a thread.
+    let fifo = h.path("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for id in [
+        "%2Fdev%2Fzero",
+        "%2Fetc%2Fpasswd",
+        "..%2F..%2Fherald.toml",
+        "..%2Ffifo",
+        "..",
+        "01JH5Z8Q3M7K%2F..",
+        "%00",
+    ] {
+        for (method, path) in [
+            ("GET", format!("/api/v1/messages/{id}")),
+            ("DELETE", format!("/api/v1/messages/{id}")),
+            ("POST", format!("/api/v1/messages/{id}/retry")),
+        ] {
+            let (code, v) = call(&api, method, &path, Some(TOKEN), "");
+            assert!(code == 400 || code == 404, "{method} {path}: {code} {v}");
+            if code == 400 {
+                assert!(
+                    v["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains("is not a queue or report id"),
+                    "{v}"
+                );
+            }
+        }
+    }
+    // An id of the right form that names nothing is a 404.
+    let (code, _) = call(
+        &api,
+        "GET",
+        "/api/v1/messages/01JH5Z8Q3M7K",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(code, 404);
+    // The control socket checks the same way.
+    let (code, _, err) = h.cli(&["show", "/etc/passwd"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a queue or report id"), "{err}");
+    let (code, _, err) = h.cli(&["cancel", "../../herald.toml"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a queue or report id"), "{err}");
+    // herald is still fine (nothing read /dev/zero or hung on the FIFO).
+    let (code, v) = call(&api, "GET", "/api/v1/status", Some(TOKEN), "");
+    assert_eq!(code, 200, "{v}");
+    // An operator's address must be one.
+    for addr in ["   @   ", "@", "nobody@", "@dest.test", "a b@dest.test"] {
+        let body = serde_json::json!({ "addr": addr }).to_string();
+        let (code, v) = call(&api, "POST", "/api/v1/suppressions", Some(TOKEN), &body);
+        assert_eq!(code, 400, "{addr:?}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("is not an address"),
+            "{v}"
+        );
+    }
+    let (_, v) = call(&api, "GET", "/api/v1/suppressions", Some(TOKEN), "");
+    assert_eq!(v["entries"].as_array().unwrap().len(), 0, "{v}");
+}

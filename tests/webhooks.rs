@@ -278,7 +278,7 @@ fn events_arrive_signed_once_each_after_the_receiver_was_down_and_a_kill_9() {
 }
 
 #[test]
-fn a_client_error_drops_the_event_with_a_log_line_and_a_server_error_retries() {
+fn a_client_error_drops_the_event_with_a_log_line_and_a_server_error_or_redirect_retries() {
     let sink = Sink::start(Script::default());
     let hook_port = free_port();
     let rx = Receiver::start(hook_port, 503);
@@ -306,6 +306,28 @@ fn a_client_error_drops_the_event_with_a_log_line_and_a_server_error_retries() {
     rx.status.store(200, Ordering::Relaxed);
     assert!(
         wait_until(20, || rx.count("delivered", "one@dest.test") == 1),
+        "{}",
+        h.log()
+    );
+    // A redirect is not followed, and the event is not lost: it waits.
+    rx.status.store(302, Ordering::Relaxed);
+    assert_eq!(
+        c.send("a@b.test", &["redirected@dest.test"], &message("r"))
+            .0,
+        250
+    );
+    assert!(
+        wait_until(20, || h
+            .cli(&["webhooks", "--json"])
+            .1
+            .contains("a redirect, not followed")),
+        "{}",
+        h.log()
+    );
+    assert_eq!(rx.count("delivered", "redirected@dest.test"), 0);
+    rx.status.store(200, Ordering::Relaxed);
+    assert!(
+        wait_until(20, || rx.count("delivered", "redirected@dest.test") == 1),
         "{}",
         h.log()
     );

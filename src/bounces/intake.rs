@@ -1,6 +1,7 @@
-//! The end of DATA at the `[bounces]` listener: the report is written and
-//! committed (flush + fsync, batched with the queue's commits) before the
-//! `250`, then applied in the background.
+//! The end of DATA at the `[bounces]` listener: the report's body is
+//! written to a file of its own and synced, its record committed (batched
+//! with the queue's commits) before the `250`, then it is applied in the
+//! background. Reports live within `[bounces] max_stored`.
 
 use crate::bounces::{Record, State, Target};
 use crate::envelope::Transaction;
@@ -8,29 +9,23 @@ use crate::queue::now_ms;
 use crate::services::Services;
 use crate::smtp_in::spool::Spool;
 
+const STORAGE_ERROR: &str = "4.3.0 Local storage error; try again later";
+
 pub async fn accept(
     s: &Services,
     t: Transaction,
     target: Option<Target>,
     spool: Spool,
 ) -> (u16, String) {
-    let Some(b) = s.bounces.as_ref() else {
+    let Some(b) = s.bounces.clone() else {
         return (554, "5.7.1 Not accepting reports".into());
     };
     let Some(target) = target else {
         return (503, "5.5.1 Need RCPT command first".into());
     };
     if s.store.health.is_failed() {
-        return (451, "4.3.0 Local storage error; try again later".into());
+        return (451, STORAGE_ERROR.into());
     }
-    let _memory = s.memory.reserve(2 * spool.len()).await;
-    let raw = match spool.into_bytes() {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(peer = %t.peer, error = %e, "cannot read back the spooled report");
-            return (451, "4.3.0 Local storage error; try again later".into());
-        }
-    };
     let id = s.store.ids.next();
     let rec = Record {
         id: id.clone(),
@@ -40,16 +35,43 @@ pub async fn accept(
         mail_from: t.sender.clone(),
         rcpt: t.rcpts.first().cloned().unwrap_or_default(),
         target,
-        size: raw.len(),
+        size: spool.len(),
         state: State::Pending,
         kind: None,
         message: None,
         recipient: None,
         summary: None,
     };
-    if let Err(e) = b.store(&rec, &raw) {
-        tracing::error!(peer = %t.peer, error = %e, "cannot store a report");
-        return (451, "4.3.0 Local storage error; try again later".into());
+    let size = spool.len() as u64;
+    let b2 = b.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        if !b2.make_room(size) {
+            return Ok(false);
+        }
+        b2.store(&rec, spool).map(|()| true)
+    })
+    .await;
+    match stored {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            b.count("refused_full");
+            let (now, max) = b.stored();
+            tracing::warn!(
+                peer = %t.peer,
+                stored = now,
+                max_stored = max,
+                "report refused for now: bounces.max_stored is full of reports not applied yet"
+            );
+            return (452, "4.3.1 Report storage full; try again later".into());
+        }
+        Ok(Err(e)) => {
+            tracing::error!(peer = %t.peer, error = %e, "cannot store a report");
+            return (451, STORAGE_ERROR.into());
+        }
+        Err(e) => {
+            tracing::error!(peer = %t.peer, error = %e, "storing a report failed");
+            return (451, STORAGE_ERROR.into());
+        }
     }
     match s.store.commit().await {
         Ok(()) => {
@@ -58,8 +80,8 @@ pub async fn accept(
         }
         Err(e) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot commit a report");
-            b.unstore(&id);
-            (451, "4.3.0 Local storage error; try again later".into())
+            b.remove(&id);
+            (451, STORAGE_ERROR.into())
         }
     }
 }

@@ -21,10 +21,20 @@
 pub mod intake;
 pub mod token;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::Rate;
+use crate::delivery::shaping::Bucket;
+use crate::smtp_in::spool::Spool;
 
 use crate::history::{EventKind, Extra};
 use crate::queue::{now_ms, QueueError, RcptStatus};
@@ -100,6 +110,15 @@ pub struct Sent {
 /// Counts per outcome since start, for `/metrics` and `status`.
 pub type Counts = BTreeMap<&'static str, u64>;
 
+/// What a report's record costs in the budget, beside its body file (a
+/// record is a few hundred bytes; its summary is capped to fit).
+const RECORD_COST: u64 = 1024;
+/// A summary longer than this is cut (remote replies can be long).
+const SUMMARY_MAX: usize = 600;
+/// Once applied, a report keeps this much of its text for `herald show`
+/// (the status part comes first; the quoted message is what is cut).
+pub const KEEP_AFTER_APPLY: u64 = 64 * 1024;
+
 /// The intake's storage and key.
 #[derive(Clone)]
 pub struct Bounces {
@@ -107,17 +126,35 @@ pub struct Bounces {
     pub domain: String,
     pub complaint_address: String,
     reports: sled::Tree,
-    bodies: sled::Tree,
+    /// Report bodies of earlier versions, kept in sled: moved to files at
+    /// start.
+    legacy_bodies: sled::Tree,
     sent: sled::Tree,
+    /// One entry per message, recipient and outcome (`bounced`,
+    /// `delayed`, `complained`): the first report applies, the others
+    /// are duplicates.
+    outcomes: sled::Tree,
+    /// Report bodies, one file each, named by report id: sled keeps every
+    /// value it holds in memory, files are read only when needed.
+    dir: PathBuf,
+    max_stored: u64,
+    /// Bytes held now: body files, and RECORD_COST per record.
+    stored: Arc<AtomicU64>,
+    /// One eviction at a time.
+    evicting: Arc<Mutex<()>>,
+    rate: Option<Rate>,
+    clients: Arc<Mutex<HashMap<IpAddr, Bucket>>>,
     counts: Arc<Mutex<Counts>>,
     work: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 /// Every outcome counted, so that `/metrics` shows each from the start.
-pub const OUTCOMES: [&str; 11] = [
+pub const OUTCOMES: [&str; 16] = [
     "bounced",
     "delayed",
     "complained",
+    "complaint_unpinned",
+    "duplicate",
     "auth_failure",
     "not_spam",
     "auto_reply",
@@ -126,35 +163,106 @@ pub const OUTCOMES: [&str; 11] = [
     "unparsed",
     "refused_forged",
     "refused_expired",
+    "refused_rate",
+    "refused_full",
+    "evicted",
 ];
 
+/// The key a client's report rate is counted under: its IPv4 address, or
+/// the /64 of its IPv6 address (one host usually holds a whole /64).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match crate::smtp_in::canonical_ip(ip) {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::V6(o.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// The storage budget's bytes, as a size a person reads.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 impl Bounces {
-    /// Opens the trees; the receiver gets the ids of reports to apply.
+    /// Opens the trees and the body directory; the receiver gets the ids
+    /// of reports to apply (those left pending by a stop come first).
     pub fn open(
         db: &sled::Db,
+        storage: &Path,
         cfg: &crate::config::Bounces,
     ) -> Result<(Bounces, tokio::sync::mpsc::UnboundedReceiver<String>), QueueError> {
         let (work, rx) = tokio::sync::mpsc::unbounded_channel();
+        let dir = storage.join("reports");
+        std::fs::create_dir_all(&dir)?;
         let b = Bounces {
             key: token::Key::new(cfg.secret.expose().as_bytes()),
             domain: cfg.domain.clone(),
             complaint_address: cfg.complaint_address.clone(),
             reports: db.open_tree("reports")?,
-            bodies: db.open_tree("report_bodies")?,
+            legacy_bodies: db.open_tree("report_bodies")?,
             sent: db.open_tree("return_paths")?,
+            outcomes: db.open_tree("report_outcomes")?,
+            dir,
+            max_stored: cfg.max_stored,
+            stored: Arc::default(),
+            evicting: Arc::default(),
+            rate: cfg.max_rate_per_ip,
+            clients: Arc::default(),
             counts: Arc::default(),
             work,
         };
-        // Reports acknowledged but not applied before a stop.
+        b.migrate_legacy_bodies()?;
+        let mut total = 0u64;
+        let mut known = std::collections::HashSet::new();
         for item in b.reports.iter() {
-            let (_, v) = item?;
+            let (k, v) = item?;
+            total += RECORD_COST;
+            known.insert(String::from_utf8_lossy(&k).into_owned());
             if let Ok(r) = serde_json::from_slice::<Record>(&v) {
                 if r.state == State::Pending {
                     let _ = b.work.send(r.id);
                 }
             }
         }
+        // Bodies whose record was never committed (a crash between the
+        // two) are not reports anyone was told about.
+        for entry in std::fs::read_dir(&b.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            } else {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        b.stored.store(total, Ordering::Relaxed);
         Ok((b, rx))
+    }
+
+    /// Reports stored in sled by an earlier version go to files.
+    fn migrate_legacy_bodies(&self) -> Result<(), QueueError> {
+        if self.legacy_bodies.is_empty() {
+            return Ok(());
+        }
+        let mut moved = 0;
+        for item in self.legacy_bodies.iter() {
+            let (k, v) = item?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            if crate::queue::parse_id(&id).as_deref() == Some(id.as_str()) {
+                let keep = &v[..v.len().min(KEEP_AFTER_APPLY as usize)];
+                let mut f = std::fs::File::create(self.dir.join(&id))?;
+                f.write_all(keep)?;
+                f.sync_all()?;
+                moved += 1;
+            }
+        }
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        self.legacy_bodies.clear()?;
+        tracing::info!(reports = moved, "report bodies moved out of the database");
+        Ok(())
     }
 
     pub fn count(&self, outcome: &'static str) {
@@ -176,6 +284,40 @@ impl Bounces {
             c.entry(o).or_insert(0);
         }
         c
+    }
+
+    /// Bytes of reports held now, and the budget (`max_stored`).
+    pub fn stored(&self) -> (u64, u64) {
+        (self.stored.load(Ordering::Relaxed), self.max_stored)
+    }
+
+    /// A new report from `ip` (at MAIL FROM): within `max_rate_per_ip`,
+    /// or the refusal to give.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), (u16, String)> {
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut m = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            // Clients idle long enough to be full again are forgotten.
+            m.retain(|_, b| !b.is_full(now));
+        }
+        let bucket = m.entry(client_key(ip)).or_insert_with(|| Bucket::new(rate));
+        let wait = bucket.wait_ms(now);
+        if wait > 0 {
+            drop(m);
+            self.count("refused_rate");
+            return Err((
+                450,
+                format!(
+                    "4.7.1 Too many reports from your address (bounces.max_rate_per_ip {rate}); try again in {}s",
+                    wait.div_ceil(1000)
+                ),
+            ));
+        }
+        bucket.take();
+        Ok(())
     }
 
     /// The envelope sender for recipient `index` of message `id`.
@@ -244,19 +386,149 @@ impl Bounces {
         }
     }
 
-    /// Writes a report received by the listener (not yet durable: the
-    /// caller commits, then calls [`Bounces::enqueue`]).
-    pub fn store(&self, rec: &Record, raw: &[u8]) -> Result<(), QueueError> {
+    fn body_path(&self, id: &str) -> Option<PathBuf> {
+        (crate::queue::parse_id(id).as_deref() == Some(id)).then(|| self.dir.join(id))
+    }
+
+    /// Room for a report of `size` bytes within `max_stored`, made by
+    /// dropping the oldest handled reports (those not understood or not
+    /// acted on first) when needed. False when only reports still to be
+    /// applied are left: the sender is told to try again later.
+    pub fn make_room(&self, size: u64) -> bool {
+        let need = size + RECORD_COST;
+        let fits = |b: &Bounces| b.stored.load(Ordering::Relaxed) + need <= b.max_stored;
+        if fits(self) {
+            return true;
+        }
+        let _one = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        if fits(self) {
+            return true;
+        }
+        // Down to 90% of the budget, so that a flood does not evict one
+        // report per report.
+        let target = (self.max_stored / 10 * 9).saturating_sub(need);
+        let mut dropped = 0u64;
+        for pass in [false, true] {
+            let mut victims = Vec::new();
+            let mut have = self.stored.load(Ordering::Relaxed);
+            for item in self.reports.iter() {
+                if have <= target {
+                    break;
+                }
+                let Ok((k, v)) = item else { break };
+                let Ok(r) = serde_json::from_slice::<Record>(&v) else {
+                    victims.push(String::from_utf8_lossy(&k).into_owned());
+                    continue;
+                };
+                let applied = r.state == State::Applied;
+                if r.state == State::Pending || applied != pass {
+                    continue;
+                }
+                let len = self
+                    .body_path(&r.id)
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                have = have.saturating_sub(len + RECORD_COST);
+                victims.push(r.id);
+            }
+            for id in &victims {
+                self.remove(id);
+                self.count("evicted");
+            }
+            dropped += victims.len() as u64;
+            if self.stored.load(Ordering::Relaxed) <= target {
+                break;
+            }
+        }
+        if dropped > 0 {
+            let (now, max) = self.stored();
+            tracing::warn!(
+                reports = dropped,
+                stored = %mib(now),
+                max_stored = %mib(max),
+                "oldest handled reports dropped to stay within bounces.max_stored"
+            );
+        }
+        fits(self)
+    }
+
+    /// Writes a report received by the listener: its body to a file,
+    /// synced with its directory, then its record (not yet durable: the
+    /// caller commits, then calls [`Bounces::enqueue`]). Blocking.
+    pub fn store(&self, rec: &Record, body: Spool) -> Result<(), QueueError> {
         let v = serde_json::to_vec(rec).map_err(|_| QueueError::Corrupt(rec.id.clone()))?;
-        self.bodies.insert(rec.id.as_bytes(), raw)?;
-        self.reports.insert(rec.id.as_bytes(), v)?;
+        let path = self
+            .body_path(&rec.id)
+            .ok_or_else(|| QueueError::Corrupt(rec.id.clone()))?;
+        let written = (|| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+            let n = body.write_to(&mut w)?;
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            std::fs::File::open(&self.dir)?.sync_all()?;
+            Ok::<u64, std::io::Error>(n)
+        })();
+        let n = match written {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+        };
+        self.stored.fetch_add(n + RECORD_COST, Ordering::Relaxed);
+        if let Err(e) = self.reports.insert(rec.id.as_bytes(), v) {
+            self.remove(&rec.id);
+            return Err(e.into());
+        }
         Ok(())
     }
 
-    /// Forgets a report whose commit failed (the sender was told 451).
-    pub fn unstore(&self, id: &str) {
-        let _ = self.reports.remove(id.as_bytes());
-        let _ = self.bodies.remove(id.as_bytes());
+    /// Forgets a report: its record, then its body.
+    pub fn remove(&self, id: &str) {
+        let had = matches!(self.reports.remove(id.as_bytes()), Ok(Some(_)));
+        let mut freed = if had { RECORD_COST } else { 0 };
+        if let Some(p) = self.body_path(id) {
+            if let Ok(m) = std::fs::metadata(&p) {
+                if std::fs::remove_file(&p).is_ok() {
+                    freed += m.len();
+                }
+            }
+        }
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(freed))
+            });
+    }
+
+    /// Cuts an applied report's body to [`KEEP_AFTER_APPLY`] bytes.
+    fn trim(&self, id: &str) {
+        let Some(p) = self.body_path(id) else { return };
+        let Ok(len) = std::fs::metadata(&p).map(|m| m.len()) else {
+            return;
+        };
+        if len <= KEEP_AFTER_APPLY {
+            return;
+        }
+        let cut = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(KEEP_AFTER_APPLY));
+        match cut {
+            Ok(()) => {
+                let _ = self
+                    .stored
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(len - KEEP_AFTER_APPLY))
+                    });
+            }
+            Err(e) => tracing::warn!(report = %id, error = %e, "cannot trim a report"),
+        }
     }
 
     pub fn enqueue(&self, id: &str) {
@@ -268,8 +540,9 @@ impl Bounces {
         serde_json::from_slice(&v).ok()
     }
 
+    /// A report's text as kept (all of it until applied, then its start).
     pub fn body(&self, id: &str) -> Option<Vec<u8>> {
-        self.bodies.get(id.as_bytes()).ok()?.map(|v| v.to_vec())
+        std::fs::read(self.body_path(id)?).ok()
     }
 
     /// Reports, newest first, at most `limit`.
@@ -283,6 +556,17 @@ impl Bounces {
             .collect()
     }
 
+    /// Reports about message `id` (received after it, so the scan starts
+    /// at its id: ids sort by time).
+    pub fn about_message(&self, id: &str) -> Vec<Record> {
+        self.reports
+            .range(id.as_bytes()..)
+            .filter_map(|i| i.ok())
+            .filter_map(|(_, v)| serde_json::from_slice::<Record>(&v).ok())
+            .filter(|r| r.message.as_deref() == Some(id))
+            .collect()
+    }
+
     fn save(&self, rec: &Record) {
         if let Ok(v) = serde_json::to_vec(rec) {
             if let Err(e) = self.reports.insert(rec.id.as_bytes(), v) {
@@ -291,8 +575,32 @@ impl Bounces {
         }
     }
 
-    /// Drops reports received before `before_ms` and return-path notes of
-    /// messages sent longer ago than a token lives.
+    /// Notes the first report of an outcome for a recipient of a message;
+    /// Err(earlier report id) when one was applied already.
+    fn first_of(&self, id: &str, rcpt: &str, outcome: &str, report: &str) -> Result<(), String> {
+        let key = format!("{id}\0{}\0{outcome}", rcpt.to_lowercase());
+        let v = json!({ "report": report, "at_ms": now_ms() }).to_string();
+        match self.outcomes.compare_and_swap(
+            key.as_bytes(),
+            None as Option<&[u8]>,
+            Some(v.as_bytes()),
+        ) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(cas)) => Err(cas
+                .current
+                .and_then(|c| serde_json::from_slice::<serde_json::Value>(&c).ok())
+                .and_then(|v| v["report"].as_str().map(String::from))
+                .unwrap_or_default()),
+            Err(e) => {
+                // Better a second event than none.
+                tracing::error!(error = %e, "cannot note a report's outcome");
+                Ok(())
+            }
+        }
+    }
+
+    /// Drops reports received before `before_ms`, and return-path notes
+    /// and outcome notes older than a token lives.
     pub fn purge(&self, before_ms: u64) -> usize {
         let mut n = 0;
         for (k, v) in self.reports.iter().filter_map(|i| i.ok()) {
@@ -300,8 +608,7 @@ impl Bounces {
                 .map(|r| r.received_ms < before_ms && r.state != State::Pending)
                 .unwrap_or(true);
             if old {
-                let _ = self.reports.remove(&k);
-                let _ = self.bodies.remove(&k);
+                self.remove(&String::from_utf8_lossy(&k));
                 n += 1;
             }
         }
@@ -314,13 +621,32 @@ impl Bounces {
                 let _ = self.sent.remove(&k);
             }
         }
+        for (k, v) in self.outcomes.iter().filter_map(|i| i.ok()) {
+            let old = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|v| v["at_ms"].as_u64())
+                .is_none_or(|t| t < sent_before);
+            if old {
+                let _ = self.outcomes.remove(&k);
+            }
+        }
         n
     }
 }
 
-/// Applies reports as they are stored (and those left pending at start).
+/// Applies reports as they are stored (and those left pending at start),
+/// one at a time, until shutdown.
 pub async fn run(s: Arc<Services>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
-    while let Some(id) = rx.recv().await {
+    let mut shutdown = s.shutdown.clone();
+    loop {
+        let id = tokio::select! {
+            id = rx.recv() => match id {
+                Some(id) => id,
+                None => return,
+            },
+            // What is not applied yet stays pending: the next start applies it.
+            _ = shutdown.wait() => return,
+        };
         let s2 = s.clone();
         // Parsing is CPU work on up to max_size bytes: off the runtime.
         let r = tokio::task::spawn_blocking(move || apply(&s2, &id)).await;
@@ -338,68 +664,91 @@ struct About {
     subject: Option<String>,
 }
 
-fn about(
+/// What a message was: its recipients by index, tag and subject.
+fn message_of(
     s: &Services,
     b: &Bounces,
     id: &str,
-    index: Option<usize>,
-    hint: Option<&str>,
-) -> Option<About> {
-    let (rcpts, tag, subject) = match s.store.envelope(id) {
-        Ok(Some(env)) => (
-            env.rcpts.iter().map(|r| r.addr.clone()).collect::<Vec<_>>(),
+) -> Option<(Vec<String>, Option<String>, Option<String>)> {
+    match s.store.envelope(id) {
+        Ok(Some(env)) => Some((
+            env.rcpts.iter().map(|r| r.addr.clone()).collect(),
             env.tag,
             env.subject,
-        ),
+        )),
         _ => {
             let sent = b.sent_record(id)?;
-            (sent.rcpts, sent.tag, sent.subject)
+            Some((sent.rcpts, sent.tag, sent.subject))
         }
-    };
-    let rcpt = match index {
-        Some(i) => rcpts.get(i)?.clone(),
-        None => {
-            let hint = hint.map(|h| h.trim().trim_matches(['<', '>']).to_ascii_lowercase());
-            match hint.and_then(|h| rcpts.iter().find(|r| r.to_ascii_lowercase() == h)) {
-                Some(r) => r.clone(),
-                None if rcpts.len() == 1 => rcpts[0].clone(),
-                None => return None,
-            }
-        }
-    };
+    }
+}
+
+/// Recipient `index` of message `id`, as a signed token names it.
+fn about(s: &Services, b: &Bounces, id: &str, index: usize) -> Option<About> {
+    let (rcpts, tag, subject) = message_of(s, b, id)?;
     Some(About {
         id: id.to_string(),
-        rcpt,
+        rcpt: rcpts.get(index)?.clone(),
         tag,
         subject,
     })
 }
 
-/// Which message and recipient a complaint names: the token of the quoted
-/// return path, else the `X-Herald-Ref:` of the quoted message (with the
-/// report's Original-Rcpt-To, or the message's only recipient).
-fn complaint_about(s: &Services, b: &Bounces, rec: &Record, rep: &Report) -> Option<About> {
+/// Whom a complaint is about.
+enum Complained {
+    /// One recipient, named by signed data.
+    Recipient(About),
+    /// A message of several recipients, none of them named by signed
+    /// data: the report's own words (Original-Rcpt-To) cannot choose one.
+    Message {
+        id: String,
+        rcpts: usize,
+    },
+    Nothing,
+}
+
+/// Which recipient a complaint names: only signed data decides. The
+/// return-path token it was sent to, else the token of the quoted
+/// Return-Path, else the quoted `X-Herald-Ref:` when that message had one
+/// recipient. A report's Original-Rcpt-To is text its sender wrote: a
+/// recipient of a message could name another one of it.
+fn complaint_about(s: &Services, b: &Bounces, rec: &Record, rep: &Report) -> Complained {
+    let pinned = |a: Option<About>| a.map(Complained::Recipient).unwrap_or(Complained::Nothing);
     if let Target::Token { id, index } = &rec.target {
-        return about(s, b, id, Some(*index), None);
+        return pinned(about(s, b, id, *index));
     }
     if let Some(rp) = &rep.quoted_return_path {
         if let Some((local, domain)) = rp.rsplit_once('@') {
             // A complaint may come long after the token's lifetime: the
-            // signature matters here, not the expiry.
+            // signature matters here, not the expiry
+            // (a check as of day 0 never finds a token expired).
             if domain.eq_ignore_ascii_case(&b.domain) {
-                // (a check as of day 0 never finds a token expired).
                 if let Ok(t) = token::verify(&b.key, local, 0) {
-                    return about(s, b, &t.id, Some(t.index), None);
+                    return pinned(about(s, b, &t.id, t.index));
                 }
             }
         }
     }
-    let id = token::verify_reference(&b.key, rep.herald_ref.as_deref()?)?;
-    let hint = rep
-        .feedback
-        .as_ref()
-        .and_then(|f| f.original_rcpt_to.as_deref());
-    about(s, b, &id, None, hint)
+    let Some(id) = rep
+        .herald_ref
+        .as_deref()
+        .and_then(|r| token::verify_reference(&b.key, r))
+    else {
+        return Complained::Nothing;
+    };
+    match message_of(s, b, &id) {
+        Some((rcpts, tag, subject)) if rcpts.len() == 1 => Complained::Recipient(About {
+            id,
+            rcpt: rcpts[0].clone(),
+            tag,
+            subject,
+        }),
+        Some((rcpts, ..)) => Complained::Message {
+            id,
+            rcpts: rcpts.len(),
+        },
+        None => Complained::Nothing,
+    }
 }
 
 /// Parses and applies one stored report.
@@ -411,10 +760,12 @@ fn apply(s: &Services, rid: &str) {
     }
     let raw = b.body(rid).unwrap_or_default();
     let rep = crate::report::parse(&raw);
+    drop(raw);
     rec.kind = Some(kind_name(&rep.kind).to_string());
     let (outcome, state, summary) = decide(s, b, &mut rec, &rep);
     b.count(outcome);
     rec.state = state;
+    let summary = cut(&summary, SUMMARY_MAX);
     rec.summary = Some(summary.clone());
     match state {
         State::Unparsed => {
@@ -429,6 +780,19 @@ fn apply(s: &Services, rid: &str) {
         }
     }
     b.save(&rec);
+    b.trim(rid);
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }
 
 fn kind_name(k: &Kind) -> &'static str {
@@ -483,8 +847,24 @@ fn decide(
     rep: &Report,
 ) -> (&'static str, State, String) {
     let token_about = |rec: &Record| match &rec.target {
-        Target::Token { id, index } => about(s, b, id, Some(*index), None),
+        Target::Token { id, index } => about(s, b, id, *index),
         Target::Complaint => None,
+    };
+    // The second report of the same outcome for the same recipient of the
+    // same message changes nothing (a flood of copies, or a server that
+    // reports twice).
+    let rid = rec.id.clone();
+    let repeat = |a: &About, outcome: &str| {
+        b.first_of(&a.id, &a.rcpt, outcome, &rid).err().map(|earlier| {
+            (
+                "duplicate",
+                State::Ignored,
+                format!(
+                    "a repeat: {outcome} was recorded for {} of message {} already (report {earlier}); nothing more done",
+                    a.rcpt, a.id
+                ),
+            )
+        })
     };
     match rep.kind {
         Kind::Unparsed => (
@@ -523,13 +903,33 @@ fn decide(
             )
         }
         Kind::Complaint => {
-            let Some(a) = complaint_about(s, b, rec, rep) else {
-                return (
-                    "unmatched",
-                    State::Unmatched,
-                    "a complaint that names no message of herald's (no genuine X-Herald-Ref or return path quoted)".into(),
-                );
+            let a = match complaint_about(s, b, rec, rep) {
+                Complained::Recipient(a) => a,
+                Complained::Message { id, rcpts } => {
+                    let summary = format!(
+                        "a complaint about message {id}, sent to {rcpts} recipients, that names none of them by a signed return path: recorded against the message, nobody suppressed{}",
+                        rep.feedback
+                            .as_ref()
+                            .and_then(|f| f.original_rcpt_to.as_deref())
+                            .map(|r| format!(" (the report's own text says {r}, which herald does not trust)"))
+                            .unwrap_or_default()
+                    );
+                    rec.message = Some(id);
+                    return ("complaint_unpinned", State::Ignored, summary);
+                }
+                Complained::Nothing => {
+                    return (
+                        "unmatched",
+                        State::Unmatched,
+                        "a complaint that names no message of herald's (no genuine X-Herald-Ref or return path quoted)".into(),
+                    )
+                }
             };
+            if let Some(dup) = repeat(&a, "complained") {
+                rec.message = Some(a.id);
+                rec.recipient = Some(a.rcpt);
+                return dup;
+            }
             let f = rep.feedback.as_ref();
             let detail = format!(
                 "complaint ({}) from {} (report {})",
@@ -576,6 +976,11 @@ fn decide(
             };
             let failed = rep.kind == Kind::Failed;
             let want = if failed { "failed" } else { "delayed" };
+            if let Some(dup) = repeat(&a, if failed { "bounced" } else { "delayed" }) {
+                rec.message = Some(a.id.clone());
+                rec.recipient = Some(a.rcpt.clone());
+                return dup;
+            }
             let r = rep
                 .recipients
                 .iter()
@@ -609,7 +1014,7 @@ fn decide(
             let detail = format!("{line}{}", bounced_suffix(class, reporter));
             // Still queued and not final (a report from an earlier hop
             // while herald retries): it is final now.
-            let _ = s.store.update(&a.id, |env| {
+            let updated = s.store.update(&a.id, |env| {
                 if let Some(r) = env.rcpts.iter_mut().find(|r| r.addr == a.rcpt) {
                     if !r.status.is_final() {
                         r.status = RcptStatus::Bounced;
@@ -619,6 +1024,9 @@ fn decide(
                     }
                 }
             });
+            if let Err(e) = updated {
+                tracing::error!(id = %a.id, error = %e, "cannot mark a reported bounce in the queue");
+            }
             if class.suppresses() {
                 crate::delivery::note_hard_bounce(s, &a.rcpt, &line, &a.id);
             }

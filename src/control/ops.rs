@@ -50,19 +50,35 @@ pub fn http_status(err: &str) -> u16 {
     }
 }
 
+/// A queue or report id from a client, checked before any lookup (it is
+/// never joined to a path, nor even looked up, unless herald could have
+/// made it).
+fn id_arg(id: &str) -> Result<String, String> {
+    crate::queue::parse_id(id).ok_or_else(|| {
+        let shown: String = id.chars().take(64).collect();
+        format!("id: {shown:?} is not a queue or report id (12 characters, such as 01JH5Z8Q3M7K)")
+    })
+}
+
+fn opt_id(id: Option<String>) -> Result<Option<String>, String> {
+    id.as_deref().map(id_arg).transpose()
+}
+
 /// One operation, for the control socket and the HTTP API alike.
 pub async fn answer(s: &Services, req: Request) -> Answer {
     match req {
         Request::Status => status(s),
         Request::Queue => queue(s),
-        Request::Show { id } => show(s, &id),
-        Request::Retry { id, all } => retry(s, id.as_deref(), all),
+        Request::Show { id } => show(s, &id_arg(&id)?),
+        Request::Retry { id, all } => retry(s, opt_id(id)?.as_deref(), all),
         Request::Cancel {
             route: Some(route),
             id: None,
             tag: None,
         } => cancel_route(s, &route).await,
-        Request::Cancel { id, tag, route: _ } => cancel(s, id.as_deref(), tag.as_deref()).await,
+        Request::Cancel { id, tag, route: _ } => {
+            cancel(s, opt_id(id)?.as_deref(), tag.as_deref()).await
+        }
         Request::Pause { route: None } => set_paused(s, true).await,
         Request::Resume { route: None } => set_paused(s, false).await,
         Request::Pause { route: Some(r) } => set_route_paused(s, &r, true).await,
@@ -72,7 +88,13 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             id,
             tag,
             since_s,
-        } => history(s, rcpt.as_deref(), id.as_deref(), tag.as_deref(), since_s),
+        } => history(
+            s,
+            rcpt.as_deref(),
+            opt_id(id)?.as_deref(),
+            tag.as_deref(),
+            since_s,
+        ),
         Request::Trace { addr } => trace(s, &addr),
         Request::SuppressionList => s
             .suppression
@@ -256,6 +278,8 @@ fn status(s: &Services) -> Answer {
         "reports": s.bounces.as_ref().map(|b| json!({
             "domain": b.domain,
             "since_start": b.counts(),
+            "stored_bytes": b.stored().0,
+            "max_stored": b.stored().1,
         })),
     }))
 }
@@ -304,7 +328,8 @@ fn show(s: &Services, id: &str) -> Answer {
                 "id": id,
                 "report": rec,
                 "text": String::from_utf8_lossy(&body[..cap]),
-                "truncated": body.len() > cap,
+                // Applied reports keep only their start on disk.
+                "truncated": rec.size > cap,
             }));
         }
         return Err(format!(
@@ -312,7 +337,19 @@ fn show(s: &Services, id: &str) -> Answer {
             crate::config::format_duration(s.cfg().storage.history_retention)
         ));
     }
-    Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events }))
+    // Reports about the message that name none of its recipients (a
+    // complaint about a message of several) are recorded here.
+    let reports: Vec<Value> = s
+        .bounces
+        .as_ref()
+        .map(|b| b.about_message(id))
+        .unwrap_or_default()
+        .into_iter()
+        .map(
+            |r| json!({"id": r.id, "kind": r.kind, "recipient": r.recipient, "summary": r.summary}),
+        )
+        .collect();
+    Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events, "reports": reports }))
 }
 
 /// How much of a report `show` prints (the rest stays in the store).
@@ -806,12 +843,20 @@ fn trace(s: &Services, addr: &str) -> Answer {
     }))
 }
 
-async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> Answer {
-    if !addr.contains('@') {
-        return Err(format!("{addr:?} is not an address"));
+/// An address given by an operator, as the suppression list keys it, or
+/// the reason it is not one (`"   @   "` is not an address).
+fn operator_address(addr: &str) -> Result<String, String> {
+    let a = addr.trim();
+    if crate::smtp_in::session::valid_recipient(a) {
+        Ok(a.to_lowercase())
+    } else {
+        Err(format!("addr: {addr:?} is not an address"))
     }
+}
+
+async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> Answer {
     let e = Entry {
-        addr: addr.trim().to_lowercase(),
+        addr: operator_address(addr)?,
         reason: reason.unwrap_or_else(|| "added by operator".into()),
         reply: None,
         source_id: None,
@@ -827,10 +872,12 @@ async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> An
 
 async fn suppression_import(s: &Services, entries: Vec<Entry>) -> Answer {
     let n = entries.len();
+    // Every address checked before any is written.
+    let mut entries = entries;
+    for e in entries.iter_mut() {
+        e.addr = operator_address(&e.addr)?;
+    }
     for e in entries {
-        if !e.addr.contains('@') {
-            return Err(format!("{:?} is not an address", e.addr));
-        }
         s.suppression.put(&e).map_err(|e| e.to_string())?;
     }
     s.store.commit().await.map_err(|e| e.to_string())?;

@@ -835,7 +835,10 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
                 dest.pass().await
             }
         };
-        deliver_group(s, &mut env, &body, &route, &targets, &idx, &pass.dest).await;
+        deliver_group(
+            s, &mut env, &before, &body, &route, &targets, &idx, &pass.dest,
+        )
+        .await;
         drop(pass);
         // Saved after each destination: a crash later in this attempt must
         // not resend groups already delivered.
@@ -924,9 +927,11 @@ async fn quit(mut conn: Conn) {
 }
 
 /// Tries the targets in order until one judges the recipients.
+#[allow(clippy::too_many_arguments)]
 async fn deliver_group(
     s: &Services,
     env: &mut Envelope,
+    before: &[Rcpt],
     body: &[u8],
     route: &str,
     targets: &[Target],
@@ -1064,6 +1069,16 @@ async fn deliver_group(
                         }
                     }
                     idx.retain(|i| !chunk.contains(i));
+                    if per_rcpt {
+                        // One transaction per recipient: its outcome is on
+                        // disk before the next begins, so a crash resends
+                        // at most the one in flight (batched with every
+                        // other commit).
+                        save(s, env, before);
+                        if let Err(e) = s.store.commit().await {
+                            tracing::error!(id = %env.id, error = %e, "cannot commit a recipient's outcome");
+                        }
+                    }
                     conn.sent += 1;
                     let keep = reusable && max_per_conn.is_none_or(|m| conn.sent < m);
                     if idx.is_empty() || until.is_some() {

@@ -23,14 +23,14 @@ use crate::queue::now_ms;
 /// A token bucket of `rate.count` tokens refilled at `count` per `per`:
 /// after an idle period up to `count` messages may go at once.
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     rate: Rate,
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(rate: Rate) -> Bucket {
+    pub(crate) fn new(rate: Rate) -> Bucket {
         Bucket {
             rate,
             tokens: rate.count as f64,
@@ -42,14 +42,14 @@ impl Bucket {
         self.rate.count as f64 / self.rate.per.as_millis().max(1) as f64
     }
 
-    fn refill(&mut self, now: Instant) {
+    pub(crate) fn refill(&mut self, now: Instant) {
         let ms = now.saturating_duration_since(self.at).as_secs_f64() * 1000.0;
         self.tokens = (self.tokens + ms * self.per_ms()).min(self.rate.count as f64);
         self.at = now;
     }
 
     /// Milliseconds until a token is there (0: one is there now).
-    fn wait_ms(&mut self, now: Instant) -> u64 {
+    pub(crate) fn wait_ms(&mut self, now: Instant) -> u64 {
         self.refill(now);
         if self.tokens >= 1.0 {
             0
@@ -58,7 +58,13 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self) {
+    /// Full again: an idle client's bucket can be forgotten.
+    pub(crate) fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.rate.count as f64
+    }
+
+    pub(crate) fn take(&mut self) {
         self.tokens -= 1.0;
     }
 }

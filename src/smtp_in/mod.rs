@@ -19,7 +19,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::config::Listen;
 use crate::services::Services;
 
 /// A refusal is written with this much patience: a client that does not
@@ -55,19 +54,18 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    pub fn new(l: &Listen) -> Slots {
+    pub fn new(max_connections: usize, max_per_ip: usize) -> Slots {
         Slots {
-            all: crate::limit::Limit::new(l.max_connections),
+            all: crate::limit::Limit::new(max_connections),
             per_ip: Default::default(),
-            max_per_ip: AtomicUsize::new(l.max_connections_per_ip),
+            max_per_ip: AtomicUsize::new(max_per_ip),
         }
     }
 
     /// New limits (a reload): sessions open beyond them go on.
-    pub fn resize(&self, l: &Listen) {
-        self.all.resize(l.max_connections);
-        self.max_per_ip
-            .store(l.max_connections_per_ip, Ordering::Relaxed);
+    pub fn resize(&self, max_connections: usize, max_per_ip: usize) {
+        self.all.resize(max_connections);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     /// A slot for a client at `ip`, or the refusal to send it.
@@ -168,14 +166,14 @@ pub async fn accept_loop(
                         drop(d);
                     });
                 }
-                Err(key) => refuse(&services, tcp, peer, key),
+                Err(key) => refuse(&services, tcp, peer, key, intake),
             }
             continue;
         }
         let permit = match slots.take(peer.ip()) {
             Ok(p) => p,
             Err(key) => {
-                refuse(&services, tcp, peer, key);
+                refuse(&services, tcp, peer, key, intake);
                 continue;
             }
         };
@@ -232,18 +230,25 @@ async fn behind_proxy(
             session::run(services, tcp, peer, implicit_tls, intake).await;
             drop(slot);
         }
-        Err(key) => refuse(&services, tcp, peer, key),
+        Err(key) => refuse(&services, tcp, peer, key, intake),
     }
 }
 
 /// Tells a client over the cap why it is turned away, without waiting for
 /// it to read.
-fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static str) {
+fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static str, intake: bool) {
     let host = services.cfg().hostname.clone();
-    let why = if key == "listen.max_connections" {
+    let all = key == "listen.max_connections";
+    let why = if all {
         "Too many connections"
     } else {
         "Too many connections from your address"
+    };
+    // The intake's slots are its own keys.
+    let key = match (intake, all) {
+        (false, _) => key,
+        (true, true) => "bounces.max_connections",
+        (true, false) => "bounces.max_connections_per_ip",
     };
     tokio::spawn(async move {
         let mut tcp = tcp;

@@ -184,7 +184,7 @@ pub fn parse_path(arg: &str) -> Result<PathArg, &'static str> {
 /// or more, or an address literal that parses. herald checks addresses and
 /// never alters them, so what it cannot relay as given is refused here
 /// rather than bounced (and suppressed) by the upstream.
-fn valid_recipient(addr: &str) -> bool {
+pub fn valid_recipient(addr: &str) -> bool {
     let Some((local, domain)) = addr.rsplit_once('@') else {
         return false;
     };
@@ -788,6 +788,14 @@ impl SmtpSession {
         if let Some((code, text)) = bad_param {
             reply(&mut self.out, code, &text);
             return Next::Continue;
+        }
+        // A report is a transaction: each client starts only so many.
+        if let Some(b) = self.services.bounces.as_ref().filter(|_| self.intake) {
+            if let Err((code, text)) = b.admit(self.ip) {
+                tracing::debug!(peer = %self.ip, "report refused: {text}");
+                reply(&mut self.out, code, &text);
+                return Next::Continue;
+            }
         }
         // mailin only needs to move to its MAIL state.
         let norm: &[u8] = if body8 {

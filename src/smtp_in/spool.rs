@@ -59,6 +59,18 @@ impl Spool {
         Ok(())
     }
 
+    /// Copies the message into `out` without holding it in memory (a large
+    /// one is read back from its file in pieces).
+    pub fn write_to(mut self, out: &mut impl Write) -> std::io::Result<u64> {
+        let Some(f) = self.file.take() else {
+            out.write_all(&self.mem)?;
+            return Ok(self.mem.len() as u64);
+        };
+        let mut f = f.into_inner().map_err(|e| e.into_error())?;
+        f.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut f, out)
+    }
+
     /// The whole message, read back from its file when it has one.
     pub fn into_bytes(mut self) -> std::io::Result<Vec<u8>> {
         let Some(f) = self.file.take() else {
@@ -112,5 +124,23 @@ mod tests {
         assert_eq!(all.len(), 11 + 5 * 300 * 1024);
         assert!(all.starts_with(b"hello world"));
         assert!(all[11..].iter().all(|&b| b == b'x'));
+    }
+
+    #[test]
+    fn write_to_copies_from_memory_and_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut small = Spool::new(dir.path());
+        small.push(b"short").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(small.write_to(&mut out).unwrap(), 5);
+        assert_eq!(out, b"short");
+        let mut large = Spool::new(dir.path());
+        let chunk: Vec<u8> = (0..400 * 1024).map(|i| (i % 253) as u8).collect();
+        for _ in 0..3 {
+            large.push(&chunk).unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(large.write_to(&mut out).unwrap(), 3 * 400 * 1024);
+        assert_eq!(out, chunk.repeat(3));
     }
 }

@@ -199,6 +199,8 @@ pub struct Script {
     pub rate_limit: Option<(usize, String)>,
     /// Offer PIPELINING.
     pub pipelining: bool,
+    /// Wait this long before answering the end of DATA (a slow server).
+    pub data_delay: Option<Duration>,
     /// MAIL FROM before STARTTLS gets "530 5.7.0 Must issue a STARTTLS
     /// command first".
     pub require_tls: bool,
@@ -560,11 +562,14 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 }
                 data.extend_from_slice(&l);
             }
-            let r = {
+            let (r, delay) = {
                 let mut s = st.lock().unwrap();
                 s.data_attempts += 1;
-                s.script.data_replies.pop_front()
+                (s.script.data_replies.pop_front(), s.script.data_delay)
             };
+            if let Some(d) = delay {
+                thread::sleep(d);
+            }
             let r = r.unwrap_or_else(|| "250 2.0.0 ok: queued".into());
             if r == DROP {
                 return Ok(());
