@@ -82,7 +82,7 @@ fn every_route_and_its_errors() {
         .as_str()
         .unwrap()
         .contains("Subject: Your file"));
-    assert_eq!(get("/api/v1/messages/NOSUCHID0000").0, 404);
+    assert_eq!(get("/api/v1/messages/0NQSVCH1D000").0, 404);
     assert_eq!(
         call(
             &api,
@@ -98,7 +98,7 @@ fn every_route_and_its_errors() {
         call(
             &api,
             "POST",
-            "/api/v1/messages/NOSUCHID0000/retry",
+            "/api/v1/messages/0NQSVCH1D000/retry",
             Some(TOKEN),
             ""
         )
@@ -169,7 +169,7 @@ fn every_route_and_its_errors() {
         call(
             &api,
             "DELETE",
-            "/api/v1/messages/NOSUCHID0000",
+            "/api/v1/messages/0NQSVCH1D000",
             Some(TOKEN),
             ""
         )

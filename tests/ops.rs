@@ -83,9 +83,12 @@ fn history_shows_received_and_delivered_and_show_explains_a_message() {
         shown.contains("no longer queued") && shown.contains("delivered"),
         "{shown}"
     );
+    let (code, _, err) = h.cli(&["show", "0NQSVCH1D000"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no message 0NQSVCH1D000"), "{err}");
     let (code, _, err) = h.cli(&["show", "NOSUCHID"]);
     assert_eq!(code, 1);
-    assert!(err.contains("no message NOSUCHID"), "{err}");
+    assert!(err.contains("is not a queue or report id"), "{err}");
 }
 
 #[test]
