@@ -43,6 +43,9 @@ pub async fn accept(
         summary: None,
     };
     let size = spool.len() as u64;
+    if rec.target == Target::Complaint && !b.complaint_room(size) {
+        return full(&b, &t, "the complaint address's half");
+    }
     let b2 = b.clone();
     let stored = tokio::task::spawn_blocking(move || {
         if !b2.make_room(size) {
@@ -53,17 +56,7 @@ pub async fn accept(
     .await;
     match stored {
         Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
-            b.count("refused_full");
-            let (now, max) = b.stored();
-            tracing::warn!(
-                peer = %t.peer,
-                stored = now,
-                max_stored = max,
-                "report refused for now: bounces.max_stored is full of reports not applied yet"
-            );
-            return (452, "4.3.1 Report storage full; try again later".into());
-        }
+        Ok(Ok(false)) => return full(&b, &t, "all"),
         Ok(Err(e)) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot store a report");
             return (451, STORAGE_ERROR.into());
@@ -84,4 +77,18 @@ pub async fn accept(
             (451, STORAGE_ERROR.into())
         }
     }
+}
+
+/// `452` for a report that does not fit `max_stored` now (`share`: which
+/// part of it is full of reports not applied yet).
+fn full(b: &crate::bounces::Bounces, t: &Transaction, share: &str) -> (u16, String) {
+    b.count("refused_full");
+    let (now, max) = b.stored();
+    tracing::debug!(
+        peer = %t.peer,
+        stored = now,
+        max_stored = max,
+        "report refused for now: {share} of bounces.max_stored is taken by reports not applied yet"
+    );
+    (452, "4.3.1 Report storage full; try again later".into())
 }

@@ -142,6 +142,10 @@ pub struct Bounces {
     stored: Arc<AtomicU64>,
     /// One eviction at a time.
     evicting: Arc<Mutex<()>>,
+    /// Bytes of reports to the complaint address not applied yet: anyone
+    /// can send those, so they may fill half of `max_stored` at most, and
+    /// reports to genuine tokens always find the other half.
+    pending_complaints: Arc<AtomicU64>,
     rate: Option<Rate>,
     clients: Arc<Mutex<HashMap<IpAddr, Bucket>>>,
     counts: Arc<Mutex<Counts>>,
@@ -209,6 +213,7 @@ impl Bounces {
             max_stored: cfg.max_stored,
             stored: Arc::default(),
             evicting: Arc::default(),
+            pending_complaints: Arc::default(),
             rate: cfg.max_rate_per_ip,
             clients: Arc::default(),
             counts: Arc::default(),
@@ -223,6 +228,10 @@ impl Bounces {
             known.insert(String::from_utf8_lossy(&k).into_owned());
             if let Ok(r) = serde_json::from_slice::<Record>(&v) {
                 if r.state == State::Pending {
+                    if r.target == Target::Complaint {
+                        b.pending_complaints
+                            .fetch_add(r.size as u64, Ordering::Relaxed);
+                    }
                     let _ = b.work.send(r.id);
                 }
             }
@@ -390,6 +399,22 @@ impl Bounces {
         (crate::queue::parse_id(id).as_deref() == Some(id)).then(|| self.dir.join(id))
     }
 
+    /// Whether a report of `size` bytes to the complaint address fits in
+    /// its half of `max_stored` now (`size` 0: whether any more does).
+    pub fn complaint_room(&self, size: u64) -> bool {
+        self.pending_complaints.load(Ordering::Relaxed) + size < self.max_stored / 2
+    }
+
+    fn complaint_applied(&self, rec: &Record) {
+        if rec.target == Target::Complaint {
+            let _ =
+                self.pending_complaints
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(rec.size as u64))
+                    });
+        }
+    }
+
     /// Room for a report of `size` bytes within `max_stored`, made by
     /// dropping the oldest handled reports (those not understood or not
     /// acted on first) when needed. False when only reports still to be
@@ -481,6 +506,9 @@ impl Bounces {
             }
         };
         self.stored.fetch_add(n + RECORD_COST, Ordering::Relaxed);
+        if rec.target == Target::Complaint {
+            self.pending_complaints.fetch_add(n, Ordering::Relaxed);
+        }
         if let Err(e) = self.reports.insert(rec.id.as_bytes(), v) {
             self.remove(&rec.id);
             return Err(e.into());
@@ -490,7 +518,13 @@ impl Bounces {
 
     /// Forgets a report: its record, then its body.
     pub fn remove(&self, id: &str) {
-        let had = matches!(self.reports.remove(id.as_bytes()), Ok(Some(_)));
+        let old = self.reports.remove(id.as_bytes()).ok().flatten();
+        let had = old.is_some();
+        if let Some(r) = old.and_then(|v| serde_json::from_slice::<Record>(&v).ok()) {
+            if r.state == State::Pending {
+                self.complaint_applied(&r);
+            }
+        }
         let mut freed = if had { RECORD_COST } else { 0 };
         if let Some(p) = self.body_path(id) {
             if let Ok(m) = std::fs::metadata(&p) {
@@ -780,6 +814,7 @@ fn apply(s: &Services, rid: &str) {
         }
     }
     b.save(&rec);
+    b.complaint_applied(&rec);
     b.trim(rid);
 }
 
@@ -1047,5 +1082,29 @@ fn record(s: &Services, a: &About, kind: EventKind, detail: &str, extra: Extra) 
         extra,
     ) {
         tracing::error!(error = %e, "cannot record history");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_an_ipv4_address_or_an_ipv6_64() {
+        let k = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(k("192.0.2.7"), k("192.0.2.7"));
+        assert_ne!(k("192.0.2.7"), k("192.0.2.8"));
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        // IPv4 on an IPv6 socket is the IPv4 client.
+        assert_eq!(k("::ffff:192.0.2.7"), k("192.0.2.7"));
+    }
+
+    #[test]
+    fn summaries_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("short", 10), "short");
+        let long = "é".repeat(400);
+        let c = cut(&long, 601);
+        assert!(c.len() <= 604 && c.ends_with("..."), "{c}");
     }
 }

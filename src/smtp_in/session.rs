@@ -926,6 +926,17 @@ impl SmtpSession {
             return Next::Continue;
         }
         match b.check_rcpt(&addr) {
+            // Anyone can write to the complaint address: while its share
+            // of the storage is full, nothing more is taken (the sender
+            // learns it before sending the text).
+            Ok(crate::bounces::Target::Complaint) if !b.complaint_room(0) => {
+                b.count("refused_full");
+                reply(
+                    &mut self.out,
+                    452,
+                    "4.3.1 Report storage full; try again later",
+                );
+            }
             Ok(target) => {
                 let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
                 if r.code == 250 {
