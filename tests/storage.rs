@@ -236,10 +236,10 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
     {
         let db = sled::open(h.path("data")).unwrap();
         let env = db.open_tree("envelopes").unwrap();
-        env.insert("BADRECORD001", &b"{not json"[..]).unwrap();
+        env.insert("BADREC0RD001", &b"{not json"[..]).unwrap();
         db.open_tree("bodies")
             .unwrap()
-            .insert("BADRECORD001", &b"Subject: x\r\n\r\nx\r\n"[..])
+            .insert("BADREC0RD001", &b"Subject: x\r\n\r\nx\r\n"[..])
             .unwrap();
         db.flush().unwrap();
     }
@@ -253,7 +253,7 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&good), "{out}");
     assert!(
-        out.contains("quarantined") && out.contains("BADRECORD001"),
+        out.contains("quarantined") && out.contains("BADREC0RD001"),
         "{out}"
     );
     let (code, out, _) = h.cli(&["queue", "--json"]);
@@ -263,7 +263,7 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(
-        lines.iter().any(|l| l["quarantined"] == "BADRECORD001"),
+        lines.iter().any(|l| l["quarantined"] == "BADREC0RD001"),
         "{out}"
     );
     let (code, out, _) = h.cli(&["status"]);
@@ -271,14 +271,14 @@ fn a_record_that_does_not_decode_is_quarantined_and_the_rest_of_the_queue_works(
     assert!(out.contains("queue: 1 message"), "{out}");
     let (code, out, err) = h.cli(&["retry", "--all"]);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = h.cli(&["cancel", "BADRECORD001"]);
+    let (code, out, err) = h.cli(&["cancel", "BADREC0RD001"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("removed quarantined record BADRECORD001"),
+        out.contains("removed quarantined record BADREC0RD001"),
         "{out}"
     );
     let (_, out, _) = h.cli(&["queue"]);
-    assert!(!out.contains("BADRECORD001"), "{out}");
+    assert!(!out.contains("BADREC0RD001"), "{out}");
     // The good message still goes out once the upstream is there.
     let (code, out, err) = h.cli(&["cancel", &good]);
     assert_eq!(code, 0, "{out}{err}");
