@@ -85,7 +85,13 @@ pub fn parse(raw: &[u8]) -> Report {
         quoted_return_path: quoted_return_path(&text),
         problem: None,
     };
-    let msg = mail_parser::MessageParser::default().parse(raw);
+    // mail-parser 0.11.9 reaches a `debug_assert!` on some malformed
+    // nested multiparts (message.rs, "Invalid part ID"): a panic in a debug
+    // build, a silent recovery in release. Either way the report is still
+    // read, as text if the MIME parser gives up.
+    let msg = std::panic::catch_unwind(|| mail_parser::MessageParser::default().parse(raw))
+        .ok()
+        .flatten();
     // The machine-readable parts, when there are any.
     let mut dsn = Vec::new();
     let mut arf = None;
@@ -648,6 +654,31 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// Found by `cargo fuzz` (fuzz/fuzz_targets/report.rs): a
+    /// message/rfc822 part nested in another, in a multipart, made
+    /// mail-parser's debug assertion fire.
+    #[test]
+    fn a_mime_tree_that_trips_mail_parser_does_not_panic() {
+        let raw: &[u8] = b"Rt:\x99\x99\x99\x99\x99\x995\n\
+Content-Type: multipart/status;\n\
+\tboundary=\"0000ffff-0000-0000-0000-0000\"\n\
+Co\n\
+\n\
+\n\
+--0000ffff-0000-0000-0000-0000\n\
+Content-Type: message/rfc822\n\
+\n\
+R0\n\
+Content-Type: message/rfc822\n\
+\n\
+Recipt\n\
+\n\
+--0000ffff-0000-0000-0000-0000--\n\
+\n";
+        let rep = parse(raw);
+        assert_eq!(rep.kind == Kind::Unparsed, rep.problem.is_some());
     }
 
     #[test]
