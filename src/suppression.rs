@@ -3,6 +3,9 @@
 //! said so. Only this module writes the `suppression` and `bounce_counts`
 //! trees.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use serde::{Deserialize, Serialize};
 
 use crate::queue::{now_ms, QueueError};
@@ -32,10 +35,17 @@ impl Entry {
 pub struct Suppression {
     entries: sled::Tree,
     bounces: sled::Tree,
+    /// Addresses whose last [`Suppression::check`] failed: each is logged
+    /// when it starts and when it stops failing.
+    failing: Arc<Mutex<HashSet<String>>>,
 }
 
 fn key(addr: &str) -> Vec<u8> {
-    addr.trim().to_lowercase().into_bytes()
+    key_text(addr).into_bytes()
+}
+
+fn key_text(addr: &str) -> String {
+    addr.trim().to_lowercase()
 }
 
 impl Suppression {
@@ -43,7 +53,29 @@ impl Suppression {
         Ok(Suppression {
             entries: db.open_tree("suppression")?,
             bounces: db.open_tree("bounce_counts")?,
+            failing: Arc::default(),
         })
+    }
+
+    /// [`Suppression::get`] for a decision to send. An error is never "not
+    /// suppressed": the caller defers the recipient. The first failure
+    /// after a success, and the recovery, are logged.
+    pub fn check(&self, addr: &str) -> Result<Option<Entry>, QueueError> {
+        let r = self.get(addr);
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match &r {
+            // A few hundred are enough to tell the story.
+            Err(e) if failing.len() < 500 && failing.insert(key_text(addr)) => tracing::error!(
+                rcpt = %addr,
+                error = %e,
+                "the suppression list cannot be read: mail to such addresses is deferred, not sent, until it can"
+            ),
+            Ok(_) if !failing.is_empty() && failing.remove(&key_text(addr)) => {
+                tracing::info!(rcpt = %addr, "the suppression list can be read again")
+            }
+            _ => {}
+        }
+        r
     }
 
     /// The active entry for `addr`, if any (expired entries are dropped).

@@ -328,3 +328,64 @@ fn a_body_missing_from_the_spool_gives_expired_with_the_reason() {
     let (_, q, _) = h.cli(&["queue"]);
     assert!(!q.contains(&id), "{q}");
 }
+
+#[test]
+fn a_suppression_entry_that_cannot_be_read_never_sends() {
+    let sink = Sink::start(Script::default());
+    let mut h = Herald::start(&upstream(sink.port(), "none", ""));
+    assert!(h.terminate().unwrap().success());
+    // An entry for ann that does not decode, in the stopped daemon's list.
+    {
+        let db = sled::open(h.path("data")).unwrap();
+        db.open_tree("suppression")
+            .unwrap()
+            .insert("ann@dest.test", &b"{not json"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    h.spawn();
+    let mut c = h.client();
+    c.ehlo();
+    let (code, reply) = c.send(
+        "a@b.test",
+        &["ann@dest.test", "bob@dest.test"],
+        &message("is ann suppressed?"),
+    );
+    assert_eq!(code, 250, "{reply}");
+    let id = queue_id(&reply);
+    // bob goes out; ann waits, and says why.
+    assert!(wait_until(20, || h.has_event("bob@dest.test", "delivered")));
+    assert!(
+        wait_until(20, || h.events("ann@dest.test").iter().any(|e| e["event"]
+            == "deferred"
+            && e["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the suppression list cannot be read"))),
+        "{:?}\n{}",
+        h.events("ann@dest.test"),
+        h.log()
+    );
+    assert!(sink
+        .messages()
+        .iter()
+        .all(|m| !m.rcpts.iter().any(|r| r == "ann@dest.test")));
+    assert_eq!(
+        h.log()
+            .matches("the suppression list cannot be read: mail to such addresses is deferred")
+            .count(),
+        1,
+        "{}",
+        h.log()
+    );
+    // The operator removes the broken entry: ann goes out on the retry.
+    h.ok(&["suppression", "remove", "ann@dest.test"]);
+    h.ok(&["retry", &id]);
+    let got = sink.wait_for(2, 20);
+    assert!(
+        got.iter().any(|m| m.rcpts == ["ann@dest.test"]),
+        "{}",
+        h.log()
+    );
+    assert!(h.log().contains("the suppression list can be read again"));
+}

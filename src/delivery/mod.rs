@@ -759,17 +759,26 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
         }
         due.retain(|i| !stale.contains(i));
     }
-    // Suppressed since it was queued: never attempted.
+    // Suppressed since it was queued: never attempted. A suppression that
+    // cannot be read is not "not suppressed": the recipient waits.
+    let mut unreadable = Vec::new();
     due.retain(|&i| {
         let addr = env.rcpts[i].addr.clone();
-        match s.suppression.get(&addr) {
+        match s.suppression.check(&addr) {
             Ok(Some(entry)) => {
                 mark_suppressed(s, &mut env, i, &entry);
                 false
             }
-            _ => true,
+            Ok(None) => true,
+            Err(e) => {
+                unreadable.push((i, e));
+                false
+            }
         }
     });
+    for (i, e) in unreadable {
+        apply(s, &mut env, i, &unreadable_suppression(&e), "-");
+    }
     if due.is_empty() {
         save(s, &env, &before);
         return;
@@ -1005,7 +1014,19 @@ async fn deliver_group(
                 Ok(None) => idx.clear(),
                 Err(_) => {}
             }
-            idx.retain(|&i| !matches!(s.suppression.get(&env.rcpts[i].addr), Ok(Some(_))));
+            let mut unreadable = Vec::new();
+            idx.retain(|&i| match s.suppression.check(&env.rcpts[i].addr) {
+                Ok(None) => true,
+                // Marked suppressed by the next attempt.
+                Ok(Some(_)) => false,
+                Err(e) => {
+                    unreadable.push((i, e));
+                    false
+                }
+            });
+            for (i, e) in unreadable {
+                apply(s, env, i, &unreadable_suppression(&e), route);
+            }
             if idx.is_empty() {
                 s.routes.put(&pool_key, conn);
                 return;
@@ -1159,6 +1180,15 @@ pub fn client_tls_configs(
 }
 
 /// The `suppressed` outcome: recorded, never attempted.
+/// A recipient whose suppression entry cannot be read is deferred: sending
+/// to an address that may be suppressed is the one thing herald must not do.
+fn unreadable_suppression(e: &crate::queue::QueueError) -> Verdict {
+    Verdict::Deferred(
+        format!("not sent: the suppression list cannot be read ({e}); retried when it can"),
+        Class::Transient,
+    )
+}
+
 pub fn suppressed_detail(e: &crate::suppression::Entry) -> String {
     let mut d = format!("address is suppressed ({}", e.reason);
     if let Some(r) = &e.reply {

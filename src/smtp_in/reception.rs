@@ -188,7 +188,8 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
     let mut env = env;
     let mut suppressed = Vec::new();
     for r in env.rcpts.iter_mut() {
-        if let Ok(Some(e)) = s.suppression.get(&r.addr) {
+        // One that cannot be read is queued, and delivery defers it.
+        if let Ok(Some(e)) = s.suppression.check(&r.addr) {
             r.status = RcptStatus::Suppressed;
             r.last_reply = Some(crate::delivery::suppressed_detail(&e));
             suppressed.push(r.addr.clone());
