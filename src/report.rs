@@ -43,6 +43,12 @@ pub struct RecipientResult {
     pub remote_mta: Option<String>,
     pub last_attempt: Option<String>,
     pub class: Option<Class>,
+    /// The account exists but is disabled, suspended or inactive: a hard
+    /// bounce that does not suppress (it may come back; sisimai's
+    /// `suspend`, which is not a hard bounce either).
+    pub disabled: bool,
+    /// "User unknown" said in reply to DATA: a filter, not the mailbox.
+    pub filtered: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -70,10 +76,129 @@ pub struct Report {
     pub problem: Option<String>,
 }
 
+/// What herald does with a report: the event it records, the class of a
+/// bounce, whether the address is suppressed. [`crate::bounces`] applies
+/// it; the corpus test (tests/report_corpus.rs) measures it against
+/// sisimai's verdicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// "bounced", "delayed", "complained", or None (nothing recorded).
+    pub event: Option<&'static str>,
+    pub class: Option<Class>,
+    pub suppress: bool,
+    /// Which of `recipients` the event is about.
+    pub recipient: Option<usize>,
+}
+
+impl Report {
+    /// The recipient result a bounce or delay is about: the first whose
+    /// action matches the report's kind, else the first.
+    pub fn outcome(&self) -> Outcome {
+        let none = Outcome {
+            event: None,
+            class: None,
+            suppress: false,
+            recipient: None,
+        };
+        match self.kind {
+            Kind::Complaint => Outcome {
+                event: Some("complained"),
+                suppress: true,
+                ..none
+            },
+            Kind::Failed | Kind::Delayed => {
+                let failed = self.kind == Kind::Failed;
+                let want = if failed { "failed" } else { "delayed" };
+                let i = self
+                    .recipients
+                    .iter()
+                    .position(|r| r.action.as_deref() == Some(want))
+                    .or((!self.recipients.is_empty()).then_some(0));
+                let class = i
+                    .and_then(|i| self.recipients[i].class)
+                    .unwrap_or(if failed {
+                        Class::Policy
+                    } else {
+                        Class::Transient
+                    });
+                let disabled = i.is_some_and(|i| self.recipients[i].disabled);
+                Outcome {
+                    event: Some(if failed { "bounced" } else { "delayed" }),
+                    class: Some(class),
+                    suppress: failed && class.suppresses() && !disabled,
+                    recipient: i,
+                }
+            }
+            _ => none,
+        }
+    }
+}
+
 /// Reports are read up to this size (the listener caps them anyway).
 const MAX_SCAN: usize = 4 * 1024 * 1024;
 
 pub fn parse(raw: &[u8]) -> Report {
+    let mut rep = parse_parts(raw);
+    // "User unknown" in reply to DATA is a filter's word, not the
+    // mailbox's: the address was accepted at RCPT (Japanese carriers
+    // answer so for mail their users' domain filters refuse). It bounces,
+    // and suppresses nobody (sisimai's `filtered`).
+    if rep.recipients.iter().any(|r| r.class == Some(Class::Hard)) {
+        let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_SCAN)]);
+        if refused_after_data(&text) {
+            for r in rep.recipients.iter_mut() {
+                if r.class == Some(Class::Hard) {
+                    r.class = Some(Class::Policy);
+                    r.filtered = true;
+                }
+            }
+        }
+    }
+    rep
+}
+
+/// Whether the report says the refusal answered DATA or the end of DATA:
+/// Postfix's "(in reply to end of DATA command)", Exim's "after end of
+/// data", a transcript's ">>> DATA" followed by "<<< 5xx".
+fn refused_after_data(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    if [
+        "in reply to end of data",
+        "in reply to data command",
+        "after end of data",
+        "after data",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
+    {
+        return true;
+    }
+    let lines: Vec<&str> = t.lines().map(str::trim).collect();
+    // The replies after ">>> DATA": with PIPELINING they may be the
+    // RCPT's refusal followed by DATA's "503 need RCPT" or "554 no valid
+    // recipients", which says the refusal was at RCPT after all.
+    lines.iter().enumerate().any(|(i, l)| {
+        if *l != ">>> data" {
+            return false;
+        }
+        // Up to the next command or the end of the transcript; sendmail
+        // repeats each reply without "<<<" in between.
+        let replies: Vec<&&str> = lines[i + 1..]
+            .iter()
+            .take_while(|r| !r.is_empty() && !r.starts_with(">>>"))
+            .filter(|r| r.starts_with("<<<"))
+            .collect();
+        let at_rcpt = replies.iter().any(|r| {
+            r.starts_with("<<< 503") || r.contains("rcpt") || r.contains("valid recipient")
+        });
+        !at_rcpt
+            && replies
+                .iter()
+                .any(|r| r.starts_with("<<< 5") && hard_words(r))
+    })
+}
+
+fn parse_parts(raw: &[u8]) -> Report {
     let raw = &raw[..raw.len().min(MAX_SCAN)];
     let text = String::from_utf8_lossy(raw);
     let mut rep = Report {
@@ -228,7 +353,12 @@ pub fn parse(raw: &[u8]) -> Report {
         looks.then(|| failure_words(&body)).flatten()
     });
     if let Some(r) = found {
-        rep.kind = if r.code.is_some_and(|c| c >= 500) || r.status.is_some_and(|s| s[0] == 5) {
+        // A notice that says the address does not exist is a failure, even
+        // when no 5xx code came with it.
+        rep.kind = if r.code.is_some_and(|c| c >= 500)
+            || r.status.is_some_and(|s| s[0] == 5)
+            || r.class == Some(Class::Hard)
+        {
             Kind::Failed
         } else {
             Kind::Delayed
@@ -315,7 +445,16 @@ fn recipient(g: &[(String, String)]) -> RecipientResult {
     let status = field(g, "status")
         .map(|s| esc_in(&s))
         .and_then(|e| e.map(|(e, _)| e));
-    let diagnostic = field(g, "diagnostic-code").map(|d| strip_type(&d));
+    // Without a Diagnostic-Code, the words after the Status code
+    // ("5.4.4 (Illegal host/domain name found)") are what there is.
+    let diagnostic = field(g, "diagnostic-code")
+        .map(|d| strip_type(&d))
+        .or_else(|| {
+            let st = field(g, "status")?;
+            let (_, end) = esc_in(&st)?;
+            let rest = st[end..].trim().trim_matches(['(', ')']).trim();
+            (!rest.is_empty()).then(|| rest.to_string())
+        });
     let code = diagnostic.as_deref().and_then(code_in);
     let action = field(g, "action").map(|a| a.trim().to_ascii_lowercase());
     let mut r = RecipientResult {
@@ -328,9 +467,63 @@ fn recipient(g: &[(String, String)]) -> RecipientResult {
         remote_mta: field(g, "remote-mta").map(|m| strip_type(&m)),
         last_attempt: field(g, "last-attempt-date").or_else(|| field(g, "arrival-date")),
         class: None,
+        disabled: false,
+        filtered: false,
     };
-    r.class = class_of(&r);
+    judge(&mut r);
     r
+}
+
+/// Words that say the refusal is about the message, the sender or its
+/// server (a blocklist, SPF, spam, a policy), not about the address: they
+/// beat a status code that names the address (servers write 5.1.1 for
+/// anything at RCPT).
+const NOT_THE_ADDRESS: &[&str] = &[
+    "blacklist",
+    "blocklist",
+    "black list",
+    "block list",
+    "blocked",
+    "spamhaus",
+    "spamcop",
+    "barracuda",
+    "sorbs",
+    "spf",
+    "dmarc",
+    "dkim",
+    "spam",
+    "reputation",
+    "recipient preferences",
+    "rejected by destination domain",
+    "not authorized",
+    "not permitted",
+    "policy",
+    "reverse dns",
+    "ptr record",
+];
+
+/// Words of a disabled, suspended or inactive account.
+const DISABLED: &[&str] = &["disabled", "inactive", "suspended", "deactivated", "5.7.13"];
+
+/// Words of a network failure (no server answered), not of the address.
+const NETWORK: &[&str] = &[
+    "connection timed out",
+    "timed out",
+    "connection refused",
+    "no route to host",
+    "network is unreachable",
+    "did not accept our requests to connect",
+    "retry timeout exceeded",
+    "too long in the queue",
+];
+
+/// The class of a result, and whether it is a disabled account.
+fn judge(r: &mut RecipientResult) {
+    r.class = class_of(r);
+    let text = r.diagnostic.as_deref().unwrap_or("").to_ascii_lowercase();
+    if r.class == Some(Class::Hard) && DISABLED.iter().any(|w| text.contains(w)) {
+        r.disabled = true;
+    }
 }
 
 /// The class of a failed or delayed result (none for a delivery).
@@ -353,19 +546,76 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
         return None;
     }
     let text = r.diagnostic.as_deref().unwrap_or("");
-    // A server that gave up ("failed") after temporary refusals: the
-    // outcome is final, and the words of the last reply say why.
-    let (code, esc) = if r.action.as_deref() == Some("failed") && code < 500 {
-        let e = if esc[0] == 4 {
-            [5, esc[1], esc[2]]
-        } else {
-            esc
-        };
-        (code + 100, e)
+    let t = text.to_ascii_lowercase();
+    // No server answered, or one answered only temporarily until the
+    // sender gave up ("failed" with a 4.x.y): the outcome is final, but it
+    // says nothing about the address. Never a hard bounce.
+    // (A server that gave up after "450 4.1.1 User unknown" still said
+    // the address does not exist.)
+    if NETWORK.iter().any(|w| t.contains(w)) || (code < 500 && esc[0] != 5 && !hard_words(&t)) {
+        let c = classify(code.min(499), [4, esc[1], esc[2]], text, Stage::Data, false);
+        return Some(match c {
+            Class::Hard => Class::Transient,
+            c => c,
+        });
+    }
+    let (code, esc) = if code < 500 {
+        (code + 100, [5, esc[1], esc[2]])
     } else {
         (code, esc)
     };
-    Some(classify(code, esc, text, Stage::Data, false))
+    let class = classify(code, esc, text, Stage::Data, false);
+    // A refusal at MAIL FROM, or in words of a blocklist or a policy, is
+    // not about the address, whatever status code came with it.
+    let at_mail = t.contains("after mail from") || t.contains("in reply to mail from");
+    if class == Class::Hard && (at_mail || NOT_THE_ADDRESS.iter().any(|w| t.contains(w))) {
+        return Some(Class::Policy);
+    }
+    // Routing and network codes (X.4.y) are not about the address either.
+    if class == Class::Hard && esc[1] == 4 && !hard_words(&t) {
+        return Some(Class::Policy);
+    }
+    // Words that say the address or its domain does not exist beat a
+    // status code that says less (5.7.1 "Invalid recipient", 5.0.0).
+    // (Not a DNS error of the sender's: Gmail's "DNS Error: ... NXDOMAIN"
+    // may be its resolver's, sisimai's networkerror.)
+    if class == Class::Policy
+        && hard_words(&t)
+        && !t.contains("dns error")
+        && !NOT_THE_ADDRESS.iter().any(|w| t.contains(w))
+    {
+        return Some(Class::Hard);
+    }
+    Some(class)
+}
+
+/// Whether the text itself says the address does not exist.
+fn hard_words(t: &str) -> bool {
+    [
+        "user unknown",
+        "unknown user",
+        "no such user",
+        "does not exist",
+        "not found",
+        "invalid recipient",
+        "no mailbox",
+        "recipient address rejected: access denied",
+        "illegal host/domain",
+        "host or domain name not found",
+        "domain not found",
+        "couldn't find a mail exchanger",
+        "find any host named",
+        "host unknown",
+        "no such domain",
+        "domain does not exist",
+        "not listed in",
+        "does not accept mail",
+        "no mx",
+        "indicated no smtp service",
+        "no valid recipients",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
 }
 
 /// The first enhanced status code in `s` ("5.1.1", "#5.1.1", "(5.7.1)"),
@@ -452,8 +702,18 @@ fn plain_text(body: &str) -> Option<RecipientResult> {
         if code.is_none() && esc.is_none() {
             continue;
         }
-        // The reply may go on over the next lines (indented or "550-").
+        // The reply may go on over the next lines (indented or "550-"); a
+        // line before it may say which command it answered (Exim: "SMTP
+        // error from remote mail server after MAIL FROM:...").
         let mut diag = l.to_string();
+        if let Some(prev) = i.checked_sub(1).map(|p| lines[p].trim()) {
+            if prev
+                .to_ascii_lowercase()
+                .contains("error from remote mail server after")
+            {
+                diag = format!("{prev} {l}");
+            }
+        }
         for next in lines.iter().skip(i + 1).take(3) {
             let n = next.trim();
             if n.is_empty() || n.len() > 500 {
@@ -483,7 +743,7 @@ fn plain_text(body: &str) -> Option<RecipientResult> {
             diagnostic: Some(diag),
             ..Default::default()
         };
-        r.class = class_of(&r);
+        judge(&mut r);
         return Some(r);
     }
     None
@@ -556,7 +816,7 @@ fn failure_words(body: &str) -> Option<RecipientResult> {
         diagnostic: Some(line.to_string()),
         ..Default::default()
     };
-    r.class = class_of(&r);
+    judge(&mut r);
     Some(r)
 }
 

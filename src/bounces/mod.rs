@@ -1010,28 +1010,20 @@ fn decide(
                 return ("unmatched", State::Unmatched, why);
             };
             let failed = rep.kind == Kind::Failed;
-            let want = if failed { "failed" } else { "delayed" };
             if let Some(dup) = repeat(&a, if failed { "bounced" } else { "delayed" }) {
                 rec.message = Some(a.id.clone());
                 rec.recipient = Some(a.rcpt.clone());
                 return dup;
             }
-            let r = rep
-                .recipients
-                .iter()
-                .find(|r| r.action.as_deref() == Some(want))
-                .or(rep.recipients.first());
+            let outcome = rep.outcome();
+            let r = outcome.recipient.map(|i| &rep.recipients[i]);
             let line = r
                 .map(reply_line)
                 .unwrap_or_else(|| "no reason given".into());
             let remote = r
                 .and_then(|r| r.remote_mta.clone())
                 .or(rep.reporting_mta.clone());
-            let class = r.and_then(|r| r.class).unwrap_or(if failed {
-                Class::Policy
-            } else {
-                Class::Transient
-            });
+            let class = outcome.class.unwrap_or(Class::Transient);
             let extra = Extra {
                 class: Some(class),
                 upstream: remote.clone(),
@@ -1062,7 +1054,7 @@ fn decide(
             if let Err(e) = updated {
                 tracing::error!(id = %a.id, error = %e, "cannot mark a reported bounce in the queue");
             }
-            if class.suppresses() {
+            if outcome.suppress {
                 crate::delivery::note_hard_bounce(s, &a.rcpt, &line, &a.id);
             }
             record(s, &a, EventKind::Bounced, &detail, extra);
