@@ -307,6 +307,36 @@ fn parse_parts(raw: &[u8]) -> Report {
             rep.recipients.push(recipient(&g));
         }
     }
+    // A DSN that gives a bare status (5.0.0) and no Diagnostic-Code often
+    // says why in its text part: the line that names the recipient with a
+    // reply code, or the notice's words.
+    if rep.recipients.iter().any(|r| r.diagnostic.is_none()) {
+        // The text parts decoded (quoted-printable breaks words).
+        let decoded = msg.as_ref().map(text_parts).unwrap_or_default();
+        let source = if decoded.trim().is_empty() {
+            text.to_string()
+        } else {
+            decoded
+        };
+        let lines = notice_lines(&source);
+        for r in rep.recipients.iter_mut().filter(|r| r.diagnostic.is_none()) {
+            let addr = r.final_recipient.clone().unwrap_or_default();
+            let named = lines.iter().find(|l| {
+                !addr.is_empty()
+                    && l.to_ascii_lowercase().contains(&addr)
+                    && (code_in(l).is_some() || esc_in(l).is_some_and(|(e, _)| e[0] != 2))
+            });
+            let diag = match named {
+                Some(l) => Some(l.trim().to_string()),
+                None => notice_words(&lines.join("\n")).and_then(|w| w.diagnostic),
+            };
+            if let Some(d) = diag {
+                r.code = code_in(&d);
+                r.diagnostic = Some(d);
+                judge(r);
+            }
+        }
+    }
     let has = |a: &str| {
         rep.recipients
             .iter()
@@ -347,22 +377,9 @@ fn parse_parts(raw: &[u8]) -> Report {
         }
     }
     // Plain text: the first SMTP reply or enhanced status code.
-    let body = match &msg {
-        Some(m) => {
-            let mut b = String::new();
-            for i in 0..4 {
-                if let Some(t) = m.body_text(i) {
-                    b.push_str(&t);
-                    b.push('\n');
-                }
-            }
-            if b.trim().is_empty() {
-                text.to_string()
-            } else {
-                b
-            }
-        }
-        None => text.to_string(),
+    let body = match msg.as_ref().map(text_parts) {
+        Some(b) if !b.trim().is_empty() => b,
+        _ => text.to_string(),
     };
     let notice = msg.as_ref().and_then(notice_kind);
     let found = plain_text(&body).or_else(|| {
@@ -547,7 +564,24 @@ const NOT_THE_ADDRESS: &[&str] = &[
 ];
 
 /// Words of a disabled, suspended or inactive account.
-const DISABLED: &[&str] = &["disabled", "inactive", "suspended", "deactivated", "5.7.13"];
+const DISABLED: &[&str] = &[
+    "account is disabled",
+    "account has been disabled",
+    "account disabled",
+    "mailbox is disabled",
+    "is disabled",
+    "disabled recipient",
+    "is inactive",
+    "inactive account",
+    "suspended",
+    "deactivated",
+    "account is locked",
+    "temporary locked",
+    "temporarily locked",
+    "is frozen",
+    "account is blocked",
+    "5.7.13",
+];
 
 /// Words of a network failure (no server answered), not of the address.
 const NETWORK: &[&str] = &[
@@ -559,13 +593,30 @@ const NETWORK: &[&str] = &[
     "did not accept our requests to connect",
     "retry timeout exceeded",
     "too long in the queue",
+    "message expired",
+    "queue.expired",
+    "not delivered within",
+    "hop count",
+    "too many hops",
+    "mail loop",
+    "routing loop",
+    "dns error",
+    "dns query failed",
+    "malformed or unexpected name server",
+    "host not found, try again",
 ];
 
 /// The class of a result, and whether it is a disabled account.
 fn judge(r: &mut RecipientResult) {
     r.class = class_of(r);
     let text = r.diagnostic.as_deref().unwrap_or("").to_ascii_lowercase();
-    if r.class == Some(Class::Hard) && DISABLED.iter().any(|w| text.contains(w)) {
+    // An account that exists but is closed for now: a bounce about the
+    // address, which suppresses nobody (it may open again).
+    let permanent = r
+        .class
+        .is_some_and(|c| !matches!(c, Class::Transient | Class::Throttle));
+    if permanent && DISABLED.iter().any(|w| text.contains(w)) {
+        r.class = Some(Class::Hard);
         r.disabled = true;
     }
 }
@@ -855,6 +906,10 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("giving up", true, Class::Transient),
     ("gave up", true, Class::Transient),
     ("retry timeout exceeded", true, Class::Transient),
+    ("envelope expired", true, Class::Transient),
+    ("message expired", true, Class::Transient),
+    ("not delivered within", true, Class::Transient),
+    ("hop count exceeded", true, Class::Transient),
     ("too long in the queue", true, Class::Transient),
     (
         "did not accept our requests to connect",
@@ -876,6 +931,8 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("over quota", true, Class::Soft),
     ("quota", true, Class::Soft),
     // The address or its domain does not exist.
+    ("address couldn't be found", true, Class::Hard),
+    ("address not found", true, Class::Hard),
     ("unknown recipient", true, Class::Hard),
     ("recipient not found", true, Class::Hard),
     ("user unknown", true, Class::Hard),
@@ -915,20 +972,36 @@ const QUOTE_STARTS: &[&str] = &[
     "content-type: message/rfc822",
 ];
 
-/// The notice's words, without the message it returns.
-fn notice_text(body: &str) -> String {
-    let mut out = String::new();
+/// The first text parts of a message, decoded.
+fn text_parts(m: &mail_parser::Message) -> String {
+    let mut b = String::new();
+    for i in 0..4 {
+        if let Some(t) = m.body_text(i) {
+            b.push_str(&t);
+            b.push('\n');
+        }
+    }
+    b
+}
+
+/// The notice's own lines, up to the message it returns.
+fn notice_lines(body: &str) -> Vec<&str> {
+    let mut out = Vec::new();
     for l in body.lines().take(400) {
         let low = l.to_ascii_lowercase();
         if QUOTE_STARTS.iter().any(|q| low.contains(q)) {
             break;
         }
         if l.len() < 1000 {
-            out.push_str(&low);
-            out.push('\n');
+            out.push(l);
         }
     }
     out
+}
+
+/// The notice's words, lowercased, without the message it returns.
+fn notice_text(body: &str) -> String {
+    notice_lines(body).join("\n").to_ascii_lowercase()
 }
 
 /// A notice with no reply code: the first phrase of [`PHRASES`] in it.

@@ -82,6 +82,20 @@ fn expected() -> Vec<Expected> {
         .collect()
 }
 
+/// Words that say the address (or its mailbox) does not exist.
+const ABOUT_THE_ADDRESS: &[&str] = &[
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "does not exist",
+    "not found",
+    "unknown recipient",
+    "invalid address",
+    "invalid recipient",
+    "mailbox unavailable",
+    "no mailbox",
+];
+
 #[test]
 fn herald_judges_real_reports_as_sisimai_does() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bounces");
@@ -89,6 +103,7 @@ fn herald_judges_real_reports_as_sisimai_does() {
     assert_eq!(all.len(), 420);
     let (mut agree, mut false_supp, mut missed, mut unparsed) = (0, 0, 0, 0);
     let (mut scored, mut class_ok, mut event_ok) = (0, 0, 0);
+    let mut not_about = Vec::new();
     let mut lines = Vec::new();
     for e in &all {
         let rep = parse(&std::fs::read(dir.join(&e.file)).unwrap());
@@ -96,12 +111,23 @@ fn herald_judges_real_reports_as_sisimai_does() {
         if rep.kind == Kind::Unparsed {
             unparsed += 1;
         }
+        let said = o
+            .recipient
+            .and_then(|i| rep.recipients[i].diagnostic.clone())
+            .unwrap_or_default();
         let mut why = Vec::new();
         if o.suppress == e.suppress {
             agree += 1;
         } else if o.suppress {
             false_supp += 1;
             why.push("FALSE SUPPRESSION");
+            // sisimai keeps some addresses whose refusal says they do not
+            // exist ("filtered": a filter said "user unknown"); herald may
+            // differ there, and only there.
+            let low = said.to_ascii_lowercase();
+            if !ABOUT_THE_ADDRESS.iter().any(|w| low.contains(w)) {
+                not_about.push(e.file.clone());
+            }
         } else {
             missed += 1;
             why.push("missed suppression");
@@ -121,10 +147,6 @@ fn herald_judges_real_reports_as_sisimai_does() {
             why.push("event");
         }
         if !why.is_empty() {
-            let said = o
-                .recipient
-                .and_then(|i| rep.recipients[i].diagnostic.clone())
-                .unwrap_or_default();
             lines.push(format!(
                 "{:28} {:38} herald {:?}/{}/{:?} [{}] sisimai {}/{}/{}: {}",
                 e.file,
@@ -150,10 +172,16 @@ fn herald_judges_real_reports_as_sisimai_does() {
         pct(class_ok, scored as f64),
         pct(event_ok, n)
     );
+    // No address is suppressed on words that are not about it.
+    assert!(
+        not_about.is_empty(),
+        "suppressed on words not about the address: {not_about:?}"
+    );
     // Today's figures: none may get worse.
-    assert!(false_supp <= 18, "{false_supp} false suppressions");
+    assert!(false_supp <= 20, "{false_supp} false suppressions");
     assert!(pct(agree, n) >= 89.9);
+    assert!(missed <= 22, "{missed} missed suppressions");
     assert!(unparsed <= 6);
-    assert!(pct(class_ok, scored as f64) >= 76.5);
+    assert!(pct(class_ok, scored as f64) >= 81.0);
     assert!(pct(event_ok, n) >= 95.9);
 }
