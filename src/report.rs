@@ -271,7 +271,11 @@ fn parse_parts(raw: &[u8]) -> Report {
     }
     // Complaints in other forms: Amazon SES's JSON notification, and
     // Microsoft's abuse reports that come without a feedback-report part.
-    let low = text.to_ascii_lowercase();
+    let mut low = text.to_ascii_lowercase();
+    if let Some(m) = &msg {
+        // Their words may be base64 in a text part.
+        low.push_str(&text_parts(m).to_ascii_lowercase());
+    }
     let ses = low.contains("\"notificationtype\":\"complaint\"");
     if ses || low.contains("email abuse report for an email message") {
         let t = json_string(&low, "complaintfeedbacktype").unwrap_or_else(|| "abuse".into());
@@ -700,6 +704,7 @@ fn hard_words(t: &str) -> bool {
         "domain not found",
         "couldn't find a mail exchanger",
         "find any host named",
+        "couldn't be found",
         "host unknown",
         "no such domain",
         "domain does not exist",

@@ -179,9 +179,9 @@ fn herald_judges_real_reports_as_sisimai_does() {
     );
     // Today's figures: none may get worse.
     assert!(false_supp <= 20, "{false_supp} false suppressions");
-    assert!(pct(agree, n) >= 89.9);
-    assert!(missed <= 22, "{missed} missed suppressions");
+    assert!(pct(agree, n) >= 90.4);
+    assert!(missed <= 20, "{missed} missed suppressions");
     assert!(unparsed <= 6);
-    assert!(pct(class_ok, scored as f64) >= 81.0);
+    assert!(pct(class_ok, scored as f64) >= 81.8);
     assert!(pct(event_ok, n) >= 95.9);
 }
