@@ -227,6 +227,24 @@ async fn events(State(api): State<Api>, Query(q): Params) -> Response {
     .await
 }
 
+/// `?state=unparsed&kind=failed&limit=50`: reports at the intake.
+async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()).transpose() {
+        Ok(l) => l,
+        Err(_) => return err(400, "limit: not a number"),
+    };
+    let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    reply(
+        &api,
+        Request::Reports {
+            state: get("state"),
+            kind: get("kind"),
+            limit,
+        },
+    )
+    .await
+}
+
 async fn suppressions(State(api): State<Api>) -> Response {
     reply(&api, Request::SuppressionList).await
 }
@@ -368,6 +386,7 @@ pub fn router(s: Arc<Services>) -> Router {
         .route("/api/v1/queue", get(queue))
         .route("/api/v1/trace", get(trace))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/reports", get(reports))
         .route("/api/v1/messages/{id}", get(message).delete(cancel_id))
         .route("/api/v1/messages/{id}/retry", post(retry))
         .route("/api/v1/cancel", post(cancel_tag))

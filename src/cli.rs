@@ -592,6 +592,36 @@ pub fn print_suppressions(v: &Value, json: bool) {
     );
 }
 
+pub fn print_reports(v: &Value, json: bool) {
+    let Some(list) = listing(v, "reports", json, "no reports") else {
+        return;
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["id"]),
+                relative(r["received_ms"].as_u64()),
+                s(&r["state"]),
+                r["kind"].as_str().unwrap_or("-").to_string(),
+                format!(
+                    "{} {}",
+                    r["message"].as_str().unwrap_or("-"),
+                    r["recipient"].as_str().unwrap_or("")
+                ),
+                s(&r["summary"]).chars().take(100).collect(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["REPORT", "RECEIVED", "STATE", "KIND", "ABOUT", "SUMMARY"],
+            &rows
+        )
+    );
+}
+
 pub fn print_webhooks(v: &Value, json: bool) {
     let Some(hooks) = listing(v, "webhooks", json, "no [[webhooks]] configured") else {
         return;

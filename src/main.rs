@@ -94,6 +94,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SuppressionCmd,
     },
+    /// Recent bounce and complaint reports at the [bounces] intake, newest first
+    Reports {
+        /// pending, applied, ignored, unmatched or unparsed
+        #[arg(long)]
+        state: Option<String>,
+        /// What the report was read as: failed, delayed, complaint, auto-reply, ...
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many (default 50)
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Webhook endpoints: backlog, last success, last error
     Webhooks {
         #[command(subcommand)]
@@ -253,6 +267,12 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             println!("{}", r.line());
         }
         Cmd::Webhooks { cmd: None, json } => print_webhooks(&ask(Request::Webhooks)?, json),
+        Cmd::Reports {
+            state,
+            kind,
+            limit,
+            json,
+        } => print_reports(&ask(Request::Reports { state, kind, limit })?, json),
         Cmd::Webhooks {
             cmd: Some(WebhooksCmd::Test { name }),
             ..

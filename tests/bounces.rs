@@ -331,6 +331,22 @@ fn delays_auto_replies_and_garbage_change_nothing() {
     let shown = s.herald.ok(&["show", &rid]);
     assert!(shown.contains("state: unparsed"), "{shown}");
     assert!(shown.contains("this is not a delivery report"), "{shown}");
+    // herald reports lists them, newest first, by state and kind.
+    let unparsed = json_lines(&s.herald.ok(&["reports", "--state", "unparsed", "--json"]));
+    assert_eq!(unparsed.len(), 1, "{unparsed:?}");
+    assert_eq!(unparsed[0]["id"], rid.as_str());
+    let all = json_lines(&s.herald.ok(&["reports", "--json"]));
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(all[0]["id"], rid.as_str(), "newest first");
+    let table = s.herald.ok(&["reports", "--kind", "auto-reply"]);
+    assert!(
+        table.contains("REPORT") && table.contains("auto-reply"),
+        "{table}"
+    );
+    assert!(!table.contains(&rid), "{table}");
+    let (code, _, err) = s.herald.cli(&["reports", "--state", "lost"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("state: \"lost\" is not one of"), "{err}");
     // Nobody bounced or suppressed.
     for r in ["ann@dest.test", "bob@dest.test", "cid@dest.test"] {
         assert!(!s.herald.has_event(r, "bounced"), "{r}");

@@ -579,15 +579,13 @@ impl Bounces {
         std::fs::read(self.body_path(id)?).ok()
     }
 
-    /// Reports, newest first, at most `limit`.
-    pub fn list(&self, limit: usize) -> Vec<Record> {
+    /// Reports, newest first (ids sort by time).
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
         self.reports
             .iter()
             .rev()
             .filter_map(|i| i.ok())
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .take(limit)
-            .collect()
     }
 
     /// Reports about message `id` (received after it, so the scan starts

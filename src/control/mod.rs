@@ -83,6 +83,17 @@ pub enum Request {
         cursor: Option<String>,
     },
     Webhooks,
+    /// Reports received at the `[bounces]` intake, newest first.
+    Reports {
+        /// pending, applied, ignored, unmatched, unparsed
+        #[serde(default)]
+        state: Option<String>,
+        /// failed, delayed, complaint, auto-reply, ... (what the parser made of it)
+        #[serde(default)]
+        kind: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     WebhookTest {
         name: String,
     },

@@ -120,6 +120,7 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             cursor,
         } => events(s, since_ms, rcpt, tag, event, limit, cursor),
         Request::Webhooks => Ok(webhooks(s)),
+        Request::Reports { state, kind, limit } => reports(s, state, kind, limit),
         Request::WebhookTest { name } => crate::webhooks::test(s, &name)
             .await
             .map(|m| json!({ "result": m })),
@@ -127,6 +128,43 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             crate::live::reload(s).map(|r| serde_json::to_value(&r).unwrap_or_default())
         }
     }
+}
+
+/// Reports at the intake, newest first, filtered by state and kind.
+fn reports(
+    s: &Services,
+    state: Option<String>,
+    kind: Option<String>,
+    limit: Option<usize>,
+) -> Answer {
+    let Some(b) = s.bounces.as_ref() else {
+        return Err("no [bounces] section: herald takes no reports".into());
+    };
+    const STATES: [&str; 5] = ["pending", "applied", "ignored", "unmatched", "unparsed"];
+    let state = state.map(|v| v.to_ascii_lowercase());
+    if let Some(st) = state.as_deref() {
+        if !STATES.contains(&st) {
+            return Err(format!("state: {st:?} is not one of {}", STATES.join(", ")));
+        }
+    }
+    let kind = kind.map(|v| v.to_ascii_lowercase());
+    let limit = limit.unwrap_or(50).clamp(1, 1000);
+    let list: Vec<Value> = b
+        .records()
+        .filter(|r| {
+            state.as_deref().is_none_or(|st| {
+                serde_json::to_value(r.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .as_deref()
+                    == Some(st)
+            })
+        })
+        .filter(|r| kind.as_deref().is_none_or(|k| r.kind.as_deref() == Some(k)))
+        .take(limit)
+        .map(|r| serde_json::to_value(&r).unwrap_or_default())
+        .collect();
+    Ok(json!({ "reports": list }))
 }
 
 /// Webhook endpoints: backlog, last success, last error.
