@@ -104,6 +104,7 @@ fn herald_judges_real_reports_as_sisimai_does() {
     let (mut agree, mut false_supp, mut missed, mut unparsed) = (0, 0, 0, 0);
     let (mut scored, mut class_ok, mut event_ok) = (0, 0, 0);
     let mut not_about = Vec::new();
+    let mut table: Vec<(String, String)> = Vec::new();
     let mut lines = Vec::new();
     for e in &all {
         let rep = parse(&std::fs::read(dir.join(&e.file)).unwrap());
@@ -146,6 +147,29 @@ fn herald_judges_real_reports_as_sisimai_does() {
         } else {
             why.push("event");
         }
+        let row = format!(
+            "{}\t{:?}\t{}\t{}\t{}",
+            e.file,
+            rep.kind,
+            if event.is_empty() { "-" } else { event },
+            o.class.map(|c| c.as_str()).unwrap_or("-"),
+            if o.suppress { "suppress" } else { "keep" }
+        );
+        let note = if why.is_empty() {
+            String::new()
+        } else if why.contains(&"FALSE SUPPRESSION") {
+            format!(
+                "on purpose: the reply says the address does not exist; sisimai: {} (a filter's words)",
+                e.reason
+            )
+        } else {
+            format!(
+                "differs from sisimai ({}: {}): to judge better",
+                why.join(", "),
+                e.reason
+            )
+        };
+        table.push((row, note));
         if !why.is_empty() {
             lines.push(format!(
                 "{:28} {:38} herald {:?}/{}/{:?} [{}] sisimai {}/{}/{}: {}",
@@ -172,6 +196,50 @@ fn herald_judges_real_reports_as_sisimai_does() {
         pct(class_ok, scored as f64),
         pct(event_ok, n)
     );
+    // Each file's verdict is herald-expected.tsv's line: a change shows as
+    // the files it changes. HERALD_BLESS=1 rewrites the table (keeping the
+    // notes of unchanged lines): say why in the note of a disagreement
+    // kept on purpose.
+    let golden_path = dir.join("herald-expected.tsv");
+    let golden = std::fs::read_to_string(&golden_path).unwrap_or_default();
+    // file -> (the first five fields, the note)
+    let old: std::collections::HashMap<String, (String, String)> = golden
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(6, '\t').collect();
+            let row = f[..f.len().min(5)].join("\t");
+            (f[0].to_string(), (row, f.get(5).unwrap_or(&"").to_string()))
+        })
+        .collect();
+    if std::env::var("HERALD_BLESS").is_ok() {
+        let mut out = String::from(
+            "# herald's verdict on each report of this folder: file, kind, event, class,\n# suppress or keep, and a note where it differs from sisimai (sisimai-expected.jsonl).\n# Checked by tests/report_corpus.rs; HERALD_BLESS=1 cargo test --test report_corpus rewrites it.\n",
+        );
+        for (row, note) in &table {
+            let file = row.split('\t').next().unwrap();
+            let note = match old.get(file) {
+                Some((r, n)) if r == row && !n.is_empty() => n.clone(),
+                _ => note.clone(),
+            };
+            out.push_str(&format!("{row}\t{note}\n"));
+        }
+        std::fs::write(&golden_path, out).unwrap();
+    } else {
+        let changed: Vec<String> = table
+            .iter()
+            .filter_map(|(row, _)| {
+                let file = row.split('\t').next().unwrap();
+                let was = old.get(file).map(|(r, _)| r.as_str());
+                (was != Some(row.as_str())).then(|| format!("{row}   (was: {was:?})"))
+            })
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "verdicts differ from tests/data/bounces/herald-expected.tsv (if meant, HERALD_BLESS=1 and write the reason):\n{}",
+            changed.join("\n")
+        );
+    }
     // No address is suppressed on words that are not about it.
     assert!(
         not_about.is_empty(),
