@@ -14,9 +14,14 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn one_address_gets_max_connections_per_ip_then_421() {
-    let h = Herald::start("[listen]\nsmtp = [\"{smtp}\"]\nmax_connections_per_ip = 3\n");
-    let held: Vec<Client> = (0..3).map(|_| h.client()).collect();
-    let mut extra = TcpStream::connect(h.smtp).unwrap();
+    // 127.0.0.2 is a stranger here: only 127.0.0.1 is the platform.
+    let h = Herald::start(
+        "[listen]\nsmtp = [\"{smtp}\"]\nmax_connections_per_ip = 3\nallowed_networks = [\"127.0.0.1/32\"]\n",
+    );
+    let held: Vec<Client> = (0..3)
+        .map(|_| Client::over(connect_from("127.0.0.2", h.smtp)))
+        .collect();
+    let mut extra = connect_from("127.0.0.2", h.smtp);
     extra
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -29,12 +34,46 @@ fn one_address_gets_max_connections_per_ip_then_421() {
     drop(held);
     // A freed slot serves the address again.
     assert!(wait_until(10, || {
-        let mut s = TcpStream::connect(h.smtp).unwrap();
+        let mut s = connect_from("127.0.0.2", h.smtp);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut b = [0u8; 3];
         s.read_exact(&mut b).is_ok() && &b == b"220"
     }));
     assert!(h.log().contains("listen.max_connections_per_ip"));
+}
+
+#[test]
+fn the_platform_in_allowed_networks_is_not_held_to_max_connections_per_ip() {
+    // 50 PHP workers on one host: one address, many sessions at once.
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&format!(
+        "[listen]\nsmtp = [\"{{smtp}}\"]\nmax_connections_per_ip = 3\nmax_connections = 40\n{}",
+        upstream(sink.port(), "none", "")
+    ));
+    let mut held: Vec<Client> = (0..30).map(|_| h.client()).collect();
+    for (i, c) in held.iter_mut().enumerate() {
+        c.ehlo();
+        let (code, text) = c.send(
+            "app@platform.test",
+            &[&format!("u{i}@dest.test")],
+            &message("w"),
+        );
+        assert_eq!(code, 250, "session {i}: {text}");
+    }
+    assert_eq!(sink.wait_for(30, 30).len(), 30);
+    // max_connections still holds everyone.
+    let more: Vec<Client> = (0..10).map(|_| h.client()).collect();
+    let mut over = TcpStream::connect(h.smtp).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = String::new();
+    over.read_to_string(&mut got).unwrap();
+    assert!(
+        got.starts_with("421 4.7.0") && got.contains("Too many connections"),
+        "{got}"
+    );
+    drop(more);
+    drop(held);
 }
 
 #[test]

@@ -68,9 +68,12 @@ impl Slots {
         self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
-    /// A slot for a client at `ip`, or the refusal to send it.
-    pub fn take(&self, ip: IpAddr) -> Result<Slot, &'static str> {
-        self.take_with(ip, None)
+    /// A slot for a client at `ip`, or the refusal to send it. An
+    /// `exempt` client (the platform's own, in `allowed_networks`) is held
+    /// to `max_connections` only, as Postfix exempts `$mynetworks` from its
+    /// per-client limits: 50 PHP workers on one host are one platform.
+    pub fn take(&self, ip: IpAddr, exempt: bool) -> Result<Slot, &'static str> {
+        self.take_with(ip, None, exempt)
     }
 
     /// One of the `max_connections`, before the client's address is known:
@@ -84,10 +87,11 @@ impl Slots {
         &self,
         ip: IpAddr,
         permit: Option<crate::limit::Permit>,
+        exempt: bool,
     ) -> Result<Slot, &'static str> {
         let ip = canonical_ip(ip);
         let mut m = self.per_ip.lock().unwrap();
-        if m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
+        if !exempt && m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err("listen.max_connections_per_ip");
         }
         let permit = match permit {
@@ -170,7 +174,7 @@ pub async fn accept_loop(
             }
             continue;
         }
-        let permit = match slots.take(peer.ip()) {
+        let permit = match slots.take(peer.ip(), exempt(&services, peer, intake)) {
             Ok(p) => p,
             Err(key) => {
                 refuse(&services, tcp, peer, key, intake);
@@ -185,6 +189,19 @@ pub async fn accept_loop(
             drop(d);
         });
     }
+}
+
+/// Whether a client is the platform's own (in `allowed_networks`), which
+/// `max_connections_per_ip` does not hold back. Never at the intake.
+fn exempt(services: &Services, peer: SocketAddr, intake: bool) -> bool {
+    let ip = canonical_ip(peer.ip());
+    !intake
+        && services
+            .cfg()
+            .listen
+            .allowed_networks
+            .iter()
+            .any(|n| n.contains(&ip))
 }
 
 /// The slots of the platform's listeners, or of the `[bounces]` intake.
@@ -224,7 +241,11 @@ async fn behind_proxy(
             return;
         }
     };
-    let slot = slots_of(&services, intake).take_with(peer.ip(), Some(permit));
+    let slot = slots_of(&services, intake).take_with(
+        peer.ip(),
+        Some(permit),
+        exempt(&services, peer, intake),
+    );
     match slot {
         Ok(slot) => {
             session::run(services, tcp, peer, implicit_tls, intake).await;
