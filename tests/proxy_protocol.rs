@@ -400,11 +400,13 @@ fn the_per_ip_slot_is_the_real_clients() {
     let sink = Sink::start(Script::default());
     let h = behind_balancer(&sink, "max_connections_per_ip = 1\n");
     // Every client comes from the balancer's address; each gets its slot.
-    let _a = via_balancer(&h, &[&v1("192.0.2.1", 40000)]);
-    let _b = via_balancer(&h, &[&v1("192.0.2.2", 40000)]);
+    // (Clients outside allowed_networks: the platform's own are not held
+    // to max_connections_per_ip.)
+    let _a = via_balancer(&h, &[&v1("198.51.100.1", 40000)]);
+    let _b = via_balancer(&h, &[&v1("198.51.100.2", 40000)]);
     let mut tcp = TcpStream::connect(h.smtp).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    tcp.write_all(&v1("192.0.2.1", 40001)).unwrap();
+    tcp.write_all(&v1("198.51.100.1", 40001)).unwrap();
     let mut got = String::new();
     let _ = tcp.read_to_string(&mut got);
     assert!(
@@ -414,7 +416,7 @@ fn the_per_ip_slot_is_the_real_clients() {
     assert!(
         h.log()
             .lines()
-            .any(|l| l.contains("max_connections_per_ip") && l.contains("192.0.2.1")),
+            .any(|l| l.contains("max_connections_per_ip") && l.contains("198.51.100.1")),
         "{}",
         h.log()
     );
