@@ -352,9 +352,13 @@ pub fn classify(code: u16, esc: [u16; 3], text: &str, stage: Stage, smart_host: 
         return Class::Soft;
     }
     if !permanent {
+        // "Try again later" to one RCPT is about that recipient (a lookup
+        // that failed, say), not herald's pace; to the session, or with a
+        // 4.7.x code, it is.
+        let weak_words_count = stage != Stage::Rcpt || (has_esc && subject == 7);
         let throttle = code == 421
             || (has_esc && subject == 7 && matches!(code, 451 | 454))
-            || any(&t, THROTTLE_TEXT)
+            || (weak_words_count && any(&t, THROTTLE_TEXT))
             || has(&t, "rate");
         return if throttle {
             Class::Throttle
@@ -519,6 +523,8 @@ mod tests {
         ("552 5.2.3 Message size exceeds fixed maximum message size (10485760)", Stage::DataEnd, false, Policy),
         ("550 5.7.1 <pseudo@sfr.fr>: Recipient address rejected: User unknown", Stage::Rcpt, false, Hard),
         ("421 4.3.2 Service shutting down", Stage::Rcpt, false, Throttle),
+        ("451 4.3.0 <later@dest.test>: Temporary lookup failure, try again later", Stage::Rcpt, false, Transient),
+        ("451 4.3.0 Server busy, try again later", Stage::Mail, false, Throttle),
         ("554 5.7.0 Reject, id=20025-09 - SPAM", Stage::DataEnd, false, Policy),
         ("550 5.7.0 Local Policy Violation", Stage::DataEnd, false, Policy),
         // Exim

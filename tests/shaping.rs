@@ -277,3 +277,45 @@ fn a_paused_route_holds_its_mail_across_restart_while_the_other_delivers() {
         .is_empty()));
     assert_eq!(acme.count(), 1, "cancelled mail never goes out");
 }
+
+#[test]
+fn one_recipients_try_again_later_does_not_slow_the_destination() {
+    let sink = Sink::start(Script {
+        rcpt_replies: vec![(
+            "later@".into(),
+            "451 4.3.0 <later@dest.test>: Temporary lookup failure, try again later".into(),
+        )],
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    let (code, _) = c.send(
+        "app@platform.test",
+        &["later@dest.test", "now@dest.test"],
+        &message("one"),
+    );
+    assert_eq!(code, 250);
+    assert!(wait_until(20, || h.has_event("later@dest.test", "deferred")));
+    // The next message goes out at once: the destination is not backing off.
+    let (code, _) = c.send("app@platform.test", &["other@dest.test"], &message("two"));
+    assert_eq!(code, 250);
+    let got = sink.wait_for(2, 20);
+    assert!(
+        got.iter().any(|m| m.rcpts == ["other@dest.test"]),
+        "{}",
+        h.log()
+    );
+    let st: Value = serde_json::from_str(&h.ok(&["status", "--json"])).unwrap();
+    for d in st["destinations"].as_array().cloned().unwrap_or_default() {
+        assert!(d["throttled_until_ms"].is_null(), "{d}");
+    }
+    assert!(!h.log().contains("destination throttled"), "{}", h.log());
+    // The recipient's own deferral says what it is.
+    let ev = h
+        .events("later@dest.test")
+        .into_iter()
+        .find(|e| e["event"] == "deferred")
+        .unwrap();
+    assert_eq!(ev["class"], "transient", "{ev}");
+}

@@ -342,6 +342,11 @@ pub enum Outcome {
     Judged {
         verdicts: Vec<Verdict>,
         reusable: bool,
+        /// A reply that asks herald to slow down to this destination: one
+        /// to the session (greeting, MAIL, DATA, end of DATA, a 421), or
+        /// a rate limit said at RCPT with a 4.7.x code. A throttle reply
+        /// to one RCPT alone concerns that recipient.
+        slow_down: Option<String>,
     },
     /// A reply of class `route` (login, sender, relaying): the route's
     /// problem, not the recipients'.
@@ -419,9 +424,18 @@ fn judge_all(v: Verdict, n: usize, reusable: bool) -> Outcome {
     match v {
         Verdict::Deferred(t, Class::Route) => Outcome::RouteRefused(t),
         v => Outcome::Judged {
+            slow_down: throttle_text(&v),
             verdicts: vec![v; n],
             reusable,
         },
+    }
+}
+
+/// The text of a verdict that asks to slow down.
+fn throttle_text(v: &Verdict) -> Option<String> {
+    match v {
+        Verdict::Deferred(t, Class::Throttle) => Some(t.clone()),
+        _ => None,
     }
 }
 
@@ -551,9 +565,13 @@ pub async fn transact(
         return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
     }
     let mut verdicts = Vec::with_capacity(rcpts.len());
+    let mut slow_down = None;
     for i in 0..rcpts.len() {
         let r = replies.get(i + 1).or(closing.as_ref()).expect("a reply");
         let v = verdict_for(r, host, "", Stage::Rcpt, smart_host);
+        if r.code == 421 || r.esc[1] == 7 {
+            slow_down = slow_down.or_else(|| throttle_text(&v));
+        }
         // A refusal of the sender or the login, reported at RCPT (Postfix
         // does): at a smart host it stops the whole transaction.
         if smart_host && v.class() == Some(Class::Route) {
@@ -570,6 +588,7 @@ pub async fn transact(
         // The session is over; nobody is sent DATA on it.
         let v = verdict_for(closing, host, "", Stage::Rcpt, smart_host);
         return Outcome::Judged {
+            slow_down: slow_down.or_else(|| throttle_text(&v)),
             verdicts: judged(verdicts, &v),
             reusable: false,
         };
@@ -579,6 +598,7 @@ pub async fn transact(
         return Outcome::Judged {
             verdicts: verdicts.into_iter().flatten().collect(),
             reusable,
+            slow_down,
         };
     }
     let r = match client.cmd(b"DATA\r\n").await {
@@ -594,6 +614,7 @@ pub async fn transact(
             return Outcome::RouteRefused(t.clone());
         }
         return Outcome::Judged {
+            slow_down: slow_down.or_else(|| throttle_text(&v)),
             verdicts: judged(verdicts, &v),
             reusable: false,
         };
@@ -613,6 +634,7 @@ pub async fn transact(
             return Outcome::Judged {
                 verdicts: judged(verdicts, &v),
                 reusable: false,
+                slow_down,
             };
         }
     };
@@ -621,6 +643,7 @@ pub async fn transact(
         return Outcome::RouteRefused(format!("{host}: end of DATA: {}", reply_text(&final_reply)));
     }
     Outcome::Judged {
+        slow_down: slow_down.or_else(|| throttle_text(&v)),
         verdicts: judged(verdicts, &v),
         reusable: true,
     }

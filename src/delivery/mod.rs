@@ -921,14 +921,6 @@ fn throttle(s: &Services, dest: &shaping::Dest, reply: &str) -> u64 {
     until
 }
 
-/// The reply of the first throttled verdict, if any.
-fn throttled_text(verdicts: &[Verdict]) -> Option<String> {
-    verdicts.iter().find_map(|v| match v {
-        Verdict::Deferred(t, Class::Throttle) => Some(t.clone()),
-        _ => None,
-    })
-}
-
 /// Closes a session politely (QUIT, and its reply) so that the server has
 /// counted it gone before the slot is used again.
 async fn quit(mut conn: Conn) {
@@ -1073,13 +1065,18 @@ async fn deliver_group(
             )
             .await
             {
-                Outcome::Judged { verdicts, reusable } => {
+                Outcome::Judged {
+                    verdicts,
+                    reusable,
+                    slow_down,
+                } => {
                     s.routes.mark_healthy(route);
                     if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success()
                     {
                         tracing::info!(destination = %dest.key, "destination accepts mail again");
                     }
-                    let throttled = throttled_text(&verdicts);
+                    // Only what concerns the session slows the destination.
+                    let throttled = slow_down;
                     let until = throttled.as_ref().map(|t| throttle(s, dest, t));
                     for (&i, v) in chunk.iter().zip(verdicts.iter()) {
                         match (v, until) {
