@@ -257,9 +257,9 @@ async fn suppression(State(api): State<Api>, Path(addr): Path<String>) -> Respon
                 .into_iter()
                 .flatten()
                 .find(|e| {
-                    e["addr"]
-                        .as_str()
-                        .is_some_and(|a| a.eq_ignore_ascii_case(&addr))
+                    e["addr"].as_str().is_some_and(|a| {
+                        a.eq_ignore_ascii_case(&crate::control::ops::pasted_address(&addr))
+                    })
                 })
                 .cloned();
             match found {

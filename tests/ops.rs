@@ -379,3 +379,42 @@ fn healthz_and_metrics() {
     assert_eq!(get_text(&addr, "/healthz").1, "ok (delivery paused)\n");
     assert_eq!(get_text(&addr, "/nope").0, 404);
 }
+
+#[test]
+fn addresses_are_found_however_people_paste_them() {
+    let sink = Sink::start(Script::default());
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("a@b.test", &["alice@dest.test"], &message("hello"))
+            .0,
+        250
+    );
+    assert!(wait_until(20, || h.has_event("alice@dest.test", "delivered")));
+    for pasted in [
+        " alice@dest.test",
+        "alice@dest.test ",
+        "<alice@dest.test>",
+        "Alice <ALICE@dest.test>",
+        "\"Alice\" <alice@dest.test>,",
+        "mailto:alice@dest.test",
+    ] {
+        let t = h.ok(&["trace", pasted]);
+        assert!(t.contains("delivered"), "{pasted:?}: {t}");
+        assert!(!t.contains("never received"), "{pasted:?}: {t}");
+        let hist = json_lines(&h.ok(&["history", "--rcpt", pasted, "--json"]));
+        assert!(
+            hist.iter().any(|e| e["event"] == "delivered"),
+            "{pasted:?}: {hist:?}"
+        );
+    }
+    // Suppression add and remove take them too, keyed by the address.
+    h.ok(&["suppression", "add", "Bob <Bob@Dest.test>"]);
+    let list = json_lines(&h.ok(&["suppression", "list", "--json"]));
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["addr"], "bob@dest.test");
+    let out = h.ok(&["suppression", "remove", " <bob@dest.test>"]);
+    assert!(!out.is_empty());
+    assert!(json_lines(&h.ok(&["suppression", "list", "--json"])).is_empty());
+}

@@ -90,19 +90,19 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             since_s,
         } => history(
             s,
-            rcpt.as_deref(),
+            rcpt.as_deref().map(pasted_address).as_deref(),
             opt_id(id)?.as_deref(),
             tag.as_deref(),
             since_s,
         ),
-        Request::Trace { addr } => trace(s, &addr),
+        Request::Trace { addr } => trace(s, &pasted_address(&addr)),
         Request::SuppressionList => s
             .suppression
             .list()
             .map(|e| json!({ "entries": e }))
             .map_err(|e| e.to_string()),
         Request::SuppressionAdd { addr, reason } => suppression_add(s, &addr, reason).await,
-        Request::SuppressionRemove { addr } => match s.suppression.remove(&addr) {
+        Request::SuppressionRemove { addr } => match s.suppression.remove(&pasted_address(&addr)) {
             Ok(removed) => {
                 let _ = s.store.commit().await;
                 tracing::info!(rcpt = %addr, removed, "suppression removed by operator");
@@ -118,7 +118,15 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             event,
             limit,
             cursor,
-        } => events(s, since_ms, rcpt, tag, event, limit, cursor),
+        } => events(
+            s,
+            since_ms,
+            rcpt.as_deref().map(pasted_address),
+            tag,
+            event,
+            limit,
+            cursor,
+        ),
         Request::Webhooks => Ok(webhooks(s)),
         Request::Reports { state, kind, limit } => reports(s, state, kind, limit),
         Request::WebhookTest { name } => crate::webhooks::test(s, &name)
@@ -881,10 +889,33 @@ fn trace(s: &Services, addr: &str) -> Answer {
     }))
 }
 
+/// An address as people paste it: `" alice@dest.test"`,
+/// `"<alice@dest.test>"`, `"Alice <alice@dest.test>"`,
+/// `"mailto:alice@dest.test"` are all alice@dest.test.
+pub fn pasted_address(input: &str) -> String {
+    let mut a = input.trim();
+    if let (Some(open), Some(close)) = (a.rfind('<'), a.rfind('>')) {
+        if open < close {
+            a = &a[open + 1..close];
+        }
+    }
+    let a = a
+        .trim()
+        .trim_matches(['"', '\'', '<', '>', ',', ';'])
+        .trim();
+    let a = a
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("mailto:"))
+        .map(|_| &a[7..])
+        .unwrap_or(a);
+    a.trim().to_string()
+}
+
 /// An address given by an operator, as the suppression list keys it, or
 /// the reason it is not one (`"   @   "` is not an address).
 fn operator_address(addr: &str) -> Result<String, String> {
-    let a = addr.trim();
+    let a = pasted_address(addr);
+    let a = a.as_str();
     if crate::smtp_in::session::valid_recipient(a) {
         Ok(a.to_lowercase())
     } else {
