@@ -643,8 +643,21 @@ pub fn check_address(key: &str, s: &str) -> Result<String, ConfigError> {
 }
 
 fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+    // Secrets are text (passwords, and keys people can copy): a raw
+    // binary key gets a way to make one.
+    let text = String::from_utf8(bytes).map_err(|e| {
+        bad(
+            key,
+            format!(
+                "{} is binary ({} bytes), and herald reads a secret as one line of text: make one with `openssl rand -hex 32 > {}` (or `head -c 32 /dev/urandom | base64 > FILE`)",
+                path.display(),
+                e.as_bytes().len(),
+                path.display()
+            ),
+        )
+    })?;
     let text = text.trim_end_matches(['\r', '\n']).to_string();
     if text.is_empty() {
         return Err(bad(key, format!("{} is empty", path.display())));

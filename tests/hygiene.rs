@@ -212,6 +212,25 @@ fn check_config_refuses_what_serve_would() {
         out.contains("tracking.secret_file") && out.contains("4 bytes"),
         "{out}"
     );
+    // A raw binary key (head -c 32 /dev/urandom) where a text secret is
+    // read is refused with how to make one (the tracking key takes raw
+    // bytes as they are).
+    let binary: Vec<u8> = (0..32u8)
+        .map(|i| if i % 2 == 0 { 0xff } else { i })
+        .collect();
+    std::fs::write(d.join("binary.key"), binary).unwrap();
+    let (code, out) = check_config(
+        d,
+        "[[webhooks]]\nurl = \"https://p.example/h\"\nsecret_file = \"binary.key\"\nevents = [\"delivered\"]\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("secret_file")
+            && out.contains("is binary (32 bytes)")
+            && out.contains("openssl rand -hex 32"),
+        "{out}"
+    );
+    assert!(!out.contains("valid UTF-8"), "{out}");
     std::fs::write(d.join("cert.pem"), "not a certificate\n").unwrap();
     std::fs::write(d.join("key.pem"), "not a key\n").unwrap();
     let (code, out) = check_config(
