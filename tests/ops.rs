@@ -418,3 +418,46 @@ fn addresses_are_found_however_people_paste_them() {
     assert!(!out.is_empty());
     assert!(json_lines(&h.ok(&["suppression", "list", "--json"])).is_empty());
 }
+
+#[test]
+fn trace_names_only_the_unhealthy_routes_a_recipients_mail_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.pass"), "wrong").unwrap();
+    let good = Sink::start(Script::default());
+    let bad = Sink::start(Script {
+        auth: Some(("relay".into(), "right".into())),
+        ..Default::default()
+    });
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "{}[upstreams.bad]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nusername = \"relay\"\npassword_file = \"bad.pass\"\n[[routes]]\nsender_domain = \"acme.example\"\nupstream = \"bad\"\n",
+            upstream(good.port(), "none", ""),
+            bad.port()
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send(
+            "app@acme.example",
+            &["x@dest.test"],
+            &message("via bad").replace("claire@customer.test", "claire@acme.example")
+        )
+        .0,
+        250
+    );
+    assert_eq!(
+        c.send("app@platform.test", &["y@dest.test"], &message("via up"))
+            .0,
+        250
+    );
+    assert!(wait_until(20, || h.has_event("y@dest.test", "delivered")));
+    assert!(wait_until(20, || h.has_event("x@dest.test", "deferred")));
+    let tx = h.ok(&["trace", "x@dest.test"]);
+    assert!(tx.contains("route bad is UNHEALTHY"), "{tx}");
+    let ty = h.ok(&["trace", "y@dest.test"]);
+    assert!(!ty.contains("UNHEALTHY"), "{ty}");
+    let tz = h.ok(&["trace", "nobody@dest.test"]);
+    assert!(!tz.contains("UNHEALTHY"), "{tz}");
+}

@@ -1,7 +1,7 @@
 //! What each control request does. Answers are JSON objects; the CLI
 //! renders them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -876,9 +876,21 @@ fn trace(s: &Services, addr: &str) -> Answer {
     events.reverse();
     let supp = s.suppression.get(addr).map_err(|e| e.to_string())?;
     let diagnosis = diagnose(s, addr, &events, supp.as_ref());
+    // Only the routes this recipient's queued mail takes.
+    let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let routes: BTreeSet<String> = ids
+        .iter()
+        .rev()
+        .take(20)
+        .filter_map(|id| s.store.envelope(id).ok().flatten())
+        .map(|env| env.upstream)
+        .collect();
     let unhealthy: Vec<Value> = route_health(s)
         .into_iter()
         .filter(|r| r["healthy"] == Value::Bool(false))
+        .filter(|r| r["name"].as_str().is_some_and(|n| routes.contains(n)))
         .collect();
     Ok(json!({
         "addr": addr,
