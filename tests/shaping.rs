@@ -319,3 +319,42 @@ fn one_recipients_try_again_later_does_not_slow_the_destination() {
         .unwrap();
     assert_eq!(ev["class"], "transient", "{ev}");
 }
+
+#[test]
+fn trace_says_what_held_mail_waits_for_and_until_when() {
+    let sink = Sink::start(Script {
+        mail_replies: ["421 4.7.0 rate limited, slow down".to_string()].into(),
+        ..Default::default()
+    });
+    // A back-off of a minute: long enough to look at it.
+    let h = Herald::start(&format!(
+        "\n[delivery]\nupstream = \"up\"\nretry_schedule = [\"1m\"]\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\n",
+        sink.port()
+    ));
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(
+        c.send("app@platform.test", &["first@dest.test"], &message("one"))
+            .0,
+        250
+    );
+    assert!(wait_until(20, || h.log().contains("destination throttled")));
+    let (code, reply) = c.send("app@platform.test", &["second@dest.test"], &message("two"));
+    assert_eq!(code, 250);
+    let id = queue_id(&reply);
+    let t = h.ok(&["trace", "second@dest.test"]);
+    assert!(
+        t.contains("held: destination up asked herald to slow down")
+            && t.contains("rate limited")
+            && t.contains("until its back-off ends in")
+            && t.contains(&format!("herald retry {id}")),
+        "{t}"
+    );
+    assert!(!t.contains("waiting for its first attempt\n"), "{t}");
+    // The retry it names sends it now.
+    h.ok(&["retry", &id]);
+    assert!(sink
+        .wait_for(1, 20)
+        .iter()
+        .any(|m| m.rcpts == ["second@dest.test"]));
+}

@@ -665,6 +665,20 @@ fn held_note(s: &Services, id: &str) -> String {
             "; held: route {0} paused (herald resume --route {0})",
             env.upstream
         ),
+        // Waiting for the back-off of its smart host: say until when, and
+        // what asked for it.
+        Ok(Some(env)) if env.upstream != "mx" => {
+            let dest = s.routes.shaper.upstream(&s.cfg(), &env.upstream);
+            match dest.throttled_until(now_ms()) {
+                Some(until) => format!(
+                    "; held: destination {} asked herald to slow down ({}), no new sessions to it until its back-off ends {} (herald retry {id} sends now)",
+                    env.upstream,
+                    dest.report()["last_reply"].as_str().unwrap_or("throttled"),
+                    ago(until)
+                ),
+                None => String::new(),
+            }
+        }
         _ => String::new(),
     }
 }
