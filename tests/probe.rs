@@ -138,3 +138,39 @@ fn an_expired_certificate_fails_with_a_hint() {
         "{out}"
     );
 }
+
+#[test]
+fn a_probe_that_stops_early_still_says_it_failed_and_why() {
+    // Nothing listens: it stops at connect.
+    let port = free_port();
+    let (code, out) = probe(port, "none", "", &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(step(&out, "connect").contains("FAIL"), "{out}");
+    assert_eq!(
+        out.trim_end().lines().last(),
+        Some("the probe FAILED (see the hints above)"),
+        "{out}"
+    );
+    // A certificate from a CA herald does not know: stops at TLS, names
+    // ca_file.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script {
+        implicit_tls: Some(pki.server_config()),
+        ..Default::default()
+    });
+    let (code, out) = probe(sink.port(), "tls", "", &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(step(&out, "TLS").contains("FAIL"), "{out}");
+    assert!(
+        out.contains(
+            "hint: the certificate is not signed by a CA herald trusts: set upstreams.up.ca_file"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.trim_end()
+            .ends_with("the probe FAILED (see the hints above)"),
+        "{out}"
+    );
+}

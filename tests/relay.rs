@@ -866,3 +866,34 @@ fn tls_verify_false_is_the_explicit_opt_out() {
     assert_eq!(msgs.len(), 1, "{}", h.log());
     assert!(msgs[0].tls);
 }
+
+#[test]
+fn an_untrusted_upstream_certificate_is_diagnosed_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let sink = Sink::start(Script {
+        implicit_tls: Some(pki.server_config()),
+        ..Default::default()
+    });
+    // No ca_file: herald does not know the CA that signed the certificate.
+    let h = Herald::start_in(
+        dir,
+        &upstream(sink.port(), "tls", "").replace("127.0.0.1", "localhost"),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    assert_eq!(c.send("a@b.test", &["x@dest.test"], &message("tls")).0, 250);
+    assert!(
+        wait_until(20, || h.has_event("x@dest.test", "deferred")),
+        "{}",
+        h.log()
+    );
+    let t = h.ok(&["trace", "x@dest.test"]);
+    assert!(t.contains("TLS handshake"), "{t}");
+    assert!(
+        t.contains("the certificate is not signed by a CA herald trusts") && t.contains("ca_file"),
+        "{t}"
+    );
+    assert!(!t.contains("fix the route's credentials"), "{t}");
+    assert_eq!(sink.count(), 0);
+}

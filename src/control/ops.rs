@@ -659,6 +659,16 @@ fn ago(ms: u64) -> String {
 }
 
 /// "; held: route NAME paused ..." when the message's route is paused.
+/// What to do about an outcome: the class's advice, unless the reply says
+/// more (a TLS certificate herald does not trust is the route's problem,
+/// but not its credentials).
+fn advice(class: Class, detail: &str) -> String {
+    if class == Class::Route && detail.contains("TLS handshake") {
+        return "herald does not trust the upstream's TLS certificate (see the hint in the reply): fix the route's ca_file as it says; nothing is wrong with the address or the credentials".into();
+    }
+    class.advice().to_string()
+}
+
 fn held_note(s: &Services, id: &str) -> String {
     match s.store.envelope(id) {
         Ok(Some(env)) if s.routes.shaper.is_paused(&env.upstream) => format!(
@@ -749,7 +759,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
             d.push_str(&held_note(s, latest_id));
             if let Some(c @ (Class::Route | Class::Throttle | Class::Soft)) = last.class {
-                d.push_str(&format!("; {}", c.advice()));
+                d.push_str(&format!("; {}", advice(c, &last.detail)));
             }
             if let Some(n) = next {
                 d.push_str(&format!("; next attempt {}", ago(n)));
@@ -806,7 +816,7 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
                 last.detail
             );
             if let Some(c) = last.class {
-                d.push_str(&format!("; {}", c.advice()));
+                d.push_str(&format!("; {}", advice(c, &last.detail)));
             }
             if supp.is_some() {
                 d.push_str(&format!("; the address is now suppressed, {lift}"));

@@ -182,10 +182,19 @@ async fn tls_wrap(target: &Target, tcp: TcpStream) -> Result<Stream, ConnError> 
         Ok(Ok(s)) => Ok(Stream::ClientTls(Box::new(s))),
         // A certificate that does not verify is a problem of the route, and
         // retrying soon will not fix it, but the mail must not bounce.
-        Ok(Err(e)) => Err(ConnError::route(format!(
-            "{}: TLS handshake: {e}",
-            target.host
-        ))),
+        Ok(Err(e)) => {
+            let hint = crate::delivery::probe::tls_advice(
+                &format!("{e:?} {e}"),
+                None,
+                &target.host,
+                target.port,
+            );
+            Err(ConnError::route(if hint.is_empty() {
+                format!("{}: TLS handshake: {e}", target.host)
+            } else {
+                format!("{}: TLS handshake: {e}; {hint}", target.host)
+            }))
+        }
         Err(_) => Err(ConnError::temporary(format!(
             "{}: TLS handshake timed out",
             target.host

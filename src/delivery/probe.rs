@@ -83,18 +83,38 @@ fn senders(cfg: &Config, name: &str) -> Vec<String> {
 
 /// Why a TLS handshake failed, for people.
 fn tls_hint(err: &str, u: &Upstream) -> String {
+    tls_advice(err, Some(&u.name), &u.host, u.port)
+}
+
+/// Why a TLS handshake with `host` failed and what fixes it (`upstream`:
+/// its name in the config, when known). Empty when there is nothing to say
+/// beyond the error.
+pub fn tls_advice(err: &str, upstream: Option<&str>, host: &str, port: u16) -> String {
+    let key = |k: &str| match upstream {
+        Some(n) => format!("upstreams.{n}.{k}"),
+        None => format!("the upstream's {k}"),
+    };
     let e = err.to_ascii_lowercase();
-    if e.contains("expired") {
+    if e.contains("causedasendentity")
+        || e.contains("ca used as end entity")
+        || e.contains("self signed")
+        || e.contains("self-signed")
+    {
+        format!(
+            "the server presents a CA certificate as its own (a self-signed certificate): if it is the one you expect, put it in {} to trust it (tls_verify = false would trust anyone)",
+            key("ca_file")
+        )
+    } else if e.contains("expired") {
         "the server's certificate has expired: the smart host's operator must renew it (tls_verify = false would hide the problem, not fix it)".into()
     } else if e.contains("notvalidforname") || e.contains("not valid for name") {
         format!(
-            "certificate name mismatch: upstreams.{}.host = {:?} is not a name in the server's certificate; use the host name the provider documents",
-            u.name, u.host
+            "certificate name mismatch: {} = {host:?} is not a name in the server's certificate; use the host name the provider documents",
+            key("host")
         )
     } else if e.contains("unknownissuer") || e.contains("unknown issuer") {
         format!(
-            "the certificate is not signed by a CA herald trusts: set upstreams.{}.ca_file to the provider's CA",
-            u.name
+            "the certificate is not signed by a CA herald trusts: set {} to the provider's CA (or, for a private smart host, the CA that signed its certificate)",
+            key("ca_file")
         )
     } else if e.contains("corrupt")
         || e.contains("invalid content type")
@@ -102,8 +122,7 @@ fn tls_hint(err: &str, u: &Upstream) -> String {
         || e.contains("received corrupt message")
     {
         format!(
-            "port {} does not speak TLS from the first byte: use security = \"starttls\" (usually port 587) or \"none\"",
-            u.port
+            "port {port} does not speak TLS from the first byte: use security = \"starttls\" (usually port 587) or \"none\""
         )
     } else {
         String::new()
@@ -246,7 +265,22 @@ fn envelope_hint(r: &Response<String>, u: &Upstream, sender: &str) -> String {
 }
 
 /// Runs the probe; true when every step passed.
+/// Runs the probe and says at the end, whichever step it stopped at,
+/// whether it passed.
 pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result<bool, String> {
+    let ok = steps(cfg, name, to, send).await?;
+    println!(
+        "{}",
+        if ok {
+            "every step passed: herald can send through this upstream"
+        } else {
+            "the probe FAILED (see the hints above)"
+        }
+    );
+    Ok(ok)
+}
+
+async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result<bool, String> {
     let u = cfg.upstreams.get(name).ok_or_else(|| {
         let known: Vec<&str> = cfg.upstreams.keys().map(String::as_str).collect();
         format!(
@@ -542,20 +576,34 @@ pub async fn run(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Resu
         Ok(g) => r.pass("QUIT", &reply_text(&g)),
         Err(e) => r.pass("QUIT", &format!("(closed: {e})")),
     }
-    println!(
-        "{}",
-        if r.ok {
-            "every step passed: herald can send through this upstream"
-        } else {
-            "the probe FAILED (see the hints above)"
-        }
-    );
     Ok(r.ok)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_come_with_the_fix() {
+        let self_signed = tls_advice(
+            "InvalidCertificate(Other(OtherError(CaUsedAsEndEntity))) invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+            Some("up"),
+            "smtp.test",
+            465,
+        );
+        assert!(
+            self_signed.contains("self-signed") && self_signed.contains("upstreams.up.ca_file"),
+            "{self_signed}"
+        );
+        let unknown = tls_advice(
+            "invalid peer certificate: UnknownIssuer",
+            None,
+            "smtp.test",
+            465,
+        );
+        assert!(unknown.contains("the upstream's ca_file"), "{unknown}");
+        assert!(tls_advice("something else", None, "h", 1).is_empty());
+    }
 
     #[test]
     fn not_after_is_read_from_a_certificate() {
