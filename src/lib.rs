@@ -43,7 +43,11 @@ pub fn init_logging() {
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"))
         // mailin traces every line it sees, message content included.
-        .add_directive("mailin=warn".parse().expect("static directive"));
+        .add_directive("mailin=warn".parse().expect("static directive"))
+        // rustls warns of what clients do that is normal (msmtp connecting
+        // by IP sends the IP as SNI: "Illegal SNI extension"); herald logs
+        // the handshake failures that matter itself.
+        .add_directive("rustls=error".parse().expect("static directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

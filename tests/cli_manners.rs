@@ -106,6 +106,48 @@ fn a_client_refusing_the_certificate_gets_a_hint_in_the_log() {
 }
 
 #[test]
+fn a_client_that_closes_in_the_handshake_gets_a_hint_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let _pki = Pki::new(dir.path());
+    let h = Herald::start_in(
+        dir,
+        "[listen]\nsmtp = [\"{smtp}\"]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
+    );
+    let mut tcp = std::net::TcpStream::connect(h.smtp).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut rd = BufReader::new(tcp.try_clone().unwrap());
+    let mut line = String::new();
+    rd.read_line(&mut line).unwrap();
+    tcp.write_all(b"EHLO client.test\r\nSTARTTLS\r\n").unwrap();
+    loop {
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        if line.starts_with("220") {
+            break;
+        }
+    }
+    // nodemailer's way of refusing a certificate: the hello, then it hangs
+    // up without an alert.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+            .unwrap();
+    conn.write_tls(&mut tcp).unwrap();
+    tcp.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(
+        wait_until(10, || h.log().contains(
+            "closed the connection in the middle of the TLS handshake"
+        )),
+        "{}",
+        h.log()
+    );
+}
+
+#[test]
 fn status_shows_the_last_error_of_a_route_whose_host_refuses_connections() {
     // Nothing listens on the upstream's port: every attempt is refused.
     let port = free_port();

@@ -1100,11 +1100,21 @@ fn handshake_failed(peer: SocketAddr, e: &std::io::Error, what: &str) {
     ]
     .iter()
     .any(|a| text.contains(a));
+    // nodemailer (Node's TLS) closes without an alert when it does not
+    // trust the certificate: an EOF in the handshake says as much.
+    let closed = text.to_ascii_lowercase().contains("eof");
     if refused_cert {
         tracing::warn!(
             %peer,
             error = %text,
             hint = "the client does not trust the [listen] tls certificate (self-signed or from a private CA?); PHPMailer and nodemailer check it by default and then send nothing: use a certificate from a CA the client trusts, or make the client trust this one",
+            "{what} handshake failed"
+        );
+    } else if closed {
+        tracing::warn!(
+            %peer,
+            error = %text,
+            hint = "the client closed the connection in the middle of the TLS handshake; nodemailer does so when it does not trust the [listen] tls certificate (self-signed or from a private CA?): use a certificate from a CA the client trusts, or set the client's tls.ca to this one",
             "{what} handshake failed"
         );
     } else {
