@@ -307,8 +307,11 @@ async function overview() {
     cursor = r.next_cursor;
     if (!cursor) break;
   }
-  const W = 960, H = 240, P = 30;
-  const max = Math.max(1, ...SERIES.flatMap(([k]) => counts[k]));
+  const W = 960, H = 240, P = 40;
+  // A scale a person can read: the top of the axis is a round number.
+  const highest = Math.max(1, ...SERIES.flatMap(([k]) => counts[k]));
+  const step = Math.pow(10, Math.floor(Math.log10(highest)));
+  const max = [1, 2, 5, 10].map((m) => m * step).find((v) => v >= highest);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("class", "chart");
@@ -320,6 +323,34 @@ async function overview() {
   axis.setAttribute("stroke", "#999");
   axis.setAttribute("fill", "none");
   svg.append(axis);
+  const label = (cls, tx, ty, anchor, text, value) => {
+    const t = document.createElementNS(svg.namespaceURI, "text");
+    t.setAttribute("x", tx);
+    t.setAttribute("y", ty);
+    t.setAttribute("text-anchor", anchor);
+    t.setAttribute("class", cls);
+    t.setAttribute("font-size", "11");
+    t.setAttribute("fill", "#555");
+    if (value !== undefined) t.setAttribute("data-value", value);
+    t.textContent = text;
+    svg.append(t);
+  };
+  // Events per hour: 0, half and the top, with grid lines.
+  for (const v of [0, max / 2, max]) {
+    label("y-tick", P - 6, y(v) + 4, "end", String(v), v);
+    if (v > 0) {
+      const grid = document.createElementNS(svg.namespaceURI, "path");
+      grid.setAttribute("d", `M${P} ${y(v)} H${W - P}`);
+      grid.setAttribute("stroke", "#eee");
+      svg.append(grid);
+    }
+  }
+  // Hours (UTC) every 6 hours along the bottom.
+  for (let i = 0; i < 24; i += 6) {
+    label("x-tick", x(i), H - P + 16, "middle",
+      new Date(start + i * HOUR).toISOString().slice(11, 16) + " UTC");
+  }
+  label("x-tick", x(23), H - P + 16, "middle", "now");
   for (const [k, color] of SERIES) {
     const line = document.createElementNS(svg.namespaceURI, "polyline");
     line.setAttribute("points", counts[k].map((v, i) => `${x(i)},${y(v)}`).join(" "));

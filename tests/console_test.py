@@ -143,6 +143,21 @@ try:
                     driver.find_elements(By.CSS_SELECTOR, "#chart circle.point." + kind))
         told = len(api("/events?limit=1000&since=24h&event=" + kind)["events"])
         check(drawn == told and told > 0, "%s: chart %d, API %d" % (kind, drawn, told))
+    # It has a scale a person can read numbers off: 0, half and a round top
+    # at or above the highest point, and hours along the bottom.
+    ticks = [float(t.get_attribute("data-value")) for t in driver.find_elements(By.CSS_SELECTOR, "#chart text.y-tick")]
+    highest = max(int(p.get_attribute("data-count")) for p in points)
+    check(len(ticks) == 3 and ticks[0] == 0 and ticks[2] >= highest and ticks[1] == ticks[2] / 2,
+          "y axis %r for a highest count of %d" % (ticks, highest))
+    hours = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#chart text.x-tick")]
+    check(len(hours) == 5 and all(h.endswith("UTC") for h in hours[:4]) and hours[4] == "now", "x axis %r" % hours)
+    # The highest point sits on the scale where its number says.
+    top = max(points, key=lambda p: int(p.get_attribute("data-count")))
+    grid_top = [t for t in driver.find_elements(By.CSS_SELECTOR, "#chart text.y-tick")][2]
+    y_top = float(grid_top.get_attribute("y")) - 4
+    y_zero = float(driver.find_elements(By.CSS_SELECTOR, "#chart text.y-tick")[0].get_attribute("y")) - 4
+    expect = y_zero - (y_zero - y_top) * int(top.get_attribute("data-count")) / ticks[2]
+    check(abs(float(top.get_attribute("cy")) - expect) < 0.5, "point at %s, scale says %s" % (top.get_attribute("cy"), expect))
     driver.save_screenshot(shots + "/console-overview.png")
     # The page's own policy headers.
     resp = urllib.request.urlopen(base + "/console/")
