@@ -23,6 +23,10 @@ struct Cli {
 enum Cmd {
     /// Run the relay daemon
     Serve,
+    /// Write the manual pages (roff) made from these commands: herald(8)
+    /// to stdout, or herald.8 and one page per subcommand into DIR
+    #[command(hide = true)]
+    Man { dir: Option<PathBuf> },
     /// Check the configuration; exit 0 when it is valid
     CheckConfig,
     /// Paused?, queue size, counts, route health, uptime
@@ -326,6 +330,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             }
         },
         Cmd::Serve
+        | Cmd::Man { .. }
         | Cmd::CheckConfig
         | Cmd::CheckDns { .. }
         | Cmd::DkimKeygen { .. }
@@ -349,6 +354,29 @@ fn release_large_buffers() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }
+}
+
+/// herald(8) and a page per subcommand (herald-serve(8), ...), section 8,
+/// from the command definitions above: the manual cannot drift from them.
+fn man_pages(dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).section("8").render(&mut out)?;
+        return std::io::stdout().write_all(&out);
+    };
+    std::fs::create_dir_all(dir)?;
+    fn write(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            write(sub, dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+        Ok(())
+    }
+    write(cmd, dir)
 }
 
 fn main() -> ExitCode {
@@ -388,6 +416,13 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Serve => serve(&path),
+        Cmd::Man { dir } => match man_pages(dir.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald: man: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::CheckDns { domain } => check_dns(&path, domain.as_deref()),
         Cmd::Probe { upstream, to, send } => probe(&path, &upstream, to.as_deref(), send),
         other => match run_client(&path, other) {

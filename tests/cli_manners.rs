@@ -173,3 +173,22 @@ fn status_shows_the_last_error_of_a_route_whose_host_refuses_connections() {
     let (_, json, _) = h.cli(&["status", "--json"]);
     assert!(json.contains("\"last_error_ms\":"), "{json}");
 }
+
+#[test]
+fn the_manual_pages_come_from_the_commands() {
+    let (code, page) = run_herald(["man"]);
+    assert_eq!(code, 0, "{page}");
+    assert!(page.contains(".TH herald 8"), "{page}");
+    for sub in ["serve", "trace", "reports", "suppression", "probe"] {
+        assert!(
+            page.contains(&format!("herald\\-{sub}(8)")),
+            "{sub}: {page}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = run_herald(["man".as_ref(), dir.path().as_os_str()]);
+    assert_eq!(code, 0, "{out}");
+    let trace = std::fs::read_to_string(dir.path().join("herald-trace.8")).unwrap();
+    assert!(trace.contains("diagnosis"), "{trace}");
+    assert!(dir.path().join("herald-suppression-add.8").exists());
+}
