@@ -3,7 +3,7 @@
 # shared driver (smtp-source -> relay -> smtp-sink on 127.0.0.1:2600).
 #   bench/compare.sh [MESSAGES] [SESSIONS] [REPETITIONS]
 # Needs root for Postfix (apt-get installs it on first use). Prints the
-# MEDIAN line of each relay; copy them into README.md with the date.
+# MEDIAN line of each relay; copy them into docs/benchmarks.md with the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000} S=${2:-10} R=${3:-3}

@@ -3,7 +3,7 @@
 # of SIZE_MIB MiB of junk from FLOODERS client addresses at once (default
 # 2,000 x 1 MiB from 20, the figure of issue 18), with the intake's default
 # limits. Prints one RESULT line (bench/intake_flood.py says what is in it);
-# copy it into README.md with the date.
+# copy it into docs/benchmarks.md with the date.
 #   bench/intake-flood.sh [REPORTS] [FLOODERS] [SIZE_MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."

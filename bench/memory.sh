@@ -2,7 +2,7 @@
 # Peak RSS of herald while SESSIONS clients each send a SIZE_MIB message at
 # once (default 20 x 20 MiB), every message delivered and checked intact.
 #   bench/memory.sh [SESSIONS] [SIZE_MIB]
-# Prints one RESULT line; copy it into README.md with the date.
+# Prints one RESULT line; copy it into docs/benchmarks.md with the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh

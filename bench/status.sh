@@ -3,7 +3,7 @@
 # 16 concurrent scrapes do to an SMTP EHLO.
 #   bench/status.sh [MESSAGES]        (default 100000)
 # Needs smtp-source (Postfix; apt-get installs it on first use, as root).
-# Prints one RESULT line; copy it into README.md with the date.
+# Prints one RESULT line; copy it into docs/benchmarks.md with the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-100000}

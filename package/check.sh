@@ -12,7 +12,7 @@ target/release/herald man target/man
 deb=$(cargo deb --locked --no-build 2>/dev/null | tail -1)
 [ -f "$deb" ] || { echo "cargo deb made no package" >&2; exit 1; }
 files=$(dpkg-deb -c "$deb")
-for f in ./usr/bin/herald ./lib/systemd/system/herald.service ./etc/herald/herald.toml ./usr/share/doc/herald/README.md; do
+for f in ./usr/bin/herald ./lib/systemd/system/herald.service ./etc/herald/herald.toml ./usr/share/doc/herald/README.md ./usr/share/doc/herald/docs/configuration.md; do
   grep -q " $f\$" <<<"$files" || { echo "$deb lacks $f" >&2; exit 1; }
 done
 for page in herald herald-serve herald-trace herald-suppression-add; do
