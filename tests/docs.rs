@@ -48,9 +48,10 @@ fn keys_in_code() -> BTreeSet<(String, String)> {
         }
         if let Some(rest) = t.strip_prefix("pub struct ") {
             let name = rest.split([' ', '{']).next().unwrap();
-            current = Some(section_of(name).unwrap_or_else(|| {
-                panic!("raw struct {name}: add its section to tests/docs.rs")
-            }));
+            current =
+                Some(section_of(name).unwrap_or_else(|| {
+                    panic!("raw struct {name}: add its section to tests/docs.rs")
+                }));
             continue;
         }
         let Some(section) = current else { continue };
@@ -59,7 +60,10 @@ fn keys_in_code() -> BTreeSet<(String, String)> {
                 continue;
             };
             let ty = ty.trim();
-            if section == "top level" && ty.chars().any(|c| c.is_ascii_uppercase()) && !ty.starts_with("Option<String") {
+            if section == "top level"
+                && ty.chars().any(|c| c.is_ascii_uppercase())
+                && !ty.starts_with("Option<String")
+            {
                 continue;
             }
             out.insert((section.to_string(), name.trim().to_string()));
@@ -91,7 +95,11 @@ fn keys_in_docs() -> BTreeSet<(String, String)> {
 fn every_configuration_key_is_documented_and_only_those() {
     let code = keys_in_code();
     let docs = keys_in_docs();
-    assert!(code.len() > 70, "{} keys found in src/config.rs", code.len());
+    assert!(
+        code.len() > 70,
+        "{} keys found in src/config.rs",
+        code.len()
+    );
     let missing: Vec<_> = code.difference(&docs).collect();
     let extra: Vec<_> = docs.difference(&code).collect();
     assert!(
