@@ -233,8 +233,15 @@ fn parse_parts(raw: &[u8]) -> Report {
                 continue;
             }
             let (a, b) = (p.offset_body as usize, p.offset_end as usize);
-            let body = whole.get(a..b.max(a)).unwrap_or_default();
-            let body = String::from_utf8_lossy(body).into_owned();
+            let encoded = mail_parser::MimeHeaders::content_transfer_encoding(p).is_some_and(|e| {
+                e.eq_ignore_ascii_case("quoted-printable") || e.eq_ignore_ascii_case("base64")
+            });
+            // A quoted-printable or base64 status part is read decoded.
+            let body = if encoded {
+                String::from_utf8_lossy(p.contents()).into_owned()
+            } else {
+                String::from_utf8_lossy(whole.get(a..b.max(a)).unwrap_or_default()).into_owned()
+            };
             match sub.as_str() {
                 "delivery-status" | "global-delivery-status" => dsn.push(body),
                 "feedback-report" => arf = Some(body),
@@ -587,6 +594,16 @@ const DISABLED: &[&str] = &[
     "5.7.13",
 ];
 
+/// Words of a local delivery program that failed at the receiving host.
+const MAILER: &[&str] = &[
+    "pipe to |",
+    "procmail:",
+    "mailer error",
+    "lock failure",
+    "service currently unavailable",
+    "too many recipients",
+];
+
 /// Words of a network failure (no server answered), not of the address.
 const NETWORK: &[&str] = &[
     "connection timed out",
@@ -646,6 +663,24 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     }
     let text = r.diagnostic.as_deref().unwrap_or("");
     let t = text.to_ascii_lowercase();
+    // A full mailbox says so whatever else happened (Exim: "mailbox is
+    // full: retry timeout exceeded").
+    if [
+        "mailbox is full",
+        "mailbox full",
+        "over quota",
+        "quota exceeded",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
+    {
+        return Some(Class::Soft);
+    }
+    // The receiving host's own delivery program failed (a pipe, procmail,
+    // a lock): nothing about the address (sisimai's mailererror).
+    if MAILER.iter().any(|w| t.contains(w)) {
+        return Some(Class::Transient);
+    }
     // No server answered, or one answered only temporarily until the
     // sender gave up ("failed" with a 4.x.y): the outcome is final, but it
     // says nothing about the address. Never a hard bounce.
@@ -907,6 +942,11 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("will retry", false, Class::Transient),
     ("delivery is delayed", false, Class::Transient),
     ("not yet been delivered", false, Class::Transient),
+    // The mailbox is full.
+    ("mailbox is full", true, Class::Soft),
+    ("mailbox full", true, Class::Soft),
+    ("over quota", true, Class::Soft),
+    ("quota", true, Class::Soft),
     // Given up: final, and nothing about the address.
     ("giving up", true, Class::Transient),
     ("gave up", true, Class::Transient),
@@ -930,11 +970,6 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("permission to post", true, Class::Policy),
     ("not allowed to post", true, Class::Policy),
     ("send mail as", true, Class::Policy),
-    // The mailbox is full.
-    ("mailbox is full", true, Class::Soft),
-    ("mailbox full", true, Class::Soft),
-    ("over quota", true, Class::Soft),
-    ("quota", true, Class::Soft),
     // The address or its domain does not exist.
     ("address couldn't be found", true, Class::Hard),
     ("address not found", true, Class::Hard),
@@ -1061,6 +1096,9 @@ const FAILURE_SUBJECTS: &[&str] = &[
     "could not be delivered",
     "error sending",
     "delivery status notification: error",
+    "error",
+    "エラー",
+    "不達",
 ];
 const DELAY_SUBJECTS: &[&str] = &["delay", "warning", "still being retried"];
 

@@ -246,10 +246,10 @@ fn herald_judges_real_reports_as_sisimai_does() {
         "suppressed on words not about the address: {not_about:?}"
     );
     // Today's figures: none may get worse.
-    assert!(false_supp <= 20, "{false_supp} false suppressions");
-    assert!(pct(agree, n) >= 90.4);
+    assert!(false_supp <= 19, "{false_supp} false suppressions");
+    assert!(pct(agree, n) >= 90.6);
     assert!(missed <= 20, "{missed} missed suppressions");
-    assert!(unparsed <= 6);
-    assert!(pct(class_ok, scored as f64) >= 81.8);
-    assert!(pct(event_ok, n) >= 95.9);
+    assert!(unparsed <= 5);
+    assert!(pct(class_ok, scored as f64) >= 84.1);
+    assert!(pct(event_ok, n) >= 96.1);
 }
