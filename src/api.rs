@@ -203,14 +203,22 @@ fn since_ms(v: &str) -> Result<u64, String> {
         .map_err(|_| format!("since: {v:?} is neither a duration (2h) nor an RFC 3339 time"))
 }
 
+/// `?limit=N`, or why it is not one.
+fn limit_param(q: &HashMap<String, String>) -> Result<Option<usize>, &'static str> {
+    q.get("limit")
+        .map(|l| l.parse::<usize>())
+        .transpose()
+        .map_err(|_| "limit: not a number")
+}
+
 async fn events(State(api): State<Api>, Query(q): Params) -> Response {
     let since = match q.get("since").map(|s| since_ms(s)).transpose() {
         Ok(s) => s,
         Err(e) => return err(400, e),
     };
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()).transpose() {
+    let limit = match limit_param(&q) {
         Ok(l) => l,
-        Err(_) => return err(400, "limit: not a number"),
+        Err(e) => return err(400, e),
     };
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     reply(
@@ -229,9 +237,9 @@ async fn events(State(api): State<Api>, Query(q): Params) -> Response {
 
 /// `?state=unparsed&kind=failed&limit=50`: reports at the intake.
 async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
-    let limit = match q.get("limit").map(|l| l.parse::<usize>()).transpose() {
+    let limit = match limit_param(&q) {
         Ok(l) => l,
-        Err(_) => return err(400, "limit: not a number"),
+        Err(e) => return err(400, e),
     };
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     reply(

@@ -106,12 +106,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
         conns: smtp_in::Slots::new(
+            smtp_in::LISTEN_SLOTS,
             cfg.listen.max_connections,
             cfg.listen.max_connections_per_ip,
         ),
         report_conns: match &cfg.bounces {
-            Some(b) => smtp_in::Slots::new(b.max_connections, b.max_connections_per_ip),
-            None => smtp_in::Slots::new(0, 0),
+            Some(b) => smtp_in::Slots::new(
+                smtp_in::INTAKE_SLOTS,
+                b.max_connections,
+                b.max_connections_per_ip,
+            ),
+            None => smtp_in::Slots::new(smtp_in::INTAKE_SLOTS, 0, 0),
         },
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),

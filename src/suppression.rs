@@ -4,6 +4,7 @@
 //! trees.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub struct Suppression {
     /// Addresses whose last [`Suppression::check`] failed: each is logged
     /// when it starts and when it stops failing.
     failing: Arc<Mutex<HashSet<String>>>,
+    /// `failing` is not empty.
+    any_failing: Arc<AtomicBool>,
 }
 
 fn key(addr: &str) -> Vec<u8> {
@@ -54,6 +57,7 @@ impl Suppression {
             entries: db.open_tree("suppression")?,
             bounces: db.open_tree("bounce_counts")?,
             failing: Arc::default(),
+            any_failing: Arc::default(),
         })
     }
 
@@ -62,6 +66,11 @@ impl Suppression {
     /// after a success, and the recovery, are logged.
     pub fn check(&self, addr: &str) -> Result<Option<Entry>, QueueError> {
         let r = self.get(addr);
+        // The usual case (read fine, nothing failing) takes no lock: this
+        // runs for every recipient at reception and delivery.
+        if r.is_ok() && !self.any_failing.load(Ordering::Relaxed) {
+            return r;
+        }
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         match &r {
             // A few hundred are enough to tell the story.
@@ -75,6 +84,8 @@ impl Suppression {
             }
             _ => {}
         }
+        self.any_failing
+            .store(!failing.is_empty(), Ordering::Relaxed);
         r
     }
 

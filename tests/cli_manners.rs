@@ -60,53 +60,9 @@ fn queue_says_paused_and_durations_have_a_space() {
     assert!(out.contains("in the last 7 days"), "{out}");
 }
 
-#[test]
-fn a_client_refusing_the_certificate_gets_a_hint_in_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let _pki = Pki::new(dir.path());
-    let h = Herald::start_in(
-        dir,
-        "[listen]\nsmtp = [\"{smtp}\"]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n",
-    );
-    let mut tcp = std::net::TcpStream::connect(h.smtp).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let mut rd = BufReader::new(tcp.try_clone().unwrap());
-    let mut line = String::new();
-    rd.read_line(&mut line).unwrap();
-    tcp.write_all(b"EHLO client.test\r\n").unwrap();
-    loop {
-        line.clear();
-        rd.read_line(&mut line).unwrap();
-        if line.as_bytes().get(3) == Some(&b' ') {
-            break;
-        }
-    }
-    tcp.write_all(b"STARTTLS\r\n").unwrap();
-    line.clear();
-    rd.read_line(&mut line).unwrap();
-    assert!(line.starts_with("220"), "{line}");
-    // A client that trusts only the public CAs (here: none).
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
-            .unwrap();
-    assert!(conn.complete_io(&mut tcp).is_err());
-    let _ = conn.complete_io(&mut tcp);
-    assert!(
-        wait_until(10, || h
-            .log()
-            .contains("does not trust the [listen] tls certificate")),
-        "{}",
-        h.log()
-    );
-}
-
-#[test]
-fn a_client_that_closes_in_the_handshake_gets_a_hint_in_the_log() {
+/// herald with STARTTLS, and a connection to it that has just been told
+/// "220" to STARTTLS.
+fn at_starttls() -> (Herald, std::net::TcpStream) {
     let dir = tempfile::tempdir().unwrap();
     let _pki = Pki::new(dir.path());
     let h = Herald::start_in(
@@ -122,20 +78,48 @@ fn a_client_that_closes_in_the_handshake_gets_a_hint_in_the_log() {
     tcp.write_all(b"EHLO client.test\r\nSTARTTLS\r\n").unwrap();
     loop {
         line.clear();
-        rd.read_line(&mut line).unwrap();
+        assert!(
+            rd.read_line(&mut line).unwrap() > 0,
+            "closed before STARTTLS was answered"
+        );
         if line.starts_with("220") {
             break;
         }
     }
-    // nodemailer's way of refusing a certificate: the hello, then it hangs
-    // up without an alert.
+    (h, tcp)
+}
+
+/// A TLS client that trusts only the public CAs (here: none).
+fn untrusting_client() -> rustls::ClientConnection {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cfg = rustls::ClientConfig::builder()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
-            .unwrap();
+    rustls::ClientConnection::new(std::sync::Arc::new(cfg), "localhost".try_into().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn a_client_refusing_the_certificate_gets_a_hint_in_the_log() {
+    let (h, mut tcp) = at_starttls();
+    let mut conn = untrusting_client();
+    assert!(conn.complete_io(&mut tcp).is_err());
+    let _ = conn.complete_io(&mut tcp);
+    assert!(
+        wait_until(10, || h
+            .log()
+            .contains("does not trust the [listen] tls certificate")),
+        "{}",
+        h.log()
+    );
+}
+
+#[test]
+fn a_client_that_closes_in_the_handshake_gets_a_hint_in_the_log() {
+    let (h, mut tcp) = at_starttls();
+    // nodemailer's way of refusing a certificate: the hello, then it hangs
+    // up without an alert.
+    let mut conn = untrusting_client();
     conn.write_tls(&mut tcp).unwrap();
     tcp.shutdown(std::net::Shutdown::Both).unwrap();
     assert!(

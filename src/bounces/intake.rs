@@ -44,7 +44,7 @@ pub async fn accept(
     };
     let size = spool.len() as u64;
     if rec.target == Target::Complaint && !b.complaint_room(size) {
-        return full(&b, &t, "the complaint address's half");
+        return full(&b, t.peer, "the complaint address's half");
     }
     let b2 = b.clone();
     let stored = tokio::task::spawn_blocking(move || {
@@ -56,7 +56,7 @@ pub async fn accept(
     .await;
     match stored {
         Ok(Ok(true)) => {}
-        Ok(Ok(false)) => return full(&b, &t, "all"),
+        Ok(Ok(false)) => return full(&b, t.peer, "all"),
         Ok(Err(e)) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot store a report");
             return (451, STORAGE_ERROR.into());
@@ -80,12 +80,13 @@ pub async fn accept(
 }
 
 /// `452` for a report that does not fit `max_stored` now (`share`: which
-/// part of it is full of reports not applied yet).
-fn full(b: &crate::bounces::Bounces, t: &Transaction, share: &str) -> (u16, String) {
+/// part of it is full of reports not applied yet), at RCPT or at the end
+/// of DATA.
+pub fn full(b: &crate::bounces::Bounces, peer: std::net::IpAddr, share: &str) -> (u16, String) {
     b.count("refused_full");
     let (now, max) = b.stored();
     tracing::debug!(
-        peer = %t.peer,
+        %peer,
         stored = now,
         max_stored = max,
         "report refused for now: {share} of bounces.max_stored is taken by reports not applied yet"

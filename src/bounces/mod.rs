@@ -185,6 +185,13 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Takes `n` off a byte count, never below zero.
+fn take(count: &AtomicU64, n: u64) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
 /// The storage budget's bytes, as a size a person reads.
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
@@ -407,11 +414,7 @@ impl Bounces {
 
     fn complaint_applied(&self, rec: &Record) {
         if rec.target == Target::Complaint {
-            let _ =
-                self.pending_complaints
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                        Some(v.saturating_sub(rec.size as u64))
-                    });
+            take(&self.pending_complaints, rec.size as u64);
         }
     }
 
@@ -533,11 +536,7 @@ impl Bounces {
                 }
             }
         }
-        let _ = self
-            .stored
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(freed))
-            });
+        take(&self.stored, freed);
     }
 
     /// Cuts an applied report's body to [`KEEP_AFTER_APPLY`] bytes.
@@ -554,13 +553,7 @@ impl Bounces {
             .open(&p)
             .and_then(|f| f.set_len(KEEP_AFTER_APPLY));
         match cut {
-            Ok(()) => {
-                let _ = self
-                    .stored
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                        Some(v.saturating_sub(len - KEEP_AFTER_APPLY))
-                    });
-            }
+            Ok(()) => take(&self.stored, len - KEEP_AFTER_APPLY),
             Err(e) => tracing::warn!(report = %id, error = %e, "cannot trim a report"),
         }
     }

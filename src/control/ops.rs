@@ -148,26 +148,20 @@ fn reports(
     let Some(b) = s.bounces.as_ref() else {
         return Err("no [bounces] section: herald takes no reports".into());
     };
-    const STATES: [&str; 5] = ["pending", "applied", "ignored", "unmatched", "unparsed"];
-    let state = state.map(|v| v.to_ascii_lowercase());
-    if let Some(st) = state.as_deref() {
-        if !STATES.contains(&st) {
-            return Err(format!("state: {st:?} is not one of {}", STATES.join(", ")));
-        }
-    }
+    let state: Option<crate::bounces::State> = state
+        .map(|st| {
+            serde_json::from_value(Value::String(st.to_ascii_lowercase())).map_err(|_| {
+                format!(
+                    "state: {st:?} is not one of pending, applied, ignored, unmatched, unparsed"
+                )
+            })
+        })
+        .transpose()?;
     let kind = kind.map(|v| v.to_ascii_lowercase());
     let limit = limit.unwrap_or(50).clamp(1, 1000);
     let list: Vec<Value> = b
         .records()
-        .filter(|r| {
-            state.as_deref().is_none_or(|st| {
-                serde_json::to_value(r.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .as_deref()
-                    == Some(st)
-            })
-        })
+        .filter(|r| state.is_none_or(|st| r.state == st))
         .filter(|r| kind.as_deref().is_none_or(|k| r.kind.as_deref() == Some(k)))
         .take(limit)
         .map(|r| serde_json::to_value(&r).unwrap_or_default())
@@ -658,7 +652,6 @@ fn ago(ms: u64) -> String {
     }
 }
 
-/// "; held: route NAME paused ..." when the message's route is paused.
 /// What to do about an outcome: the class's advice, unless the reply says
 /// more (a TLS certificate herald does not trust is the route's problem,
 /// but not its credentials).
@@ -669,6 +662,8 @@ fn advice(class: Class, detail: &str) -> String {
     class.advice().to_string()
 }
 
+/// "; held: ..." when the message waits for its route (paused) or for its
+/// destination's back-off.
 fn held_note(s: &Services, id: &str) -> String {
     match s.store.envelope(id) {
         Ok(Some(env)) if s.routes.shaper.is_paused(&env.upstream) => format!(

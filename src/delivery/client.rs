@@ -440,6 +440,21 @@ fn judge_all(v: Verdict, n: usize, reusable: bool) -> Outcome {
     }
 }
 
+/// The outcome when `v` judges every recipient RCPT accepted: it slows the
+/// destination down too when it asks to (and nothing at RCPT did first).
+fn judged_by(
+    at_rcpt: Vec<Option<Verdict>>,
+    v: Verdict,
+    reusable: bool,
+    slow_down: Option<String>,
+) -> Outcome {
+    Outcome::Judged {
+        slow_down: slow_down.or_else(|| throttle_text(&v)),
+        verdicts: judged(at_rcpt, &v),
+        reusable,
+    }
+}
+
 /// The text of a verdict that asks to slow down.
 fn throttle_text(v: &Verdict) -> Option<String> {
     match v {
@@ -596,11 +611,7 @@ pub async fn transact(
     if let Some(closing) = &closing {
         // The session is over; nobody is sent DATA on it.
         let v = verdict_for(closing, host, "", Stage::Rcpt, smart_host);
-        return Outcome::Judged {
-            slow_down: slow_down.or_else(|| throttle_text(&v)),
-            verdicts: judged(verdicts, &v),
-            reusable: false,
-        };
+        return judged_by(verdicts, v, false, slow_down);
     }
     if verdicts.iter().all(Option::is_some) {
         let reusable = rset_ok(client).await;
@@ -622,11 +633,7 @@ pub async fn transact(
         if let Verdict::Deferred(t, Class::Route) = &v {
             return Outcome::RouteRefused(t.clone());
         }
-        return Outcome::Judged {
-            slow_down: slow_down.or_else(|| throttle_text(&v)),
-            verdicts: judged(verdicts, &v),
-            reusable: false,
-        };
+        return judged_by(verdicts, v, false, slow_down);
     }
     let final_reply = match send_data(client, message).await {
         Ok(r) => r,
@@ -640,22 +647,14 @@ pub async fn transact(
                 ),
                 Class::Transient,
             );
-            return Outcome::Judged {
-                verdicts: judged(verdicts, &v),
-                reusable: false,
-                slow_down,
-            };
+            return judged_by(verdicts, v, false, slow_down);
         }
     };
     let v = verdict_for(&final_reply, host, "", Stage::DataEnd, smart_host);
     if smart_host && v.class() == Some(Class::Route) {
         return Outcome::RouteRefused(format!("{host}: end of DATA: {}", reply_text(&final_reply)));
     }
-    Outcome::Judged {
-        slow_down: slow_down.or_else(|| throttle_text(&v)),
-        verdicts: judged(verdicts, &v),
-        reusable: true,
-    }
+    judged_by(verdicts, v, true, slow_down)
 }
 
 #[cfg(test)]

@@ -759,26 +759,8 @@ pub async fn attempt(s: &Services, id: &str, pass: Option<shaping::Pass>) {
         }
         due.retain(|i| !stale.contains(i));
     }
-    // Suppressed since it was queued: never attempted. A suppression that
-    // cannot be read is not "not suppressed": the recipient waits.
-    let mut unreadable = Vec::new();
-    due.retain(|&i| {
-        let addr = env.rcpts[i].addr.clone();
-        match s.suppression.check(&addr) {
-            Ok(Some(entry)) => {
-                mark_suppressed(s, &mut env, i, &entry);
-                false
-            }
-            Ok(None) => true,
-            Err(e) => {
-                unreadable.push((i, e));
-                false
-            }
-        }
-    });
-    for (i, e) in unreadable {
-        apply(s, &mut env, i, &unreadable_suppression(&e), "-");
-    }
+    // Suppressed since it was queued: never attempted.
+    screen_suppressed(s, &mut env, &mut due, "-", true);
     if due.is_empty() {
         save(s, &env, &before);
         return;
@@ -1006,19 +988,8 @@ async fn deliver_group(
                 Ok(None) => idx.clear(),
                 Err(_) => {}
             }
-            let mut unreadable = Vec::new();
-            idx.retain(|&i| match s.suppression.check(&env.rcpts[i].addr) {
-                Ok(None) => true,
-                // Marked suppressed by the next attempt.
-                Ok(Some(_)) => false,
-                Err(e) => {
-                    unreadable.push((i, e));
-                    false
-                }
-            });
-            for (i, e) in unreadable {
-                apply(s, env, i, &unreadable_suppression(&e), route);
-            }
+            // (Those suppressed meanwhile are marked by the next attempt.)
+            screen_suppressed(s, env, &mut idx, route, false);
             if idx.is_empty() {
                 s.routes.put(&pool_key, conn);
                 return;
@@ -1177,13 +1148,34 @@ pub fn client_tls_configs(
 }
 
 /// The `suppressed` outcome: recorded, never attempted.
-/// A recipient whose suppression entry cannot be read is deferred: sending
-/// to an address that may be suppressed is the one thing herald must not do.
-fn unreadable_suppression(e: &crate::queue::QueueError) -> Verdict {
-    Verdict::Deferred(
-        format!("not sent: the suppression list cannot be read ({e}); retried when it can"),
-        Class::Transient,
-    )
+/// Keeps in `idx` only the recipients that may be sent to now: a
+/// suppressed one leaves it (and is marked so when `mark`); one whose
+/// suppression entry cannot be read is deferred, since sending to an
+/// address that may be suppressed is the one thing herald must not do.
+fn screen_suppressed(
+    s: &Services,
+    env: &mut Envelope,
+    idx: &mut Vec<usize>,
+    host: &str,
+    mark: bool,
+) {
+    idx.retain(|&i| match s.suppression.check(&env.rcpts[i].addr) {
+        Ok(None) => true,
+        Ok(Some(entry)) => {
+            if mark {
+                mark_suppressed(s, env, i, &entry);
+            }
+            false
+        }
+        Err(e) => {
+            let why = Verdict::Deferred(
+                format!("not sent: the suppression list cannot be read ({e}); retried when it can"),
+                Class::Transient,
+            );
+            apply(s, env, i, &why, host);
+            false
+        }
+    });
 }
 
 pub fn suppressed_detail(e: &crate::suppression::Entry) -> String {

@@ -25,14 +25,23 @@ use crate::services::Services;
 /// read it does not keep the socket.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connection slots, shared by every SMTP listener: `max_connections` in
-/// all, and `max_connections_per_ip` for one client address, so that a
-/// few clients cannot hold every slot. A reload may change both.
+/// Connection slots, shared by the SMTP listeners of one kind (the
+/// platform's, or the `[bounces]` intake's): `max_connections` in all, and
+/// `max_connections_per_ip` for one client address, so that a few clients
+/// cannot hold every slot. A reload may change both.
 pub struct Slots {
     all: crate::limit::Limit,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     max_per_ip: AtomicUsize,
+    /// The config keys of the two limits, for the log line of a refusal.
+    keys: SlotKeys,
 }
+
+/// The keys of a [`Slots`]' two limits: (all, per client address).
+pub type SlotKeys = (&'static str, &'static str);
+
+pub const LISTEN_SLOTS: SlotKeys = ("listen.max_connections", "listen.max_connections_per_ip");
+pub const INTAKE_SLOTS: SlotKeys = ("bounces.max_connections", "bounces.max_connections_per_ip");
 
 /// A session's hold on its slots, given back on drop.
 pub struct Slot {
@@ -54,11 +63,12 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    pub fn new(max_connections: usize, max_per_ip: usize) -> Slots {
+    pub fn new(keys: SlotKeys, max_connections: usize, max_per_ip: usize) -> Slots {
         Slots {
             all: crate::limit::Limit::new(max_connections),
             per_ip: Default::default(),
             max_per_ip: AtomicUsize::new(max_per_ip),
+            keys,
         }
     }
 
@@ -79,7 +89,7 @@ impl Slots {
     /// One of the `max_connections`, before the client's address is known:
     /// a balancer's connection holds it while its PROXY header is read.
     pub fn any(&self) -> Result<crate::limit::Permit, &'static str> {
-        self.all.try_acquire().ok_or("listen.max_connections")
+        self.all.try_acquire().ok_or(self.keys.0)
     }
 
     /// [`Slots::take`], with the overall permit already held if given.
@@ -92,7 +102,7 @@ impl Slots {
         let ip = canonical_ip(ip);
         let mut m = self.per_ip.lock().unwrap();
         if !exempt && m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
-            return Err("listen.max_connections_per_ip");
+            return Err(self.keys.1);
         }
         let permit = match permit {
             Some(p) => p,
@@ -170,14 +180,14 @@ pub async fn accept_loop(
                         drop(d);
                     });
                 }
-                Err(key) => refuse(&services, tcp, peer, key, intake),
+                Err(key) => refuse(&services, tcp, peer, key),
             }
             continue;
         }
         let permit = match slots.take(peer.ip(), exempt(&services, peer, intake)) {
             Ok(p) => p,
             Err(key) => {
-                refuse(&services, tcp, peer, key, intake);
+                refuse(&services, tcp, peer, key);
                 continue;
             }
         };
@@ -251,25 +261,18 @@ async fn behind_proxy(
             session::run(services, tcp, peer, implicit_tls, intake).await;
             drop(slot);
         }
-        Err(key) => refuse(&services, tcp, peer, key, intake),
+        Err(key) => refuse(&services, tcp, peer, key),
     }
 }
 
 /// Tells a client over the cap why it is turned away, without waiting for
 /// it to read.
-fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static str, intake: bool) {
+fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static str) {
     let host = services.cfg().hostname.clone();
-    let all = key == "listen.max_connections";
-    let why = if all {
-        "Too many connections"
-    } else {
+    let why = if key.ends_with("_per_ip") {
         "Too many connections from your address"
-    };
-    // The intake's slots are its own keys.
-    let key = match (intake, all) {
-        (false, _) => key,
-        (true, true) => "bounces.max_connections",
-        (true, false) => "bounces.max_connections_per_ip",
+    } else {
+        "Too many connections"
     };
     tokio::spawn(async move {
         let mut tcp = tcp;

@@ -930,12 +930,9 @@ impl SmtpSession {
             // of the storage is full, nothing more is taken (the sender
             // learns it before sending the text).
             Ok(crate::bounces::Target::Complaint) if !b.complaint_room(0) => {
-                b.count("refused_full");
-                reply(
-                    &mut self.out,
-                    452,
-                    "4.3.1 Report storage full; try again later",
-                );
+                let (code, text) =
+                    crate::bounces::intake::full(&b, self.ip, "the complaint address's half");
+                reply(&mut self.out, code, &text);
             }
             Ok(target) => {
                 let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
