@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use aws_lc_rs::digest;
 use axum::extract::{Path, Query, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -19,54 +18,10 @@ use serde_json::{json, Value};
 
 use crate::control::ops;
 use crate::control::Request;
-use crate::services::Services;
+use crate::state::Services;
 
 /// The OpenAPI document of these routes (also in docs/openapi.json).
 pub const OPENAPI: &str = include_str!("../docs/openapi.json");
-
-/// SHA-256 of each accepted token.
-#[derive(Clone)]
-pub struct Tokens(Arc<Vec<Vec<u8>>>);
-
-impl Tokens {
-    /// Reads `tokens_file`: one token per line; blank lines and `#` comments
-    /// are skipped. Tokens shorter than 16 characters are refused.
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Tokens> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("api.tokens_file: cannot read {}: {e}", path.display()))?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let t = line.trim();
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            if t.len() < 16 {
-                anyhow::bail!(
-                    "api.tokens_file: line {} of {} is shorter than 16 characters (use e.g. head -c 24 /dev/urandom | base64)",
-                    n + 1,
-                    path.display()
-                );
-            }
-            out.push(
-                digest::digest(&digest::SHA256, t.as_bytes())
-                    .as_ref()
-                    .to_vec(),
-            );
-        }
-        if out.is_empty() {
-            anyhow::bail!("api.tokens_file: {} holds no token", path.display());
-        }
-        Ok(Tokens(Arc::new(out)))
-    }
-
-    fn accepts(&self, presented: &str) -> bool {
-        let d = digest::digest(&digest::SHA256, presented.as_bytes());
-        // Every token is compared, so the time says nothing about which.
-        self.0.iter().fold(false, |found, t| {
-            aws_lc_rs::constant_time::verify_slices_are_equal(t, d.as_ref()).is_ok() | found
-        })
-    }
-}
 
 #[derive(Clone)]
 struct Api {
@@ -192,7 +147,7 @@ async fn cancel_tag(State(api): State<Api>, Query(q): Params) -> Response {
 /// `since` is a duration ("2h": the last two hours) or an RFC 3339 time.
 fn since_ms(v: &str) -> Result<u64, String> {
     if let Ok(d) = humantime::parse_duration(v) {
-        return Ok(crate::queue::now_ms().saturating_sub(d.as_millis() as u64));
+        return Ok(crate::state::spool::now_ms().saturating_sub(d.as_millis() as u64));
     }
     humantime::parse_rfc3339_weak(v)
         .map(|t| {
@@ -439,24 +394,6 @@ pub async fn serve(s: Arc<Services>, listener: tokio::net::TcpListener) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_are_compared_by_digest() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("tokens");
-        std::fs::write(
-            &p,
-            "# support console\nabcdefghijklmnop1234\n\nsecond-token-0123456789\n",
-        )
-        .unwrap();
-        let t = Tokens::load(&p).unwrap();
-        assert!(t.accepts("abcdefghijklmnop1234"));
-        assert!(t.accepts("second-token-0123456789"));
-        assert!(!t.accepts("abcdefghijklmnop123"));
-        assert!(!t.accepts(""));
-        std::fs::write(&p, "short\n").unwrap();
-        assert!(Tokens::load(&p).is_err());
-    }
 
     #[test]
     fn openapi_document_parses() {

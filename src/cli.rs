@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::control::Request;
-use crate::queue::now_ms;
-use crate::suppression::Entry;
+use crate::state::spool::now_ms;
+use crate::state::suppression::Entry;
 
 pub enum CliError {
     /// Exit 2.
@@ -671,7 +671,7 @@ const CSV_HEADER: [&str; 7] = [
 ];
 
 fn ms_to_rfc3339(ms: Option<u64>) -> String {
-    ms.map(crate::history::rfc3339).unwrap_or_default()
+    ms.map(crate::state::history::rfc3339).unwrap_or_default()
 }
 
 fn rfc3339_to_ms(s: &str) -> Result<Option<u64>, String> {

@@ -8,6 +8,9 @@
 //! the debt is paid. So a limit lowered from 16 to 4 while 10 sessions run
 //! lets no new session start until only 3 are left.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -116,6 +119,106 @@ impl Limit {
             let taken = self.0.sem.forget_permits(shrink);
             *st = (size, debt + shrink - taken);
         }
+    }
+}
+
+/// Connection slots, shared by the SMTP listeners of one kind (the
+/// platform's, or the `[bounces]` intake's): `max_connections` in all, and
+/// `max_connections_per_ip` for one client address, so that a few clients
+/// cannot hold every slot. A reload may change both.
+pub struct Slots {
+    all: Limit,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: AtomicUsize,
+    /// The config keys of the two limits, for the log line of a refusal.
+    keys: SlotKeys,
+}
+
+/// The keys of a [`Slots`]' two limits: (all, per client address).
+pub type SlotKeys = (&'static str, &'static str);
+
+pub const LISTEN_SLOTS: SlotKeys = ("listen.max_connections", "listen.max_connections_per_ip");
+pub const INTAKE_SLOTS: SlotKeys = ("bounces.max_connections", "bounces.max_connections_per_ip");
+
+/// A session's hold on its slots, given back on drop.
+pub struct Slot {
+    _permit: Permit,
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Slots {
+    pub fn new(keys: SlotKeys, max_connections: usize, max_per_ip: usize) -> Slots {
+        Slots {
+            all: Limit::new(max_connections),
+            per_ip: Default::default(),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            keys,
+        }
+    }
+
+    /// New limits (a reload): sessions open beyond them go on.
+    pub fn resize(&self, max_connections: usize, max_per_ip: usize) {
+        self.all.resize(max_connections);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+    }
+
+    /// A slot for a client at `ip`, or the refusal to send it. An
+    /// `exempt` client (the platform's own, in `allowed_networks`) is held
+    /// to `max_connections` only, as Postfix exempts `$mynetworks` from its
+    /// per-client limits: 50 PHP workers on one host are one platform.
+    pub fn take(&self, ip: IpAddr, exempt: bool) -> Result<Slot, &'static str> {
+        self.take_with(ip, None, exempt)
+    }
+
+    /// One of the `max_connections`, before the client's address is known:
+    /// a balancer's connection holds it while its PROXY header is read.
+    pub fn any(&self) -> Result<Permit, &'static str> {
+        self.all.try_acquire().ok_or(self.keys.0)
+    }
+
+    /// [`Slots::take`], with the overall permit already held if given.
+    pub fn take_with(
+        &self,
+        ip: IpAddr,
+        permit: Option<Permit>,
+        exempt: bool,
+    ) -> Result<Slot, &'static str> {
+        let ip = canonical_ip(ip);
+        let mut m = self.per_ip.lock().unwrap();
+        if !exempt && m.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
+            return Err(self.keys.1);
+        }
+        let permit = match permit {
+            Some(p) => p,
+            None => self.any()?,
+        };
+        *m.entry(ip).or_insert(0) += 1;
+        Ok(Slot {
+            _permit: permit,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+}
+
+/// An IPv4 client on an IPv6 socket is the IPv4 address.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 

@@ -266,7 +266,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
         Cmd::Trace { addr, json } => print_trace(&ask(Request::Trace { addr })?, json),
         Cmd::Reload => {
             let v = ask(Request::Reload)?;
-            let r: herald::live::Report = serde_json::from_value(v)
+            let r: herald::control::reload::Report = serde_json::from_value(v)
                 .map_err(|e| CliError::Failed(format!("bad answer from herald: {e}")))?;
             println!("{}", r.line());
         }

@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::services::Services;
+use crate::state::Services;
 
 /// 200 while the storage can be trusted; the body says whether delivery is
 /// paused. 503 once a flush or fsync failed, until a probe succeeds.
@@ -23,7 +23,7 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
             format!("storage failed: {why}\n"),
         );
     }
-    match s.store.meta_get(crate::services::META_PAUSED) {
+    match s.store.meta_get(crate::state::META_PAUSED) {
         Ok(_) if s.paused.load(Ordering::Relaxed) => {
             (StatusCode::OK, "ok (delivery paused)\n".to_string())
         }
@@ -69,7 +69,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
         "1 while outbound delivery is paused.",
         vec![(String::new(), s.paused.load(Ordering::Relaxed) as u8 as f64)],
     );
-    let health = s.routes.health.lock().unwrap().clone();
+    let health = s.pacing.health.lock().unwrap().clone();
     gauge(
         "herald_route_healthy",
         "0 while the upstream refuses the route (5xx to AUTH, MAIL FROM, ...).",
@@ -82,11 +82,11 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
             })
             .collect(),
     );
-    let now = crate::queue::now_ms();
+    let now = crate::state::spool::now_ms();
     gauge(
         "herald_destination_throttled",
         "1 while a destination backs off after asking herald to slow down.",
-        s.routes
+        s.pacing
             .shaper
             .all(&s.cfg())
             .iter()

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::envelope::Transaction;
+use crate::state::envelope::Transaction;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewriteError {

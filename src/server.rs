@@ -10,13 +10,14 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::delivery::{self, Routes, Scheduler};
-use crate::history::History;
+use crate::delivery;
 use crate::live::Live;
-use crate::queue::Store;
-use crate::services::{Services, META_PAUSED};
 use crate::shutdown::Shutdown;
 use crate::smtp_in;
+use crate::state::history::History;
+use crate::state::schedule::Scheduler;
+use crate::state::spool::Store;
+use crate::state::{Services, META_PAUSED};
 
 /// How long running SMTP sessions may take to finish after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -30,7 +31,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     })?;
     let history = History::open(&store.db)?.with_webhooks(&cfg.webhooks);
     history.load_hourly()?;
-    let suppression = crate::suppression::Suppression::open(&store.db)?;
+    let suppression = crate::state::suppression::Suppression::open(&store.db)?;
     let live = Live::build(cfg)?;
     live.warn_unsigned();
     let cfg = live.cfg.clone();
@@ -95,28 +96,28 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         history,
         suppression,
         scheduler,
-        routes: Routes::default(),
+        pacing: Default::default(),
         unsaved: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
-        hooks: crate::webhooks::Hooks::new(&cfg.webhooks),
+        hooks: crate::state::outbox::Hooks::new(&cfg.webhooks),
         mx_tls,
         bounces,
         shutdown: shutdown_rx,
         paused: AtomicBool::new(paused),
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
-        conns: smtp_in::Slots::new(
-            smtp_in::LISTEN_SLOTS,
+        conns: crate::limit::Slots::new(
+            crate::limit::LISTEN_SLOTS,
             cfg.listen.max_connections,
             cfg.listen.max_connections_per_ip,
         ),
         report_conns: match &cfg.bounces {
-            Some(b) => smtp_in::Slots::new(
-                smtp_in::INTAKE_SLOTS,
+            Some(b) => crate::limit::Slots::new(
+                crate::limit::INTAKE_SLOTS,
                 b.max_connections,
                 b.max_connections_per_ip,
             ),
-            None => smtp_in::Slots::new(smtp_in::INTAKE_SLOTS, 0, 0),
+            None => crate::limit::Slots::new(crate::limit::INTAKE_SLOTS, 0, 0),
         },
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),
@@ -171,7 +172,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         "herald started"
     );
     // Queue loaded, every listener bound: ready (Type=notify).
-    crate::notify::notify(&format!("READY=1\nSTATUS={}", status_line(&services)));
+    crate::notify::notify(&format!("READY=1\nSTATUS={}", services.status_line()));
     let sd = tokio::spawn(supervise(services.clone(), sched.abort_handle()));
 
     let storage_failed = storage_needs_restart(&store);
@@ -184,7 +185,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
                 // SIGHUP: the same reload as `herald reload`, logged.
                 Signal::Reload => {
                     let s = services.clone();
-                    let _ = tokio::task::spawn_blocking(move || crate::live::reload(&s)).await;
+                    let _ = tokio::task::spawn_blocking(move || crate::control::reload::reload(&s)).await;
                 }
             },
             _ = &mut storage_failed => break true,
@@ -234,19 +235,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 }
 
-/// What `systemctl status` shows of herald.
-pub(crate) fn status_line(s: &Services) -> String {
-    let (messages, _, deferred) = s.store.stats.get();
-    let state = if s.store.health.is_failed() {
-        "STORAGE FAILED"
-    } else if s.paused.load(std::sync::atomic::Ordering::Relaxed) {
-        "delivery paused"
-    } else {
-        "delivering"
-    };
-    format!("{messages} queued ({deferred} deferred recipients), {state}")
-}
-
 /// Keeps systemd informed: STATUS= every 10 s, and WATCHDOG=1 at half of
 /// `WATCHDOG_USEC` while the delivery loop and the committer are alive (a
 /// committer stuck in a sync for 10 s stops the pings, and systemd
@@ -259,7 +247,7 @@ async fn supervise(s: Arc<Services>, delivery: tokio::task::AbortHandle) {
     let mut last_status = String::new();
     loop {
         tokio::time::sleep(every).await;
-        let status = status_line(&s);
+        let status = s.status_line();
         let mut msg = String::new();
         if status != last_status {
             msg.push_str(&format!("STATUS={status}\n"));
@@ -270,7 +258,8 @@ async fn supervise(s: Arc<Services>, delivery: tokio::task::AbortHandle) {
             .health
             .committer_beat
             .load(std::sync::atomic::Ordering::Relaxed);
-        let alive = !delivery.is_finished() && crate::queue::now_ms().saturating_sub(beat) < 10_000;
+        let alive =
+            !delivery.is_finished() && crate::state::spool::now_ms().saturating_sub(beat) < 10_000;
         if watchdog.is_some() && alive {
             msg.push_str("WATCHDOG=1\n");
         }
@@ -391,7 +380,7 @@ async fn purge_history(s: Arc<Services>) {
         // Read each time: a reload may change it.
         let retention = s.cfg().storage.history_retention;
         let every = (retention / 2).clamp(Duration::from_millis(200), Duration::from_secs(60));
-        let before = crate::queue::now_ms().saturating_sub(retention.as_millis() as u64);
+        let before = crate::state::spool::now_ms().saturating_sub(retention.as_millis() as u64);
         match s.history.purge_before(before) {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "history purged"),

@@ -197,3 +197,64 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// TLS client configs per upstream, built once per configuration.
+pub fn client_tls_configs(
+    cfg: &crate::config::Config,
+) -> std::io::Result<std::collections::HashMap<String, std::sync::Arc<rustls::ClientConfig>>> {
+    let mut out = std::collections::HashMap::new();
+    for (name, u) in &cfg.upstreams {
+        let c = if u.security == crate::config::Security::None && u.ca_file.is_none() {
+            // Never used for TLS, but keeps the map total.
+            client_config(None, false)?
+        } else {
+            client_config(u.ca_file.as_deref(), u.tls_verify)
+                .map_err(|e| std::io::Error::other(format!("upstreams.{name}: {e}")))?
+        };
+        out.insert(name.clone(), c);
+    }
+    Ok(out)
+}
+
+/// Why a TLS handshake with `host` failed and what fixes it (`upstream`:
+/// its name in the config, when known). Empty when there is nothing to say
+/// beyond the error.
+pub fn tls_advice(err: &str, upstream: Option<&str>, host: &str, port: u16) -> String {
+    let key = |k: &str| match upstream {
+        Some(n) => format!("upstreams.{n}.{k}"),
+        None => format!("the upstream's {k}"),
+    };
+    let e = err.to_ascii_lowercase();
+    if e.contains("causedasendentity")
+        || e.contains("ca used as end entity")
+        || e.contains("self signed")
+        || e.contains("self-signed")
+    {
+        format!(
+            "the server presents a CA certificate as its own (a self-signed certificate): if it is the one you expect, put it in {} to trust it (tls_verify = false would trust anyone)",
+            key("ca_file")
+        )
+    } else if e.contains("expired") {
+        "the server's certificate has expired: the smart host's operator must renew it (tls_verify = false would hide the problem, not fix it)".into()
+    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
+        format!(
+            "certificate name mismatch: {} = {host:?} is not a name in the server's certificate; use the host name the provider documents",
+            key("host")
+        )
+    } else if e.contains("unknownissuer") || e.contains("unknown issuer") {
+        format!(
+            "the certificate is not signed by a CA herald trusts: set {} to the provider's CA (or, for a private smart host, the CA that signed its certificate)",
+            key("ca_file")
+        )
+    } else if e.contains("corrupt")
+        || e.contains("invalid content type")
+        || e.contains("wrong version")
+        || e.contains("received corrupt message")
+    {
+        format!(
+            "port {port} does not speak TLS from the first byte: use security = \"starttls\" (usually port 587) or \"none\""
+        )
+    } else {
+        String::new()
+    }
+}

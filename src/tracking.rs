@@ -23,9 +23,9 @@ use base64::Engine;
 use ipnet::IpNet;
 use mail_parser::{Encoding, MessageParser, MimeHeaders, PartType};
 
-use crate::history::{By, EventKind};
 use crate::mime::{base64_lines, qp_encode};
-use crate::services::Services;
+use crate::state::history::{By, EventKind};
+use crate::state::Services;
 
 /// The smallest transparent GIF.
 const GIF: &[u8] = &[
@@ -90,27 +90,6 @@ fn insert_html(html: &[u8], tag: &[u8]) -> Vec<u8> {
     out.extend_from_slice(tag);
     out.extend_from_slice(&html[at..]);
     out
-}
-
-/// The HMAC key of `[tracking] secret_file`, when tracking is enabled;
-/// an unreadable or short file is an error naming the key (`serve` and
-/// `check-config` both call this).
-pub fn load_secret(cfg: &crate::config::Config) -> anyhow::Result<Option<Vec<u8>>> {
-    if !cfg.tracking.enabled {
-        return Ok(None);
-    }
-    let path = cfg.tracking.secret_file.clone().unwrap_or_default();
-    let key = std::fs::read(&path).map_err(|e| {
-        anyhow::anyhow!("tracking.secret_file: cannot read {}: {e}", path.display())
-    })?;
-    if key.len() < 16 {
-        anyhow::bail!(
-            "tracking.secret_file: {} holds {} bytes; use at least 16 (head -c 32 /dev/urandom > FILE)",
-            path.display(),
-            key.len()
-        );
-    }
-    Ok(Some(key))
 }
 
 /// The body of one HTML part with the pixel, in the part's own encoding.
@@ -267,6 +246,7 @@ async fn open(
         .query_by(By::Id(&id), 0, |e| e.event == EventKind::Received)
         .unwrap_or_default();
     let n = received.len();
+    let l = s.ledger();
     for e in &received {
         let mut detail = format!("pixel fetched from {client} ({agent})");
         if n > 1 {
@@ -274,21 +254,7 @@ async fn open(
                 "; the message had {n} recipients, any of them may have opened it"
             ));
         }
-        let extra = crate::history::Extra {
-            user_agent: Some(agent.to_string()),
-            ..Default::default()
-        };
-        if let Err(err) = s.history.record_with(
-            EventKind::Opened,
-            &id,
-            &e.rcpt,
-            &detail,
-            e.tag.as_deref(),
-            e.subject.as_deref(),
-            extra,
-        ) {
-            tracing::error!(error = %err, "cannot record history");
-        }
+        l.opened(e, &detail, agent);
     }
     tracing::info!(%id, recipients = n, "opened");
     pixel
@@ -298,7 +264,7 @@ async fn open(
 /// from `trusted_proxies` (anyone else could write any address there), and
 /// then read from the right: the last hop that is not a trusted proxy.
 fn client_addr(peer: IpAddr, forwarded: Option<&str>, trusted: &[IpNet]) -> String {
-    let peer = crate::smtp_in::canonical_ip(peer);
+    let peer = crate::limit::canonical_ip(peer);
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     let (Some(list), true) = (forwarded, is_trusted(&peer)) else {
         return peer.to_string();

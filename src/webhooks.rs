@@ -14,94 +14,25 @@
 //! HEX = HMAC-SHA256(key, "UNIX.BODY"); `Herald-Event-Id` names the event
 //! (comma-separated for a batch), for deduplication.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::config::Webhook;
-use crate::history::History;
-use crate::queue::now_ms;
-use crate::services::Services;
+use crate::state::history::History;
+use crate::state::outbox::{entry_time, HookState};
+use crate::state::spool::now_ms;
+use crate::state::Services;
 
 /// How long an event is retried before it is given up.
 const MAX_AGE_MS: u64 = 24 * 3_600_000;
 /// A backlog of at least this many events is sent in batches (JSON arrays).
 const BATCH_FROM: usize = 10;
 const BATCH_MAX: usize = 100;
-
-/// What `herald webhooks` shows of one endpoint.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct HookState {
-    pub name: String,
-    pub url: String,
-    pub last_success_ms: Option<u64>,
-    pub last_error: Option<String>,
-    pub last_error_ms: Option<u64>,
-    pub delivered: u64,
-    pub dropped: u64,
-}
-
-/// The state of every endpoint, shared with the control socket, in the
-/// order of the config.
-#[derive(Default)]
-pub struct Hooks {
-    list: RwLock<Vec<Arc<Mutex<HookState>>>>,
-    /// Endpoints whose sender runs.
-    running: Mutex<HashSet<String>>,
-}
-
-impl Hooks {
-    pub fn new(cfg: &[Webhook]) -> Hooks {
-        let h = Hooks::default();
-        h.set(cfg);
-        h
-    }
-
-    /// The endpoints after a reload: one that keeps its name keeps its
-    /// counters.
-    pub fn set(&self, cfg: &[Webhook]) {
-        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
-        let next = cfg
-            .iter()
-            .map(|w| {
-                let st = list
-                    .iter()
-                    .find(|st| st.lock().unwrap_or_else(|e| e.into_inner()).name == w.name)
-                    .cloned()
-                    .unwrap_or_default();
-                {
-                    let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
-                    g.name = w.name.clone();
-                    g.url = w.url.clone();
-                }
-                st
-            })
-            .collect();
-        *list = next;
-    }
-
-    /// What each endpoint last did, in the order of the config.
-    pub fn states(&self) -> Vec<HookState> {
-        let list = self.list.read().unwrap_or_else(|e| e.into_inner());
-        list.iter()
-            .map(|st| st.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect()
-    }
-
-    fn state(&self, name: &str) -> Arc<Mutex<HookState>> {
-        let list = self.list.read().unwrap_or_else(|e| e.into_inner());
-        list.iter()
-            .find(|st| st.lock().unwrap_or_else(|e| e.into_inner()).name == name)
-            .cloned()
-            .unwrap_or_default()
-    }
-}
 
 /// Starts a sender for every endpoint that has none: at start-up and
 /// after each reload.
@@ -262,33 +193,6 @@ where
     Ok(status)
 }
 
-/// Outbox entries of endpoint `name`, oldest first, at most `max`.
-fn pending(history: &History, name: &str, max: usize) -> Vec<(sled::IVec, Vec<u8>)> {
-    history
-        .outbox
-        .scan_prefix(History::outbox_prefix(name))
-        .take(max)
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| (k, v.to_vec()))
-        .collect()
-}
-
-/// Events waiting for endpoint `name`.
-pub fn backlog(history: &History, name: &str) -> usize {
-    history
-        .outbox
-        .scan_prefix(History::outbox_prefix(name))
-        .count()
-}
-
-/// The time (ms) of an outbox entry, from its key.
-fn entry_time(prefix_len: usize, key: &[u8]) -> u64 {
-    key.get(prefix_len..prefix_len + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .unwrap_or(0)
-}
-
 /// Sends endpoint `name`'s outbox until shutdown, or until a reload
 /// removes the endpoint.
 pub async fn run(s: Arc<Services>, name: String) {
@@ -310,11 +214,11 @@ pub async fn run(s: Arc<Services>, name: String) {
         let history = s.history.clone();
         let name = hook.name.clone();
         let batch = tokio::task::spawn_blocking(move || {
-            let first = pending(&history, &name, BATCH_FROM);
+            let first = history.outbox_pending(&name, BATCH_FROM);
             if first.len() < BATCH_FROM {
                 first.into_iter().take(1).collect()
             } else {
-                pending(&history, &name, BATCH_MAX)
+                history.outbox_pending(&name, BATCH_MAX)
             }
         })
         .await
@@ -333,7 +237,7 @@ pub async fn run(s: Arc<Services>, name: String) {
             .into_iter()
             .partition(|(k, _)| entry_time(prefix_len, k) < cutoff);
         for (k, _) in &stale {
-            let _ = s.history.outbox.remove(k);
+            s.history.outbox_remove(k);
         }
         if !stale.is_empty() {
             tracing::warn!(webhook = %hook.name, events = stale.len(), "webhook events older than 24h dropped");
@@ -397,7 +301,7 @@ fn record_result(
     match result {
         Sent::Done => {
             for (k, _) in batch {
-                let _ = s.history.outbox.remove(k);
+                s.history.outbox_remove(k);
             }
             if st.last_error.is_some() && st.last_success_ms < st.last_error_ms {
                 tracing::info!(webhook = %name, "webhook endpoint works again");
@@ -412,7 +316,7 @@ fn record_result(
             st.last_error_ms = Some(now_ms());
             st.dropped += batch.len() as u64;
             for (k, _) in batch {
-                let _ = s.history.outbox.remove(k);
+                s.history.outbox_remove(k);
             }
             false
         }
@@ -446,7 +350,7 @@ pub async fn test(s: &Services, name: &str) -> Result<String, String> {
     let t = now_ms();
     let id = format!("test-{t}");
     let body = serde_json::json!({
-        "time": crate::history::rfc3339(t),
+        "time": crate::state::history::rfc3339(t),
         "time_ms": t,
         "id": "",
         "rcpt": "",

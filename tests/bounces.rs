@@ -198,7 +198,7 @@ fn the_intake_takes_reports_only_for_genuine_tokens() {
 
     // An expired token (made with the key, as herald would have 31 days ago).
     let key = herald::bounces::token::Key::new(KEY.as_bytes());
-    let old = herald::queue::now_ms() - 31 * 86_400_000;
+    let old = herald::state::spool::now_ms() - 31 * 86_400_000;
     let expired = herald::bounces::token::make(&key, &id, 0, old).unwrap();
     let mut c = Client::connect(s.intake);
     c.ehlo();

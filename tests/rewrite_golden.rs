@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use herald::config::Config;
-use herald::envelope::Transaction;
+use herald::state::envelope::Transaction;
 
 const ID: &str = "QUEUEID";
 

@@ -4,10 +4,10 @@
 //! background. Reports live within `[bounces] max_stored`.
 
 use crate::bounces::{Record, State, Target};
-use crate::envelope::Transaction;
-use crate::queue::now_ms;
-use crate::services::Services;
 use crate::smtp_in::spool::Spool;
+use crate::state::envelope::Transaction;
+use crate::state::spool::now_ms;
+use crate::state::Services;
 
 const STORAGE_ERROR: &str = "4.3.0 Local storage error; try again later";
 
@@ -51,7 +51,8 @@ pub async fn accept(
         if !b2.make_room(size) {
             return Ok(false);
         }
-        b2.store(&rec, spool).map(|()| true)
+        b2.store(&rec, |mut w| spool.write_to(&mut w))
+            .map(|()| true)
     })
     .await;
     match stored {

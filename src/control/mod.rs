@@ -4,6 +4,7 @@
 //! The `herald` CLI is one client; `socat` is another (see README).
 
 pub mod ops;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::services::Services;
 use crate::smtp_in::line::{read_line, Line};
-use crate::suppression::Entry;
+use crate::state::suppression::Entry;
+use crate::state::Services;
 
 /// The longest request line (a suppression import of many entries fits):
 /// a client cannot make herald buffer without end.

@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::Request;
-use crate::history::{By, Event, EventKind};
-use crate::queue::{now_ms, Envelope, RcptStatus};
 use crate::reply::Class;
-use crate::services::{Services, META_PAUSED};
-use crate::suppression::Entry;
+use crate::state::history::{By, Event, EventKind};
+use crate::state::spool::{now_ms, Envelope};
+use crate::state::suppression::Entry;
+use crate::state::{Services, META_PAUSED};
 
 pub fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
@@ -54,7 +54,7 @@ pub fn http_status(err: &str) -> u16 {
 /// never joined to a path, nor even looked up, unless herald could have
 /// made it).
 fn id_arg(id: &str) -> Result<String, String> {
-    crate::queue::parse_id(id).ok_or_else(|| {
+    crate::state::spool::parse_id(id).ok_or_else(|| {
         let shown: String = id.chars().take(64).collect();
         format!("id: {shown:?} is not a queue or report id (12 characters, such as 01JH5Z8Q3M7K)")
     })
@@ -133,7 +133,7 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             .await
             .map(|m| json!({ "result": m })),
         Request::Reload => {
-            crate::live::reload(s).map(|r| serde_json::to_value(&r).unwrap_or_default())
+            crate::control::reload::reload(s).map(|r| serde_json::to_value(&r).unwrap_or_default())
         }
     }
 }
@@ -176,7 +176,7 @@ fn webhooks(s: &Services) -> Value {
         .states()
         .into_iter()
         .map(|st| {
-            let backlog = crate::webhooks::backlog(&s.history, &st.name);
+            let backlog = s.history.outbox_backlog(&st.name);
             let mut v = serde_json::to_value(&st).unwrap_or_default();
             v["backlog"] = json!(backlog);
             v
@@ -200,12 +200,12 @@ fn events(
     let limit = limit.unwrap_or(100).clamp(1, 1000);
     let since = since_ms.unwrap_or(0);
     if let Some(e) = &event {
-        if !crate::history::KINDS.iter().any(|k| k.as_str() == e) {
+        if !crate::state::history::KINDS.iter().any(|k| k.as_str() == e) {
             return Err(format!("event: {e:?} is not an event kind"));
         }
     }
     if let Some(c) = &cursor {
-        if crate::history::key_of_event_id(c).is_none() {
+        if crate::state::history::key_of_event_id(c).is_none() {
             return Err(format!("cursor: {c:?} is not an event_id"));
         }
     }
@@ -263,7 +263,7 @@ fn events(
 type Answer = Result<Value, String>;
 
 fn route_health(s: &Services) -> Vec<Value> {
-    let health = s.routes.health.lock().unwrap().clone();
+    let health = s.pacing.health.lock().unwrap().clone();
     let cfg = s.cfg();
     let mut names: Vec<String> = cfg.upstreams.keys().cloned().collect();
     if cfg.delivery.upstream == "mx" || cfg.routes.iter().any(|r| r.upstream == "mx") {
@@ -306,9 +306,9 @@ fn status(s: &Services) -> Answer {
         "storage": storage,
         "uptime_s": s.started.elapsed().as_secs(),
         "routes": route_health(s),
-        "paused_routes": s.routes.shaper.paused(),
+        "paused_routes": s.pacing.shaper.paused(),
         "destinations": s
-            .routes
+            .pacing
             .shaper
             .all(&s.cfg())
             .iter()
@@ -331,7 +331,7 @@ fn queue(s: &Services) -> Answer {
         "messages": all,
         "quarantined": quarantined,
         "paused": s.paused.load(Ordering::Relaxed),
-        "paused_routes": s.routes.shaper.paused(),
+        "paused_routes": s.pacing.shaper.paused(),
     }))
 }
 
@@ -410,22 +410,14 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     let now = now_ms();
     let mut made_due = 0;
     let mut found = false;
+    let l = s.ledger();
     for id in &ids {
-        let env = s
-            .store
-            .update(id, |env| {
-                for r in env.rcpts.iter_mut() {
-                    if r.status == RcptStatus::Deferred {
-                        r.next_attempt = now;
-                        made_due += 1;
-                    }
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        if let Some(env) = env {
+        let env = l.retry_now(id).map_err(|e| e.to_string())?;
+        if let Some((n, env)) = env {
+            made_due += n;
             found = true;
             // Tried now even if its destination is backing off.
-            s.routes.shaper.clear_backoff(&env.upstream);
+            s.pacing.shaper.clear_backoff(&env.upstream);
             s.scheduler.schedule(id, now);
         }
     }
@@ -529,11 +521,11 @@ fn known_route(s: &Services, route: &str) -> Result<(), String> {
 /// Holds or releases one upstream's mail; kept across restarts.
 async fn set_route_paused(s: &Services, route: &str, paused: bool) -> Answer {
     known_route(s, route)?;
-    let list = s.routes.shaper.set_paused(route, paused);
+    let list = s.pacing.shaper.set_paused(route, paused);
     let saved = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
     s.store
         .meta_set(
-            crate::delivery::shaping::META_PAUSED_ROUTES,
+            crate::state::pacing::META_PAUSED_ROUTES,
             (!list.is_empty()).then_some(saved.as_slice()),
         )
         .map_err(|e| e.to_string())?;
@@ -559,31 +551,8 @@ fn cancel_pending(
     why: &str,
     out: &mut Vec<Value>,
 ) -> Result<(), String> {
-    let mut newly = Vec::new();
-    s.store
-        .update(&t.id, |env| {
-            for r in env.rcpts.iter_mut() {
-                if !r.status.is_final() {
-                    r.status = RcptStatus::Cancelled;
-                    r.updated = now_ms();
-                    r.last_reply = Some(format!("cancelled by operator{why}"));
-                    newly.push(r.addr.clone());
-                }
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    let newly = s.ledger().cancel(&t.id, why).map_err(|e| e.to_string())?;
     for rcpt in newly {
-        s.history
-            .record(
-                EventKind::Cancelled,
-                &t.id,
-                &rcpt,
-                &format!("cancelled by operator before delivery{why}"),
-                t.tag.as_deref(),
-                t.subject.as_deref(),
-            )
-            .map_err(|e| e.to_string())?;
-        tracing::info!(id = %t.id, rcpt = %rcpt, "cancelled");
         out.push(json!({"id": t.id, "rcpt": rcpt}));
     }
     Ok(())
@@ -666,14 +635,14 @@ fn advice(class: Class, detail: &str) -> String {
 /// destination's back-off.
 fn held_note(s: &Services, id: &str) -> String {
     match s.store.envelope(id) {
-        Ok(Some(env)) if s.routes.shaper.is_paused(&env.upstream) => format!(
+        Ok(Some(env)) if s.pacing.shaper.is_paused(&env.upstream) => format!(
             "; held: route {0} paused (herald resume --route {0})",
             env.upstream
         ),
         // Waiting for the back-off of its smart host: say until when, and
         // what asked for it.
         Ok(Some(env)) if env.upstream != "mx" => {
-            let dest = s.routes.shaper.upstream(&s.cfg(), &env.upstream);
+            let dest = s.pacing.shaper.upstream(&s.cfg(), &env.upstream);
             match dest.throttled_until(now_ms()) {
                 Some(until) => format!(
                     "; held: destination {} asked herald to slow down ({}), no new sessions to it until its back-off ends {} (herald retry {id} sends now)",

@@ -183,12 +183,8 @@ async fn tls_wrap(target: &Target, tcp: TcpStream) -> Result<Stream, ConnError> 
         // A certificate that does not verify is a problem of the route, and
         // retrying soon will not fix it, but the mail must not bounce.
         Ok(Err(e)) => {
-            let hint = crate::delivery::probe::tls_advice(
-                &format!("{e:?} {e}"),
-                None,
-                &target.host,
-                target.port,
-            );
+            let hint =
+                crate::tls::tls_advice(&format!("{e:?} {e}"), None, &target.host, target.port);
             Err(ConnError::route(if hint.is_empty() {
                 format!("{}: TLS handshake: {e}", target.host)
             } else {

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::client::{reply_text, Client};
 use crate::config::{Config, Security, Upstream};
+use crate::tls::tls_advice;
 use crate::tls::Stream;
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,49 +85,6 @@ fn senders(cfg: &Config, name: &str) -> Vec<String> {
 /// Why a TLS handshake failed, for people.
 fn tls_hint(err: &str, u: &Upstream) -> String {
     tls_advice(err, Some(&u.name), &u.host, u.port)
-}
-
-/// Why a TLS handshake with `host` failed and what fixes it (`upstream`:
-/// its name in the config, when known). Empty when there is nothing to say
-/// beyond the error.
-pub fn tls_advice(err: &str, upstream: Option<&str>, host: &str, port: u16) -> String {
-    let key = |k: &str| match upstream {
-        Some(n) => format!("upstreams.{n}.{k}"),
-        None => format!("the upstream's {k}"),
-    };
-    let e = err.to_ascii_lowercase();
-    if e.contains("causedasendentity")
-        || e.contains("ca used as end entity")
-        || e.contains("self signed")
-        || e.contains("self-signed")
-    {
-        format!(
-            "the server presents a CA certificate as its own (a self-signed certificate): if it is the one you expect, put it in {} to trust it (tls_verify = false would trust anyone)",
-            key("ca_file")
-        )
-    } else if e.contains("expired") {
-        "the server's certificate has expired: the smart host's operator must renew it (tls_verify = false would hide the problem, not fix it)".into()
-    } else if e.contains("notvalidforname") || e.contains("not valid for name") {
-        format!(
-            "certificate name mismatch: {} = {host:?} is not a name in the server's certificate; use the host name the provider documents",
-            key("host")
-        )
-    } else if e.contains("unknownissuer") || e.contains("unknown issuer") {
-        format!(
-            "the certificate is not signed by a CA herald trusts: set {} to the provider's CA (or, for a private smart host, the CA that signed its certificate)",
-            key("ca_file")
-        )
-    } else if e.contains("corrupt")
-        || e.contains("invalid content type")
-        || e.contains("wrong version")
-        || e.contains("received corrupt message")
-    {
-        format!(
-            "port {port} does not speak TLS from the first byte: use security = \"starttls\" (usually port 587) or \"none\""
-        )
-    } else {
-        String::new()
-    }
 }
 
 /// The `notAfter` of a DER certificate as "YYYY-MM-DD HH:MM:SS UTC" and as
@@ -548,7 +506,7 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
             "From: herald probe <{}>\r\nTo: <{to}>\r\nSubject: herald probe of upstream {name}\r\nDate: {}\r\nMessage-ID: <probe.{}@{}>\r\n\r\nThis is a test message sent by herald probe {name}.\r\n",
             cfg.sender.default_sender,
             chrono::Utc::now().to_rfc2822(),
-            crate::queue::now_ms(),
+            crate::state::spool::now_ms(),
             cfg.hostname
         );
         let reply = async {

@@ -7,13 +7,12 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::envelope::Transaction;
-use crate::history::EventKind;
 use crate::live::Live;
-use crate::queue::{now_ms, Envelope, Rcpt, RcptStatus};
 use crate::rewrite;
-use crate::services::Services;
 use crate::smtp_in::spool::Spool;
+use crate::state::envelope::Transaction;
+use crate::state::spool::{now_ms, Envelope, Rcpt, RcptStatus};
+use crate::state::Services;
 
 /// `rejected` events one connection may write: a hostile client must not
 /// be able to fill history (or the disk) with its own refusals.
@@ -56,10 +55,7 @@ impl Refusals {
                 return;
             }
             self.recorded += 1;
-            if let Err(e) = s
-                .history
-                .record(EventKind::Rejected, "-", r, &detail, None, None)
-            {
+            if let Err(e) = s.ledger().rejected(r, &detail) {
                 tracing::warn!(error = %e, "could not record a refusal");
                 return;
             }
@@ -118,10 +114,7 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
     // A reference that maps a complaint quoting the message back to it
     // (signed by its MAC, and by DKIM below).
     if let Some(b) = &s.bounces {
-        let h = format!(
-            "X-Herald-Ref: {}\r\n",
-            crate::bounces::token::reference(&b.key, &id)
-        );
+        let h = format!("X-Herald-Ref: {}\r\n", crate::token::reference(&b.key, &id));
         let mut m = Vec::with_capacity(h.len() + prepared.message.len());
         m.extend_from_slice(h.as_bytes());
         m.extend_from_slice(&prepared.message);
@@ -155,7 +148,7 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
     let now = now_ms();
     let due = now + delay.as_millis() as u64;
     let env = Envelope {
-        v: crate::queue::RECORD_VERSION,
+        v: crate::state::spool::RECORD_VERSION,
         id: id.clone(),
         received_at: now,
         client_ip: t.peer.to_string(),
@@ -184,60 +177,24 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
             })
             .collect(),
     };
+    let detail = format!(
+        "from <{}> via {} ({}), {} bytes{}",
+        t.sender,
+        t.peer,
+        t.helo,
+        env.size,
+        if delay.is_zero() {
+            String::new()
+        } else {
+            format!(
+                ", held {}",
+                crate::config::format_duration(Duration::from_secs(delay.as_secs()))
+            )
+        }
+    );
     // Suppressed recipients are accepted, recorded, and never attempted.
     let mut env = env;
-    let mut suppressed = Vec::new();
-    for r in env.rcpts.iter_mut() {
-        // One that cannot be read is queued, and delivery defers it.
-        if let Ok(Some(e)) = s.suppression.check(&r.addr) {
-            r.status = RcptStatus::Suppressed;
-            r.last_reply = Some(crate::delivery::suppressed_detail(&e));
-            suppressed.push(r.addr.clone());
-        }
-    }
-    let stored = (if env.is_done() {
-        Ok(())
-    } else {
-        s.store.insert(&env, &prepared.message)
-    })
-    .and_then(|_| {
-        let detail = format!(
-            "from <{}> via {} ({}), {} bytes{}",
-            t.sender,
-            t.peer,
-            t.helo,
-            env.size,
-            if delay.is_zero() {
-                String::new()
-            } else {
-                format!(
-                    ", held {}",
-                    crate::config::format_duration(Duration::from_secs(delay.as_secs()))
-                )
-            }
-        );
-        for r in &env.rcpts {
-            s.history.record(
-                EventKind::Received,
-                &id,
-                &r.addr,
-                &detail,
-                env.tag.as_deref(),
-                env.subject.as_deref(),
-            )?;
-            if r.status == RcptStatus::Suppressed {
-                s.history.record(
-                    EventKind::Suppressed,
-                    &id,
-                    &r.addr,
-                    r.last_reply.as_deref().unwrap_or(""),
-                    env.tag.as_deref(),
-                    env.subject.as_deref(),
-                )?;
-            }
-        }
-        Ok(())
-    });
+    let stored = s.ledger().receive(&mut env, &prepared.message, &detail);
     let committed = match stored {
         Ok(()) => s.store.commit().await,
         Err(e) => Err(e),
@@ -257,9 +214,6 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         upstream = %env.upstream,
         "received"
     );
-    for r in &suppressed {
-        tracing::info!(%id, rcpt = %r, "suppressed");
-    }
     if !env.is_done() {
         s.scheduler.schedule(&id, due);
     }

@@ -29,9 +29,9 @@ use super::data::DataLines;
 use super::line::{read_line, Line};
 use super::reception;
 use super::spool::Spool;
-use crate::envelope::Transaction;
 use crate::live::Live;
-use crate::services::Services;
+use crate::state::envelope::Transaction;
+use crate::state::Services;
 use crate::tls::Stream;
 
 /// RFC 5321 4.5.3.1.4 says 512 for a command line; AUTH PLAIN with long
@@ -449,7 +449,7 @@ impl SmtpSession {
             (Some(b), true) => b.max_size,
             _ => cfg.listen.max_message_size,
         };
-        let ip = super::canonical_ip(peer.ip());
+        let ip = crate::limit::canonical_ip(peer.ip());
         let allowed = cfg.listen.allowed_networks.iter().any(|n| n.contains(&ip));
         let mut builder = SessionBuilder::new(cfg.hostname.clone());
         if live.tls.is_some() && !implicit_tls {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, Rate};
 use crate::limit::{Limit, Permit};
-use crate::queue::now_ms;
+use crate::state::spool::now_ms;
 
 /// A token bucket of `rate.count` tokens refilled at `count` per `per`:
 /// after an idle period up to `count` messages may go at once.
@@ -329,11 +329,82 @@ impl Shaper {
     }
 
     /// Loads the paused routes kept in the store's meta tree.
-    pub fn load_paused(&self, store: &crate::queue::Store) {
+    pub fn load_paused(&self, store: &crate::state::spool::Store) {
         if let Ok(Some(v)) = store.meta_get(META_PAUSED_ROUTES) {
             if let Ok(list) = serde_json::from_slice::<Vec<String>>(&v) {
                 *self.paused.lock().unwrap() = list.into_iter().collect();
             }
+        }
+    }
+}
+
+/// Health of one route, as `status` and `trace` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteHealth {
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub since_ms: u64,
+    /// When `last_error` happened (a refusal, or a connection that failed).
+    pub last_error_ms: Option<u64>,
+}
+
+impl RouteHealth {
+    /// A route seen for the first time: healthy since now.
+    fn new() -> RouteHealth {
+        RouteHealth {
+            healthy: true,
+            last_error: None,
+            since_ms: now_ms(),
+            last_error_ms: None,
+        }
+    }
+}
+
+/// Health of the routes and the limits of the destinations, shared by all
+/// attempts (and shown by `status`, `trace` and `/metrics`).
+#[derive(Default)]
+pub struct Pacing {
+    pub health: Mutex<HashMap<String, RouteHealth>>,
+    /// Limits, back-off and paused routes per destination.
+    pub shaper: Shaper,
+}
+
+impl Pacing {
+    /// Records a route failure; logs only when the route turns unhealthy.
+    pub fn mark_unhealthy(&self, route: &str, why: &str) {
+        let mut h = self.health.lock().unwrap();
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
+        if e.healthy {
+            tracing::error!(
+                route,
+                error = why,
+                "route refused by upstream: all its mail is deferred until this is fixed"
+            );
+            e.healthy = false;
+            e.since_ms = now_ms();
+        }
+        e.last_error = Some(why.to_string());
+        e.last_error_ms = Some(now_ms());
+    }
+
+    /// Records the last error of a route that failed for a reason that is
+    /// not a refusal of the route (connection refused, a timeout): `status`
+    /// shows it, and the route stays healthy, since a down host is no
+    /// misconfiguration.
+    pub fn note_error(&self, route: &str, why: &str) {
+        let mut h = self.health.lock().unwrap();
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
+        e.last_error = Some(why.to_string());
+        e.last_error_ms = Some(now_ms());
+    }
+
+    pub fn mark_healthy(&self, route: &str) {
+        let mut h = self.health.lock().unwrap();
+        let e = h.entry(route.to_string()).or_insert_with(RouteHealth::new);
+        if !e.healthy {
+            tracing::info!(route, "route works again");
+            e.healthy = true;
+            e.since_ms = now_ms();
         }
     }
 }

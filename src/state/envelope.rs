@@ -1,7 +1,7 @@
 //! Types that travel with the mail from the listener to the queue: every
 //! stage (`rewrite`, `smtp_in::reception`, `queue`) takes them from here,
 //! so that the pure rewrite stage does not depend on the listener it
-//! serves. The queued form, [`crate::queue::Envelope`], lives with the
+//! serves. The queued form, [`crate::state::spool::Envelope`], lives with the
 //! spool that owns it.
 
 use std::net::IpAddr;

@@ -1,17 +1,38 @@
-//! The shared state of a running herald: what a session, a delivery attempt
-//! or a control request needs, built once by `serve` and passed as an
-//! `Arc<Services>`.
+//! The state layer: what every stage shares, built once by `serve` and
+//! passed as an `Arc<Services>`. Nothing here imports a stage.
+//!
+//! - `spool`: the queue (envelopes and bodies), durable before `250`;
+//! - `history`: events, their index and the webhook outbox;
+//! - `ledger`: the only writer of a recipient's state (with its event and
+//!   the suppression it implies);
+//! - `suppression`, `reports` (the bounce intake's records), `outbox` (what
+//!   each webhook endpoint did), `pacing` (route health, destination limits,
+//!   paused routes), `schedule` (the scheduler's inbox), `envelope` (an SMTP
+//!   transaction being received).
+
+pub mod envelope;
+pub mod history;
+pub mod ledger;
+pub mod outbox;
+pub mod pacing;
+pub mod reports;
+pub mod schedule;
+pub mod spool;
+pub mod suppression;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::delivery::{Routes, Scheduler, Unsaved};
-use crate::history::History;
+use crate::limit::Slots;
 use crate::live::Live;
-use crate::queue::Store;
 use crate::shutdown::Shutdown;
+use history::History;
+use ledger::{Ledger, Unsaved};
+use pacing::Pacing;
+use schedule::Scheduler;
+use spool::Store;
 
 /// Everything a session or a delivery attempt needs, built once.
 pub struct Services {
@@ -20,9 +41,10 @@ pub struct Services {
     pub current: RwLock<Arc<Live>>,
     pub store: Store,
     pub history: History,
-    pub suppression: crate::suppression::Suppression,
+    pub suppression: suppression::Suppression,
     pub scheduler: Scheduler,
-    pub routes: Routes,
+    /// Route health, destination limits and paused routes.
+    pub pacing: Pacing,
     /// Delivery results not written yet (storage failure).
     pub unsaved: Unsaved,
     /// Opportunistic TLS to MX hosts: encrypt when offered, never verify
@@ -34,16 +56,16 @@ pub struct Services {
     /// Message bytes held at once (end of DATA, delivery).
     pub memory: crate::budget::Budget,
     /// What each webhook endpoint last did.
-    pub hooks: crate::webhooks::Hooks,
+    pub hooks: outbox::Hooks,
     /// Delivery attempts in flight (`delivery.concurrency`).
     pub attempts: crate::limit::Limit,
     /// SMTP connection slots (`listen.max_connections`, per client address).
-    pub conns: crate::smtp_in::Slots,
+    pub conns: Slots,
     /// Slots of the `[bounces]` intake: a flood of reports does not keep
     /// the platform from submitting.
-    pub report_conns: crate::smtp_in::Slots,
+    pub report_conns: Slots,
     /// `[bounces]`: return-path tokens and the report intake.
-    pub bounces: Option<crate::bounces::Bounces>,
+    pub bounces: Option<reports::Bounces>,
     /// Counts reloads; tasks that follow the config (webhook senders)
     /// watch it.
     pub reloads: tokio::sync::watch::Sender<u64>,
@@ -69,7 +91,32 @@ impl Services {
         self.live().cfg.clone()
     }
 
-    /// Puts a new configuration in force (see [`crate::live::reload`]).
+    /// The ledger, with the configuration in force now: take it once per
+    /// transaction, attempt or request.
+    pub fn ledger(&self) -> Ledger<'_> {
+        Ledger {
+            store: &self.store,
+            history: &self.history,
+            suppression: &self.suppression,
+            unsaved: &self.unsaved,
+            cfg: self.cfg(),
+        }
+    }
+
+    /// What `systemctl status` shows of herald.
+    pub fn status_line(&self) -> String {
+        let (messages, _, deferred) = self.store.stats.get();
+        let state = if self.store.health.is_failed() {
+            "STORAGE FAILED"
+        } else if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            "delivery paused"
+        } else {
+            "delivering"
+        };
+        format!("{messages} queued ({deferred} deferred recipients), {state}")
+    }
+
+    /// Puts a new configuration in force (see `control::reload`).
     pub fn set_live(&self, live: Arc<Live>) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = live;
     }

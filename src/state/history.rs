@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::{now_ms, QueueError};
 use crate::reply::Class;
+use crate::state::spool::{now_ms, QueueError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,7 +132,7 @@ pub struct History {
     hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
     /// Webhook outbox: `NAME \0 EVENT-KEY` -> event JSON, written with the
     /// event itself (same flush, same commit), removed once delivered.
-    pub outbox: sled::Tree,
+    pub(super) outbox: sled::Tree,
     /// The endpoints in force, each with the wake-up of its sender; a
     /// reload replaces the list.
     hooks: Arc<RwLock<Hooks>>,
