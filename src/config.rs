@@ -713,15 +713,6 @@ impl Config {
     }
 
     fn from_raw(raw: raw::Config, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
-        let rel = |p: &str| -> PathBuf {
-            let p = Path::new(p);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                dir.join(p)
-            }
-        };
-
         let hostname = match raw.hostname {
             Some(h) if h.trim().is_empty() || h.contains(char::is_whitespace) => {
                 return Err(bad("hostname", format!("{h:?} is not a host name")))
@@ -730,609 +721,25 @@ impl Config {
             None => system_hostname(),
         };
 
-        // [listen]
-        let l = raw.listen;
-        let smtp = socket_addrs(
-            "listen.smtp",
-            &l.smtp.unwrap_or_else(|| vec!["127.0.0.1:2525".into()]),
-        )?;
-        let smtps = socket_addrs("listen.smtps", &l.smtps.unwrap_or_default())?;
-        if smtp.is_empty() && smtps.is_empty() {
-            return Err(bad("listen.smtp", "no listener: give at least one address"));
-        }
-        let tls = l.tls.map(|t| TlsFiles {
-            cert: rel(&t.cert),
-            key: rel(&t.key),
-        });
-        if !smtps.is_empty() && tls.is_none() {
-            return Err(bad(
-                "listen.smtps",
-                "implicit-TLS listeners need listen.tls = { cert = ..., key = ... }",
-            ));
-        }
-        if let Some(t) = &tls {
-            for (k, p) in [("listen.tls.cert", &t.cert), ("listen.tls.key", &t.key)] {
-                if !p.is_file() {
-                    return Err(bad(k, format!("{} does not exist", p.display())));
-                }
-            }
-        }
-        let allowed_networks = networks(
-            "listen.allowed_networks",
-            &l.allowed_networks
-                .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]),
-        )?;
-        if let Some(n) = allowed_networks.iter().find(|n| n.prefix_len() == 0) {
-            return Err(bad(
-                "listen.allowed_networks",
-                format!(
-                    "{n} lets every address relay without AUTH (an open relay); list the platform's networks, and let others log in with [[listen.users]]"
-                ),
-            ));
-        }
-        let mut users = Vec::new();
-        for (i, u) in l.users.into_iter().enumerate() {
-            let key = format!("listen.users[{i}]");
-            if u.username.is_empty() || u.username.contains(char::is_whitespace) {
-                return Err(bad(format!("{key}.username"), "must be a non-empty word"));
-            }
-            let password = match (u.password, u.password_file) {
-                (Some(p), None) if !p.is_empty() => Secret(p),
-                (None, Some(f)) => read_secret(&format!("{key}.password_file"), &rel(&f))?,
-                _ => {
-                    return Err(bad(
-                        key,
-                        "give exactly one of password or password_file (non-empty)",
-                    ))
-                }
-            };
-            users.push(User {
-                username: u.username,
-                password,
-            });
-        }
-        let listen = Listen {
-            smtp,
-            smtps,
-            max_message_size: positive(
-                "listen.max_message_size",
-                l.max_message_size,
-                26_214_400,
-                1 << 31,
-            )? as usize,
-            max_recipients: positive("listen.max_recipients", l.max_recipients, 100, 100_000)?
-                as usize,
-            max_connections: positive("listen.max_connections", l.max_connections, 256, 65_536)?
-                as usize,
-            max_connections_per_ip: positive(
-                "listen.max_connections_per_ip",
-                l.max_connections_per_ip,
-                20,
-                65_536,
-            )? as usize,
-            session_timeout: parse_duration(
-                "listen.session_timeout",
-                l.session_timeout.as_deref().unwrap_or("10m"),
-            )?,
-            allowed_networks,
-            proxy_protocol_from: networks("listen.proxy_protocol_from", &l.proxy_protocol_from)?,
-            tls,
-            users,
-        };
-
-        if listen.session_timeout.is_zero() {
-            return Err(bad("listen.session_timeout", "must be longer than 0s"));
-        }
-
-        // [storage]
-        let s = raw.storage;
-        if s.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-            return Err(bad(
-                "storage.path",
-                "is empty; name the queue's directory, e.g. \"data\"",
-            ));
-        }
-        let storage = Storage {
-            path: rel(s.path.as_deref().unwrap_or("data")),
-            history_retention: parse_duration(
-                "storage.history_retention",
-                s.history_retention.as_deref().unwrap_or("7d"),
-            )?,
-        };
-        if storage.history_retention.is_zero() {
-            return Err(bad("storage.history_retention", "must be longer than 0s"));
-        }
-
-        // [sender]
-        let se = raw.sender;
-        let default_sender = check_address(
-            "sender.default_sender",
-            se.default_sender.as_deref().ok_or_else(|| {
-                bad(
-                    "sender.default_sender",
-                    "missing: the authorized address mail is sent from",
-                )
-            })?,
-        )?;
-        let bounce_explicit = se.bounce_address.is_some();
-        let bounce_address = match se.bounce_address {
-            Some(b) => check_address("sender.bounce_address", &b)?,
-            None => default_sender.clone(),
-        };
-        let sender = Sender {
-            default_sender,
-            always_default_sender: se.always_default_sender.unwrap_or(true),
-            bounce_address,
-            bounce_explicit,
-            reply_to_original: se.reply_to_original.unwrap_or(true),
-        };
-
-        // [[dkim]]
-        let mut dkim = Vec::new();
-        for (i, d) in raw.dkim.into_iter().enumerate() {
-            let key = format!("dkim[{i}]");
-            if d.domain.is_empty() || !d.domain.contains('.') {
-                return Err(bad(format!("{key}.domain"), "must be a domain name"));
-            }
-            if d.selector.is_empty() || d.selector.contains(char::is_whitespace) {
-                return Err(bad(format!("{key}.selector"), "must be a non-empty word"));
-            }
-            let p = rel(&d.private_key);
-            if !p.is_file() {
-                return Err(bad(
-                    format!("{key}.private_key"),
-                    format!(
-                        "{} does not exist (make one with herald dkim-keygen)",
-                        p.display()
-                    ),
-                ));
-            }
-            dkim.push(DkimKey {
-                domain: d.domain.to_ascii_lowercase(),
-                selector: d.selector,
-                private_key: p,
-            });
-        }
-
-        // [upstreams.*] (their session limit defaults to delivery.concurrency)
         let concurrency =
             positive("delivery.concurrency", raw.delivery.concurrency, 16, 10_000)? as usize;
-        let mut upstreams = BTreeMap::new();
-        for (name, u) in raw.upstreams {
-            let key = format!("upstreams.{name}");
-            if name == "mx" {
-                return Err(bad(key, "\"mx\" is reserved for direct delivery"));
-            }
-            if u.host.trim().is_empty() {
-                return Err(bad(format!("{key}.host"), "must not be empty"));
-            }
-            let security = match u.security.as_deref().unwrap_or("starttls") {
-                "tls" => Security::Tls,
-                "starttls" => Security::StartTls,
-                "none" => Security::None,
-                other => {
-                    return Err(bad(
-                        format!("{key}.security"),
-                        format!("{other:?} is not one of \"tls\", \"starttls\", \"none\""),
-                    ))
-                }
-            };
-            let default_port = match security {
-                Security::Tls => 465,
-                _ => 587,
-            };
-            let port = match u.port {
-                None => default_port,
-                Some(p) if (1..=65535).contains(&p) => p as u16,
-                Some(p) => return Err(bad(format!("{key}.port"), format!("{p} is not a port"))),
-            };
-            let password = match &u.password_file {
-                Some(f) => Some(read_secret(&format!("{key}.password_file"), &rel(f))?),
-                None => None,
-            };
-            if u.username.is_some() != password.is_some() {
-                return Err(bad(
-                    key,
-                    "username and password_file go together: give both or neither",
-                ));
-            }
-            let ca_file = u.ca_file.as_deref().map(rel);
-            if let Some(ca) = &ca_file {
-                if !ca.is_file() {
-                    return Err(bad(
-                        format!("{key}.ca_file"),
-                        format!("{} does not exist", ca.display()),
-                    ));
-                }
-            }
-            upstreams.insert(
-                name.clone(),
-                Upstream {
-                    name,
-                    host: u.host,
-                    port,
-                    security,
-                    username: u.username,
-                    password,
-                    ca_file,
-                    tls_verify: u.tls_verify.unwrap_or(true),
-                    max_connections: positive(
-                        &format!("{key}.max_connections"),
-                        u.max_connections,
-                        concurrency as i64,
-                        10_000,
-                    )? as usize,
-                    max_rate: parse_rate(
-                        &format!("{key}.max_rate"),
-                        u.max_rate.as_deref().unwrap_or("0"),
-                    )?,
-                    max_messages_per_connection: match u.max_messages_per_connection {
-                        None => None,
-                        Some(n) => Some(positive(
-                            &format!("{key}.max_messages_per_connection"),
-                            Some(n),
-                            1,
-                            1_000_000,
-                        )? as u32),
-                    },
-                },
-            );
-        }
-        let check_upstream = |key: &str, name: &str| -> Result<(), ConfigError> {
-            if name == "mx" || upstreams.contains_key(name) {
-                Ok(())
-            } else {
-                let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-                Err(bad(
-                    key,
-                    format!(
-                        "{name:?} is neither \"mx\" nor a name in [upstreams] (known: {})",
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ))
-            }
-        };
-
-        // [delivery]
-        let d = raw.delivery;
-        let upstream = d.upstream.unwrap_or_else(|| "mx".into());
-        check_upstream("delivery.upstream", &upstream)?;
-        let retry_schedule = d
-            .retry_schedule
-            .unwrap_or_else(|| ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec())
-            .iter()
-            .map(|s| parse_duration("delivery.retry_schedule", s))
-            .collect::<Result<Vec<_>, _>>()?;
-        if retry_schedule.is_empty() {
-            return Err(bad(
-                "delivery.retry_schedule",
-                "must have at least one value",
-            ));
-        }
-        if retry_schedule.iter().any(|d| d.is_zero()) {
-            return Err(bad(
-                "delivery.retry_schedule",
-                "values must be longer than 0s",
-            ));
-        }
-        let max_age = parse_duration("delivery.max_age", d.max_age.as_deref().unwrap_or("2d"))?;
-        if max_age.is_zero() {
-            return Err(bad("delivery.max_age", "must be longer than 0s"));
-        }
-        let expiry = parse_duration(
-            "delivery.suppression_expiry",
-            d.suppression_expiry.as_deref().unwrap_or("30d"),
-        )?;
-        let delivery = Delivery {
-            upstream,
-            send_delay: parse_duration(
-                "delivery.send_delay",
-                d.send_delay.as_deref().unwrap_or("0s"),
-            )?,
-            retry_schedule,
-            max_age,
-            concurrency,
-            suppress_after_bounces: positive(
-                "delivery.suppress_after_bounces",
-                d.suppress_after_bounces,
-                1,
-                1_000_000,
-            )? as u32,
-            suppression_expiry: (!expiry.is_zero()).then_some(expiry),
-            mx_port: positive("delivery.mx_port", d.mx_port, 25, 65535)? as u16,
-            mx_max_connections: positive(
-                "delivery.mx_max_connections",
-                d.mx_max_connections,
-                concurrency as i64,
-                10_000,
-            )? as usize,
-            mx_max_rate: parse_rate(
-                "delivery.mx_max_rate",
-                d.mx_max_rate.as_deref().unwrap_or("0"),
-            )?,
-        };
-
-        // [[routes]]
-        let mut routes = Vec::new();
-        for (i, r) in raw.routes.into_iter().enumerate() {
-            let key = format!("routes[{i}]");
-            check_upstream(&format!("{key}.upstream"), &r.upstream)?;
-            if r.sender_domain.is_none() && r.auth_user.is_none() {
-                return Err(bad(
-                    key,
-                    "a route needs sender_domain or auth_user to match on",
-                ));
-            }
-            let default_sender = match r.default_sender {
-                Some(s) => Some(check_address(&format!("{key}.default_sender"), &s)?),
-                None => None,
-            };
-            routes.push(Route {
-                sender_domain: r.sender_domain.map(|s| s.to_ascii_lowercase()),
-                auth_user: r.auth_user,
-                upstream: r.upstream,
-                default_sender,
-            });
-        }
-
-        // [tracking]
-        let t = raw.tracking;
-        let tracking = Tracking {
-            enabled: t.enabled.unwrap_or(false),
-            listen: socket_addrs(
-                "tracking.listen",
-                &[t.listen.unwrap_or_else(|| "127.0.0.1:8025".into())],
-            )?[0],
-            base_url: t.base_url.unwrap_or_default(),
-            secret_file: t.secret_file.as_deref().map(rel),
-            trusted_proxies: networks("tracking.trusted_proxies", &t.trusted_proxies)?,
-        };
-        if tracking.enabled {
-            if !(tracking.base_url.starts_with("http://")
-                || tracking.base_url.starts_with("https://"))
-            {
-                return Err(bad(
-                    "tracking.base_url",
-                    "must be an http:// or https:// URL",
-                ));
-            }
-            if tracking.secret_file.is_none() {
-                return Err(bad(
-                    "tracking.secret_file",
-                    "required when tracking is enabled",
-                ));
-            }
-        }
-
-        // [control]
-        let c = raw.control;
-        let control = Control {
-            socket: rel(c.socket.as_deref().unwrap_or("data/herald.sock")),
-            metrics_listen: match c.metrics_listen.as_deref() {
-                None | Some("") => None,
-                Some(s) => Some(socket_addrs("control.metrics_listen", &[s.to_string()])?[0]),
-            },
-        };
-
-        // [dns]
-        let dns = Dns {
-            nameservers: raw
-                .dns
-                .nameservers
-                .iter()
-                .map(|s| {
-                    s.parse::<SocketAddr>()
-                        .or_else(|_| {
-                            s.parse::<std::net::IpAddr>()
-                                .map(|ip| SocketAddr::new(ip, 53))
-                        })
-                        .map_err(|_| {
-                            bad("dns.nameservers", format!("{s:?} is not an IP or IP:port"))
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-
-        // [[webhooks]]
-        let mut webhooks = Vec::new();
-        for (i, w) in raw.webhooks.into_iter().enumerate() {
-            let key = format!("webhooks[{i}]");
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
-                || w.url.parse::<http::Uri>().is_err()
-            {
-                return Err(bad(
-                    format!("{key}.url"),
-                    format!("{:?} is not an http:// or https:// URL", w.url),
-                ));
-            }
-            let secret = read_secret(&format!("{key}.secret_file"), &rel(&w.secret_file))?;
-            if secret.0.len() < 16 {
-                return Err(bad(
-                    format!("{key}.secret_file"),
-                    format!(
-                        "holds {} bytes; use at least 16 (head -c 32 /dev/urandom | base64 > FILE)",
-                        secret.0.len()
-                    ),
-                ));
-            }
-            let events = w
-                .events
-                .unwrap_or_else(|| WEBHOOK_EVENTS[..8].iter().map(|s| s.to_string()).collect());
-            for e in &events {
-                if !WEBHOOK_EVENTS.contains(&e.as_str()) {
-                    return Err(bad(
-                        format!("{key}.events"),
-                        format!("{e:?} is not one of {}", WEBHOOK_EVENTS.join(", ")),
-                    ));
-                }
-            }
-            let ca_file = w.ca_file.as_deref().map(rel);
-            if let Some(ca) = &ca_file {
-                if !ca.is_file() {
-                    return Err(bad(
-                        format!("{key}.ca_file"),
-                        format!("{} does not exist", ca.display()),
-                    ));
-                }
-            }
-            let timeout = parse_duration(
-                &format!("{key}.timeout"),
-                w.timeout.as_deref().unwrap_or("10s"),
-            )?;
-            let name = w.name.unwrap_or_else(|| w.url.clone());
-            if webhooks.iter().any(|h: &Webhook| h.name == name) {
-                return Err(bad(
-                    format!("{key}.name"),
-                    format!("{name:?} is used twice"),
-                ));
-            }
-            webhooks.push(Webhook {
-                name,
-                url: w.url,
-                secret,
-                events,
-                tags: w.tags,
-                ca_file,
-                timeout,
-            });
-        }
-
-        // [api]
-        let api = Api {
-            listen: match raw.api.listen.as_deref() {
-                None | Some("") => None,
-                Some(s) => Some(socket_addrs("api.listen", &[s.to_string()])?[0]),
-            },
-            tokens_file: raw.api.tokens_file.as_deref().map(rel),
-        };
-        if api.listen.is_some() {
-            match &api.tokens_file {
-                None => return Err(bad("api.tokens_file", "required when api.listen is set")),
-                Some(p) if !p.is_file() => {
-                    return Err(bad(
-                        "api.tokens_file",
-                        format!("{} does not exist", p.display()),
-                    ))
-                }
-                _ => {}
-            }
-        }
-
-        // [bounces]
-        let bounces = match raw.bounces {
-            None => None,
-            Some(b) => {
-                let domain = b
-                    .domain
-                    .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
-                    .filter(|d| d.contains('.') && !d.contains(|c: char| c.is_whitespace() || c == '@'))
-                    .ok_or_else(|| {
-                        bad(
-                            "bounces.domain",
-                            "must be a domain name whose MX points at herald, e.g. \"bounces.example.com\"",
-                        )
-                    })?;
-                let listen = socket_addrs(
-                    "bounces.listen",
-                    &b.listen.unwrap_or_else(|| vec!["0.0.0.0:25".into()]),
-                )?;
-                if listen.is_empty() {
-                    return Err(bad("bounces.listen", "needs at least one address"));
-                }
-                let file = b.secret_file.ok_or_else(|| {
-                    bad(
-                        "bounces.secret_file",
-                        "missing: the HMAC key of return-path tokens (head -c 32 /dev/urandom | base64 > FILE)",
-                    )
-                })?;
-                let secret = read_secret("bounces.secret_file", &rel(&file))?;
-                if secret.0.len() < 16 {
-                    return Err(bad(
-                        "bounces.secret_file",
-                        format!(
-                            "holds {} bytes; use at least 16 (head -c 32 /dev/urandom | base64 > FILE)",
-                            secret.0.len()
-                        ),
-                    ));
-                }
-                let max_size = positive(
-                    "bounces.max_size",
-                    b.max_size,
-                    1024 * 1024,
-                    64 * 1024 * 1024,
-                )? as usize;
-                let complaint_address = check_address(
-                    "bounces.complaint_address",
-                    &b.complaint_address
-                        .unwrap_or_else(|| format!("fbl@{domain}")),
-                )?
-                .to_ascii_lowercase();
-                if complaint_address.starts_with("b-") {
-                    return Err(bad(
-                        "bounces.complaint_address",
-                        "must not begin with \"b-\" (that is the form of return-path tokens)",
-                    ));
-                }
-                let max_stored = positive(
-                    "bounces.max_stored",
-                    b.max_stored,
-                    DEFAULT_MAX_STORED,
-                    1 << 40,
-                )? as u64;
-                if max_stored < 4 * max_size as u64 {
-                    return Err(bad(
-                        "bounces.max_stored",
-                        format!(
-                            "{max_stored} bytes holds fewer than 4 reports of bounces.max_size ({max_size}); raise it or lower max_size"
-                        ),
-                    ));
-                }
-                let max_connections =
-                    positive("bounces.max_connections", b.max_connections, 100, 100_000)? as usize;
-                let max_connections_per_ip = positive(
-                    "bounces.max_connections_per_ip",
-                    b.max_connections_per_ip,
-                    5,
-                    100_000,
-                )? as usize;
-                let max_rate_per_ip = parse_rate(
-                    "bounces.max_rate_per_ip",
-                    b.max_rate_per_ip.as_deref().unwrap_or("120/m"),
-                )?;
-                Some(Bounces {
-                    domain,
-                    listen,
-                    secret,
-                    max_size,
-                    complaint_address,
-                    max_stored,
-                    max_connections,
-                    max_connections_per_ip,
-                    max_rate_per_ip,
-                })
-            }
-        };
-
+        let upstreams = upstreams(raw.upstreams, concurrency, dir)?;
         Ok(Config {
             path: path.to_path_buf(),
             hostname,
-            listen,
-            storage,
-            sender,
-            dkim,
-            delivery,
+            listen: listen(raw.listen, dir)?,
+            storage: storage(raw.storage, dir)?,
+            sender: sender(raw.sender)?,
+            dkim: dkim(raw.dkim, dir)?,
+            delivery: delivery(raw.delivery, concurrency, &upstreams)?,
+            routes: routes(raw.routes, &upstreams)?,
             upstreams,
-            routes,
-            tracking,
-            control,
-            dns,
-            webhooks,
-            api,
-            bounces,
+            tracking: tracking(raw.tracking, dir)?,
+            control: control(raw.control, dir)?,
+            dns: dns(raw.dns)?,
+            webhooks: webhooks(raw.webhooks, dir)?,
+            api: api(raw.api, dir)?,
+            bounces: bounces(raw.bounces, dir)?,
         })
     }
 
@@ -1356,6 +763,656 @@ impl Config {
             };
             dom_ok && user_ok
         })
+    }
+}
+
+/// `[listen]`.
+fn listen(l: raw::Listen, dir: &Path) -> Result<Listen, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let smtp = socket_addrs(
+        "listen.smtp",
+        &l.smtp.unwrap_or_else(|| vec!["127.0.0.1:2525".into()]),
+    )?;
+    let smtps = socket_addrs("listen.smtps", &l.smtps.unwrap_or_default())?;
+    if smtp.is_empty() && smtps.is_empty() {
+        return Err(bad("listen.smtp", "no listener: give at least one address"));
+    }
+    let tls = l.tls.map(|t| TlsFiles {
+        cert: rel(&t.cert),
+        key: rel(&t.key),
+    });
+    if !smtps.is_empty() && tls.is_none() {
+        return Err(bad(
+            "listen.smtps",
+            "implicit-TLS listeners need listen.tls = { cert = ..., key = ... }",
+        ));
+    }
+    if let Some(t) = &tls {
+        for (k, p) in [("listen.tls.cert", &t.cert), ("listen.tls.key", &t.key)] {
+            if !p.is_file() {
+                return Err(bad(k, format!("{} does not exist", p.display())));
+            }
+        }
+    }
+    let allowed_networks = networks(
+        "listen.allowed_networks",
+        &l.allowed_networks
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]),
+    )?;
+    if let Some(n) = allowed_networks.iter().find(|n| n.prefix_len() == 0) {
+        return Err(bad(
+            "listen.allowed_networks",
+            format!(
+                "{n} lets every address relay without AUTH (an open relay); list the platform's networks, and let others log in with [[listen.users]]"
+            ),
+        ));
+    }
+    let mut users = Vec::new();
+    for (i, u) in l.users.into_iter().enumerate() {
+        let key = format!("listen.users[{i}]");
+        if u.username.is_empty() || u.username.contains(char::is_whitespace) {
+            return Err(bad(format!("{key}.username"), "must be a non-empty word"));
+        }
+        let password = match (u.password, u.password_file) {
+            (Some(p), None) if !p.is_empty() => Secret(p),
+            (None, Some(f)) => read_secret(&format!("{key}.password_file"), &rel(&f))?,
+            _ => {
+                return Err(bad(
+                    key,
+                    "give exactly one of password or password_file (non-empty)",
+                ))
+            }
+        };
+        users.push(User {
+            username: u.username,
+            password,
+        });
+    }
+    let listen = Listen {
+        smtp,
+        smtps,
+        max_message_size: positive(
+            "listen.max_message_size",
+            l.max_message_size,
+            26_214_400,
+            1 << 31,
+        )? as usize,
+        max_recipients: positive("listen.max_recipients", l.max_recipients, 100, 100_000)? as usize,
+        max_connections: positive("listen.max_connections", l.max_connections, 256, 65_536)?
+            as usize,
+        max_connections_per_ip: positive(
+            "listen.max_connections_per_ip",
+            l.max_connections_per_ip,
+            20,
+            65_536,
+        )? as usize,
+        session_timeout: parse_duration(
+            "listen.session_timeout",
+            l.session_timeout.as_deref().unwrap_or("10m"),
+        )?,
+        allowed_networks,
+        proxy_protocol_from: networks("listen.proxy_protocol_from", &l.proxy_protocol_from)?,
+        tls,
+        users,
+    };
+
+    if listen.session_timeout.is_zero() {
+        return Err(bad("listen.session_timeout", "must be longer than 0s"));
+    }
+    Ok(listen)
+}
+
+/// `[storage]`.
+fn storage(s: raw::Storage, dir: &Path) -> Result<Storage, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    if s.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        return Err(bad(
+            "storage.path",
+            "is empty; name the queue's directory, e.g. \"data\"",
+        ));
+    }
+    let storage = Storage {
+        path: rel(s.path.as_deref().unwrap_or("data")),
+        history_retention: parse_duration(
+            "storage.history_retention",
+            s.history_retention.as_deref().unwrap_or("7d"),
+        )?,
+    };
+    if storage.history_retention.is_zero() {
+        return Err(bad("storage.history_retention", "must be longer than 0s"));
+    }
+    Ok(storage)
+}
+
+/// `[sender]`.
+fn sender(se: raw::Sender) -> Result<Sender, ConfigError> {
+    let default_sender = check_address(
+        "sender.default_sender",
+        se.default_sender.as_deref().ok_or_else(|| {
+            bad(
+                "sender.default_sender",
+                "missing: the authorized address mail is sent from",
+            )
+        })?,
+    )?;
+    let bounce_explicit = se.bounce_address.is_some();
+    let bounce_address = match se.bounce_address {
+        Some(b) => check_address("sender.bounce_address", &b)?,
+        None => default_sender.clone(),
+    };
+    let sender = Sender {
+        default_sender,
+        always_default_sender: se.always_default_sender.unwrap_or(true),
+        bounce_address,
+        bounce_explicit,
+        reply_to_original: se.reply_to_original.unwrap_or(true),
+    };
+    Ok(sender)
+}
+
+/// `[[dkim]]`.
+fn dkim(list: Vec<raw::Dkim>, dir: &Path) -> Result<Vec<DkimKey>, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let mut dkim = Vec::new();
+    for (i, d) in list.into_iter().enumerate() {
+        let key = format!("dkim[{i}]");
+        if d.domain.is_empty() || !d.domain.contains('.') {
+            return Err(bad(format!("{key}.domain"), "must be a domain name"));
+        }
+        if d.selector.is_empty() || d.selector.contains(char::is_whitespace) {
+            return Err(bad(format!("{key}.selector"), "must be a non-empty word"));
+        }
+        let p = rel(&d.private_key);
+        if !p.is_file() {
+            return Err(bad(
+                format!("{key}.private_key"),
+                format!(
+                    "{} does not exist (make one with herald dkim-keygen)",
+                    p.display()
+                ),
+            ));
+        }
+        dkim.push(DkimKey {
+            domain: d.domain.to_ascii_lowercase(),
+            selector: d.selector,
+            private_key: p,
+        });
+    }
+    Ok(dkim)
+}
+
+/// `[upstreams.*]: their session limit defaults to delivery.concurrency`.
+fn upstreams(
+    raw: BTreeMap<String, raw::Upstream>,
+    concurrency: usize,
+    dir: &Path,
+) -> Result<BTreeMap<String, Upstream>, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in raw {
+        let key = format!("upstreams.{name}");
+        if name == "mx" {
+            return Err(bad(key, "\"mx\" is reserved for direct delivery"));
+        }
+        if u.host.trim().is_empty() {
+            return Err(bad(format!("{key}.host"), "must not be empty"));
+        }
+        let security = match u.security.as_deref().unwrap_or("starttls") {
+            "tls" => Security::Tls,
+            "starttls" => Security::StartTls,
+            "none" => Security::None,
+            other => {
+                return Err(bad(
+                    format!("{key}.security"),
+                    format!("{other:?} is not one of \"tls\", \"starttls\", \"none\""),
+                ))
+            }
+        };
+        let default_port = match security {
+            Security::Tls => 465,
+            _ => 587,
+        };
+        let port = match u.port {
+            None => default_port,
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => return Err(bad(format!("{key}.port"), format!("{p} is not a port"))),
+        };
+        let password = match &u.password_file {
+            Some(f) => Some(read_secret(&format!("{key}.password_file"), &rel(f))?),
+            None => None,
+        };
+        if u.username.is_some() != password.is_some() {
+            return Err(bad(
+                key,
+                "username and password_file go together: give both or neither",
+            ));
+        }
+        let ca_file = u.ca_file.as_deref().map(rel);
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                return Err(bad(
+                    format!("{key}.ca_file"),
+                    format!("{} does not exist", ca.display()),
+                ));
+            }
+        }
+        upstreams.insert(
+            name.clone(),
+            Upstream {
+                name,
+                host: u.host,
+                port,
+                security,
+                username: u.username,
+                password,
+                ca_file,
+                tls_verify: u.tls_verify.unwrap_or(true),
+                max_connections: positive(
+                    &format!("{key}.max_connections"),
+                    u.max_connections,
+                    concurrency as i64,
+                    10_000,
+                )? as usize,
+                max_rate: parse_rate(
+                    &format!("{key}.max_rate"),
+                    u.max_rate.as_deref().unwrap_or("0"),
+                )?,
+                max_messages_per_connection: match u.max_messages_per_connection {
+                    None => None,
+                    Some(n) => Some(positive(
+                        &format!("{key}.max_messages_per_connection"),
+                        Some(n),
+                        1,
+                        1_000_000,
+                    )? as u32),
+                },
+            },
+        );
+    }
+    Ok(upstreams)
+}
+
+/// An error unless `name` is "mx" or a configured upstream.
+fn check_upstream(
+    upstreams: &BTreeMap<String, Upstream>,
+    key: &str,
+    name: &str,
+) -> Result<(), ConfigError> {
+    if name == "mx" || upstreams.contains_key(name) {
+        Ok(())
+    } else {
+        let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+        Err(bad(
+            key,
+            format!(
+                "{name:?} is neither \"mx\" nor a name in [upstreams] (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ))
+    }
+}
+
+/// `[delivery]`.
+fn delivery(
+    d: raw::Delivery,
+    concurrency: usize,
+    upstreams: &BTreeMap<String, Upstream>,
+) -> Result<Delivery, ConfigError> {
+    let upstream = d.upstream.unwrap_or_else(|| "mx".into());
+    check_upstream(upstreams, "delivery.upstream", &upstream)?;
+    let retry_schedule = d
+        .retry_schedule
+        .unwrap_or_else(|| ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec())
+        .iter()
+        .map(|s| parse_duration("delivery.retry_schedule", s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if retry_schedule.is_empty() {
+        return Err(bad(
+            "delivery.retry_schedule",
+            "must have at least one value",
+        ));
+    }
+    if retry_schedule.iter().any(|d| d.is_zero()) {
+        return Err(bad(
+            "delivery.retry_schedule",
+            "values must be longer than 0s",
+        ));
+    }
+    let max_age = parse_duration("delivery.max_age", d.max_age.as_deref().unwrap_or("2d"))?;
+    if max_age.is_zero() {
+        return Err(bad("delivery.max_age", "must be longer than 0s"));
+    }
+    let expiry = parse_duration(
+        "delivery.suppression_expiry",
+        d.suppression_expiry.as_deref().unwrap_or("30d"),
+    )?;
+    let delivery = Delivery {
+        upstream,
+        send_delay: parse_duration(
+            "delivery.send_delay",
+            d.send_delay.as_deref().unwrap_or("0s"),
+        )?,
+        retry_schedule,
+        max_age,
+        concurrency,
+        suppress_after_bounces: positive(
+            "delivery.suppress_after_bounces",
+            d.suppress_after_bounces,
+            1,
+            1_000_000,
+        )? as u32,
+        suppression_expiry: (!expiry.is_zero()).then_some(expiry),
+        mx_port: positive("delivery.mx_port", d.mx_port, 25, 65535)? as u16,
+        mx_max_connections: positive(
+            "delivery.mx_max_connections",
+            d.mx_max_connections,
+            concurrency as i64,
+            10_000,
+        )? as usize,
+        mx_max_rate: parse_rate(
+            "delivery.mx_max_rate",
+            d.mx_max_rate.as_deref().unwrap_or("0"),
+        )?,
+    };
+    Ok(delivery)
+}
+
+/// `[[routes]]`.
+fn routes(
+    list: Vec<raw::Route>,
+    upstreams: &BTreeMap<String, Upstream>,
+) -> Result<Vec<Route>, ConfigError> {
+    let mut routes = Vec::new();
+    for (i, r) in list.into_iter().enumerate() {
+        let key = format!("routes[{i}]");
+        check_upstream(upstreams, &format!("{key}.upstream"), &r.upstream)?;
+        if r.sender_domain.is_none() && r.auth_user.is_none() {
+            return Err(bad(
+                key,
+                "a route needs sender_domain or auth_user to match on",
+            ));
+        }
+        let default_sender = match r.default_sender {
+            Some(s) => Some(check_address(&format!("{key}.default_sender"), &s)?),
+            None => None,
+        };
+        routes.push(Route {
+            sender_domain: r.sender_domain.map(|s| s.to_ascii_lowercase()),
+            auth_user: r.auth_user,
+            upstream: r.upstream,
+            default_sender,
+        });
+    }
+    Ok(routes)
+}
+
+/// `[tracking]`.
+fn tracking(t: raw::Tracking, dir: &Path) -> Result<Tracking, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let tracking = Tracking {
+        enabled: t.enabled.unwrap_or(false),
+        listen: socket_addrs(
+            "tracking.listen",
+            &[t.listen.unwrap_or_else(|| "127.0.0.1:8025".into())],
+        )?[0],
+        base_url: t.base_url.unwrap_or_default(),
+        secret_file: t.secret_file.as_deref().map(rel),
+        trusted_proxies: networks("tracking.trusted_proxies", &t.trusted_proxies)?,
+    };
+    if tracking.enabled {
+        if !(tracking.base_url.starts_with("http://") || tracking.base_url.starts_with("https://"))
+        {
+            return Err(bad(
+                "tracking.base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if tracking.secret_file.is_none() {
+            return Err(bad(
+                "tracking.secret_file",
+                "required when tracking is enabled",
+            ));
+        }
+    }
+    Ok(tracking)
+}
+
+/// `[control]`.
+fn control(c: raw::Control, dir: &Path) -> Result<Control, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let control = Control {
+        socket: rel(c.socket.as_deref().unwrap_or("data/herald.sock")),
+        metrics_listen: match c.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(socket_addrs("control.metrics_listen", &[s.to_string()])?[0]),
+        },
+    };
+    Ok(control)
+}
+
+/// `[dns]`.
+fn dns(d: raw::Dns) -> Result<Dns, ConfigError> {
+    let dns = Dns {
+        nameservers: d
+            .nameservers
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        s.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| bad("dns.nameservers", format!("{s:?} is not an IP or IP:port")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    Ok(dns)
+}
+
+/// `[[webhooks]]`.
+fn webhooks(list: Vec<raw::Webhook>, dir: &Path) -> Result<Vec<Webhook>, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let mut webhooks = Vec::new();
+    for (i, w) in list.into_iter().enumerate() {
+        let key = format!("webhooks[{i}]");
+        if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+            || w.url.parse::<http::Uri>().is_err()
+        {
+            return Err(bad(
+                format!("{key}.url"),
+                format!("{:?} is not an http:// or https:// URL", w.url),
+            ));
+        }
+        let secret = read_secret(&format!("{key}.secret_file"), &rel(&w.secret_file))?;
+        if secret.0.len() < 16 {
+            return Err(bad(
+                format!("{key}.secret_file"),
+                format!(
+                    "holds {} bytes; use at least 16 (head -c 32 /dev/urandom | base64 > FILE)",
+                    secret.0.len()
+                ),
+            ));
+        }
+        let events = w
+            .events
+            .unwrap_or_else(|| WEBHOOK_EVENTS[..8].iter().map(|s| s.to_string()).collect());
+        for e in &events {
+            if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                return Err(bad(
+                    format!("{key}.events"),
+                    format!("{e:?} is not one of {}", WEBHOOK_EVENTS.join(", ")),
+                ));
+            }
+        }
+        let ca_file = w.ca_file.as_deref().map(rel);
+        if let Some(ca) = &ca_file {
+            if !ca.is_file() {
+                return Err(bad(
+                    format!("{key}.ca_file"),
+                    format!("{} does not exist", ca.display()),
+                ));
+            }
+        }
+        let timeout = parse_duration(
+            &format!("{key}.timeout"),
+            w.timeout.as_deref().unwrap_or("10s"),
+        )?;
+        let name = w.name.unwrap_or_else(|| w.url.clone());
+        if webhooks.iter().any(|h: &Webhook| h.name == name) {
+            return Err(bad(
+                format!("{key}.name"),
+                format!("{name:?} is used twice"),
+            ));
+        }
+        webhooks.push(Webhook {
+            name,
+            url: w.url,
+            secret,
+            events,
+            tags: w.tags,
+            ca_file,
+            timeout,
+        });
+    }
+    Ok(webhooks)
+}
+
+/// `[api]`.
+fn api(a: raw::Api, dir: &Path) -> Result<Api, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let api = Api {
+        listen: match a.listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(socket_addrs("api.listen", &[s.to_string()])?[0]),
+        },
+        tokens_file: a.tokens_file.as_deref().map(rel),
+    };
+    if api.listen.is_some() {
+        match &api.tokens_file {
+            None => return Err(bad("api.tokens_file", "required when api.listen is set")),
+            Some(p) if !p.is_file() => {
+                return Err(bad(
+                    "api.tokens_file",
+                    format!("{} does not exist", p.display()),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(api)
+}
+
+/// `[bounces]`.
+fn bounces(b: Option<raw::Bounces>, dir: &Path) -> Result<Option<Bounces>, ConfigError> {
+    let rel = |p: &str| rel_to(dir, p);
+    let bounces = match b {
+        None => None,
+        Some(b) => {
+            let domain = b
+                .domain
+                .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|d| d.contains('.') && !d.contains(|c: char| c.is_whitespace() || c == '@'))
+                .ok_or_else(|| {
+                    bad(
+                        "bounces.domain",
+                        "must be a domain name whose MX points at herald, e.g. \"bounces.example.com\"",
+                    )
+                })?;
+            let listen = socket_addrs(
+                "bounces.listen",
+                &b.listen.unwrap_or_else(|| vec!["0.0.0.0:25".into()]),
+            )?;
+            if listen.is_empty() {
+                return Err(bad("bounces.listen", "needs at least one address"));
+            }
+            let file = b.secret_file.ok_or_else(|| {
+                bad(
+                    "bounces.secret_file",
+                    "missing: the HMAC key of return-path tokens (head -c 32 /dev/urandom | base64 > FILE)",
+                )
+            })?;
+            let secret = read_secret("bounces.secret_file", &rel(&file))?;
+            if secret.0.len() < 16 {
+                return Err(bad(
+                    "bounces.secret_file",
+                    format!(
+                        "holds {} bytes; use at least 16 (head -c 32 /dev/urandom | base64 > FILE)",
+                        secret.0.len()
+                    ),
+                ));
+            }
+            let max_size = positive(
+                "bounces.max_size",
+                b.max_size,
+                1024 * 1024,
+                64 * 1024 * 1024,
+            )? as usize;
+            let complaint_address = check_address(
+                "bounces.complaint_address",
+                &b.complaint_address
+                    .unwrap_or_else(|| format!("fbl@{domain}")),
+            )?
+            .to_ascii_lowercase();
+            if complaint_address.starts_with("b-") {
+                return Err(bad(
+                    "bounces.complaint_address",
+                    "must not begin with \"b-\" (that is the form of return-path tokens)",
+                ));
+            }
+            let max_stored = positive(
+                "bounces.max_stored",
+                b.max_stored,
+                DEFAULT_MAX_STORED,
+                1 << 40,
+            )? as u64;
+            if max_stored < 4 * max_size as u64 {
+                return Err(bad(
+                    "bounces.max_stored",
+                    format!(
+                        "{max_stored} bytes holds fewer than 4 reports of bounces.max_size ({max_size}); raise it or lower max_size"
+                    ),
+                ));
+            }
+            let max_connections =
+                positive("bounces.max_connections", b.max_connections, 100, 100_000)? as usize;
+            let max_connections_per_ip = positive(
+                "bounces.max_connections_per_ip",
+                b.max_connections_per_ip,
+                5,
+                100_000,
+            )? as usize;
+            let max_rate_per_ip = parse_rate(
+                "bounces.max_rate_per_ip",
+                b.max_rate_per_ip.as_deref().unwrap_or("120/m"),
+            )?;
+            Some(Bounces {
+                domain,
+                listen,
+                secret,
+                max_size,
+                complaint_address,
+                max_stored,
+                max_connections,
+                max_connections_per_ip,
+                max_rate_per_ip,
+            })
+        }
+    };
+    Ok(bounces)
+}
+
+/// `p` relative to the config file's directory `dir` (absolute paths as
+/// they are).
+fn rel_to(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
     }
 }
 

@@ -331,6 +331,33 @@ fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
     })
 }
 
+/// The recipients of `env` due now. Past max_age (after a long pause,
+/// say) a stale notification is worse than none: one that was due before
+/// the deadline and is only now reached expires instead of going out late
+/// (the last retry is scheduled at the deadline itself, and still runs).
+fn due_now(l: &Ledger, env: &mut Envelope, max_age: Duration) -> Vec<usize> {
+    let now = now_ms();
+    let expires = env.received_at + max_age.as_millis() as u64;
+    let mut due = Vec::new();
+    for i in 0..env.rcpts.len() {
+        let r = &env.rcpts[i];
+        if r.status.is_final() || r.next_attempt > now + 1000 {
+            continue;
+        }
+        if !is_stale(now, expires, r.next_attempt) {
+            due.push(i);
+            continue;
+        }
+        let last = r
+            .last_reply
+            .clone()
+            .unwrap_or_else(|| "none (never attempted)".into());
+        let class = r.class.unwrap_or(Class::Transient);
+        judged(l, env, i, &Verdict::Deferred(last, class), "-");
+    }
+    due
+}
+
 /// Whether a recipient due at `next` and reached only at `now` is stale: it
 /// was due before the deadline but the deadline has passed (a long pause).
 fn is_stale(now: u64, expires: u64, next: u64) -> bool {
@@ -381,36 +408,7 @@ pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::P
         }
     };
     let before = env.rcpts.clone();
-    let now = now_ms();
-    let due: Vec<usize> = env
-        .rcpts
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !r.status.is_final() && r.next_attempt <= now + 1000)
-        .map(|(i, _)| i)
-        .collect();
-    // Past max_age (after a long pause, say): a stale notification is
-    // worse than none, so it expires instead of going out late.
-    let expires = env.received_at + s.cfg().delivery.max_age.as_millis() as u64;
-    let mut due = due;
-    // The last retry is scheduled at `expires` itself and still runs; a
-    // recipient that was due earlier and is only now reached is stale.
-    let stale: Vec<usize> = due
-        .iter()
-        .copied()
-        .filter(|&i| is_stale(now, expires, env.rcpts[i].next_attempt))
-        .collect();
-    if !stale.is_empty() {
-        for &i in &stale {
-            let last = env.rcpts[i]
-                .last_reply
-                .clone()
-                .unwrap_or_else(|| "none (never attempted)".into());
-            let class = env.rcpts[i].class.unwrap_or(Class::Transient);
-            judged(&l, &mut env, i, &Verdict::Deferred(last, class), "-");
-        }
-        due.retain(|i| !stale.contains(i));
-    }
+    let mut due = due_now(&l, &mut env, s.cfg().delivery.max_age);
     // Suppressed since it was queued: never attempted.
     screen_suppressed(s, &l, &mut env, &mut due, "-", true);
     if due.is_empty() {
@@ -552,10 +550,7 @@ async fn deliver_group(
     let smart = env.upstream != "mx";
     // With [bounces], each recipient has its own return path, so each is
     // a transaction of its own (on the same connection).
-    let per_rcpt = s.bounces.is_some();
-    if let Some(b) = &s.bounces {
-        b.note_sent(env);
-    }
+    let per_rcpt = s.bounces.as_ref().inspect(|b| b.note_sent(env)).is_some();
     let sender_for = |env: &Envelope, i: usize| -> String {
         s.bounces
             .as_ref()
@@ -579,15 +574,7 @@ async fn deliver_group(
             let reused = match carried.take() {
                 Some(c) => Some(c),
                 None if fresh_only => None,
-                None => {
-                    let mut c = pool.take(&pool_key);
-                    if let Some(conn) = c.as_mut() {
-                        if conn.client.rset().await.is_err() {
-                            c = None;
-                        }
-                    }
-                    c
-                }
+                None => pool_conn(pool, &pool_key).await,
             };
             let was_reused = reused.is_some();
             let mut conn = match reused {
@@ -605,44 +592,15 @@ async fn deliver_group(
                     }
                 },
             };
-            // Cancelled (or suppressed) while we were connecting: leave them out.
-            match s.store.envelope(&env.id) {
-                Ok(Some(cur)) => {
-                    idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final()))
-                }
-                // Every recipient became final (a cancel) and the message left.
-                Ok(None) => idx.clear(),
-                Err(_) => {}
+            still_due(s, l, env, &mut idx, route);
+            if !conn.smtputf8 {
+                let utf8_sender =
+                    client::needs_smtputf8(&sender_for(env, idx.first().copied().unwrap_or(0)));
+                refuse_utf8(l, env, &mut idx, utf8_sender, &target.host);
             }
-            // (Those suppressed meanwhile are marked by the next attempt.)
-            screen_suppressed(s, l, env, &mut idx, route, false);
             if idx.is_empty() {
                 pool.put(&pool_key, conn);
                 return;
-            }
-            // RFC 6531: a UTF-8 address goes only to a server that offers
-            // SMTPUTF8; to any other, it bounces (a policy of the route,
-            // never a suppression), rather than go out as a violation.
-            if !conn.smtputf8 {
-                let utf8_sender = client::needs_smtputf8(&sender_for(env, idx[0]));
-                let why = format!(
-                    "{}: the address needs SMTPUTF8 (RFC 6531: UTF-8 in {}), which the server does not offer",
-                    target.host,
-                    if utf8_sender { "the envelope sender" } else { "the recipient address" }
-                );
-                let v = Verdict::Bounced(why, Class::Policy);
-                idx.retain(|&i| {
-                    if utf8_sender || client::needs_smtputf8(&env.rcpts[i].addr) {
-                        judged(l, env, i, &v, &target.host);
-                        false
-                    } else {
-                        true
-                    }
-                });
-                if idx.is_empty() {
-                    pool.put(&pool_key, conn);
-                    return;
-                }
             }
             let chunk: Vec<usize> = if per_rcpt { vec![idx[0]] } else { idx.clone() };
             let rcpts: Vec<String> = chunk.iter().map(|&i| env.rcpts[i].addr.clone()).collect();
@@ -650,55 +608,29 @@ async fn deliver_group(
                 smtputf8: env.smtputf8,
                 body_8bit: env.body_8bit,
             };
-            let mail_from = sender_for(env, chunk[0]);
-            match client::transact(
-                &mut conn,
-                &target.host,
-                smart,
-                &mail_from,
-                &rcpts,
-                body,
-                params,
-            )
-            .await
-            {
+            let from = sender_for(env, chunk[0]);
+            let host = &target.host;
+            match client::transact(&mut conn, host, smart, &from, &rcpts, body, params).await {
                 Outcome::Judged {
                     verdicts,
                     reusable,
                     slow_down,
                 } => {
                     s.pacing.mark_healthy(route);
-                    if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success()
-                    {
-                        tracing::info!(destination = %dest.key, "destination accepts mail again");
-                    }
-                    // Only what concerns the session slows the destination.
                     let throttled = slow_down;
-                    let until = throttled.as_ref().map(|t| throttle(s, dest, t));
-                    for (&i, v) in chunk.iter().zip(verdicts.iter()) {
-                        match (v, until) {
-                            (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => l.apply(
-                                env,
-                                i,
-                                Change::Throttled {
-                                    reply: t,
-                                    class: *c,
-                                    until,
-                                },
-                            ),
-                            _ => judged(l, env, i, v, &target.host),
-                        }
-                    }
+                    let until = record_verdicts(
+                        s,
+                        l,
+                        env,
+                        &chunk,
+                        &verdicts,
+                        dest,
+                        &throttled,
+                        &target.host,
+                    );
                     idx.retain(|i| !chunk.contains(i));
                     if per_rcpt {
-                        // One transaction per recipient: its outcome is on
-                        // disk before the next begins, so a crash resends
-                        // at most the one in flight (batched with every
-                        // other commit).
-                        l.save(env, before);
-                        if let Err(e) = s.store.commit().await {
-                            tracing::error!(id = %env.id, error = %e, "cannot commit a recipient's outcome");
-                        }
+                        commit_one(s, l, env, before).await;
                     }
                     conn.sent += 1;
                     let keep = reusable && max_per_conn.is_none_or(|m| conn.sent < m);
@@ -706,17 +638,7 @@ async fn deliver_group(
                         // The destination asked to slow down: the rest wait
                         // for its back-off too.
                         if let (Some(until), Some(t)) = (until, &throttled) {
-                            for &i in &idx {
-                                l.apply(
-                                    env,
-                                    i,
-                                    Change::Throttled {
-                                        reply: t,
-                                        class: Class::Throttle,
-                                        until,
-                                    },
-                                );
-                            }
+                            hold(l, env, &idx, t, Class::Throttle, until);
                         }
                         if keep {
                             pool.put(&pool_key, conn);
@@ -754,26 +676,132 @@ async fn deliver_group(
             }
         }
     }
+    no_host_took(s, l, env, &idx, dest, route, smart, last_err);
+}
+
+/// Records the verdicts of one transaction for the recipients of
+/// `chunk`; returns the end of the destination's back-off when the session
+/// asked to slow down (`throttled`: only what concerns the session slows
+/// the destination).
+#[allow(clippy::too_many_arguments)]
+fn record_verdicts(
+    s: &Services,
+    l: &Ledger,
+    env: &mut Envelope,
+    chunk: &[usize],
+    verdicts: &[Verdict],
+    dest: &pacing::Dest,
+    throttled: &Option<String>,
+    host: &str,
+) -> Option<u64> {
+    if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success() {
+        tracing::info!(destination = %dest.key, "destination accepts mail again");
+    }
+    let until = throttled.as_ref().map(|t| throttle(s, dest, t));
+    for (&i, v) in chunk.iter().zip(verdicts.iter()) {
+        match (v, until) {
+            (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => {
+                hold(l, env, &[i], t, *c, until)
+            }
+            _ => judged(l, env, i, v, host),
+        }
+    }
+    until
+}
+
+/// No host of the group judged the recipients left in `idx`: `last_err`
+/// is their outcome.
+#[allow(clippy::too_many_arguments)]
+fn no_host_took(
+    s: &Services,
+    l: &Ledger,
+    env: &mut Envelope,
+    idx: &[usize],
+    dest: &pacing::Dest,
+    route: &str,
+    smart: bool,
+    last_err: ConnError,
+) {
     // A destination that asks to slow down, or a smart host that does not
     // take connections, backs off as a whole.
     if last_err.class == Class::Throttle || (smart && last_err.unreachable) {
         let until = throttle(s, dest, last_err.text());
-        for &i in &idx {
-            l.apply(
-                env,
-                i,
-                Change::Throttled {
-                    reply: last_err.text(),
-                    class: last_err.class,
-                    until,
-                },
-            );
-        }
+        hold(l, env, idx, last_err.text(), last_err.class, until);
         return;
     }
     let v = last_err.verdict();
-    for &i in &idx {
+    for &i in idx {
         judged(l, env, i, &v, route);
+    }
+}
+
+/// With [bounces], one transaction per recipient: its outcome is on disk
+/// before the next begins, so a crash resends at most the one in flight
+/// (batched with every other commit).
+async fn commit_one(s: &Services, l: &Ledger<'_>, env: &Envelope, before: &[Rcpt]) {
+    l.save(env, before);
+    if let Err(e) = s.store.commit().await {
+        tracing::error!(id = %env.id, error = %e, "cannot commit a recipient's outcome");
+    }
+}
+
+/// An idle connection of the pool that still answers RSET.
+async fn pool_conn(pool: &Pool, key: &str) -> Option<Conn> {
+    let mut conn = pool.take(key)?;
+    conn.client.rset().await.ok()?;
+    Some(conn)
+}
+
+/// Leaves out of `idx` the recipients cancelled (or suppressed) while the
+/// connection was made. Those suppressed meanwhile are marked by the next
+/// attempt.
+fn still_due(s: &Services, l: &Ledger, env: &mut Envelope, idx: &mut Vec<usize>, route: &str) {
+    match s.store.envelope(&env.id) {
+        Ok(Some(cur)) => idx.retain(|&i| !cur.rcpts.get(i).is_some_and(|r| r.status.is_final())),
+        // Every recipient became final (a cancel) and the message left.
+        Ok(None) => idx.clear(),
+        Err(_) => {}
+    }
+    screen_suppressed(s, l, env, idx, route, false);
+}
+
+/// RFC 6531: a UTF-8 address goes only to a server that offers SMTPUTF8;
+/// to any other (this one), it bounces (a policy of the route, never a
+/// suppression), rather than go out as a violation.
+fn refuse_utf8(
+    l: &Ledger,
+    env: &mut Envelope,
+    idx: &mut Vec<usize>,
+    utf8_sender: bool,
+    host: &str,
+) {
+    let why = format!(
+        "{host}: the address needs SMTPUTF8 (RFC 6531: UTF-8 in {}), which the server does not offer",
+        if utf8_sender { "the envelope sender" } else { "the recipient address" }
+    );
+    let v = Verdict::Bounced(why, Class::Policy);
+    idx.retain(|&i| {
+        if utf8_sender || client::needs_smtputf8(&env.rcpts[i].addr) {
+            judged(l, env, i, &v, host);
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// The recipients of `idx` wait for their destination's back-off.
+fn hold(l: &Ledger, env: &mut Envelope, idx: &[usize], reply: &str, class: Class, until: u64) {
+    for &i in idx {
+        l.apply(
+            env,
+            i,
+            Change::Throttled {
+                reply,
+                class,
+                until,
+            },
+        );
     }
 }
 

@@ -284,23 +284,12 @@ impl History {
         out
     }
 
-    /// Records an event now. Durability follows the next queue commit (or
-    /// sled's periodic flush): history is a record, not a promise.
-    pub fn record(
-        &self,
-        kind: EventKind,
-        id: &str,
-        rcpt: &str,
-        detail: &str,
-        tag: Option<&str>,
-        subject: Option<&str>,
-    ) -> Result<Event, QueueError> {
-        self.record_with(kind, id, rcpt, detail, tag, subject, Extra::default())
-    }
-
-    /// Records an event with everything it carries (webhooks send it all).
+    /// Records an event with everything it carries (webhooks send it all),
+    /// and its webhook outbox entries. Durability follows the next queue
+    /// commit (or sled's periodic flush): history is a record, not a
+    /// promise. Only the ledger calls it.
     #[allow(clippy::too_many_arguments)]
-    pub fn record_with(
+    pub(in crate::state) fn record_with(
         &self,
         kind: EventKind,
         id: &str,
@@ -460,26 +449,36 @@ mod tests {
             .open()
             .unwrap();
         let h = History::open(&db).unwrap();
-        h.record(
+        h.record_with(
             EventKind::Received,
             "ID1",
             "Louise@X.test",
             "d",
             Some("file-1"),
             None,
+            Extra::default(),
         )
         .unwrap();
-        h.record(
+        h.record_with(
             EventKind::Received,
             "ID1",
             "paul@x.test",
             "d",
             Some("file-1"),
             None,
+            Extra::default(),
         )
         .unwrap();
-        h.record(EventKind::Received, "ID2", "louise@x.test", "d", None, None)
-            .unwrap();
+        h.record_with(
+            EventKind::Received,
+            "ID2",
+            "louise@x.test",
+            "d",
+            None,
+            None,
+            Extra::default(),
+        )
+        .unwrap();
         let r = h.query_by(By::Rcpt("LOUISE@x.test"), 0, |_| true).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(h.query_by(By::Id("ID1"), 0, |_| true).unwrap().len(), 2);
