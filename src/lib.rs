@@ -18,6 +18,8 @@ pub mod live;
 pub mod metrics;
 pub mod mime;
 pub mod notify;
+pub mod pipeline;
+pub mod replies;
 pub mod reply;
 pub mod report;
 pub mod rewrite;

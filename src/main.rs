@@ -510,7 +510,12 @@ fn serve(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     match rt.block_on(herald::server::serve(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(herald::server::Exit::Stopped) => ExitCode::SUCCESS,
+        // At once, without dropping the runtime and the database: the
+        // database would flush again on drop and could hang on the disk
+        // that failed.
+        Ok(herald::server::Exit::Restart) => std::process::exit(herald::server::EXIT_RESTART),
+        Ok(herald::server::Exit::Unflushed) => std::process::exit(0),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("herald: {e:#}");

@@ -22,63 +22,21 @@ use crate::state::{Services, META_PAUSED};
 /// How long running SMTP sessions may take to finish after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+pub async fn serve(cfg: Config) -> anyhow::Result<Exit> {
     let store = Store::open(&cfg.storage.path).with_context(|| {
         format!(
             "storage.path: cannot open {} (is another herald running on it?)",
             cfg.storage.path.display()
         )
     })?;
-    let history = History::open(&store.db)?.with_webhooks(&cfg.webhooks);
-    history.load_hourly()?;
-    let suppression = crate::state::suppression::Suppression::open(&store.db)?;
     let live = Live::build(cfg)?;
     live.warn_unsigned();
     let cfg = live.cfg.clone();
-    let mx_tls = crate::tls::client_config(None, false)?;
 
     // Signal handlers first: a SIGTERM that arrives while we start (the
     // listeners are already bound) must drain, not kill.
     let signals = Signals::install()?;
-    // The platform's SMTP listeners last: once they take connections,
-    // every other listener is bound too (tests and load balancers look
-    // at the SMTP port only).
-    let control = crate::control::bind(&cfg.control.socket)?;
-    let tracking = if live.tracking_key.is_some() {
-        let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
-            .await
-            .with_context(|| {
-                format!("tracking.listen: cannot listen on {}", cfg.tracking.listen)
-            })?;
-        Some(l)
-    } else {
-        None
-    };
-    let metrics = match cfg.control.metrics_listen {
-        Some(a) => Some(crate::metrics::bind(a).await?),
-        None => None,
-    };
-    let api = match (cfg.api.listen, &live.api_tokens) {
-        (Some(a), Some(_)) => Some(crate::api::bind(a).await?),
-        _ => None,
-    };
-    let mut listeners = Vec::new();
-    if let Some(b) = &cfg.bounces {
-        for a in &b.listen {
-            let l = smtp_in::bind(*a)
-                .with_context(|| format!("bounces.listen: cannot listen on {a}"))?;
-            listeners.push((l, false, true));
-        }
-    }
-    for (addrs, implicit, key) in [
-        (&cfg.listen.smtp, false, "listen.smtp"),
-        (&cfg.listen.smtps, true, "listen.smtps"),
-    ] {
-        for a in addrs {
-            let l = smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
-            listeners.push((l, implicit, false));
-        }
-    }
+    let bound = Bound::bind(&cfg, &live).await?;
     let (bounces, reports_rx) = match &cfg.bounces {
         Some(b) => {
             let (b, rx) = crate::bounces::Bounces::open(&store.db, &cfg.storage.path, b)?;
@@ -86,23 +44,204 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-
-    let paused = store.meta_get(META_PAUSED)?.is_some();
     let (shutdown_tx, shutdown_rx) = Shutdown::new();
     let (scheduler, sched_rx) = Scheduler::new();
-    let services = Arc::new(Services {
-        current: RwLock::new(Arc::new(live)),
+    let parts = Parts {
         store: store.clone(),
+        scheduler,
+        shutdown: shutdown_rx,
+        bounces,
+        tracking_served: bound.tracking.is_some(),
+    };
+    let services = Arc::new(services(live, parts)?);
+    let paused = services.paused.load(std::sync::atomic::Ordering::Relaxed);
+
+    let mut tasks = Tasks::default();
+    let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
+    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    tasks.start(&services, bound, reports_rx, drain_tx)?;
+    tracing::info!(
+        queue = store.len(),
+        paused,
+        hostname = %cfg.hostname,
+        "herald started"
+    );
+    // Queue loaded, every listener bound: ready (Type=notify).
+    crate::notify::notify(&format!("READY=1\nSTATUS={}", services.status_line()));
+    let sd = tokio::spawn(supervise(services.clone(), sched.abort_handle()));
+
+    let restart = run_until_stop(&services, signals).await;
+    tracing::info!("shutting down: no new connections, finishing sessions in flight");
+    crate::notify::notify("STOPPING=1\nSTATUS=draining: finishing sessions in flight");
+    sd.abort();
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after {DRAIN_DEADLINE:?}; closing them");
+    }
+    let _ = sched.await;
+    tasks.join().await;
+    finish(&store, restart).await
+}
+
+/// How `serve` ended, for `main` to turn into an exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped, everything flushed.
+    Stopped,
+    /// Stopped to reopen a database that failed: exit with
+    /// [`EXIT_RESTART`] (systemd's Restart=on-failure starts herald again).
+    Restart,
+    /// Stopped without a final flush (acknowledged mail was synced before
+    /// its 250): exit at once, since dropping the database would flush
+    /// again and could hang on the same disk.
+    Unflushed,
+}
+
+/// The final flush; a disk that does not answer must not keep herald
+/// from stopping: everything acknowledged was synced already.
+async fn finish(store: &Store, restart: bool) -> anyhow::Result<Exit> {
+    let db = store.db.clone();
+    let flushed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || db.flush()),
+    )
+    .await;
+    if restart {
+        tracing::warn!(
+            "stopped to reopen the database; exit code {EXIT_RESTART} (systemd's Restart=on-failure starts herald again)"
+        );
+        return Ok(Exit::Restart);
+    }
+    match flushed {
+        Ok(Ok(Ok(_))) if !store.health.is_failed() => {
+            tracing::info!("stopped");
+            Ok(Exit::Stopped)
+        }
+        other => {
+            let why = match other {
+                Ok(Ok(Err(e))) => e.to_string(),
+                Err(_) => "the final flush did not finish within 5s".into(),
+                _ => "storage had failed".into(),
+            };
+            tracing::warn!(error = %why, "stopped without a final flush (acknowledged mail was synced before its 250)");
+            Ok(Exit::Unflushed)
+        }
+    }
+}
+
+/// Waits for SIGTERM/SIGINT (false) or a storage failure that needs a
+/// restart (true); SIGHUP reloads meanwhile.
+async fn run_until_stop(services: &Arc<Services>, mut signals: Signals) -> bool {
+    let storage_failed = storage_needs_restart(&services.store);
+    tokio::pin!(storage_failed);
+    loop {
+        tokio::select! {
+            sig = signals.next() => match sig {
+                Signal::Stop => return false,
+                // SIGHUP: the same reload as `herald reload`, logged.
+                Signal::Reload => {
+                    let s = services.clone();
+                    let _ = tokio::task::spawn_blocking(move || crate::control::reload::reload(&s)).await;
+                }
+            },
+            _ = &mut storage_failed => return true,
+        }
+    }
+}
+
+/// Every listener, bound before anything starts. The platform's SMTP
+/// listeners last: once they take connections, every other listener is
+/// bound too (tests and load balancers look at the SMTP port only).
+struct Bound {
+    control: tokio::net::UnixListener,
+    tracking: Option<TcpListener>,
+    metrics: Option<TcpListener>,
+    api: Option<TcpListener>,
+    /// (listener, implicit TLS, the `[bounces]` intake)
+    smtp: Vec<(TcpListener, bool, bool)>,
+}
+
+impl Bound {
+    async fn bind(cfg: &Config, live: &Live) -> anyhow::Result<Bound> {
+        let control = crate::control::bind(&cfg.control.socket)?;
+        let tracking = if live.tracking_key.is_some() {
+            let l = tokio::net::TcpListener::bind(cfg.tracking.listen)
+                .await
+                .with_context(|| {
+                    format!("tracking.listen: cannot listen on {}", cfg.tracking.listen)
+                })?;
+            Some(l)
+        } else {
+            None
+        };
+        let metrics = match cfg.control.metrics_listen {
+            Some(a) => Some(crate::metrics::bind(a).await?),
+            None => None,
+        };
+        let api = match (cfg.api.listen, &live.api_tokens) {
+            (Some(a), Some(_)) => Some(crate::api::bind(a).await?),
+            _ => None,
+        };
+        let mut smtp = Vec::new();
+        if let Some(b) = &cfg.bounces {
+            for a in &b.listen {
+                let l = smtp_in::bind(*a)
+                    .with_context(|| format!("bounces.listen: cannot listen on {a}"))?;
+                smtp.push((l, false, true));
+            }
+        }
+        for (addrs, implicit, key) in [
+            (&cfg.listen.smtp, false, "listen.smtp"),
+            (&cfg.listen.smtps, true, "listen.smtps"),
+        ] {
+            for a in addrs {
+                let l =
+                    smtp_in::bind(*a).with_context(|| format!("{key}: cannot listen on {a}"))?;
+                smtp.push((l, implicit, false));
+            }
+        }
+        Ok(Bound {
+            control,
+            tracking,
+            metrics,
+            api,
+            smtp,
+        })
+    }
+}
+
+/// What `serve` opened or made before the shared state is built.
+struct Parts {
+    store: Store,
+    scheduler: Scheduler,
+    shutdown: Shutdown,
+    bounces: Option<crate::state::reports::Bounces>,
+    tracking_served: bool,
+}
+
+/// The shared state, over the open database.
+fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
+    let cfg = live.cfg.clone();
+    let history = History::open(&p.store.db)?.with_webhooks(&cfg.webhooks);
+    history.load_hourly()?;
+    let suppression = crate::state::suppression::Suppression::open(&p.store.db)?;
+    let paused = p.store.meta_get(META_PAUSED)?.is_some();
+    Ok(Services {
+        current: RwLock::new(Arc::new(live)),
+        store: p.store,
         history,
         suppression,
-        scheduler,
+        scheduler: p.scheduler,
         pacing: Default::default(),
         unsaved: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
         hooks: crate::state::outbox::Hooks::new(&cfg.webhooks),
-        mx_tls,
-        bounces,
-        shutdown: shutdown_rx,
+        mx_tls: crate::tls::client_config(None, false)?,
+        bounces: p.bounces,
+        shutdown: p.shutdown,
         paused: AtomicBool::new(paused),
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
@@ -121,116 +260,79 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),
-        tracking_served: tracking.is_some(),
-    });
+        tracking_served: p.tracking_served,
+    })
+}
 
-    let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
-    let control_task = tokio::spawn(crate::control::serve(
-        services.clone(),
-        control,
-        cfg.control.socket.clone(),
-    ));
-    tokio::spawn(purge_history(services.clone()));
-    tokio::spawn(crate::webhooks::supervise(services.clone()));
-    if let Some(l) = tracking {
-        tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
-        tokio::spawn(crate::tracking::serve(services.clone(), l));
-    }
-    if let Some(l) = metrics {
-        tracing::info!(addr = %l.local_addr()?, "metrics listening");
-        tokio::spawn(crate::metrics::serve(services.clone(), l));
-    }
-    if let Some(l) = api {
-        tracing::info!(addr = %l.local_addr()?, "api listening");
-        tokio::spawn(crate::api::serve(services.clone(), l));
-    }
-    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-    let mut intake = Vec::new();
-    for (l, implicit, is_intake) in listeners {
-        if is_intake {
-            tracing::info!(addr = %l.local_addr()?, "bounce and complaint intake listening");
-            intake.push(l.into_std()?);
-            continue;
-        }
-        tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
-        tokio::spawn(smtp_in::accept_loop(
-            services.clone(),
-            l,
-            implicit,
-            false,
-            drain_tx.clone(),
-        ));
-    }
-    if let Some(rx) = reports_rx {
-        start_intake(services.clone(), intake, rx, drain_tx.clone())?;
-    }
-    drop(drain_tx);
-    tracing::info!(
-        queue = store.len(),
-        paused,
-        hostname = %cfg.hostname,
-        "herald started"
-    );
-    // Queue loaded, every listener bound: ready (Type=notify).
-    crate::notify::notify(&format!("READY=1\nSTATUS={}", services.status_line()));
-    let sd = tokio::spawn(supervise(services.clone(), sched.abort_handle()));
+/// The tasks `serve` starts; each ends at shutdown and is joined.
+#[derive(Default)]
+struct Tasks(Vec<(&'static str, tokio::task::JoinHandle<()>)>);
 
-    let storage_failed = storage_needs_restart(&store);
-    tokio::pin!(storage_failed);
-    let mut signals = signals;
-    let restart = loop {
-        tokio::select! {
-            sig = signals.next() => match sig {
-                Signal::Stop => break false,
-                // SIGHUP: the same reload as `herald reload`, logged.
-                Signal::Reload => {
-                    let s = services.clone();
-                    let _ = tokio::task::spawn_blocking(move || crate::control::reload::reload(&s)).await;
-                }
-            },
-            _ = &mut storage_failed => break true,
-        }
-    };
-    tracing::info!("shutting down: no new connections, finishing sessions in flight");
-    crate::notify::notify("STOPPING=1\nSTATUS=draining: finishing sessions in flight");
-    sd.abort();
-    let _ = shutdown_tx.send(true);
-    if tokio::time::timeout(DRAIN_DEADLINE, drain_rx.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!("sessions still open after {DRAIN_DEADLINE:?}; closing them");
+impl Tasks {
+    fn spawn(
+        &mut self,
+        what: &'static str,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.0.push((what, tokio::spawn(f)));
     }
-    let _ = sched.await;
-    let _ = control_task.await;
-    // A disk that does not answer must not keep herald from stopping:
-    // everything acknowledged was synced already.
-    let db = store.db.clone();
-    let flushed = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::task::spawn_blocking(move || db.flush()),
-    )
-    .await;
-    if restart {
-        tracing::warn!(
-            "stopped to reopen the database; exit code {EXIT_RESTART} (systemd's Restart=on-failure starts herald again)"
+
+    /// Starts the control socket, housekeeping, webhooks, the HTTP
+    /// listeners and the SMTP listeners (the intake on its own thread);
+    /// `drain` is held until every SMTP session has ended.
+    fn start(
+        &mut self,
+        services: &Arc<Services>,
+        bound: Bound,
+        reports: Option<mpsc::UnboundedReceiver<String>>,
+        drain: mpsc::Sender<()>,
+    ) -> anyhow::Result<()> {
+        let s = services;
+        let socket = s.cfg().control.socket.clone();
+        self.spawn(
+            "control",
+            crate::control::serve(s.clone(), bound.control, socket),
         );
-        std::process::exit(EXIT_RESTART);
-    }
-    match flushed {
-        Ok(Ok(Ok(_))) if !store.health.is_failed() => {
-            tracing::info!("stopped");
-            Ok(())
+        self.spawn("history purge", purge_history(s.clone()));
+        self.spawn("webhooks", crate::webhooks::supervise(s.clone()));
+        if let Some(l) = bound.tracking {
+            tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");
+            self.spawn("tracking", crate::tracking::serve(s.clone(), l));
         }
-        other => {
-            let why = match other {
-                Ok(Ok(Err(e))) => e.to_string(),
-                Err(_) => "the final flush did not finish within 5s".into(),
-                _ => "storage had failed".into(),
-            };
-            tracing::warn!(error = %why, "stopped without a final flush (acknowledged mail was synced before its 250)");
-            // Dropping sled would flush again and could hang on the same disk.
-            std::process::exit(0);
+        if let Some(l) = bound.metrics {
+            tracing::info!(addr = %l.local_addr()?, "metrics listening");
+            self.spawn("metrics", crate::metrics::serve(s.clone(), l));
+        }
+        if let Some(l) = bound.api {
+            tracing::info!(addr = %l.local_addr()?, "api listening");
+            self.spawn("api", crate::api::serve(s.clone(), l));
+        }
+        let mut intake = Vec::new();
+        for (l, implicit, is_intake) in bound.smtp {
+            if is_intake {
+                tracing::info!(addr = %l.local_addr()?, "bounce and complaint intake listening");
+                intake.push(l.into_std()?);
+                continue;
+            }
+            tracing::info!(addr = %l.local_addr()?, tls = implicit, "listening");
+            let accept = smtp_in::accept_loop(s.clone(), l, implicit, false, drain.clone());
+            self.spawn("smtp listener", accept);
+        }
+        if let Some(rx) = reports {
+            start_intake(s.clone(), intake, rx, drain)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every task (they end at shutdown); one that does not end
+    /// within the drain deadline is named and left behind.
+    async fn join(self) {
+        for (what, task) in self.0 {
+            match tokio::time::timeout(DRAIN_DEADLINE, task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(task = what, error = %e, "task failed"),
+                Err(_) => tracing::warn!(task = what, "task still running at shutdown"),
+            }
         }
     }
 }

@@ -39,21 +39,26 @@ const BATCH_MAX: usize = 100;
 pub async fn supervise(s: Arc<Services>) {
     let mut reloads = s.reloads.subscribe();
     let mut shutdown = s.shutdown.clone();
+    let mut senders = tokio::task::JoinSet::new();
     loop {
         {
             // Under the lock senders take to decide to stop (see `current`).
             let mut running = s.hooks.running.lock().unwrap_or_else(|e| e.into_inner());
             for w in &s.cfg().webhooks {
                 if running.insert(w.name.clone()) {
-                    tokio::spawn(run(s.clone(), w.name.clone()));
+                    senders.spawn(run(s.clone(), w.name.clone()));
                 }
             }
         }
         tokio::select! {
-            r = reloads.changed() => if r.is_err() { return },
-            _ = shutdown.wait() => return,
+            r = reloads.changed() => if r.is_err() { break },
+            _ = shutdown.wait() => break,
+            // A sender that ended (its endpoint was removed) is reaped.
+            Some(_) = senders.join_next() => {}
         }
     }
+    // Each sender ends at shutdown (a POST in flight has its timeout).
+    while senders.join_next().await.is_some() {}
 }
 
 /// What a sender works with, read again before each POST.

@@ -4,27 +4,21 @@
 //! background. Reports live within `[bounces] max_stored`.
 
 use crate::bounces::{Record, State, Target};
+use crate::replies::{self, Reply};
 use crate::smtp_in::spool::Spool;
 use crate::state::envelope::Transaction;
 use crate::state::spool::now_ms;
 use crate::state::Services;
 
-const STORAGE_ERROR: &str = "4.3.0 Local storage error; try again later";
-
-pub async fn accept(
-    s: &Services,
-    t: Transaction,
-    target: Option<Target>,
-    spool: Spool,
-) -> (u16, String) {
+pub async fn accept(s: &Services, t: Transaction, target: Option<Target>, spool: Spool) -> Reply {
     let Some(b) = s.bounces.clone() else {
-        return (554, "5.7.1 Not accepting reports".into());
+        return replies::NOT_ACCEPTING_REPORTS_DATA;
     };
     let Some(target) = target else {
-        return (503, "5.5.1 Need RCPT command first".into());
+        return replies::NEED_RCPT;
     };
     if s.store.health.is_failed() {
-        return (451, STORAGE_ERROR.into());
+        return replies::STORAGE_ERROR;
     }
     let id = s.store.ids.next();
     let rec = Record {
@@ -60,22 +54,22 @@ pub async fn accept(
         Ok(Ok(false)) => return full(&b, t.peer, "all"),
         Ok(Err(e)) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot store a report");
-            return (451, STORAGE_ERROR.into());
+            return replies::STORAGE_ERROR;
         }
         Err(e) => {
             tracing::error!(peer = %t.peer, error = %e, "storing a report failed");
-            return (451, STORAGE_ERROR.into());
+            return replies::STORAGE_ERROR;
         }
     }
     match s.store.commit().await {
         Ok(()) => {
             b.enqueue(&id);
-            (250, format!("2.0.0 Ok: report stored as {id}"))
+            replies::report_stored(&id)
         }
         Err(e) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot commit a report");
             b.remove(&id);
-            (451, STORAGE_ERROR.into())
+            replies::STORAGE_ERROR
         }
     }
 }
@@ -83,7 +77,7 @@ pub async fn accept(
 /// `452` for a report that does not fit `max_stored` now (`share`: which
 /// part of it is full of reports not applied yet), at RCPT or at the end
 /// of DATA.
-pub fn full(b: &crate::bounces::Bounces, peer: std::net::IpAddr, share: &str) -> (u16, String) {
+pub fn full(b: &crate::bounces::Bounces, peer: std::net::IpAddr, share: &str) -> Reply {
     b.count("refused_full");
     let (now, max) = b.stored();
     tracing::debug!(
@@ -92,5 +86,5 @@ pub fn full(b: &crate::bounces::Bounces, peer: std::net::IpAddr, share: &str) ->
         max_stored = max,
         "report refused for now: {share} of bounces.max_stored is taken by reports not applied yet"
     );
-    (452, "4.3.1 Report storage full; try again later".into())
+    replies::REPORT_STORAGE_FULL
 }

@@ -268,30 +268,9 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
     );
     let mut r = Report { ok: true };
 
-    // connect
-    let addr = format!("{}:{}", u.host, u.port);
-    let t0 = Instant::now();
-    let tcp = match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(&addr)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            r.fail("connect", &format!("{addr}: {e}"), "nothing accepts connections there: check host and port (587 for starttls, 465 for tls, 25 for none) and the firewall");
-            return Ok(false);
-        }
-        Err(_) => {
-            r.fail(
-                "connect",
-                &format!("{addr}: timed out"),
-                "no answer: a firewall may drop the traffic (many clouds block outbound port 25)",
-            );
-            return Ok(false);
-        }
+    let Some(tcp) = connect_step(u, &mut r).await else {
+        return Ok(false);
     };
-    let _ = tcp.set_nodelay(true);
-    r.pass(
-        "connect",
-        &format!("{addr} in {} ms", t0.elapsed().as_millis()),
-    );
-
     let stream = if u.security == Security::Tls {
         match handshake(u, &tls, tcp, &mut r, "TLS").await {
             Some(s) => s,
@@ -304,13 +283,65 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
         stream: BufWriter::new(stream),
         timeout: STEP_TIMEOUT,
     };
+    if !greeting_step(&mut c, u, &mut r).await {
+        return Ok(false);
+    }
+    let Some((mut c, caps)) = ehlo_step(c, cfg, u, &tls, &mut r).await? else {
+        return Ok(false);
+    };
+    if !auth_step(&mut c, u, &caps, &mut r).await
+        || !envelope_step(&mut c, cfg, u, to, &mut r).await
+    {
+        return Ok(false);
+    }
+    if let (true, Some(to)) = (send, to) {
+        if !data_step(&mut c, cfg, name, to, &mut r).await {
+            return Ok(false);
+        }
+    } else if let Some(g) = r.expect("RSET", cmd(&mut c, "RSET").await, 250) {
+        r.pass("RSET", &reply_text(&g));
+    }
+    match cmd(&mut c, "QUIT").await {
+        Ok(g) => r.pass("QUIT", &reply_text(&g)),
+        Err(e) => r.pass("QUIT", &format!("(closed: {e})")),
+    }
+    Ok(r.ok)
+}
 
-    // greeting
+/// Step "connect": the TCP connection.
+async fn connect_step(u: &Upstream, r: &mut Report) -> Option<TcpStream> {
+    let addr = format!("{}:{}", u.host, u.port);
+    let t0 = Instant::now();
+    let tcp = match tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(&addr)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            r.fail("connect", &format!("{addr}: {e}"), "nothing accepts connections there: check host and port (587 for starttls, 465 for tls, 25 for none) and the firewall");
+            return None;
+        }
+        Err(_) => {
+            r.fail(
+                "connect",
+                &format!("{addr}: timed out"),
+                "no answer: a firewall may drop the traffic (many clouds block outbound port 25)",
+            );
+            return None;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    r.pass(
+        "connect",
+        &format!("{addr} in {} ms", t0.elapsed().as_millis()),
+    );
+    Some(tcp)
+}
+
+/// Step "greeting": the server's 220.
+async fn greeting_step(c: &mut Client, u: &Upstream, r: &mut Report) -> bool {
     match tokio::time::timeout(STEP_TIMEOUT, c.read()).await {
         Ok(Ok(g)) if g.code == 220 => r.pass("greeting", &reply_text(&g)),
         Ok(Ok(g)) => {
             r.fail("greeting", &reply_text(&g), "the server refuses the session: too many connections, or herald's address is blocked");
-            return Ok(false);
+            return false;
         }
         Ok(Err(e)) => {
             r.fail(
@@ -322,47 +353,60 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
                     "the port may expect TLS from the first byte: try security = \"tls\" (port 465)"
                 },
             );
-            return Ok(false);
+            return false;
         }
         Err(_) => {
             r.fail("greeting", "no greeting within 10s", if u.security == Security::Tls { "" } else { "the port probably expects TLS from the first byte: use security = \"tls\" (port 465)" });
-            return Ok(false);
+            return false;
         }
     }
 
-    // EHLO (and again after STARTTLS)
-    let caps_text = |e: &smtp_proto::EhloResponse<String>| -> String {
-        use smtp_proto::*;
-        let mut v = Vec::new();
-        for (bit, n) in [
-            (EXT_PIPELINING, "PIPELINING"),
-            (EXT_SIZE, "SIZE"),
-            (EXT_8BIT_MIME, "8BITMIME"),
-            (EXT_START_TLS, "STARTTLS"),
-            (EXT_SMTP_UTF8, "SMTPUTF8"),
-            (EXT_ENHANCED_STATUS_CODES, "ENHANCEDSTATUSCODES"),
-            (EXT_CHUNKING, "CHUNKING"),
-        ] {
-            if e.has_capability(bit) {
-                v.push(n.to_string());
-            }
+    true
+}
+
+/// The extensions of an EHLO reply, for people.
+fn caps_text(e: &smtp_proto::EhloResponse<String>) -> String {
+    use smtp_proto::*;
+    let mut v = Vec::new();
+    for (bit, n) in [
+        (EXT_PIPELINING, "PIPELINING"),
+        (EXT_SIZE, "SIZE"),
+        (EXT_8BIT_MIME, "8BITMIME"),
+        (EXT_START_TLS, "STARTTLS"),
+        (EXT_SMTP_UTF8, "SMTPUTF8"),
+        (EXT_ENHANCED_STATUS_CODES, "ENHANCEDSTATUSCODES"),
+        (EXT_CHUNKING, "CHUNKING"),
+    ] {
+        if e.has_capability(bit) {
+            v.push(n.to_string());
         }
-        if e.has_capability(EXT_AUTH) {
-            let mut m = Vec::new();
-            if e.auth_mechanisms & AUTH_PLAIN != 0 {
-                m.push("PLAIN");
-            }
-            if e.auth_mechanisms & AUTH_LOGIN != 0 {
-                m.push("LOGIN");
-            }
-            v.push(format!("AUTH {}", m.join(" ")));
+    }
+    if e.has_capability(EXT_AUTH) {
+        let mut m = Vec::new();
+        if e.auth_mechanisms & AUTH_PLAIN != 0 {
+            m.push("PLAIN");
         }
-        if v.is_empty() {
-            "no extensions".into()
-        } else {
-            v.join(", ")
+        if e.auth_mechanisms & AUTH_LOGIN != 0 {
+            m.push("LOGIN");
         }
-    };
+        v.push(format!("AUTH {}", m.join(" ")));
+    }
+    if v.is_empty() {
+        "no extensions".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Steps "EHLO", and "STARTTLS" and "EHLO" again when the upstream's
+/// security asks for it; the session and its extensions.
+async fn ehlo_step(
+    mut c: Client,
+    cfg: &Config,
+    u: &Upstream,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    r: &mut Report,
+) -> Result<Option<(Client, smtp_proto::EhloResponse<String>)>, String> {
     let mut caps = match c.ehlo(&cfg.hostname).await {
         Ok(e) => {
             r.pass("EHLO", &caps_text(&e));
@@ -370,27 +414,27 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
         }
         Err(e) => {
             r.fail("EHLO", &format!("{e}"), "");
-            return Ok(false);
+            return Ok(None);
         }
     };
 
     if u.security == Security::StartTls {
         if !caps.has_capability(EXT_START_TLS) {
             r.fail("STARTTLS", "not offered", &format!("the server offers no STARTTLS on port {}: use security = \"tls\" if the port is 465, or \"none\" only on a private network", u.port));
-            return Ok(false);
+            return Ok(None);
         }
         if r.expect("STARTTLS", cmd(&mut c, "STARTTLS").await, 220)
             .is_none()
         {
-            return Ok(false);
+            return Ok(None);
         }
         let tcp = match c.stream.into_inner() {
             Stream::Plain(t) => t,
             _ => return Err("STARTTLS on a TLS stream".into()),
         };
-        let s = match handshake(u, &tls, tcp, &mut r, "STARTTLS").await {
+        let s = match handshake(u, tls, tcp, r, "STARTTLS").await {
             Some(s) => s,
-            None => return Ok(false),
+            None => return Ok(None),
         };
         c = SmtpClient {
             stream: BufWriter::new(s),
@@ -403,20 +447,30 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
             }
             Err(e) => {
                 r.fail("EHLO", &format!("{e}"), "");
-                return Ok(false);
+                return Ok(None);
             }
         };
     }
 
-    // AUTH
+    Ok(Some((c, caps)))
+}
+
+/// Step "AUTH", when the upstream has credentials.
+async fn auth_step(
+    c: &mut Client,
+    u: &Upstream,
+    caps: &smtp_proto::EhloResponse<String>,
+    r: &mut Report,
+) -> bool {
+    let name = &u.name;
     match (&u.username, &u.password) {
         (Some(user), Some(pass)) => {
             if !c.stream.get_ref().is_tls() && u.security != Security::None {
                 r.fail("AUTH", "not sent without TLS", "");
-                return Ok(false);
+                return false;
             }
             let creds = mail_send::Credentials::new(user.clone(), pass.expose().to_string());
-            match tokio::time::timeout(STEP_TIMEOUT, c.authenticate(&creds, &caps)).await {
+            match tokio::time::timeout(STEP_TIMEOUT, c.authenticate(&creds, caps)).await {
                 Ok(Ok(_)) => r.pass("AUTH", &format!("logged in as {user}")),
                 Ok(Err(
                     mail_send::Error::AuthenticationFailed(resp)
@@ -427,7 +481,7 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
                         &reply_text(&resp),
                         &format!("{} bad credentials: the server refused the login {user:?}: check upstreams.{name}.username and password_file (some providers need an app password or SMTP AUTH enabled for the mailbox)", resp.code),
                     );
-                    return Ok(false);
+                    return false;
                 }
                 Ok(Err(mail_send::Error::UnsupportedAuthMechanism)) => {
                     r.fail(
@@ -435,25 +489,36 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
                         "the server offers no mechanism herald supports (PLAIN, LOGIN)",
                         "AUTH is often offered only after STARTTLS: check security",
                     );
-                    return Ok(false);
+                    return false;
                 }
                 Ok(Err(e)) => {
                     r.fail("AUTH", &format!("{e}"), "");
-                    return Ok(false);
+                    return false;
                 }
                 Err(_) => {
                     r.fail("AUTH", "no reply within 10s", "");
-                    return Ok(false);
+                    return false;
                 }
             }
         }
         _ => r.pass("AUTH", "no credentials configured: skipped"),
     }
 
-    // MAIL FROM for every sender herald would use here, then RCPT TO.
-    let all = senders(cfg, name);
+    true
+}
+
+/// Steps "MAIL FROM" for every sender herald would use on this upstream,
+/// then "RCPT TO" when a recipient is given.
+async fn envelope_step(
+    c: &mut Client,
+    cfg: &Config,
+    u: &Upstream,
+    to: Option<&str>,
+    r: &mut Report,
+) -> bool {
+    let all = senders(cfg, &u.name);
     for (i, sender) in all.iter().enumerate() {
-        match cmd(&mut c, &format!("MAIL FROM:<{sender}>")).await {
+        match cmd(c, &format!("MAIL FROM:<{sender}>")).await {
             Ok(g) if g.code == 250 => {
                 r.pass("MAIL FROM", &format!("<{sender}>: {}", reply_text(&g)))
             }
@@ -463,21 +528,21 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
                     &format!("<{sender}>: {}", reply_text(&g)),
                     &envelope_hint(&g, u, sender),
                 );
-                let _ = cmd(&mut c, "QUIT").await;
-                return Ok(false);
+                let _ = cmd(c, "QUIT").await;
+                return false;
             }
             Err(e) => {
                 r.fail("MAIL FROM", &e, "");
-                return Ok(false);
+                return false;
             }
         }
         let last = i + 1 == all.len();
         if !last {
-            let _ = cmd(&mut c, "RSET").await;
+            let _ = cmd(c, "RSET").await;
         }
     }
     if let Some(to) = to {
-        match cmd(&mut c, &format!("RCPT TO:<{to}>")).await {
+        match cmd(c, &format!("RCPT TO:<{to}>")).await {
             Ok(g) if (200..300).contains(&g.code) => {
                 r.pass("RCPT TO", &format!("<{to}>: {}", reply_text(&g)))
             }
@@ -488,53 +553,49 @@ async fn steps(cfg: &Config, name: &str, to: Option<&str>, send: bool) -> Result
                     &format!("<{to}>: {}", reply_text(&g)),
                     &format!("{class}: {}", class.meaning()),
                 );
-                let _ = cmd(&mut c, "QUIT").await;
-                return Ok(false);
+                let _ = cmd(c, "QUIT").await;
+                return false;
             }
             Err(e) => {
                 r.fail("RCPT TO", &e, "");
-                return Ok(false);
+                return false;
             }
         }
     }
-    if send {
-        let to = to.unwrap_or_default();
-        if r.expect("DATA", cmd(&mut c, "DATA").await, 354).is_none() {
-            return Ok(false);
-        }
-        let msg = format!(
-            "From: herald probe <{}>\r\nTo: <{to}>\r\nSubject: herald probe of upstream {name}\r\nDate: {}\r\nMessage-ID: <probe.{}@{}>\r\n\r\nThis is a test message sent by herald probe {name}.\r\n",
-            cfg.sender.default_sender,
-            chrono::Utc::now().to_rfc2822(),
-            crate::state::spool::now_ms(),
-            cfg.hostname
-        );
-        let reply = async {
-            use tokio::io::AsyncWriteExt;
-            super::client::write_stuffed(&mut c.stream, msg.as_bytes()).await?;
-            c.stream.flush().await?;
-            Ok::<_, std::io::Error>(())
-        }
-        .await;
-        let end = match reply {
-            Ok(()) => tokio::time::timeout(Duration::from_secs(60), c.read())
-                .await
-                .map_err(|_| "no reply within 60s".to_string())
-                .and_then(|x| x.map_err(|e| e.to_string())),
-            Err(e) => Err(e.to_string()),
-        };
-        match r.expect("DATA", end, 250) {
-            Some(g) => r.pass("DATA", &format!("test message sent: {}", reply_text(&g))),
-            None => return Ok(false),
-        }
-    } else if let Some(g) = r.expect("RSET", cmd(&mut c, "RSET").await, 250) {
-        r.pass("RSET", &reply_text(&g));
+    true
+}
+
+/// Step "DATA": a test message to `to`.
+async fn data_step(c: &mut Client, cfg: &Config, name: &str, to: &str, r: &mut Report) -> bool {
+    if r.expect("DATA", cmd(c, "DATA").await, 354).is_none() {
+        return false;
     }
-    match cmd(&mut c, "QUIT").await {
-        Ok(g) => r.pass("QUIT", &reply_text(&g)),
-        Err(e) => r.pass("QUIT", &format!("(closed: {e})")),
+    let msg = format!(
+        "From: herald probe <{}>\r\nTo: <{to}>\r\nSubject: herald probe of upstream {name}\r\nDate: {}\r\nMessage-ID: <probe.{}@{}>\r\n\r\nThis is a test message sent by herald probe {name}.\r\n",
+        cfg.sender.default_sender,
+        chrono::Utc::now().to_rfc2822(),
+        crate::state::spool::now_ms(),
+        cfg.hostname
+    );
+    let reply = async {
+        use tokio::io::AsyncWriteExt;
+        super::client::write_stuffed(&mut c.stream, msg.as_bytes()).await?;
+        c.stream.flush().await?;
+        Ok::<_, std::io::Error>(())
     }
-    Ok(r.ok)
+    .await;
+    let end = match reply {
+        Ok(()) => tokio::time::timeout(Duration::from_secs(60), c.read())
+            .await
+            .map_err(|_| "no reply within 60s".to_string())
+            .and_then(|x| x.map_err(|e| e.to_string())),
+        Err(e) => Err(e.to_string()),
+    };
+    match r.expect("DATA", end, 250) {
+        Some(g) => r.pass("DATA", &format!("test message sent: {}", reply_text(&g))),
+        None => return false,
+    }
+    true
 }
 
 #[cfg(test)]

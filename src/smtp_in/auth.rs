@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use base64::Engine;
 
 use crate::config::Config;
+use crate::replies::{self, Reply};
 
 /// Failed logins before the connection is closed.
 const MAX_FAILURES: u32 = 3;
@@ -34,6 +35,11 @@ pub struct Auth {
     failures: u32,
 }
 
+fn say(out: &mut Vec<u8>, r: &Reply) {
+    r.write_to(out);
+}
+
+/// A continuation (334) or a reply not in the table.
 fn reply(out: &mut Vec<u8>, code: u16, text: &str) {
     out.extend_from_slice(format!("{code} {text}\r\n").as_bytes());
 }
@@ -112,11 +118,7 @@ impl Auth {
                 self.answer(cfg, peer, r, out)
             }
             _ => {
-                reply(
-                    out,
-                    504,
-                    "5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)",
-                );
+                say(out, &replies::AUTH_UNKNOWN_MECHANISM);
                 false
             }
         }
@@ -133,7 +135,7 @@ impl Auth {
     ) -> bool {
         let step = std::mem::take(&mut self.step);
         if line == "*" {
-            reply(out, 501, "5.7.0 Authentication cancelled");
+            say(out, &replies::AUTH_CANCELLED);
             return false;
         }
         let creds = match step {
@@ -155,7 +157,7 @@ impl Auth {
             // tries.
             self.failures += 1;
             tracing::warn!(%peer, "AUTH failed: undecodable response or foreign authzid");
-            reply(out, 501, "5.5.2 Cannot decode the AUTH response");
+            say(out, &replies::AUTH_UNDECODABLE);
             return self.too_many(out);
         };
         let ok = cfg.listen.users.iter().any(|u| {
@@ -165,19 +167,19 @@ impl Auth {
         if ok {
             tracing::info!(%peer, user, "AUTH ok");
             self.user = Some(user);
-            reply(out, 235, "2.7.0 Authentication successful");
+            say(out, &replies::AUTH_OK);
             return false;
         }
         self.failures += 1;
         tracing::warn!(%peer, user, "AUTH failed");
-        reply(out, 535, "5.7.8 Authentication credentials invalid");
+        say(out, &replies::AUTH_INVALID);
         self.too_many(out)
     }
 
     /// After the last allowed failure: 421, and the session closes.
     fn too_many(&self, out: &mut Vec<u8>) -> bool {
         if self.failures >= MAX_FAILURES {
-            reply(out, 421, "4.7.0 Too many authentication failures");
+            say(out, &replies::AUTH_TOO_MANY_FAILURES);
             return true;
         }
         false

@@ -175,7 +175,7 @@ fn refuse(services: &Services, tcp: TcpStream, peer: SocketAddr, key: &'static s
     };
     tokio::spawn(async move {
         let mut tcp = tcp;
-        let msg = format!("421 4.7.0 {host} {why}, try again later\r\n");
+        let msg = format!("{}\r\n", crate::replies::refused_connection(&host, why));
         let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
             let _ = tcp.write_all(msg.as_bytes()).await;
             let _ = tcp.shutdown().await;

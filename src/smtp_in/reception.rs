@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::live::Live;
-use crate::rewrite;
+use crate::replies::{self, Reply};
 use crate::smtp_in::spool::Spool;
 use crate::state::envelope::Transaction;
 use crate::state::spool::{now_ms, Envelope, Rcpt, RcptStatus};
@@ -36,9 +36,9 @@ impl Refusals {
 
     /// Records the refusal `code text` for each of `rcpts` (logged at
     /// info once for all of them).
-    pub fn record(&mut self, s: &Services, peer: IpAddr, rcpts: &[String], code: u16, text: &str) {
-        tracing::info!(%peer, rcpts = rcpts.len(), first = %rcpts.first().map(String::as_str).unwrap_or(""), reply = %format!("{code} {text}"), "rejected");
-        let detail = format!("from {peer}: {code} {text}");
+    pub fn record(&mut self, s: &Services, peer: IpAddr, rcpts: &[String], r: &Reply) {
+        tracing::info!(%peer, rcpts = rcpts.len(), first = %rcpts.first().map(String::as_str).unwrap_or(""), reply = %r, "rejected");
+        let detail = format!("from {peer}: {r}");
         for r in rcpts {
             let key = match r.rsplit_once('@') {
                 Some((l, d)) => format!("{l}@{}", d.to_ascii_lowercase()),
@@ -65,13 +65,12 @@ impl Refusals {
 
 /// Queues the message; returns the SMTP reply to send. `live` is the
 /// configuration of the transaction: one rewrite policy and one key set.
-pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> (u16, String) {
-    let cfg = &live.cfg;
+pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> Reply {
     // A storage that failed a sync cannot be trusted with a 250: say so at
     // once rather than let the client wait for a disk that does not answer.
     if s.store.health.is_failed() {
         tracing::debug!(peer = %t.peer, "message refused: storage failed");
-        return (451, "4.3.0 Local storage error; try again later".into());
+        return replies::STORAGE_ERROR;
     }
     let id = s.store.ids.next();
     // The message, its rewritten and signed copies and sled's: their share
@@ -82,68 +81,14 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         Ok(d) => d,
         Err(e) => {
             tracing::error!(peer = %t.peer, error = %e, "cannot read back the spooled message");
-            return (451, "4.3.0 Local storage error; try again later".into());
+            return replies::STORAGE_ERROR;
         }
     };
-    let has_key = |d: &str| live.signers.has_key_for(d);
-    let mut prepared = match rewrite::prepare(cfg, &has_key, &t, &id, &data) {
+    let reference = s.bounces.as_ref().map(|b| &b.key);
+    let (prepared, delay) = match crate::pipeline::prepare(live, reference, &t, &id, &data) {
         Ok(p) => p,
-        Err(e) => {
-            tracing::info!(peer = %t.peer, error = %e, "message refused");
-            return (554, format!("5.6.0 {e}"));
-        }
+        Err(refusal) => return refusal,
     };
-    let delay = prepared.delay.unwrap_or(cfg.delivery.send_delay);
-    if delay > cfg.delivery.max_age {
-        return (
-            554,
-            format!(
-                "5.6.0 X-Herald-Delay is longer than delivery.max_age ({})",
-                crate::config::format_duration(cfg.delivery.max_age)
-            ),
-        );
-    }
-    if let (Some(key), true) = (live.tracking_key.as_deref(), prepared.track) {
-        let url = format!(
-            "{}/o/{}.gif",
-            cfg.tracking.base_url.trim_end_matches('/'),
-            crate::tracking::token(key, &id)
-        );
-        prepared.message = crate::tracking::inject(&prepared.message, &url);
-    }
-    // A reference that maps a complaint quoting the message back to it
-    // (signed by its MAC, and by DKIM below).
-    if let Some(b) = &s.bounces {
-        let h = format!("X-Herald-Ref: {}\r\n", crate::token::reference(&b.key, &id));
-        let mut m = Vec::with_capacity(h.len() + prepared.message.len());
-        m.extend_from_slice(h.as_bytes());
-        m.extend_from_slice(&prepared.message);
-        prepared.message = m;
-    }
-    // Lines over 998 bytes re-encoded, so that no hop rewraps what we sign.
-    if let Some(m) = crate::mime::transportable(&prepared.message) {
-        prepared.message = m;
-    }
-    // DKIM last, over the final headers and body.
-    match live.signers.sign(
-        prepared.from.rsplit_once('@').map(|(_, d)| d).unwrap_or(""),
-        &prepared.message,
-    ) {
-        Ok(Some(sig)) => {
-            let mut signed = Vec::with_capacity(sig.len() + prepared.message.len());
-            signed.extend_from_slice(sig.as_bytes());
-            signed.extend_from_slice(&prepared.message);
-            prepared.message = signed;
-        }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(%id, error = %e, "DKIM signing failed");
-            return (
-                451,
-                "4.3.0 Local error while signing; try again later".into(),
-            );
-        }
-    }
     let upstream = prepared.upstream.clone();
     let now = now_ms();
     let due = now + delay.as_millis() as u64;
@@ -204,7 +149,7 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         // send it again.
         let _ = s.store.remove(&id);
         tracing::error!(%id, error = %e, "could not store message");
-        return (451, "4.3.0 Local storage error; try again later".into());
+        return replies::STORAGE_ERROR;
     }
     tracing::info!(
         %id,
@@ -217,5 +162,5 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
     if !env.is_done() {
         s.scheduler.schedule(&id, due);
     }
-    (250, format!("2.0.0 Ok: queued as {id}"))
+    replies::queued(&id)
 }

@@ -30,6 +30,7 @@ use super::line::{read_line, Line};
 use super::reception;
 use super::spool::Spool;
 use crate::live::Live;
+use crate::replies::{self, Reply};
 use crate::state::envelope::Transaction;
 use crate::state::Services;
 use crate::tls::Stream;
@@ -100,8 +101,8 @@ impl Handler for InHandler {
     }
 }
 
-fn reply(out: &mut Vec<u8>, code: u16, text: &str) {
-    out.extend_from_slice(format!("{code} {text}\r\n").as_bytes());
+fn say(out: &mut Vec<u8>, r: &Reply) {
+    r.write_to(out);
 }
 
 fn write_response(out: &mut Vec<u8>, r: &Response) {
@@ -272,11 +273,7 @@ pub async fn run(
     let mut reader = BufReader::new(stream);
     let mut line = Vec::with_capacity(1024);
     let mut shutdown = services.shutdown.clone();
-    reply(
-        &mut s.out,
-        220,
-        &format!("{} ESMTP herald", s.live.cfg.hostname),
-    );
+    say(&mut s.out, &replies::greeting(&s.live.cfg.hostname));
 
     loop {
         if s.too_many_errors() {
@@ -304,29 +301,19 @@ pub async fn run(
         let read = tokio::select! {
             r = tokio::time::timeout_at(wait, read_line(&mut reader, &mut line, max)) => r,
             _ = shutdown.wait(), if !s.in_data => {
-                reply(&mut s.out, 421, &format!("4.3.2 {} Service shutting down, try again later", s.live.cfg.hostname));
+                say(&mut s.out, &replies::shutting_down(&s.live.cfg.hostname));
                 break;
             }
         };
         let status = match read {
             Err(_) if tokio::time::Instant::now() >= s.deadline => {
-                reply(
-                    &mut s.out,
-                    421,
-                    &format!(
-                        "4.4.2 {} No transaction completed in {}, closing connection",
-                        s.live.cfg.hostname,
-                        crate::config::format_duration(s.live.cfg.listen.session_timeout)
-                    ),
-                );
+                let cfg = &s.live.cfg;
+                let r = replies::idle_too_long(&cfg.hostname, cfg.listen.session_timeout);
+                say(&mut s.out, &r);
                 break;
             }
             Err(_) => {
-                reply(
-                    &mut s.out,
-                    421,
-                    &format!("4.4.2 {} Timeout, closing connection", s.live.cfg.hostname),
-                );
+                say(&mut s.out, &replies::timeout(&s.live.cfg.hostname));
                 break;
             }
             Ok(Err(_)) => return,
@@ -499,13 +486,9 @@ impl SmtpSession {
         self.errors += count_errors(&self.out[self.counted.min(self.out.len())..]);
         self.counted = self.out.len();
         if self.errors >= MAX_ERRORS {
-            reply(
+            say(
                 &mut self.out,
-                421,
-                &format!(
-                    "4.7.0 {} Too many errors, closing connection",
-                    self.live.cfg.hostname
-                ),
+                &replies::too_many_errors(&self.live.cfg.hostname),
             );
             return true;
         }
@@ -590,22 +573,16 @@ impl SmtpSession {
             )
         };
         let Some(t) = self.txn.take() else {
-            reply(&mut self.out, 503, "5.5.1 Bad sequence of commands");
+            say(&mut self.out, &replies::BAD_SEQUENCE);
             return Next::Continue;
         };
         let rcpts = t.rcpts.clone();
         let ip = self.ip;
-        let (code, text) = if let Some(e) = spool_error {
+        let answer = if let Some(e) = spool_error {
             tracing::error!(peer = %ip, error = %e, "cannot spool the message being received");
-            (
-                451,
-                "4.3.0 Local storage error; try again later".to_string(),
-            )
+            replies::STORAGE_ERROR
         } else if oversize {
-            (
-                552,
-                format!("5.3.4 Message too big (limit {} bytes)", self.max_size()),
-            )
+            replies::too_big(self.max_size())
         } else if self.intake {
             let target = self.report_target.take();
             crate::bounces::intake::accept(&services, t, target, data).await
@@ -614,12 +591,12 @@ impl SmtpSession {
             // reply goes out only after the commit.
             reception::accept(&services, &live, t, data).await
         };
-        if code >= 400 && !self.intake {
-            self.refusals.record(&services, ip, &rcpts, code, &text);
-        } else if code < 400 {
+        if answer.code >= 400 && !self.intake {
+            self.refusals.record(&services, ip, &rcpts, &answer);
+        } else if answer.code < 400 {
             self.deadline = tokio::time::Instant::now() + cfg.listen.session_timeout;
         }
-        reply(&mut self.out, code, &text);
+        say(&mut self.out, &answer);
         Next::Continue
     }
 
@@ -628,20 +605,12 @@ impl SmtpSession {
     fn command(&mut self, line: &[u8], status: Line) -> Next {
         if matches!(status, Line::TooLong { .. }) {
             self.auth.abort();
-            reply(
-                &mut self.out,
-                500,
-                &format!("5.5.2 Line too long (limit {MAX_COMMAND_LINE} bytes)"),
-            );
+            say(&mut self.out, &replies::line_too_long(MAX_COMMAND_LINE));
             return Next::Continue;
         }
         if !line.ends_with(b"\r\n") {
             self.auth.abort();
-            reply(
-                &mut self.out,
-                500,
-                "5.5.2 Syntax error: command not terminated by CRLF",
-            );
+            say(&mut self.out, &replies::NOT_CRLF);
             return Next::Continue;
         }
         if self.txn.is_none() {
@@ -718,7 +687,7 @@ impl SmtpSession {
                         .extend_from_slice(format!("250{sep}{e}\r\n").as_bytes());
                 }
             } else {
-                reply(&mut self.out, 250, &cfg.hostname);
+                say(&mut self.out, &replies::ehlo_name(&cfg.hostname));
             }
         } else {
             write_response(&mut self.out, &r);
@@ -731,34 +700,30 @@ impl SmtpSession {
     fn mail(&mut self, cmd: &Command) -> Next {
         let max_size = self.max_size();
         let Some(arg) = strip_prefix_ci(cmd.text, "MAIL FROM:") else {
-            reply(&mut self.out, 501, "5.5.4 Syntax: MAIL FROM:<address>");
+            say(&mut self.out, &replies::MAIL_SYNTAX);
             return Next::Continue;
         };
         if self.helo.is_empty() {
-            reply(&mut self.out, 503, "5.5.1 Send EHLO or HELO first");
+            say(&mut self.out, &replies::EHLO_FIRST);
             return Next::Continue;
         }
         if self.txn.is_some() {
-            reply(&mut self.out, 503, "5.5.1 Nested MAIL command");
+            say(&mut self.out, &replies::NESTED_MAIL);
             return Next::Continue;
         }
         let p = match parse_path(arg) {
             Ok(_) if !cmd.utf8 => {
-                reply(&mut self.out, 501, "5.1.7 Bad sender address: not UTF-8");
+                say(&mut self.out, &replies::SENDER_NOT_UTF8);
                 return Next::Continue;
             }
             Ok(p) => p,
             Err(why) => {
-                reply(
-                    &mut self.out,
-                    501,
-                    &format!("5.1.7 Bad sender address syntax: {why}"),
-                );
+                say(&mut self.out, &replies::sender_syntax(why));
                 return Next::Continue;
             }
         };
         if !p.addr.is_empty() && !p.addr.contains('@') {
-            reply(&mut self.out, 501, "5.1.7 Bad sender address syntax");
+            say(&mut self.out, &replies::SENDER_SYNTAX);
             return Next::Continue;
         }
         let mut body8 = false;
@@ -768,32 +733,29 @@ impl SmtpSession {
             match (k.as_str(), v.as_deref()) {
                 ("SIZE", Some(n)) => match n.parse::<u64>() {
                     Ok(n) if n > max_size as u64 => {
-                        bad_param = Some((
-                            552,
-                            format!("5.3.4 Message size exceeds limit ({max_size} bytes)"),
-                        ));
+                        bad_param = Some(replies::size_exceeds(max_size));
                     }
                     Ok(_) => {}
-                    Err(_) => bad_param = Some((501, "5.5.4 Bad SIZE value".into())),
+                    Err(_) => bad_param = Some(replies::BAD_SIZE),
                 },
                 ("BODY", Some(b)) if b.eq_ignore_ascii_case("8BITMIME") => body8 = true,
                 ("BODY", Some(b)) if b.eq_ignore_ascii_case("7BIT") => {}
                 ("SMTPUTF8", None) => smtputf8 = true,
                 ("AUTH", Some(_)) => {}
                 _ => {
-                    bad_param = Some((555, format!("5.5.4 Unsupported parameter {k}")));
+                    bad_param = Some(replies::unsupported_parameter(k));
                 }
             }
         }
-        if let Some((code, text)) = bad_param {
-            reply(&mut self.out, code, &text);
+        if let Some(r) = bad_param {
+            say(&mut self.out, &r);
             return Next::Continue;
         }
         // A report is a transaction: each client starts only so many.
         if let Some(b) = self.services.bounces.as_ref().filter(|_| self.intake) {
-            if let Err((code, text)) = b.admit(self.ip) {
-                tracing::debug!(peer = %self.ip, "report refused: {text}");
-                reply(&mut self.out, code, &text);
+            if let Err(r) = b.admit(self.ip) {
+                tracing::debug!(peer = %self.ip, "report refused: {r}");
+                say(&mut self.out, &r);
                 return Next::Continue;
             }
         }
@@ -816,7 +778,7 @@ impl SmtpSession {
                 smtputf8,
                 body_8bit: body8,
             });
-            reply(&mut self.out, 250, "2.1.0 Ok");
+            say(&mut self.out, &replies::SENDER_OK);
         } else {
             write_response(&mut self.out, &r);
         }
@@ -832,38 +794,30 @@ impl SmtpSession {
         let ip = self.ip;
         let authed = self.auth.user.is_some();
         let Some(arg) = strip_prefix_ci(cmd.text, "RCPT TO:") else {
-            reply(&mut self.out, 501, "5.5.4 Syntax: RCPT TO:<address>");
+            say(&mut self.out, &replies::RCPT_SYNTAX);
             return Next::Continue;
         };
         let Some(t) = self.txn.as_mut() else {
-            reply(&mut self.out, 503, "5.5.1 Need MAIL command first");
+            say(&mut self.out, &replies::NEED_MAIL);
             return Next::Continue;
         };
         let p = match parse_path(arg) {
             Ok(_) if !cmd.utf8 => {
-                reply(&mut self.out, 501, "5.1.3 Bad recipient address: not UTF-8");
+                say(&mut self.out, &replies::RCPT_NOT_UTF8);
                 return Next::Continue;
             }
             Ok(p) if valid_recipient(&p.addr) => p,
             Ok(_) => {
-                reply(&mut self.out, 501, "5.1.3 Bad recipient address syntax");
+                say(&mut self.out, &replies::RCPT_SYNTAX_BAD);
                 return Next::Continue;
             }
             Err(why) => {
-                reply(
-                    &mut self.out,
-                    501,
-                    &format!("5.1.3 Bad recipient address syntax: {why}"),
-                );
+                say(&mut self.out, &replies::rcpt_syntax(why));
                 return Next::Continue;
             }
         };
         if let Some((k, _)) = p.params.first() {
-            reply(
-                &mut self.out,
-                555,
-                &format!("5.5.4 Unsupported parameter {k}"),
-            );
+            say(&mut self.out, &replies::unsupported_parameter(k));
             return Next::Continue;
         }
         if self.intake {
@@ -873,28 +827,19 @@ impl SmtpSession {
         // so that the refusal goes on record for it.
         let refused = if !self.allowed && !authed {
             Some(if !cfg.listen.users.is_empty() {
-                (530, "5.7.0 Authentication required".to_string())
+                replies::AUTH_REQUIRED
             } else {
-                (
-                    550,
-                    format!("5.7.1 Relaying denied: {ip} is not in listen.allowed_networks"),
-                )
+                replies::relaying_denied(ip)
             })
         } else if t.rcpts.len() >= cfg.listen.max_recipients {
-            Some((
-                452,
-                format!(
-                    "4.5.3 Too many recipients (limit {})",
-                    cfg.listen.max_recipients
-                ),
-            ))
+            Some(replies::too_many_recipients(cfg.listen.max_recipients))
         } else {
             None
         };
-        if let Some((code, text)) = refused {
+        if let Some(r) = refused {
             self.refusals
-                .record(&services, ip, std::slice::from_ref(&p.addr), code, &text);
-            reply(&mut self.out, code, &text);
+                .record(&services, ip, std::slice::from_ref(&p.addr), &r);
+            say(&mut self.out, &r);
             return Next::Continue;
         }
         let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
@@ -902,7 +847,7 @@ impl SmtpSession {
             if !t.rcpts.iter().any(|x| same_mailbox(x, &p.addr)) {
                 t.rcpts.push(p.addr);
             }
-            reply(&mut self.out, 250, "2.1.5 Ok");
+            say(&mut self.out, &replies::RECIPIENT_OK);
         } else {
             write_response(&mut self.out, &r);
         }
@@ -914,15 +859,11 @@ impl SmtpSession {
     /// recipient); anything else is refused, never relayed.
     fn report_rcpt(&mut self, addr: String) -> Next {
         let Some(b) = self.services.bounces.clone() else {
-            reply(&mut self.out, 550, "5.7.1 Not accepting reports");
+            say(&mut self.out, &replies::NOT_ACCEPTING_REPORTS);
             return Next::Continue;
         };
         if self.report_target.is_some() {
-            reply(
-                &mut self.out,
-                452,
-                "4.5.3 One recipient per report here; send the others in their own transaction",
-            );
+            say(&mut self.out, &replies::ONE_RECIPIENT_PER_REPORT);
             return Next::Continue;
         }
         match b.check_rcpt(&addr) {
@@ -930,9 +871,8 @@ impl SmtpSession {
             // of the storage is full, nothing more is taken (the sender
             // learns it before sending the text).
             Ok(crate::bounces::Target::Complaint) if !b.complaint_room(0) => {
-                let (code, text) =
-                    crate::bounces::intake::full(&b, self.ip, "the complaint address's half");
-                reply(&mut self.out, code, &text);
+                let r = crate::bounces::intake::full(&b, self.ip, "the complaint address's half");
+                say(&mut self.out, &r);
             }
             Ok(target) => {
                 let r = self.session.process(b"RCPT TO:<rcpt@herald.invalid>\r\n");
@@ -941,14 +881,14 @@ impl SmtpSession {
                         t.rcpts.push(addr);
                     }
                     self.report_target = Some(target);
-                    reply(&mut self.out, 250, "2.1.5 Ok");
+                    say(&mut self.out, &replies::RECIPIENT_OK);
                 } else {
                     write_response(&mut self.out, &r);
                 }
             }
-            Err((code, text)) => {
-                tracing::debug!(peer = %self.ip, rcpt = %addr, "report refused: {text}");
-                reply(&mut self.out, code, &text);
+            Err(r) => {
+                tracing::debug!(peer = %self.ip, rcpt = %addr, "report refused: {r}");
+                say(&mut self.out, &r);
             }
         }
         Next::Continue
@@ -957,14 +897,14 @@ impl SmtpSession {
     /// DATA: the lines that follow go to [`SmtpSession::data_line`].
     fn data(&mut self, cmd: &Command) -> Next {
         if self.txn.as_ref().is_none_or(|t| t.rcpts.is_empty()) {
-            reply(&mut self.out, 503, "5.5.1 Need RCPT command first");
+            say(&mut self.out, &replies::NEED_RCPT);
             return Next::Continue;
         }
         let r = self.session.process(cmd.line);
         if r.code == 354 {
             self.in_data = true;
             self.data_lines = DataLines::new();
-            reply(&mut self.out, 354, "End data with <CR><LF>.<CR><LF>");
+            say(&mut self.out, &replies::START_DATA);
         } else {
             write_response(&mut self.out, &r);
         }
@@ -980,7 +920,7 @@ impl SmtpSession {
     }
 
     fn bdat(&mut self) -> Next {
-        reply(&mut self.out, 502, "5.5.1 BDAT not implemented; use DATA");
+        say(&mut self.out, &replies::NO_BDAT);
         Next::Continue
     }
 
@@ -998,39 +938,23 @@ impl SmtpSession {
     /// AUTH PLAIN / LOGIN, with or without an initial response.
     fn auth(&mut self, cmd: &Command) -> Next {
         if self.intake {
-            reply(
-                &mut self.out,
-                503,
-                "5.5.1 AUTH not available: this listener only takes reports",
-            );
+            say(&mut self.out, &replies::AUTH_NOT_FOR_REPORTS);
             return Next::Continue;
         }
         if self.live.cfg.listen.users.is_empty() {
-            reply(
-                &mut self.out,
-                503,
-                "5.5.1 AUTH not available: no users are configured",
-            );
+            say(&mut self.out, &replies::AUTH_NO_USERS);
             return Next::Continue;
         }
         if !self.can_auth() {
-            reply(
-                &mut self.out,
-                538,
-                "5.7.11 Encryption required: use STARTTLS first",
-            );
+            say(&mut self.out, &replies::AUTH_NEEDS_TLS);
             return Next::Continue;
         }
         if self.auth.user.is_some() {
-            reply(&mut self.out, 503, "5.5.1 Already authenticated");
+            say(&mut self.out, &replies::AUTH_ALREADY);
             return Next::Continue;
         }
         if self.txn.is_some() {
-            reply(
-                &mut self.out,
-                503,
-                "5.5.1 AUTH not allowed during a mail transaction",
-            );
+            say(&mut self.out, &replies::AUTH_IN_TRANSACTION);
             return Next::Continue;
         }
         let mut words = cmd.text.split_ascii_whitespace().skip(1);
@@ -1056,31 +980,27 @@ impl SmtpSession {
     }
 
     fn quit(&mut self) -> Next {
-        reply(&mut self.out, 221, "2.0.0 Bye");
+        say(&mut self.out, &replies::BYE);
         Next::Close
     }
 
     fn noop(&mut self) -> Next {
-        reply(&mut self.out, 250, "2.0.0 Ok");
+        say(&mut self.out, &replies::OK);
         Next::Continue
     }
 
     fn vrfy(&mut self) -> Next {
-        reply(
-            &mut self.out,
-            252,
-            "2.5.0 Cannot VRFY user, but will accept message",
-        );
+        say(&mut self.out, &replies::CANNOT_VRFY);
         Next::Continue
     }
 
     fn help(&mut self) -> Next {
-        reply(&mut self.out, 214, "2.0.0 See RFC 5321");
+        say(&mut self.out, &replies::HELP);
         Next::Continue
     }
 
     fn unknown(&mut self) -> Next {
-        reply(&mut self.out, 500, "5.5.2 Command not recognized");
+        say(&mut self.out, &replies::NOT_RECOGNIZED);
         Next::Continue
     }
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::Rate;
+use crate::replies::{self, Reply};
 use crate::state::pacing::Bucket;
 use crate::state::spool::{now_ms, QueueError};
 use crate::token;
@@ -287,7 +288,7 @@ impl Bounces {
 
     /// A new report from `ip` (at MAIL FROM): within `max_rate_per_ip`,
     /// or the refusal to give.
-    pub fn admit(&self, ip: IpAddr) -> Result<(), (u16, String)> {
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Reply> {
         let Some(rate) = self.rate else {
             return Ok(());
         };
@@ -302,13 +303,7 @@ impl Bounces {
         if wait > 0 {
             drop(m);
             self.count("refused_rate");
-            return Err((
-                450,
-                format!(
-                    "4.7.1 Too many reports from your address (bounces.max_rate_per_ip {rate}); try again in {}s",
-                    wait.div_ceil(1000)
-                ),
-            ));
+            return Err(replies::too_many_reports(rate, wait.div_ceil(1000)));
         }
         bucket.take();
         Ok(())
@@ -346,23 +341,17 @@ impl Bounces {
 
     /// What a recipient address of the bounce domain is, or the SMTP
     /// refusal to give.
-    pub fn check_rcpt(&self, addr: &str) -> Result<Target, (u16, String)> {
+    pub fn check_rcpt(&self, addr: &str) -> Result<Target, Reply> {
         let lower = addr.to_ascii_lowercase();
         if lower == self.complaint_address {
             return Ok(Target::Complaint);
         }
-        let unknown = || (550, format!("5.1.1 <{addr}>: no such return path here"));
+        let unknown = || replies::no_such_return_path(addr);
         let Some((local, domain)) = lower.rsplit_once('@') else {
             return Err(unknown());
         };
         if domain != self.domain {
-            return Err((
-                550,
-                format!(
-                    "5.7.1 <{addr}>: relaying denied; this server only takes reports for {}",
-                    self.domain
-                ),
-            ));
+            return Err(replies::not_the_bounce_domain(addr, &self.domain));
         }
         match token::verify(&self.key, local, now_ms()) {
             Ok(t) => Ok(Target::Token {
@@ -375,7 +364,7 @@ impl Bounces {
             }
             Err(token::Refusal::Expired) => {
                 self.count("refused_expired");
-                Err((550, format!("5.1.1 <{addr}>: this return path has expired")))
+                Err(replies::expired_return_path(addr))
             }
         }
     }
