@@ -145,23 +145,40 @@ pub fn parse(raw: &[u8]) -> Report {
     // and suppresses nobody (sisimai's `filtered`).
     if rep.recipients.iter().any(|r| r.class == Some(Class::Hard)) {
         let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_SCAN)]);
-        if refused_after_data(&text) {
-            for r in rep.recipients.iter_mut() {
-                if r.class == Some(Class::Hard) {
-                    r.class = Some(Class::Policy);
-                    r.filtered = true;
-                }
+        let after_data = refused_after_data(&text);
+        for r in rep.recipients.iter_mut() {
+            let diag = r.diagnostic.as_deref().unwrap_or("");
+            if r.class == Some(Class::Hard) && (after_data || names_no_address(diag)) {
+                r.class = Some(Class::Policy);
+                r.filtered = true;
             }
         }
     }
     rep
 }
 
+/// "550 : User unknown": a refusal that names no recipient where the
+/// server's refusal at RCPT names it ("550 <a@b>: User unknown"). au
+/// (KDDI: ezweb.ne.jp, au.com) answers so to DATA for mail its users'
+/// filters refuse; the address exists.
+fn names_no_address(diag: &str) -> bool {
+    let t = diag.to_ascii_lowercase();
+    t.match_indices(": user unknown").any(|(at, _)| {
+        let before = t[..at].trim_end();
+        let before = before.strip_suffix(':').unwrap_or(before).trim_end();
+        let b = before.as_bytes();
+        b.len() >= 3
+            && b[b.len() - 3] == b'5'
+            && b[b.len() - 2..].iter().all(u8::is_ascii_digit)
+            && (b.len() == 3 || !b[b.len() - 4].is_ascii_alphanumeric())
+    })
+}
+
 /// Whether the report says the refusal answered DATA or the end of DATA:
 /// Postfix's "(in reply to end of DATA command)", Exim's "after end of
 /// data", a transcript's ">>> DATA" followed by "<<< 5xx".
 fn refused_after_data(text: &str) -> bool {
-    let t = text.to_ascii_lowercase();
+    let t = text.to_ascii_lowercase().replace("\r\n", "\n");
     if [
         "in reply to end of data",
         "in reply to data command",
@@ -172,6 +189,16 @@ fn refused_after_data(text: &str) -> bool {
     .any(|w| t.contains(w))
     {
         return true;
+    }
+    // m-FILTER: "-------server message", the reply, "-------SMTP command",
+    // the last command it sent, which with PIPELINING is DATA even when
+    // the refusal answered RCPT (Postfix's "Recipient address rejected",
+    // a 5.1.1).
+    if let Some(at) = t.find("smtp command\ndata") {
+        let reply = t[..at].rsplit("server message").next().unwrap_or("");
+        if !reply.contains("recipient address rejected") && !reply.contains("5.1.1") {
+            return true;
+        }
     }
     let lines: Vec<&str> = t.lines().map(str::trim).collect();
     // The replies after ">>> DATA": with PIPELINING they may be the
@@ -644,10 +671,32 @@ fn judge(r: &mut RecipientResult) {
 
 /// The class of a failed or delayed result (none for a delivery).
 fn class_of(r: &RecipientResult) -> Option<Class> {
-    let esc = r
-        .status
-        .or_else(|| r.diagnostic.as_deref().and_then(esc_in).map(|(e, _)| e))
-        .unwrap_or([0; 3]);
+    let said = r.diagnostic.as_deref().and_then(esc_in).map(|(e, _)| e);
+    // A Status of X.0.0 says only "failed" or "delayed": the remote
+    // server's own code, of the same class, says more ("Status: 5.0.0",
+    // "550 #5.1.0 Address rejected"), unless the text holds codes that
+    // disagree (SES: "5.1.0 - Unknown address error 550-'5.7.1 ...").
+    let one_code = r.diagnostic.as_deref().is_some_and(|d| {
+        let mut rest = d;
+        let mut first = None;
+        while let Some((e, end)) = esc_in(rest) {
+            if first.is_some_and(|f| f != e) {
+                return false;
+            }
+            first = Some(e);
+            rest = &rest[end..];
+        }
+        true
+    });
+    let esc = match (r.status, said) {
+        (Some(st), Some(d))
+            if st[1] == 0 && st[2] == 0 && d[0] == st[0] && d[1] != 0 && one_code =>
+        {
+            d
+        }
+        (Some(st), _) => st,
+        (None, d) => d.unwrap_or([0; 3]),
+    };
     let code = r.code.or(match esc[0] {
         5 => Some(550),
         4 => Some(450),
@@ -798,6 +847,11 @@ fn esc_in(s: &str) -> Option<([u16; 3], usize)> {
 
 /// The first SMTP reply code (4xx/5xx followed by a space or '-') in `s`.
 fn code_in(s: &str) -> Option<u16> {
+    code_at(s).map(|(c, _)| c)
+}
+
+/// The first SMTP reply code in `s`, and where it starts.
+fn code_at(s: &str) -> Option<(u16, usize)> {
     let b = s.as_bytes();
     (0..b.len().saturating_sub(2)).find_map(|i| {
         let c = &b[i..i + 3];
@@ -809,7 +863,7 @@ fn code_in(s: &str) -> Option<u16> {
             && (c[0] == b'4' || c[0] == b'5')
             && c[1].is_ascii_digit()
             && c[2].is_ascii_digit())
-        .then(|| s[i..i + 3].parse().ok())
+        .then(|| s[i..i + 3].parse().ok().map(|c| (c, i)))
         .flatten()
     })
 }
@@ -817,22 +871,28 @@ fn code_in(s: &str) -> Option<u16> {
 /// In a plain-text bounce: the first line with an SMTP reply or an
 /// enhanced status code of a failure or delay.
 fn plain_text(body: &str) -> Option<RecipientResult> {
-    let lines: Vec<&str> = body.lines().take(400).collect();
+    // The notice's own lines: a reply code in the returned message's
+    // headers ("Lotus SMTP MTA v4.6.1") says nothing.
+    let lines = notice_lines_upto(body, 2000);
     for (i, line) in lines.iter().enumerate() {
         let l = line.trim();
         if l.len() > 2000 || starts_ci(l, "received:") || starts_ci(l, "date:") {
             continue;
         }
-        let code = code_in(l).filter(|_| {
-            // A reply code stands at the start or after a colon/said:
-            let lower = l.to_ascii_lowercase();
-            let at = lower.find(|c: char| c.is_ascii_digit()).unwrap_or(0);
-            at == 0
-                || lower[..at].trim_end().ends_with(':')
-                || lower[..at].contains("said")
-                || lower[..at].ends_with('(')
-                || esc_in(l).is_some()
-        });
+        let code = code_at(l)
+            .filter(|(_, at)| {
+                // A reply code stands at the start, after a colon, "said",
+                // or a transcript's "<<<".
+                let before = l[..*at].to_ascii_lowercase();
+                let before = before.trim_end();
+                before.is_empty()
+                    || before.ends_with(':')
+                    || before.ends_with("<<<")
+                    || before.contains("said")
+                    || before.ends_with('(')
+                    || esc_in(l).is_some()
+            })
+            .map(|(c, _)| c);
         let esc = esc_in(l).map(|(e, _)| e).filter(|e| e[0] != 2);
         if code.is_none() && esc.is_none() {
             continue;
@@ -1024,15 +1084,31 @@ fn text_parts(m: &mail_parser::Message) -> String {
     b
 }
 
+/// Lines that name the original message without starting it (sendmail's
+/// "The original message was received at", Exchange's "The MTS-ID of the
+/// original message is").
+const NOT_QUOTE_STARTS: &[&str] = &[
+    "original message was received",
+    "of the original message is",
+];
+
 /// The notice's own lines, up to the message it returns.
 fn notice_lines(body: &str) -> Vec<&str> {
+    notice_lines_upto(body, 1000)
+}
+
+/// The notice's own lines shorter than `max`, up to the message it
+/// returns.
+fn notice_lines_upto(body: &str, max: usize) -> Vec<&str> {
     let mut out = Vec::new();
     for l in body.lines().take(400) {
         let low = l.to_ascii_lowercase();
-        if QUOTE_STARTS.iter().any(|q| low.contains(q)) {
+        if QUOTE_STARTS.iter().any(|q| low.contains(q))
+            && !NOT_QUOTE_STARTS.iter().any(|q| low.contains(q))
+        {
             break;
         }
-        if l.len() < 1000 {
+        if l.len() < max {
             out.push(l);
         }
     }
