@@ -148,7 +148,11 @@ pub fn parse(raw: &[u8]) -> Report {
         let after_data = refused_after_data(&text);
         for r in rep.recipients.iter_mut() {
             let diag = r.diagnostic.as_deref().unwrap_or("");
-            if r.class == Some(Class::Hard) && (after_data || names_no_address(diag)) {
+            // (A disabled account suppresses nobody already, and stays
+            // what it is: Yahoo answers DATA with "This account has been
+            // disabled or discontinued".)
+            if r.class == Some(Class::Hard) && !r.disabled && (after_data || names_no_address(diag))
+            {
                 r.class = Some(Class::Policy);
                 r.filtered = true;
             }
@@ -348,6 +352,18 @@ fn parse_parts(raw: &[u8]) -> Report {
     // A DSN that gives a bare status (5.0.0) and no Diagnostic-Code often
     // says why in its text part: the line that names the recipient with a
     // reply code, or the notice's words.
+    for r in rep.recipients.iter_mut() {
+        // "Diagnostic-Code: X-Unix; 77": a local program's exit status
+        // says nothing the notice does not say better.
+        if r.diagnostic
+            .as_deref()
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        {
+            r.diagnostic = None;
+            r.code = None;
+            judge(r);
+        }
+    }
     if rep.recipients.iter().any(|r| r.diagnostic.is_none()) {
         // The text parts decoded (quoted-printable breaks words).
         let decoded = msg.as_ref().map(text_parts).unwrap_or_default();
@@ -366,12 +382,14 @@ fn parse_parts(raw: &[u8]) -> Report {
             });
             let diag = match named {
                 Some(l) => Some(l.trim().to_string()),
-                None => notice_words(&lines.join("\n")).and_then(|w| w.diagnostic),
+                None => reason_for(&lines, Some(&addr))
+                    .or_else(|| notice_words(&lines.join("\n")).and_then(|w| w.diagnostic)),
             };
             if let Some(d) = diag {
                 r.code = code_in(&d);
                 r.diagnostic = Some(d);
                 judge(r);
+                notice_says_disabled(r, &lines);
             }
         }
     }
@@ -419,11 +437,29 @@ fn parse_parts(raw: &[u8]) -> Report {
         Some(b) if !b.trim().is_empty() => b,
         _ => text.to_string(),
     };
-    let notice = msg.as_ref().and_then(notice_kind);
-    let found = plain_text(&body).or_else(|| {
-        // No code at all: the words of a failure, in a failure notice.
-        notice.and_then(|_| notice_words(&body))
-    });
+    let notice = msg
+        .as_ref()
+        .and_then(notice_kind)
+        .or_else(|| notice_by_words(&body));
+    let found = plain_text(&body)
+        .or_else(|| {
+            // No code: the reason given beside the address (qmail, Postfix,
+            // Exim without a reply).
+            let failed = notice?;
+            let lines = notice_lines(&body);
+            let mut r = RecipientResult {
+                action: Some(if failed { "failed" } else { "delayed" }.into()),
+                diagnostic: Some(reason_for(&lines, None)?),
+                ..Default::default()
+            };
+            judge(&mut r);
+            notice_says_disabled(&mut r, &lines);
+            Some(r)
+        })
+        .or_else(|| {
+            // No code at all: the words of a failure, in a failure notice.
+            notice.and_then(|_| notice_words(&body))
+        });
     if let Some(r) = found {
         // A notice that says the address does not exist is a failure, even
         // when no 5xx code came with it.
@@ -618,6 +654,12 @@ const DISABLED: &[&str] = &[
     "temporarily locked",
     "is frozen",
     "account is blocked",
+    "mailbox disabled",
+    "user or domain is disabled",
+    "is a deactivated mailbox",
+    "temporarily inactive",
+    "archived recipient",
+    "user is terminated",
     "5.7.13",
 ];
 
@@ -640,6 +682,7 @@ const NETWORK: &[&str] = &[
     "network is unreachable",
     "did not accept our requests to connect",
     "retry timeout exceeded",
+    "after multiple retries",
     "too long in the queue",
     "message expired",
     "queue.expired",
@@ -717,6 +760,7 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     if [
         "mailbox is full",
         "mailbox full",
+        "mailfolder is full",
         "over quota",
         "quota exceeded",
     ]
@@ -724,6 +768,11 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     .any(|w| t.contains(w))
     {
         return Some(Class::Soft);
+    }
+    // A quota of the sender's relay, not of the mailbox ("You've reached
+    // your daily relay quota"): the sending setup was refused.
+    if t.contains("relay quota") && code >= 500 {
+        return Some(Class::Policy);
     }
     // The receiving host's own delivery program failed (a pipe, procmail,
     // a lock): nothing about the address (sisimai's mailererror).
@@ -1002,9 +1051,16 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("will retry", false, Class::Transient),
     ("delivery is delayed", false, Class::Transient),
     ("not yet been delivered", false, Class::Transient),
+    // The receiving host's delivery program failed (sisimai's
+    // mailererror): nothing about the address.
+    ("pipe to |", true, Class::Transient),
+    ("bin/procmail", true, Class::Transient),
+    ("procmail:", true, Class::Transient),
+    ("mailer error", true, Class::Transient),
     // The mailbox is full.
     ("mailbox is full", true, Class::Soft),
     ("mailbox full", true, Class::Soft),
+    ("mailfolder is full", true, Class::Soft),
     ("over quota", true, Class::Soft),
     ("quota", true, Class::Soft),
     // Given up: final, and nothing about the address.
@@ -1028,10 +1084,17 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("blocked", true, Class::Policy),
     ("blacklist", true, Class::Policy),
     ("permission to post", true, Class::Policy),
+    ("not a member of this mailing list", true, Class::Policy),
     ("not allowed to post", true, Class::Policy),
     ("send mail as", true, Class::Policy),
     // The address or its domain does not exist.
     ("address couldn't be found", true, Class::Hard),
+    // Exchange 5.5/2003: "The recipient name is not recognized".
+    ("recipient name is not recognized", true, Class::Hard),
+    ("indicated no smtp service", true, Class::Hard),
+    // DragonFly Mail Agent's notice of a domain that does not resolve.
+    ("dns lookup failure: host", true, Class::Hard),
+    ("no valid recipients", true, Class::Hard),
     ("address not found", true, Class::Hard),
     ("unknown recipient", true, Class::Hard),
     ("recipient not found", true, Class::Hard),
@@ -1122,7 +1185,11 @@ fn notice_text(body: &str) -> String {
 
 /// A notice with no reply code: the first phrase of [`PHRASES`] in it.
 fn notice_words(body: &str) -> Option<RecipientResult> {
-    let text = notice_text(body);
+    // Phrases may be wrapped over lines ("Host not\n    found").
+    let text = notice_text(body)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let (phrase, failed, class) = PHRASES.iter().find(|(p, _, _)| text.contains(p))?;
     let line = body
         .lines()
@@ -1139,6 +1206,108 @@ fn notice_words(body: &str) -> Option<RecipientResult> {
         r.disabled = true;
     }
     Some(r)
+}
+
+/// The reason a notice gives beside an address (`addr`, or any address
+/// standing at the start of a line): qmail's "<a@b>:" followed by the
+/// reason's lines, Postfix's "<a@b>: reason" with its indented
+/// continuation, Exim's "  a@b" followed by the reason indented deeper.
+fn reason_for(lines: &[&str], addr: Option<&str>) -> Option<String> {
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim();
+        let low = t.to_ascii_lowercase();
+        // The address at the start of the line, and what follows it.
+        let (token, rest) = match low.strip_prefix('<') {
+            Some(r) => match r.split_once('>') {
+                Some((a, rest)) => (a.to_string(), rest),
+                None => continue,
+            },
+            None => {
+                let a = low.split_whitespace().next().unwrap_or("");
+                (a.trim_end_matches(':').to_string(), &low[a.len()..])
+            }
+        };
+        let is_addr = match addr {
+            Some(a) => !a.is_empty() && token == a,
+            None => token.contains('@') && !token.contains(' ') && token.len() > 2,
+        };
+        if !is_addr {
+            continue;
+        }
+        let colon = rest.starts_with(':') || low.ends_with(':');
+        let rest = rest.trim_start_matches(':').trim();
+        let indent = line.len() - line.trim_start().len();
+        let mut reason = Vec::new();
+        if !rest.is_empty() {
+            if !colon {
+                continue;
+            }
+            // Postfix: the reason on the line, continued indented.
+            reason.push(t[t.len() - rest.len()..].to_string());
+            reason.extend(
+                lines[i + 1..]
+                    .iter()
+                    .take_while(|n| n.starts_with([' ', '\t']) && !n.trim().is_empty())
+                    .map(|n| n.trim().to_string()),
+            );
+        } else {
+            for n in lines[i + 1..].iter().take(8) {
+                let nt = n.trim();
+                let n_indent = n.len() - n.trim_start().len();
+                if nt.is_empty() || nt.starts_with("---") {
+                    break;
+                }
+                // Exim: the reason is indented deeper than the address.
+                if !colon && n_indent <= indent {
+                    break;
+                }
+                let nl = nt.to_ascii_lowercase();
+                if nl.starts_with("generated by") || nl.starts_with("(generated from") {
+                    continue;
+                }
+                reason.push(nt.to_string());
+            }
+        }
+        let reason = reason.join(" ");
+        if !reason.trim().is_empty() {
+            return Some(reason.chars().take(500).collect());
+        }
+    }
+    None
+}
+
+/// Words of the notice's own, before it names any address, that say the
+/// account is disabled or suspended (ezweb: "The user(s) account is
+/// disabled." above "<a@b>: 550 user unknown"): a hard result that
+/// suppresses nobody.
+fn notice_says_disabled(r: &mut RecipientResult, lines: &[&str]) {
+    if r.class != Some(Class::Hard) || r.disabled {
+        return;
+    }
+    let text = lines
+        .iter()
+        .take_while(|l| !l.contains('@'))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase();
+    if DISABLED
+        .iter()
+        .filter(|w| !w.contains("suspended"))
+        .any(|w| text.contains(w))
+    {
+        r.disabled = true;
+    }
+}
+
+/// A notice recognised by its words when neither its subject nor its
+/// sender say it is one (KDDI: "Could not be delivered to: <a@b>").
+fn notice_by_words(body: &str) -> Option<bool> {
+    let text = notice_text(body);
+    ["could not be delivered to:"]
+        .iter()
+        .any(|w| text.contains(w))
+        .then_some(true)
 }
 
 /// The sender's address as written, lowercased: `From: mailer-daemon`
@@ -1173,6 +1342,8 @@ const FAILURE_SUBJECTS: &[&str] = &[
     "error sending",
     "delivery status notification: error",
     "error",
+    // fml: "You a@b are not member (list ML)".
+    "are not member",
     "エラー",
     "不達",
 ];
