@@ -328,10 +328,47 @@ fn parse_parts(raw: &[u8]) -> Report {
         });
         return rep;
     }
+    // Hotmail's older complaints: "complaint about message from <ip>"
+    // with the message attached, its recipient in
+    // X-HmXmrOriginalRecipient. Apple Mail's unsubscribe request
+    // (X-Apple-Unsubscribe: true): the recipient opts out.
+    if let Some(m) = &msg {
+        let subject = m.subject().unwrap_or("").trim().to_ascii_lowercase();
+        let hotmail = subject.starts_with("complaint about message from")
+            && low.contains("x-hmxmroriginalrecipient:");
+        let unsubscribe = m
+            .header_raw("X-Apple-Unsubscribe")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        if hotmail || unsubscribe {
+            rep.kind = Kind::Complaint;
+            rep.feedback = Some(Feedback {
+                feedback_type: if hotmail { "abuse" } else { "opt-out" }.into(),
+                user_agent: Some(if hotmail { "Hotmail" } else { "Apple Mail" }.into()),
+                original_rcpt_to: if hotmail {
+                    find_header(&text, "x-hmxmroriginalrecipient").map(|a| strip_addr(&a))
+                } else {
+                    from_text(m).split_whitespace().last().map(strip_addr)
+                },
+                ..Default::default()
+            });
+            return rep;
+        }
+    }
     // RFC 3464 fields: in their part, else anywhere in the text (servers
     // that put them in text/plain).
     let sources: Vec<String> = if dsn.is_empty() {
-        vec![text.to_string()]
+        // Decoded when a quoted-printable text part holds them (Amazon
+        // WorkMail: "Diagnostic-Code: smtp; 554 4.4.7 Message expi=").
+        let decoded = msg.as_ref().map(text_parts).unwrap_or_default();
+        let fields = |t: &str| {
+            t.lines()
+                .any(|l| starts_ci(l, "final-recipient:") || starts_ci(l, "action:"))
+        };
+        if !text.contains("=\n") && !text.contains("=\r\n") || !fields(&decoded) {
+            vec![text.to_string()]
+        } else {
+            vec![decoded]
+        }
     } else {
         dsn
     };
@@ -460,13 +497,21 @@ fn parse_parts(raw: &[u8]) -> Report {
             // No code at all: the words of a failure, in a failure notice.
             notice.and_then(|_| notice_words(&body))
         });
-    if let Some(r) = found {
+    if let Some(mut r) = found {
+        // A notice that says it gave up is a failure whatever code it
+        // quotes (qmail: "Sorry, I wasn't able to establish an SMTP
+        // connection. (#4.4.1) I'm not going to try again").
+        if r.action.as_deref() != Some("failed") && says_given_up(&body) {
+            r.action = Some("failed".into());
+            judge(&mut r);
+        }
         // A notice that says the address does not exist is a failure, even
         // when no 5xx code came with it.
         rep.kind = if r.code.is_some_and(|c| c >= 500)
             || r.status.is_some_and(|s| s[0] == 5)
             || r.class == Some(Class::Hard)
             || (r.code.is_none() && r.status.is_none() && r.action.as_deref() == Some("failed"))
+            || says_given_up(&body)
         {
             Kind::Failed
         } else {
@@ -667,6 +712,8 @@ const DISABLED: &[&str] = &[
 const MAILER: &[&str] = &[
     "pipe to |",
     "procmail:",
+    "bin/procmail",
+    " || exit ",
     "mailer error",
     "lock failure",
     "service currently unavailable",
@@ -715,10 +762,12 @@ fn judge(r: &mut RecipientResult) {
 /// The class of a failed or delayed result (none for a delivery).
 fn class_of(r: &RecipientResult) -> Option<Class> {
     let said = r.diagnostic.as_deref().and_then(esc_in).map(|(e, _)| e);
-    // A Status of X.0.0 says only "failed" or "delayed": the remote
-    // server's own code, of the same class, says more ("Status: 5.0.0",
-    // "550 #5.1.0 Address rejected"), unless the text holds codes that
-    // disagree (SES: "5.1.0 - Unknown address error 550-'5.7.1 ...").
+    // A Status of X.0.0 says only "failed" or "delayed", X.4.7 only
+    // "gave up": the remote server's own code, of the same class, says
+    // more ("Status: 5.0.0", "550 #5.1.0 Address rejected"; "Status:
+    // 4.4.7", "450 4.7.1 Access denied. IP name lookup failed"), unless
+    // the text holds codes that disagree (SES: "5.1.0 - Unknown address
+    // error 550-'5.7.1 ...").
     let one_code = r.diagnostic.as_deref().is_some_and(|d| {
         let mut rest = d;
         let mut first = None;
@@ -733,7 +782,10 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     });
     let esc = match (r.status, said) {
         (Some(st), Some(d))
-            if st[1] == 0 && st[2] == 0 && d[0] == st[0] && d[1] != 0 && one_code =>
+            if matches!((st[1], st[2]), (0, 0) | (4, 7))
+                && d[0] == st[0]
+                && d[1] != 0
+                && one_code =>
         {
             d
         }
@@ -786,8 +838,15 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     // the address does not exist.)
     if NETWORK.iter().any(|w| t.contains(w)) || (code < 500 && esc[0] != 5 && !hard_words(&t)) {
         let c = classify(code.min(499), [4, esc[1], esc[2]], text, Stage::Data, false);
+        let failed = r.action.as_deref() == Some("failed");
         return Some(match c {
             Class::Hard => Class::Transient,
+            // A domain whose null MX (RFC 7505) says it takes no mail:
+            // final, and about the domain's choice, not a failure.
+            Class::Transient if t.contains("null mx") => Class::Policy,
+            // Deferred for policy (X.7.y: PTR, blocklist) until the
+            // sender gave up: the message was refused, not delayed.
+            Class::Transient if failed && esc[0] == 4 && esc[1] == 7 => Class::Policy,
             c => c,
         });
     }
@@ -846,6 +905,8 @@ fn hard_words(t: &str) -> bool {
         "no mx",
         "indicated no smtp service",
         "no valid recipients",
+        // Outlook.com, for a domain that does not resolve.
+        "because the domain is not reachable",
     ]
     .iter()
     .any(|w| t.contains(w))
@@ -1298,6 +1359,21 @@ fn notice_says_disabled(r: &mut RecipientResult, lines: &[&str]) {
     {
         r.disabled = true;
     }
+}
+
+/// Words of a notice that has given up, whatever code it quotes.
+fn says_given_up(body: &str) -> bool {
+    let text = notice_text(body);
+    [
+        "this is a permanent error",
+        "i'm not going to try again",
+        "i've given up",
+        // m-FILTER: "could not be sent", "failed to send".
+        "送信できませんでした",
+        "送信に失敗しました",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 /// A notice recognised by its words when neither its subject nor its

@@ -253,9 +253,9 @@ fn herald_judges_real_reports_as_sisimai_does() {
     );
     // Today's figures: none may get worse.
     assert!(false_supp <= 16, "{false_supp} false suppressions");
-    assert!(pct(agree, n) >= 93.2);
-    assert!(missed <= 12, "{missed} missed suppressions");
-    assert!(unparsed <= 3);
-    assert!(pct(class_ok, scored as f64) >= 89.7);
-    assert!(pct(event_ok, n) >= 97.0);
+    assert!(pct(agree, n) >= 94.4);
+    assert!(missed <= 7, "{missed} missed suppressions");
+    assert!(unparsed <= 1);
+    assert!(pct(class_ok, scored as f64) >= 91.8);
+    assert!(pct(event_ok, n) >= 98.7);
 }
