@@ -143,6 +143,27 @@ pub fn parse(raw: &[u8]) -> Report {
     // mailbox's: the address was accepted at RCPT (Japanese carriers
     // answer so for mail their users' domain filters refuse). It bounces,
     // and suppresses nobody (sisimai's `filtered`).
+    // A bare refusal that the report says answered RCPT TO is about the
+    // address, as herald judges it live (RFC 5321: a 5xx to RCPT says the
+    // mailbox is unavailable): Postfix's "550 <a@b>: Recipient address
+    // rejected. (in reply to RCPT TO command)".
+    if rep
+        .recipients
+        .iter()
+        .any(|r| r.class == Some(Class::Policy))
+    {
+        let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_SCAN)]);
+        let t = text.to_ascii_lowercase();
+        // (Postfix wraps "(in reply to RCPT\n    TO command)".)
+        let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+        if t.contains("in reply to rcpt to command") && !refused_after_data(&text) {
+            for r in rep.recipients.iter_mut() {
+                if r.class == Some(Class::Policy) && answered_rcpt_is_hard(r) {
+                    r.class = Some(Class::Hard);
+                }
+            }
+        }
+    }
     if rep.recipients.iter().any(|r| r.class == Some(Class::Hard)) {
         let text = String::from_utf8_lossy(&raw[..raw.len().min(MAX_SCAN)]);
         let after_data = refused_after_data(&text);
@@ -159,6 +180,26 @@ pub fn parse(raw: &[u8]) -> Report {
         }
     }
     rep
+}
+
+/// Whether a refusal judged at DATA is hard at RCPT: a 5xx with no status
+/// code of its own beyond X.0.0 or X.1.y, and no word of a policy, a
+/// blocklist or a full mailbox ("550 <a@b>: Recipient address rejected.").
+fn answered_rcpt_is_hard(r: &RecipientResult) -> bool {
+    let Some(d) = r.diagnostic.as_deref() else {
+        return false;
+    };
+    let t = d.to_ascii_lowercase();
+    let esc = esc_in(d).map(|(e, _)| e).unwrap_or([0; 3]);
+    let code = r.code.unwrap_or(0);
+    (500..600).contains(&code)
+        && code != 552
+        && matches!(esc[1], 0 | 1)
+        && r.status.is_none_or(|s| s[0] == 5 && matches!(s[1], 0 | 1))
+        && !NOT_THE_ADDRESS.iter().any(|w| t.contains(w))
+        && !NETWORK.iter().any(|w| t.contains(w))
+        && !MAILER.iter().any(|w| t.contains(w))
+        && classify(code, esc, d, Stage::Rcpt, false) == Class::Hard
 }
 
 /// "550 : User unknown": a refusal that names no recipient where the
@@ -183,6 +224,8 @@ fn names_no_address(diag: &str) -> bool {
 /// data", a transcript's ">>> DATA" followed by "<<< 5xx".
 fn refused_after_data(text: &str) -> bool {
     let t = text.to_ascii_lowercase().replace("\r\n", "\n");
+    // Phrases may be wrapped ("in reply to end of\n    DATA command").
+    let flat = t.split_whitespace().collect::<Vec<_>>().join(" ");
     if [
         "in reply to end of data",
         "in reply to data command",
@@ -190,7 +233,7 @@ fn refused_after_data(text: &str) -> bool {
         "after data",
     ]
     .iter()
-    .any(|w| t.contains(w))
+    .any(|w| flat.contains(w))
     {
         return true;
     }
@@ -1128,6 +1171,8 @@ const PHRASES: &[(&str, bool, Class)] = &[
     ("giving up", true, Class::Transient),
     ("gave up", true, Class::Transient),
     ("retry timeout exceeded", true, Class::Transient),
+    // IMail: "Delivery failed 20 attempts: a@b".
+    (" attempts: ", true, Class::Transient),
     ("envelope expired", true, Class::Transient),
     ("message expired", true, Class::Transient),
     ("not delivered within", true, Class::Transient),

@@ -253,9 +253,9 @@ fn herald_judges_real_reports_as_sisimai_does() {
     );
     // Today's figures: none may get worse.
     assert!(false_supp <= 16, "{false_supp} false suppressions");
-    assert!(pct(agree, n) >= 94.4);
-    assert!(missed <= 7, "{missed} missed suppressions");
+    assert!(pct(agree, n) >= 94.7);
+    assert!(missed <= 6, "{missed} missed suppressions");
     assert!(unparsed <= 1);
-    assert!(pct(class_ok, scored as f64) >= 91.8);
+    assert!(pct(class_ok, scored as f64) >= 92.3);
     assert!(pct(event_ok, n) >= 98.7);
 }
