@@ -171,8 +171,14 @@ pub fn parse(raw: &[u8]) -> Report {
             let diag = r.diagnostic.as_deref().unwrap_or("");
             // (A disabled account suppresses nobody already, and stays
             // what it is: Yahoo answers DATA with "This account has been
-            // disabled or discontinued".)
-            if r.class == Some(Class::Hard) && !r.disabled && (after_data || names_no_address(diag))
+            // disabled or discontinued". And Yahoo checks its recipients
+            // after DATA: its "This user doesn't have a yahoo.com account"
+            // there is the mailbox's own answer, not a filter's.)
+            let yahoo = diag.to_ascii_lowercase().contains("user doesn't have a");
+            if r.class == Some(Class::Hard)
+                && !r.disabled
+                && !yahoo
+                && (after_data || names_no_address(diag))
             {
                 r.class = Some(Class::Policy);
                 r.filtered = true;
@@ -791,8 +797,13 @@ const NETWORK: &[&str] = &[
 fn judge(r: &mut RecipientResult) {
     r.class = class_of(r);
     let text = r.diagnostic.as_deref().unwrap_or("").to_ascii_lowercase();
-    // An account that exists but is closed for now: a bounce about the
-    // address, which suppresses nobody (it may open again).
+    mark_disabled(r, &text);
+}
+
+/// An account that exists but is closed for now (`text`, lowercased, says
+/// so, and the failure is not a temporary one): a bounce about the
+/// address, which suppresses nobody (it may open again).
+fn mark_disabled(r: &mut RecipientResult, text: &str) {
     let permanent = r
         .class
         .is_some_and(|c| !matches!(c, Class::Transient | Class::Throttle));
@@ -925,34 +936,31 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
 
 /// Whether the text itself says the address does not exist.
 fn hard_words(t: &str) -> bool {
-    [
-        "user unknown",
-        "unknown user",
-        "no such user",
-        "does not exist",
-        "not found",
-        "invalid recipient",
-        "no mailbox",
-        "recipient address rejected: access denied",
-        "illegal host/domain",
-        "host or domain name not found",
-        "domain not found",
-        "couldn't find a mail exchanger",
-        "find any host named",
-        "couldn't be found",
-        "host unknown",
-        "no such domain",
-        "domain does not exist",
-        "not listed in",
-        "does not accept mail",
-        "no mx",
-        "indicated no smtp service",
-        "no valid recipients",
-        // Outlook.com, for a domain that does not resolve.
-        "because the domain is not reachable",
-    ]
-    .iter()
-    .any(|w| t.contains(w))
+    crate::reply::says_no_such_address(t)
+        || [
+            // Beyond the live classifier's words (reply.rs HARD_TEXT): the
+            // shorter forms reports use, and the domain's own.
+            "not found",
+            "recipient address rejected: access denied",
+            "illegal host/domain",
+            "host or domain name not found",
+            "domain not found",
+            "couldn't find a mail exchanger",
+            "find any host named",
+            "couldn't be found",
+            "host unknown",
+            "no such domain",
+            "domain does not exist",
+            "not listed in",
+            "does not accept mail",
+            "no mx",
+            "indicated no smtp service",
+            "no valid recipients",
+            // Outlook.com, for a domain that does not resolve.
+            "because the domain is not reachable",
+        ]
+        .iter()
+        .any(|w| t.contains(w))
 }
 
 /// The first enhanced status code in `s` ("5.1.1", "#5.1.1", "(5.7.1)"),
@@ -1308,9 +1316,7 @@ fn notice_words(body: &str) -> Option<RecipientResult> {
         class: Some(*class),
         ..Default::default()
     };
-    if r.class == Some(Class::Hard) && DISABLED.iter().any(|w| text.contains(w)) {
-        r.disabled = true;
-    }
+    mark_disabled(&mut r, &text);
     Some(r)
 }
 
