@@ -889,8 +889,10 @@ fn class_of(r: &RecipientResult) -> Option<Class> {
     // sender gave up ("failed" with a 4.x.y): the outcome is final, but it
     // says nothing about the address. Never a hard bounce.
     // (A server that gave up after "450 4.1.1 User unknown" still said
-    // the address does not exist.)
-    if NETWORK.iter().any(|w| t.contains(w)) || (code < 500 && esc[0] != 5 && !hard_words(&t)) {
+    // the address does not exist; not one that said "450 mailbox
+    // unavailable", RFC 5321's words for a busy mailbox, or "temporarily".)
+    let said_unknown = hard_words(&t) && !t.contains("unavailable") && !t.contains("temporar");
+    if NETWORK.iter().any(|w| t.contains(w)) || (code < 500 && esc[0] != 5 && !said_unknown) {
         let c = classify(code.min(499), [4, esc[1], esc[2]], text, Stage::Data, false);
         let failed = r.action.as_deref() == Some("failed");
         return Some(match c {
@@ -1684,6 +1686,131 @@ Recipt\n\
             "{} unparsed: {unparsed:?}",
             unparsed.len()
         );
+    }
+
+    /// A DSN with one recipient, its Status and Diagnostic-Code.
+    fn dsn(action: &str, status: &str, diag: &str) -> Report {
+        parse(
+            format!(
+                "From: MAILER-DAEMON@mx.example\nSubject: Undelivered Mail\n\
+MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\n\n\
+--b\nContent-Type: text/plain\n\nYour message could not be delivered.\n\n\
+--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n\n\
+Final-Recipient: rfc822; ann@dest.test\nAction: {action}\nStatus: {status}\n\
+Diagnostic-Code: smtp; {diag}\n\n--b--\n"
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn what_the_reply_says_decides_and_never_suppresses_on_words_not_about_the_address() {
+        let judged = |r: Report| {
+            let o = r.outcome();
+            (o.class, o.suppress)
+        };
+        use Class::*;
+        // A bare Status 5.0.0 gives way to the reply's own code...
+        assert_eq!(
+            judged(dsn("failed", "5.0.0", "550 #5.1.0 Address rejected.")),
+            (Some(Hard), true)
+        );
+        // ...unless the reply holds codes that disagree (SES).
+        assert_eq!(
+            judged(dsn(
+                "failed",
+                "5.0.0",
+                "5.1.0 - Unknown address error 550-'5.7.1 <b@ses.example>... Access denied'"
+            ))
+            .1,
+            false
+        );
+        // A Status 4.4.7 (gave up) gives way to the reply's policy code.
+        assert_eq!(
+            judged(dsn(
+                "failed",
+                "4.4.7",
+                "450 4.7.1 Access denied. IP name lookup failed"
+            )),
+            (Some(Policy), false)
+        );
+        // RFC 5321's 450 "mailbox unavailable" is a busy mailbox.
+        assert_eq!(
+            judged(dsn(
+                "failed",
+                "4.2.0",
+                "450 Requested mail action not taken: mailbox unavailable"
+            ))
+            .1,
+            false
+        );
+        // au (KDDI) names no address when a filter refuses at DATA.
+        assert_eq!(
+            judged(dsn("failed", "5.0.0", "550 : User unknown")),
+            (Some(Policy), false)
+        );
+        assert_eq!(
+            judged(dsn("failed", "5.0.0", "550 <ann@dest.test>: User unknown")),
+            (Some(Hard), true)
+        );
+        // A null MX, Google's way, is final and not the address's.
+        assert_eq!(
+            judged(dsn(
+                "failed",
+                "5.0.0",
+                "DNS Error: 1 DNS type 'mx' lookup of dest.test responded with code NOERROR The domain dest.test doesn't receive email according to the administrator: returned Null MX"
+            )),
+            (Some(Policy), false)
+        );
+        // A relay's quota is the sender's, not the mailbox's.
+        assert_eq!(
+            judged(dsn(
+                "failed",
+                "5.0.0",
+                "554 You've reached your daily relay quota"
+            )),
+            (Some(Policy), false)
+        );
+    }
+
+    #[test]
+    fn the_reason_beside_the_address_is_read() {
+        let qmail = [
+            "<ann@dest.test>:",
+            "vdelivermail: account is locked email bounced",
+            "",
+            "--- Below",
+        ];
+        assert_eq!(
+            reason_for(&qmail, None).as_deref(),
+            Some("vdelivermail: account is locked email bounced")
+        );
+        let postfix = [
+            "<ann@dest.test>: Name service error for domain dest.test: Host not",
+            "    found, try again",
+        ];
+        assert_eq!(
+            reason_for(&postfix, Some("ann@dest.test")).as_deref(),
+            Some("Name service error for domain dest.test: Host not found, try again")
+        );
+        let exim = [
+            "  ann@dest.test",
+            "    generated by bob@dest.test",
+            "    an MX or SRV record indicated no SMTP service",
+            "",
+        ];
+        assert_eq!(
+            reason_for(&exim, Some("ann@dest.test")).as_deref(),
+            Some("an MX or SRV record indicated no SMTP service")
+        );
+        // An address inside a sentence is not a reason's label.
+        assert_eq!(
+            reason_for(&["Unable to deliver message to <ann@dest.test>."], None),
+            None
+        );
+        assert!(names_no_address("550: : User unknown"));
+        assert!(names_no_address("-> 550 : User unknown"));
+        assert!(!names_no_address("550 <ann@dest.test>: User unknown"));
     }
 
     #[test]
