@@ -1680,7 +1680,7 @@ Recipt\n\
         }
         assert!(wrong.is_empty(), "{wrong:#?}");
         // Notices in no form herald knows: kept as unparsed (never
-        // suppressing); 6 of 420 today (tests/report_corpus.rs).
+        // suppressing); 1 of 420 today (tests/report_corpus.rs).
         assert!(
             unparsed.len() * 100 <= files.len() * 2,
             "{} unparsed: {unparsed:?}",
