@@ -238,6 +238,13 @@ const HARD_TEXT: &[&str] = &[
     "mailbox unavailable",
 ];
 
+/// Whether `text` (lowercased) says the address does not exist or is
+/// disabled, in the words of [`HARD_TEXT`] (the bounce reports' reader
+/// shares them).
+pub(crate) fn says_no_such_address(text: &str) -> bool {
+    any(text, HARD_TEXT)
+}
+
 const POLICY_TEXT: &[&str] = &[
     "blocked",
     "block list",
