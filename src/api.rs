@@ -40,7 +40,7 @@ async fn run(api: &Api, req: Request) -> Result<Value, Response> {
     let res = tokio::task::spawn_blocking(move || rt.block_on(ops::answer(&s, req)))
         .await
         .map_err(|e| err(500, format!("internal error: {e}")))?;
-    res.map_err(|e| err(ops::http_status(&e), e))
+    res.map_err(|e| err(e.http_status(), e.to_string()))
 }
 
 async fn reply(api: &Api, req: Request) -> Response {

@@ -28,25 +28,55 @@ fn ok(mut v: Value) -> Value {
 pub async fn handle(s: &Services, req: Request) -> Value {
     match answer(s, req).await {
         Ok(v) => ok(v),
-        Err(e) => error(e),
+        Err(e) => error(e.to_string()),
     }
 }
 
-/// The HTTP status that fits an error of [`answer`]: the operations say
-/// "no message ..." / "no mail ..." / "... is not in the queue" for an
-/// unknown id or tag, and storage errors begin with "storage".
-pub fn http_status(err: &str) -> u16 {
-    if err.starts_with("storage") {
-        503
-    } else if err.starts_with("no message")
-        || err.starts_with("no mail")
-        || err.starts_with("no webhook")
-        || err.ends_with("is not in the queue")
-        || err.starts_with("not suppressed")
-    {
-        404
-    } else {
-        400
+/// Why a request failed: the socket answers `"ok": false` with the text,
+/// the HTTP API with the status of its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The request is malformed, or asks what cannot be done (400).
+    Invalid(String),
+    /// What it names is not there: a message, a tag, a webhook (404).
+    NotFound(String),
+    /// The storage failed (503): try again later.
+    Storage(String),
+}
+
+impl Failure {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Failure::Invalid(_) => 400,
+            Failure::NotFound(_) => 404,
+            Failure::Storage(_) => 503,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Invalid(m) | Failure::NotFound(m) | Failure::Storage(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(m: String) -> Failure {
+        Failure::Invalid(m)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(m: &str) -> Failure {
+        Failure::Invalid(m.to_string())
+    }
+}
+
+impl From<crate::state::spool::QueueError> for Failure {
+    fn from(e: crate::state::spool::QueueError) -> Failure {
+        Failure::Storage(e.to_string())
     }
 }
 
@@ -100,7 +130,7 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             .suppression
             .list()
             .map(|e| json!({ "entries": e }))
-            .map_err(|e| e.to_string()),
+            .map_err(Failure::from),
         Request::SuppressionAdd { addr, reason } => suppression_add(s, &addr, reason).await,
         Request::SuppressionRemove { addr } => match s.suppression.remove(&pasted_address(&addr)) {
             Ok(removed) => {
@@ -108,7 +138,7 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
                 tracing::info!(rcpt = %addr, removed, "suppression removed by operator");
                 Ok(json!({ "removed": removed, "addr": addr }))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         },
         Request::SuppressionImport { entries } => suppression_import(s, entries).await,
         Request::Events {
@@ -129,12 +159,18 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
         ),
         Request::Webhooks => Ok(webhooks(s)),
         Request::Reports { state, kind, limit } => reports(s, state, kind, limit),
-        Request::WebhookTest { name } => crate::webhooks::test(s, &name)
-            .await
-            .map(|m| json!({ "result": m })),
-        Request::Reload => {
-            crate::control::reload::reload(s).map(|r| serde_json::to_value(&r).unwrap_or_default())
+        Request::WebhookTest { name } => {
+            if !s.cfg().webhooks.iter().any(|w| w.name == name) {
+                return Err(Failure::NotFound(format!("no webhook named {name:?}")));
+            }
+            crate::webhooks::test(s, &name)
+                .await
+                .map(|m| json!({ "result": m }))
+                .map_err(Failure::Invalid)
         }
+        Request::Reload => crate::control::reload::reload(s)
+            .map(|r| serde_json::to_value(&r).unwrap_or_default())
+            .map_err(Failure::Invalid),
     }
 }
 
@@ -201,12 +237,12 @@ fn events(
     let since = since_ms.unwrap_or(0);
     if let Some(e) = &event {
         if !crate::state::history::KINDS.iter().any(|k| k.as_str() == e) {
-            return Err(format!("event: {e:?} is not an event kind"));
+            return Err(format!("event: {e:?} is not an event kind").into());
         }
     }
     if let Some(c) = &cursor {
         if crate::state::history::key_of_event_id(c).is_none() {
-            return Err(format!("cursor: {c:?} is not an event_id"));
+            return Err(format!("cursor: {c:?} is not an event_id").into());
         }
     }
     let mut out = Vec::new();
@@ -227,29 +263,19 @@ fn events(
     };
     match (rcpt.as_deref(), tag.as_deref()) {
         (Some(r), _) => {
-            for e in s
-                .history
-                .query_by(By::Rcpt(r), since, |_| true)
-                .map_err(|e| e.to_string())?
-            {
+            for e in s.history.query_by(By::Rcpt(r), since, |_| true)? {
                 if tag.as_deref().is_none_or(|t| e.tag.as_deref() == Some(t)) {
                     take(&e);
                 }
             }
         }
         (None, Some(t)) => {
-            for e in s
-                .history
-                .query_by(By::Tag(t), since, |_| true)
-                .map_err(|e| e.to_string())?
-            {
+            for e in s.history.query_by(By::Tag(t), since, |_| true)? {
                 take(&e);
             }
         }
         (None, None) => {
-            s.history
-                .query(since, |e| take(e))
-                .map_err(|e| e.to_string())?;
+            s.history.query(since, |e| take(e))?;
         }
     }
     let next = if more {
@@ -260,7 +286,7 @@ fn events(
     Ok(json!({ "events": out, "next_cursor": next }))
 }
 
-type Answer = Result<Value, String>;
+type Answer = Result<Value, Failure>;
 
 fn route_health(s: &Services) -> Vec<Value> {
     let health = s.pacing.health.lock().unwrap().clone();
@@ -325,8 +351,8 @@ fn status(s: &Services) -> Answer {
 }
 
 fn queue(s: &Services) -> Answer {
-    let all = s.store.all().map_err(|e| e.to_string())?;
-    let quarantined = s.store.quarantined().map_err(|e| e.to_string())?;
+    let all = s.store.all()?;
+    let quarantined = s.store.quarantined()?;
     Ok(json!({
         "messages": all,
         "quarantined": quarantined,
@@ -345,16 +371,9 @@ fn header_block(body: &[u8]) -> String {
 }
 
 fn show(s: &Services, id: &str) -> Answer {
-    let events = s
-        .history
-        .query_by(By::Id(id), 0, |_| true)
-        .map_err(|e| e.to_string())?;
-    let env = s.store.envelope(id).map_err(|e| e.to_string())?;
-    let headers = s
-        .store
-        .body(id)
-        .map_err(|e| e.to_string())?
-        .map(|b| header_block(&b));
+    let events = s.history.query_by(By::Id(id), 0, |_| true)?;
+    let env = s.store.envelope(id)?;
+    let headers = s.store.body(id)?.map(|b| header_block(&b));
     if env.is_none() && events.is_empty() {
         // A report's id: what came in, and what herald made of it.
         if let Some(rec) = s.bounces.as_ref().and_then(|b| b.record(id)) {
@@ -372,10 +391,10 @@ fn show(s: &Services, id: &str) -> Answer {
                 "truncated": rec.size > cap,
             }));
         }
-        return Err(format!(
+        return Err(Failure::NotFound(format!(
             "no message {id} in the queue or in the last {} of history",
             crate::config::format_duration(s.cfg().storage.history_retention)
-        ));
+        )));
     }
     // Reports about the message that name none of its recipients (a
     // complaint about a message of several) are recorded here.
@@ -398,13 +417,7 @@ const REPORT_TEXT_CAP: usize = 256 * 1024;
 fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     let ids: Vec<String> = match (id, all) {
         (Some(id), false) => vec![id.to_string()],
-        (None, true) => s
-            .store
-            .all()
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|e| e.id)
-            .collect(),
+        (None, true) => s.store.all()?.into_iter().map(|e| e.id).collect(),
         _ => return Err("give a queue id or --all".into()),
     };
     let now = now_ms();
@@ -412,7 +425,7 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     let mut found = false;
     let l = s.ledger();
     for id in &ids {
-        let env = l.retry_now(id).map_err(|e| e.to_string())?;
+        let env = l.retry_now(id)?;
         if let Some((n, env)) = env {
             made_due += n;
             found = true;
@@ -423,23 +436,17 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     }
     s.scheduler.wake();
     if !all && !found {
-        return Err(format!("{} is not in the queue", ids[0]));
+        return Err(Failure::NotFound(format!("{} is not in the queue", ids[0])));
     }
     Ok(json!({ "retried": made_due }))
 }
 
 async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
     let targets: Vec<Envelope> = match (id, tag) {
-        (Some(id), None) => s
-            .store
-            .envelope(id)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .collect(),
+        (Some(id), None) => s.store.envelope(id)?.into_iter().collect(),
         (None, Some(tag)) => s
             .store
-            .all()
-            .map_err(|e| e.to_string())?
+            .all()?
             .into_iter()
             .filter(|e| e.tag.as_deref() == Some(tag))
             .collect(),
@@ -453,8 +460,7 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
     };
     let already: Vec<Value> = s
         .history
-        .query_by(by, 0, |_| true)
-        .map_err(|e| e.to_string())?
+        .query_by(by, 0, |_| true)?
         .into_iter()
         .filter(|e| {
             matches!(
@@ -470,8 +476,8 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         .collect();
     // A quarantined record (one that does not decode) can only be removed.
     if let Some(id) = id {
-        if targets.is_empty() && s.store.drop_quarantined(id).map_err(|e| e.to_string())? {
-            s.store.commit().await.map_err(|e| e.to_string())?;
+        if targets.is_empty() && s.store.drop_quarantined(id)? {
+            s.store.commit().await?;
             tracing::info!(%id, "quarantined record removed by operator");
             return Ok(json!({ "cancelled": [], "already_final": [], "quarantine_removed": id }));
         }
@@ -480,11 +486,13 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
     for t in &targets {
         cancel_pending(s, t, "", &mut cancelled)?;
     }
-    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.store.commit().await?;
     if cancelled.is_empty() && already.is_empty() {
         return Err(match (id, tag) {
-            (Some(id), _) => format!("no message {id} in the queue or history"),
-            (_, Some(tag)) => format!("no mail with tag {tag:?} in the queue or history"),
+            (Some(id), _) => Failure::NotFound(format!("no message {id} in the queue or history")),
+            (_, Some(tag)) => {
+                Failure::NotFound(format!("no mail with tag {tag:?} in the queue or history"))
+            }
             _ => unreachable!(),
         });
     }
@@ -493,9 +501,8 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
 
 async fn set_paused(s: &Services, paused: bool) -> Answer {
     s.store
-        .meta_set(META_PAUSED, paused.then_some(b"1".as_slice()))
-        .map_err(|e| e.to_string())?;
-    s.store.commit().await.map_err(|e| e.to_string())?;
+        .meta_set(META_PAUSED, paused.then_some(b"1".as_slice()))?;
+    s.store.commit().await?;
     s.paused.store(paused, Ordering::Relaxed);
     s.scheduler.wake();
     tracing::warn!(
@@ -522,14 +529,12 @@ fn known_route(s: &Services, route: &str) -> Result<(), String> {
 async fn set_route_paused(s: &Services, route: &str, paused: bool) -> Answer {
     known_route(s, route)?;
     let list = s.pacing.shaper.set_paused(route, paused);
-    let saved = serde_json::to_vec(&list).map_err(|e| e.to_string())?;
-    s.store
-        .meta_set(
-            crate::state::pacing::META_PAUSED_ROUTES,
-            (!list.is_empty()).then_some(saved.as_slice()),
-        )
-        .map_err(|e| e.to_string())?;
-    s.store.commit().await.map_err(|e| e.to_string())?;
+    let saved = serde_json::to_vec(&list).map_err(|e| Failure::Invalid(e.to_string()))?;
+    s.store.meta_set(
+        crate::state::pacing::META_PAUSED_ROUTES,
+        (!list.is_empty()).then_some(saved.as_slice()),
+    )?;
+    s.store.commit().await?;
     s.scheduler.wake();
     tracing::warn!(
         route,
@@ -550,8 +555,8 @@ fn cancel_pending(
     t: &Envelope,
     why: &str,
     out: &mut Vec<Value>,
-) -> Result<(), String> {
-    let newly = s.ledger().cancel(&t.id, why).map_err(|e| e.to_string())?;
+) -> Result<(), Failure> {
+    let newly = s.ledger().cancel(&t.id, why)?;
     for rcpt in newly {
         out.push(json!({"id": t.id, "rcpt": rcpt}));
     }
@@ -562,13 +567,13 @@ fn cancel_pending(
 async fn cancel_route(s: &Services, route: &str) -> Answer {
     known_route(s, route)?;
     let mut cancelled = Vec::new();
-    for t in s.store.all().map_err(|e| e.to_string())? {
+    for t in s.store.all()? {
         if t.upstream != route {
             continue;
         }
         cancel_pending(s, &t, &format!(" (route {route})"), &mut cancelled)?;
     }
-    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.store.commit().await?;
     tracing::info!(
         route,
         recipients = cancelled.len(),
@@ -601,8 +606,7 @@ fn history(
     let events = match by {
         Some(by) => s.history.query_by(by, since, keep),
         None => s.history.query(since, keep),
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     Ok(json!({ "events": events }))
 }
 
@@ -857,12 +861,9 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
 }
 
 fn trace(s: &Services, addr: &str) -> Answer {
-    let mut events = s
-        .history
-        .query_by(By::Rcpt(addr), 0, |_| true)
-        .map_err(|e| e.to_string())?;
+    let mut events = s.history.query_by(By::Rcpt(addr), 0, |_| true)?;
     events.reverse();
-    let supp = s.suppression.get(addr).map_err(|e| e.to_string())?;
+    let supp = s.suppression.get(addr)?;
     let diagnosis = diagnose(s, addr, &events, supp.as_ref());
     // Only the routes this recipient's queued mail takes.
     let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
@@ -933,8 +934,8 @@ async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> An
         expires_ms: None,
         automatic: false,
     };
-    s.suppression.put(&e).map_err(|e| e.to_string())?;
-    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.suppression.put(&e)?;
+    s.store.commit().await?;
     tracing::info!(rcpt = %e.addr, "suppression added by operator");
     Ok(json!({ "entry": e }))
 }
@@ -947,8 +948,8 @@ async fn suppression_import(s: &Services, entries: Vec<Entry>) -> Answer {
         e.addr = operator_address(&e.addr)?;
     }
     for e in entries {
-        s.suppression.put(&e).map_err(|e| e.to_string())?;
+        s.suppression.put(&e)?;
     }
-    s.store.commit().await.map_err(|e| e.to_string())?;
+    s.store.commit().await?;
     Ok(json!({ "imported": n }))
 }
