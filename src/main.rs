@@ -194,29 +194,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             println!("{} recipient(s) due now", v["retried"]);
         }
         Cmd::Cancel { id, tag, route } => {
-            let v = ask(Request::Cancel { id, tag, route })?;
-            let cancelled = v["cancelled"].as_array().cloned().unwrap_or_default();
-            for c in &cancelled {
-                println!(
-                    "cancelled {} {}",
-                    c["id"].as_str().unwrap_or(""),
-                    c["rcpt"].as_str().unwrap_or("")
-                );
-            }
-            for f in v["already_final"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "already {} {} {} at {}: nothing changed",
-                    f["event"].as_str().unwrap_or(""),
-                    f["id"].as_str().unwrap_or(""),
-                    f["rcpt"].as_str().unwrap_or(""),
-                    f["time"].as_str().unwrap_or("")
-                );
-            }
-            if let Some(q) = v["quarantine_removed"].as_str() {
-                println!("removed quarantined record {q}");
-            } else if cancelled.is_empty() {
-                println!("nothing was cancelled");
-            }
+            print_cancelled(&ask(Request::Cancel { id, tag, route })?)
         }
         Cmd::Pause { route: None } => {
             ask(Request::Pause { route: None })?;
@@ -284,51 +262,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             let v = ask(Request::WebhookTest { name })?;
             println!("{}", v["result"].as_str().unwrap_or(""));
         }
-        Cmd::Suppression { cmd } => match cmd {
-            SuppressionCmd::List { json } => {
-                print_suppressions(&ask(Request::SuppressionList)?, json)
-            }
-            SuppressionCmd::Add { addr, reason } => {
-                ask(Request::SuppressionAdd {
-                    addr: addr.clone(),
-                    reason,
-                })?;
-                println!("{addr} suppressed");
-            }
-            SuppressionCmd::Remove { addr } => {
-                let v = ask(Request::SuppressionRemove { addr: addr.clone() })?;
-                if v["removed"] == serde_json::Value::Bool(true) {
-                    println!("{addr}: suppression lifted");
-                } else {
-                    println!("{addr} was not suppressed");
-                }
-            }
-            SuppressionCmd::Export => {
-                print!("{}", suppressions_csv(&ask(Request::SuppressionList)?)?)
-            }
-            SuppressionCmd::Import { file } => {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
-                let entries = parse_suppressions_csv(&text)
-                    .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
-                // In requests well under the socket's line limit.
-                let mut imported = 0;
-                let mut batch = Vec::new();
-                let mut size = 0;
-                let mut it = entries.into_iter().peekable();
-                while let Some(e) = it.next() {
-                    size += serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0) + 1;
-                    batch.push(e);
-                    if size > herald::control::MAX_REQUEST_LINE / 4 || it.peek().is_none() {
-                        let entries = std::mem::take(&mut batch);
-                        size = 0;
-                        let v = ask(Request::SuppressionImport { entries })?;
-                        imported += v["imported"].as_u64().unwrap_or(0);
-                    }
-                }
-                println!("imported {imported} address(es)");
-            }
-        },
+        Cmd::Suppression { cmd } => suppression(cmd, &ask)?,
         Cmd::Serve
         | Cmd::Man { .. }
         | Cmd::CheckConfig
@@ -336,6 +270,85 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
         | Cmd::DkimKeygen { .. }
         | Cmd::Probe { .. } => {
             unreachable!()
+        }
+    }
+    Ok(())
+}
+
+/// What `herald cancel` did.
+fn print_cancelled(v: &serde_json::Value) {
+    let cancelled = v["cancelled"].as_array().cloned().unwrap_or_default();
+    for c in &cancelled {
+        println!(
+            "cancelled {} {}",
+            c["id"].as_str().unwrap_or(""),
+            c["rcpt"].as_str().unwrap_or("")
+        );
+    }
+    for f in v["already_final"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "already {} {} {} at {}: nothing changed",
+            f["event"].as_str().unwrap_or(""),
+            f["id"].as_str().unwrap_or(""),
+            f["rcpt"].as_str().unwrap_or(""),
+            f["time"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(q) = v["quarantine_removed"].as_str() {
+        println!("removed quarantined record {q}");
+    } else if cancelled.is_empty() {
+        println!("nothing was cancelled");
+    }
+}
+
+/// `herald suppression ...`.
+fn suppression(
+    cmd: SuppressionCmd,
+    ask: &dyn Fn(herald::control::Request) -> Result<serde_json::Value, CliError>,
+) -> Result<(), CliError> {
+    use herald::cli::*;
+    use herald::control::Request;
+    match cmd {
+        SuppressionCmd::List { json } => print_suppressions(&ask(Request::SuppressionList)?, json),
+        SuppressionCmd::Add { addr, reason } => {
+            ask(Request::SuppressionAdd {
+                addr: addr.clone(),
+                reason,
+            })?;
+            println!("{addr} suppressed");
+        }
+        SuppressionCmd::Remove { addr } => {
+            let v = ask(Request::SuppressionRemove { addr: addr.clone() })?;
+            if v["removed"] == serde_json::Value::Bool(true) {
+                println!("{addr}: suppression lifted");
+            } else {
+                println!("{addr} was not suppressed");
+            }
+        }
+        SuppressionCmd::Export => {
+            print!("{}", suppressions_csv(&ask(Request::SuppressionList)?)?)
+        }
+        SuppressionCmd::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+            let entries = parse_suppressions_csv(&text)
+                .map_err(|e| CliError::Failed(format!("{}: {e}", file.display())))?;
+            // In requests well under the socket's line limit.
+            let mut imported = 0;
+            let mut batch = Vec::new();
+            let mut size = 0;
+            let mut it = entries.into_iter().peekable();
+            while let Some(e) = it.next() {
+                size += serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0) + 1;
+                batch.push(e);
+                if size > herald::control::MAX_REQUEST_LINE / 4 || it.peek().is_none() {
+                    let entries = std::mem::take(&mut batch);
+                    size = 0;
+                    let v = ask(Request::SuppressionImport { entries })?;
+                    imported += v["imported"].as_u64().unwrap_or(0);
+                }
+            }
+            println!("imported {imported} address(es)");
         }
     }
     Ok(())

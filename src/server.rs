@@ -237,6 +237,7 @@ fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
         scheduler: p.scheduler,
         pacing: Default::default(),
         unsaved: Default::default(),
+        opens: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
         hooks: crate::state::outbox::Hooks::new(&cfg.webhooks),
         mx_tls: crate::tls::client_config(None, false)?,

@@ -18,39 +18,24 @@ const DAY_MS: u64 = 86_400_000;
 /// queues of 4 to 5 days; some providers report later).
 pub const LIFETIME_DAYS: u64 = 30;
 
-const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
+/// RFC 4648 base32 in lowercase, no padding; decoding takes either case
+/// (a hop may uppercase the local part).
+static B32: std::sync::LazyLock<data_encoding::Encoding> = std::sync::LazyLock::new(|| {
+    let mut spec = data_encoding::Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.translate.from.push_str("ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+    spec.translate.to.push_str("abcdefghijklmnopqrstuvwxyz");
+    spec.encoding().expect("a valid base32 specification")
+});
+
 fn base32(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        acc = (acc << 8) | b as u32;
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(B32[((acc >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(B32[((acc << (5 - bits)) & 31) as usize] as char);
-    }
-    out
+    B32.encode(bytes)
 }
 
 fn unbase32(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 5 / 8);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes() {
-        let v = B32.iter().position(|&x| x == c.to_ascii_lowercase())? as u32;
-        acc = (acc << 5) | v;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
+    B32.decode(text.as_bytes()).ok()
 }
 
 /// A queue id (12 Crockford base32 characters) as a number.
@@ -200,7 +185,9 @@ mod tests {
         assert!(t.starts_with("b-"));
         assert!(t.len() <= 64, "{t}");
         assert_eq!(t.len(), 41);
-        assert!(t[2..].bytes().all(|c| B32.contains(&c)));
+        assert!(t[2..]
+            .bytes()
+            .all(|c| b"abcdefghijklmnopqrstuvwxyz234567".contains(&c)));
         let v = verify(&k, &t, NOW).unwrap();
         assert_eq!(v.id, "01JH5Z8Q3M7K");
         assert_eq!(v.index, 7);

@@ -8,10 +8,8 @@
 //! as is, quoted-printable as encoded text, base64 decoded and re-encoded),
 //! just before `</body>`, else at the end of the part.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use aws_lc_rs::hmac;
 use axum::extract::{ConnectInfo, Path, State};
@@ -175,29 +173,6 @@ pub fn inject(message: &[u8], url: &str) -> Vec<u8> {
     out
 }
 
-/// Opens of one message within this window count once.
-const OPEN_WINDOW: Duration = Duration::from_secs(600);
-
-/// Whether an open of `id` now is new (not within `OPEN_WINDOW` of the
-/// last one recorded), remembering it if so.
-fn first_open(id: &str) -> bool {
-    static SEEN: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if seen.len() > 100_000 {
-        seen.retain(|_, t| t.elapsed() < OPEN_WINDOW);
-    }
-    match seen.get(id) {
-        Some(t) if t.elapsed() < OPEN_WINDOW => false,
-        _ => {
-            seen.insert(id.to_string(), Instant::now());
-            true
-        }
-    }
-}
-
 async fn open(
     State(s): State<Arc<Services>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -236,7 +211,7 @@ async fn open(
         GIF.to_vec(),
     );
     // HEAD probes and repeated fetches (reloads, proxies) are not new opens.
-    if method != Method::GET || !first_open(&id) {
+    if method != Method::GET || !s.opens.first(&id) {
         return pixel;
     }
     let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());

@@ -250,16 +250,7 @@ fn reply_line(r: &crate::report::RecipientResult) -> String {
     }
 }
 
-fn decide(
-    s: &Services,
-    b: &Bounces,
-    rec: &mut Record,
-    rep: &Report,
-) -> (&'static str, State, String) {
-    let token_about = |rec: &Record| match &rec.target {
-        Target::Token { id, index } => about(s, b, id, *index),
-        Target::Complaint => None,
-    };
+fn decide(s: &Services, b: &Bounces, rec: &mut Record, rep: &Report) -> Decision {
     // The second report of the same outcome for the same recipient of the
     // same message changes nothing (a flood of copies, or a server that
     // reports twice).
@@ -312,106 +303,134 @@ fn decide(
                 ),
             )
         }
-        Kind::Complaint => {
-            let a = match complaint_about(s, b, rec, rep) {
-                Complained::Recipient(a) => a,
-                Complained::Message { id, rcpts } => {
-                    let summary = format!(
-                        "a complaint about message {id}, sent to {rcpts} recipients, that names none of them by a signed return path: recorded against the message, nobody suppressed{}",
-                        rep.feedback
-                            .as_ref()
-                            .and_then(|f| f.original_rcpt_to.as_deref())
-                            .map(|r| format!(" (the report's own text says {r}, which herald does not trust)"))
-                            .unwrap_or_default()
-                    );
-                    rec.message = Some(id);
-                    return ("complaint_unpinned", State::Ignored, summary);
-                }
-                Complained::Nothing => {
-                    return (
-                        "unmatched",
-                        State::Unmatched,
-                        "a complaint that names no message of herald's (no genuine X-Herald-Ref or return path quoted)".into(),
-                    )
-                }
-            };
-            if let Some(dup) = repeat(&a, "complained") {
-                rec.message = Some(a.id);
-                rec.recipient = Some(a.rcpt);
-                return dup;
-            }
-            let f = rep.feedback.as_ref();
-            let detail = format!(
-                "complaint ({}) from {} (report {})",
-                f.map(|f| f.feedback_type.as_str()).unwrap_or("abuse"),
-                f.and_then(|f| f.user_agent.as_deref())
-                    .or(rep.reporting_mta.as_deref())
-                    .unwrap_or(&rec.peer),
-                rec.id
-            );
-            let extra = Extra {
-                report: Some(rec.id.clone()),
-                ..Default::default()
-            };
-            s.ledger().complained(&a.reported(), &detail, extra);
-            rec.message = Some(a.id);
-            rec.recipient = Some(a.rcpt);
-            ("complained", State::Applied, detail)
-        }
-        Kind::Failed | Kind::Delayed => {
-            let Some(a) = token_about(rec) else {
-                let why = match &rec.target {
-                    Target::Complaint => {
-                        "a delivery report sent to the complaint address".to_string()
-                    }
-                    Target::Token { id, .. } => {
-                        format!("message {id} is no longer in the queue or the record of sent mail")
-                    }
-                };
-                return ("unmatched", State::Unmatched, why);
-            };
-            let failed = rep.kind == Kind::Failed;
-            if let Some(dup) = repeat(&a, if failed { "bounced" } else { "delayed" }) {
-                rec.message = Some(a.id.clone());
-                rec.recipient = Some(a.rcpt.clone());
-                return dup;
-            }
-            let outcome = rep.outcome();
-            let r = outcome.recipient.map(|i| &rep.recipients[i]);
-            let line = r
-                .map(reply_line)
-                .unwrap_or_else(|| "no reason given".into());
-            let remote = r
-                .and_then(|r| r.remote_mta.clone())
-                .or(rep.reporting_mta.clone());
-            let class = outcome.class.unwrap_or(Class::Transient);
-            let extra = Extra {
-                class: Some(class),
-                upstream: remote.clone(),
-                report: Some(rec.id.clone()),
-                ..Default::default()
-            };
-            rec.message = Some(a.id.clone());
-            rec.recipient = Some(a.rcpt.clone());
-            let reporter = remote.as_deref().unwrap_or(&rec.peer);
-            if !failed {
-                let detail = format!("{line} (delayed; reported by {reporter})");
-                s.ledger().reported_delay(&a.reported(), &detail, extra);
-                return ("delayed", State::Applied, detail);
-            }
-            let detail = format!("{line}{}", bounced_suffix(class, reporter));
-            let l = s.ledger();
-            l.reported_bounce(
-                &a.reported(),
-                class,
-                &line,
-                &detail,
-                outcome.suppress,
-                extra,
-            );
-            ("bounced", State::Applied, detail)
-        }
+        Kind::Complaint => complaint(s, b, rec, rep, &repeat),
+        Kind::Failed | Kind::Delayed => delivery_report(s, b, rec, rep, &repeat),
     }
+}
+
+/// What a report came to: the outcome counted, the record's state, and the
+/// summary kept with it.
+type Decision = (&'static str, State, String);
+
+/// A repeat of an outcome already recorded, or None.
+type Repeat<'a> = dyn Fn(&About, &str) -> Option<Decision> + 'a;
+
+/// A complaint: the recipient it is pinned to (by signed data only) is
+/// suppressed.
+fn complaint(
+    s: &Services,
+    b: &Bounces,
+    rec: &mut Record,
+    rep: &Report,
+    repeat: &Repeat,
+) -> Decision {
+    let a = match complaint_about(s, b, rec, rep) {
+        Complained::Recipient(a) => a,
+        Complained::Message { id, rcpts } => {
+            let summary = format!(
+                "a complaint about message {id}, sent to {rcpts} recipients, that names none of them by a signed return path: recorded against the message, nobody suppressed{}",
+                rep.feedback
+                    .as_ref()
+                    .and_then(|f| f.original_rcpt_to.as_deref())
+                    .map(|r| format!(" (the report's own text says {r}, which herald does not trust)"))
+                    .unwrap_or_default()
+            );
+            rec.message = Some(id);
+            return ("complaint_unpinned", State::Ignored, summary);
+        }
+        Complained::Nothing => {
+            return (
+                "unmatched",
+                State::Unmatched,
+                "a complaint that names no message of herald's (no genuine X-Herald-Ref or return path quoted)".into(),
+            )
+        }
+    };
+    if let Some(dup) = repeat(&a, "complained") {
+        rec.message = Some(a.id);
+        rec.recipient = Some(a.rcpt);
+        return dup;
+    }
+    let f = rep.feedback.as_ref();
+    let detail = format!(
+        "complaint ({}) from {} (report {})",
+        f.map(|f| f.feedback_type.as_str()).unwrap_or("abuse"),
+        f.and_then(|f| f.user_agent.as_deref())
+            .or(rep.reporting_mta.as_deref())
+            .unwrap_or(&rec.peer),
+        rec.id
+    );
+    let extra = Extra {
+        report: Some(rec.id.clone()),
+        ..Default::default()
+    };
+    s.ledger().complained(&a.reported(), &detail, extra);
+    rec.message = Some(a.id);
+    rec.recipient = Some(a.rcpt);
+    ("complained", State::Applied, detail)
+}
+
+/// A delivery status notification (failed or delayed) to a return path.
+fn delivery_report(
+    s: &Services,
+    b: &Bounces,
+    rec: &mut Record,
+    rep: &Report,
+    repeat: &Repeat,
+) -> Decision {
+    let token_about = |rec: &Record| match &rec.target {
+        Target::Token { id, index } => about(s, b, id, *index),
+        Target::Complaint => None,
+    };
+    let Some(a) = token_about(rec) else {
+        let why = match &rec.target {
+            Target::Complaint => "a delivery report sent to the complaint address".to_string(),
+            Target::Token { id, .. } => {
+                format!("message {id} is no longer in the queue or the record of sent mail")
+            }
+        };
+        return ("unmatched", State::Unmatched, why);
+    };
+    let failed = rep.kind == Kind::Failed;
+    if let Some(dup) = repeat(&a, if failed { "bounced" } else { "delayed" }) {
+        rec.message = Some(a.id.clone());
+        rec.recipient = Some(a.rcpt.clone());
+        return dup;
+    }
+    let outcome = rep.outcome();
+    let r = outcome.recipient.map(|i| &rep.recipients[i]);
+    let line = r
+        .map(reply_line)
+        .unwrap_or_else(|| "no reason given".into());
+    let remote = r
+        .and_then(|r| r.remote_mta.clone())
+        .or(rep.reporting_mta.clone());
+    let class = outcome.class.unwrap_or(Class::Transient);
+    let extra = Extra {
+        class: Some(class),
+        upstream: remote.clone(),
+        report: Some(rec.id.clone()),
+        ..Default::default()
+    };
+    rec.message = Some(a.id.clone());
+    rec.recipient = Some(a.rcpt.clone());
+    let reporter = remote.as_deref().unwrap_or(&rec.peer);
+    if !failed {
+        let detail = format!("{line} (delayed; reported by {reporter})");
+        s.ledger().reported_delay(&a.reported(), &detail, extra);
+        return ("delayed", State::Applied, detail);
+    }
+    let detail = format!("{line}{}", bounced_suffix(class, reporter));
+    let l = s.ledger();
+    l.reported_bounce(
+        &a.reported(),
+        class,
+        &line,
+        &detail,
+        outcome.suppress,
+        extra,
+    );
+    ("bounced", State::Applied, detail)
 }
 
 #[cfg(test)]

@@ -695,67 +695,10 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
     let of_latest: Vec<&Event> = events.iter().filter(|e| &e.id == latest_id).collect();
     let last = of_latest[0];
     match last.event {
-        EventKind::Delivered | EventKind::Opened => {
-            let delivered = of_latest.iter().find(|e| e.event == EventKind::Delivered);
-            let opened = of_latest.iter().find(|e| e.event == EventKind::Opened);
-            let mut d = match delivered {
-                Some(e) => format!(
-                    "delivered {} (queue id {}): {}; if the user cannot find it, it is in their mailbox provider's hands (spam folder, filters)",
-                    ago(e.time_ms),
-                    e.id,
-                    e.detail
-                ),
-                None => format!("message {} was opened", last.id),
-            };
-            if let Some(o) = opened {
-                d.push_str(&format!("; opened {}", ago(o.time_ms)));
-            }
-            d
-        }
-        EventKind::Deferred => {
-            let next = s
-                .store
-                .envelope(latest_id)
-                .ok()
-                .flatten()
-                .and_then(|env| {
-                    env.rcpts
-                        .iter()
-                        .find(|r| r.addr.eq_ignore_ascii_case(addr))
-                        .map(|r| r.next_attempt)
-                });
-            let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
-            d.push_str(&held_note(s, latest_id));
-            if let Some(c @ (Class::Route | Class::Throttle | Class::Soft)) = last.class {
-                d.push_str(&format!("; {}", advice(c, &last.detail)));
-            }
-            if let Some(n) = next {
-                d.push_str(&format!("; next attempt {}", ago(n)));
-            }
-            d.push_str(&format!("; resend now with: herald retry {}", last.id));
-            d
-        }
+        EventKind::Delivered | EventKind::Opened => delivered_line(last, &of_latest),
+        EventKind::Deferred => deferred_line(s, addr, last),
         EventKind::Bounced if last.report.is_some() => {
-            let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
-            let class = last.class.unwrap_or(Class::Policy);
-            let line = last
-                .detail
-                .strip_suffix(&crate::bounces::bounced_suffix(class, reporter))
-                .unwrap_or(&last.detail);
-            let accepted = accepted_by(&of_latest, ", then ");
-            let mut d = format!(
-                "{accepted}bounced by the recipient's server (reported by {reporter} at {}): {line}; {} (queue id {}, report {})",
-                last.time,
-                class.meaning(),
-                last.id,
-                last.report.as_deref().unwrap_or("")
-            );
-            if supp.is_some() {
-                d.push_str(&format!("; the address is now suppressed, {lift}"));
-            } else {
-                d.push_str(&format!("; {}", class.advice()));
-            }
-            d
+            reported_bounce_line(last, &of_latest, supp, &lift)
         }
         EventKind::Delayed => {
             let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
@@ -831,32 +774,105 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
             last.id,
             last.detail
         ),
-        EventKind::Received => {
-            let next = s
-                .store
-                .envelope(latest_id)
-                .ok()
-                .flatten()
-                .and_then(|env| env.next_due());
-            let paused = if s.paused.load(Ordering::Relaxed) {
-                " (delivery is PAUSED: herald resume)".to_string()
-            } else {
-                held_note(s, latest_id)
-            };
-            match next {
-                Some(n) if n > now_ms() => format!(
-                    "received {} (queue id {}), held until its first attempt {}{paused}",
-                    ago(last.time_ms),
-                    last.id,
-                    ago(n)
-                ),
-                _ => format!(
-                    "received {} (queue id {}), waiting for its first attempt{paused}",
-                    ago(last.time_ms),
-                    last.id
-                ),
-            }
-        }
+        EventKind::Received => received_line(s, last),
+    }
+}
+
+/// `trace` for a message delivered (or opened).
+fn delivered_line(last: &Event, of_latest: &[&Event]) -> String {
+    let delivered = of_latest.iter().find(|e| e.event == EventKind::Delivered);
+    let opened = of_latest.iter().find(|e| e.event == EventKind::Opened);
+    let mut d = match delivered {
+        Some(e) => format!(
+            "delivered {} (queue id {}): {}; if the user cannot find it, it is in their mailbox provider's hands (spam folder, filters)",
+            ago(e.time_ms),
+            e.id,
+            e.detail
+        ),
+        None => format!("message {} was opened", last.id),
+    };
+    if let Some(o) = opened {
+        d.push_str(&format!("; opened {}", ago(o.time_ms)));
+    }
+    d
+}
+
+/// `trace` for a recipient deferred: why, when next, how to hurry it.
+fn deferred_line(s: &Services, addr: &str, last: &Event) -> String {
+    let latest_id = &last.id;
+    let next = s.store.envelope(latest_id).ok().flatten().and_then(|env| {
+        env.rcpts
+            .iter()
+            .find(|r| r.addr.eq_ignore_ascii_case(addr))
+            .map(|r| r.next_attempt)
+    });
+    let mut d = format!("deferred (queue id {}): {}", last.id, last.detail);
+    d.push_str(&held_note(s, latest_id));
+    if let Some(c @ (Class::Route | Class::Throttle | Class::Soft)) = last.class {
+        d.push_str(&format!("; {}", advice(c, &last.detail)));
+    }
+    if let Some(n) = next {
+        d.push_str(&format!("; next attempt {}", ago(n)));
+    }
+    d.push_str(&format!("; resend now with: herald retry {}", last.id));
+    d
+}
+
+/// `trace` for a bounce reported after the first hop accepted the message.
+fn reported_bounce_line(
+    last: &Event,
+    of_latest: &[&Event],
+    supp: Option<&Entry>,
+    lift: &str,
+) -> String {
+    let reporter = last.upstream.as_deref().unwrap_or("the recipient's server");
+    let class = last.class.unwrap_or(Class::Policy);
+    let line = last
+        .detail
+        .strip_suffix(&crate::bounces::bounced_suffix(class, reporter))
+        .unwrap_or(&last.detail);
+    let accepted = accepted_by(of_latest, ", then ");
+    let mut d = format!(
+        "{accepted}bounced by the recipient's server (reported by {reporter} at {}): {line}; {} (queue id {}, report {})",
+        last.time,
+        class.meaning(),
+        last.id,
+        last.report.as_deref().unwrap_or("")
+    );
+    if supp.is_some() {
+        d.push_str(&format!("; the address is now suppressed, {lift}"));
+    } else {
+        d.push_str(&format!("; {}", class.advice()));
+    }
+    d
+}
+
+/// `trace` for a message received and not attempted yet.
+fn received_line(s: &Services, last: &Event) -> String {
+    let latest_id = &last.id;
+    let next = s
+        .store
+        .envelope(latest_id)
+        .ok()
+        .flatten()
+        .and_then(|env| env.next_due());
+    let paused = if s.paused.load(Ordering::Relaxed) {
+        " (delivery is PAUSED: herald resume)".to_string()
+    } else {
+        held_note(s, latest_id)
+    };
+    match next {
+        Some(n) if n > now_ms() => format!(
+            "received {} (queue id {}), held until its first attempt {}{paused}",
+            ago(last.time_ms),
+            last.id,
+            ago(n)
+        ),
+        _ => format!(
+            "received {} (queue id {}), waiting for its first attempt{paused}",
+            ago(last.time_ms),
+            last.id
+        ),
     }
 }
 

@@ -101,6 +101,32 @@ impl Unsaved {
     }
 }
 
+/// Opens of one message within this window count once.
+const OPEN_WINDOW: Duration = Duration::from_secs(600);
+
+/// The messages whose pixel was fetched lately: a mail client that loads
+/// it again (or a proxy that prefetches it) makes one `opened` event.
+#[derive(Default)]
+pub struct Opens(Mutex<HashMap<String, std::time::Instant>>);
+
+impl Opens {
+    /// Whether an open of `id` now is new (not within `OPEN_WINDOW` of the
+    /// last one counted).
+    pub fn first(&self, id: &str) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 100_000 {
+            seen.retain(|_, t| t.elapsed() < OPEN_WINDOW);
+        }
+        match seen.get(id) {
+            Some(t) if t.elapsed() < OPEN_WINDOW => false,
+            _ => {
+                seen.insert(id.to_string(), std::time::Instant::now());
+                true
+            }
+        }
+    }
+}
+
 /// The ledger with the configuration of one transaction, attempt or
 /// request (`Services::ledger`).
 pub struct Ledger<'a> {

@@ -47,6 +47,8 @@ pub struct Services {
     pub pacing: Pacing,
     /// Delivery results not written yet (storage failure).
     pub unsaved: Unsaved,
+    /// Pixels fetched lately (one `opened` per message and window).
+    pub opens: ledger::Opens,
     /// Opportunistic TLS to MX hosts: encrypt when offered, never verify
     /// (like Postfix's `smtp_tls_security_level = may`).
     pub mx_tls: Arc<rustls::ClientConfig>,
