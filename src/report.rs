@@ -278,6 +278,7 @@ fn refused_after_data(text: &str) -> bool {
     })
 }
 
+/// The report read from its parts, before [`parse`] reconsiders the class.
 fn parse_parts(raw: &[u8]) -> Report {
     let raw = &raw[..raw.len().min(MAX_SCAN)];
     let text = String::from_utf8_lossy(raw);
@@ -298,214 +299,22 @@ fn parse_parts(raw: &[u8]) -> Report {
         .ok()
         .flatten();
     // The machine-readable parts, when there are any.
-    let mut dsn = Vec::new();
-    let mut arf = None;
-    if let Some(m) = &msg {
-        let whole = m.raw_message();
-        for p in &m.parts {
-            let Some(ct) = mail_parser::MimeHeaders::content_type(p) else {
-                continue;
-            };
-            let sub = ct.subtype().unwrap_or("").to_ascii_lowercase();
-            if !ct.ctype().eq_ignore_ascii_case("message")
-                && !ct.ctype().eq_ignore_ascii_case("text")
-            {
-                continue;
-            }
-            let (a, b) = (p.offset_body as usize, p.offset_end as usize);
-            let encoded = mail_parser::MimeHeaders::content_transfer_encoding(p).is_some_and(|e| {
-                e.eq_ignore_ascii_case("quoted-printable") || e.eq_ignore_ascii_case("base64")
-            });
-            // A quoted-printable or base64 status part is read decoded.
-            let body = if encoded {
-                String::from_utf8_lossy(p.contents()).into_owned()
-            } else {
-                String::from_utf8_lossy(whole.get(a..b.max(a)).unwrap_or_default()).into_owned()
-            };
-            match sub.as_str() {
-                "delivery-status" | "global-delivery-status" => dsn.push(body),
-                "feedback-report" => arf = Some(body),
-                _ => {}
-            }
-        }
-    }
-    // ARF: the feedback part, or its fields written elsewhere.
-    let arf = arf.or_else(|| {
-        text.lines()
-            .any(|l| starts_ci(l, "feedback-type:"))
-            .then(|| text.to_string())
-    });
-    if let Some(a) = arf {
-        let groups = groups(&a);
-        let f = |name: &str| groups.iter().find_map(|g| field(g, name));
-        if let Some(t) = f("feedback-type") {
-            let t = t.trim().to_ascii_lowercase();
-            rep.kind = match t.as_str() {
-                "auth-failure" => Kind::AuthFailure,
-                "not-spam" => Kind::NotSpam,
-                _ => Kind::Complaint,
-            };
-            rep.feedback = Some(Feedback {
-                feedback_type: t,
-                user_agent: f("user-agent"),
-                original_rcpt_to: f("original-rcpt-to").map(|a| strip_addr(&a)),
-                original_mail_from: f("original-mail-from").map(|a| strip_addr(&a)),
-                source_ip: f("source-ip"),
-                arrival_date: f("arrival-date").or_else(|| f("received-date")),
-            });
-            return rep;
-        }
-    }
-    // Complaints in other forms: Amazon SES's JSON notification, and
-    // Microsoft's abuse reports that come without a feedback-report part.
-    let mut low = text.to_ascii_lowercase();
-    if let Some(m) = &msg {
-        // Their words may be base64 in a text part.
-        low.push_str(&text_parts(m).to_ascii_lowercase());
-    }
-    let ses = low.contains("\"notificationtype\":\"complaint\"");
-    if ses || low.contains("email abuse report for an email message") {
-        let t = json_string(&low, "complaintfeedbacktype").unwrap_or_else(|| "abuse".into());
-        rep.kind = match t.as_str() {
-            "not-spam" => Kind::NotSpam,
-            _ => Kind::Complaint,
-        };
-        rep.feedback = Some(Feedback {
-            feedback_type: t,
-            user_agent: Some(if ses { "Amazon SES" } else { "abuse report" }.into()),
-            ..Default::default()
-        });
+    let (dsn, arf) = match &msg {
+        Some(m) => machine_parts(m),
+        None => (Vec::new(), None),
+    };
+    if let Some((kind, feedback)) =
+        arf_feedback(arf, &text).or_else(|| complaint_in_other_forms(&text, msg.as_ref()))
+    {
+        rep.kind = kind;
+        rep.feedback = Some(feedback);
         return rep;
     }
-    // Hotmail's older complaints: "complaint about message from <ip>"
-    // with the message attached, its recipient in
-    // X-HmXmrOriginalRecipient. Apple Mail's unsubscribe request
-    // (X-Apple-Unsubscribe: true): the recipient opts out.
-    if let Some(m) = &msg {
-        let subject = m.subject().unwrap_or("").trim().to_ascii_lowercase();
-        let hotmail = subject.starts_with("complaint about message from")
-            && low.contains("x-hmxmroriginalrecipient:");
-        let unsubscribe = m
-            .header_raw("X-Apple-Unsubscribe")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-        if hotmail || unsubscribe {
-            rep.kind = Kind::Complaint;
-            rep.feedback = Some(Feedback {
-                feedback_type: if hotmail { "abuse" } else { "opt-out" }.into(),
-                user_agent: Some(if hotmail { "Hotmail" } else { "Apple Mail" }.into()),
-                original_rcpt_to: if hotmail {
-                    find_header(&text, "x-hmxmroriginalrecipient").map(|a| strip_addr(&a))
-                } else {
-                    from_text(m).split_whitespace().last().map(strip_addr)
-                },
-                ..Default::default()
-            });
-            return rep;
-        }
-    }
-    // RFC 3464 fields: in their part, else anywhere in the text (servers
-    // that put them in text/plain).
-    let sources: Vec<String> = if dsn.is_empty() {
-        // Decoded when a quoted-printable text part holds them (Amazon
-        // WorkMail: "Diagnostic-Code: smtp; 554 4.4.7 Message expi=").
-        let decoded = msg.as_ref().map(text_parts).unwrap_or_default();
-        let fields = |t: &str| {
-            t.lines()
-                .any(|l| starts_ci(l, "final-recipient:") || starts_ci(l, "action:"))
-        };
-        if !text.contains("=\n") && !text.contains("=\r\n") || !fields(&decoded) {
-            vec![text.to_string()]
-        } else {
-            vec![decoded]
-        }
-    } else {
-        dsn
-    };
-    for s in &sources {
-        for g in groups(s) {
-            if let Some(m) = field(&g, "reporting-mta") {
-                rep.reporting_mta.get_or_insert(strip_type(&m));
-            }
-            if field(&g, "final-recipient").is_none() && field(&g, "action").is_none() {
-                continue;
-            }
-            if field(&g, "action").is_none() && field(&g, "status").is_none() {
-                continue;
-            }
-            rep.recipients.push(recipient(&g));
-        }
-    }
-    // A DSN that gives a bare status (5.0.0) and no Diagnostic-Code often
-    // says why in its text part: the line that names the recipient with a
-    // reply code, or the notice's words.
-    for r in rep.recipients.iter_mut() {
-        // "Diagnostic-Code: X-Unix; 77": a local program's exit status
-        // says nothing the notice does not say better.
-        if r.diagnostic
-            .as_deref()
-            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-        {
-            r.diagnostic = None;
-            r.code = None;
-            judge(r);
-        }
-    }
-    if rep.recipients.iter().any(|r| r.diagnostic.is_none()) {
-        // The text parts decoded (quoted-printable breaks words).
-        let decoded = msg.as_ref().map(text_parts).unwrap_or_default();
-        let source = if decoded.trim().is_empty() {
-            text.to_string()
-        } else {
-            decoded
-        };
-        let lines = notice_lines(&source);
-        for r in rep.recipients.iter_mut().filter(|r| r.diagnostic.is_none()) {
-            let addr = r.final_recipient.clone().unwrap_or_default();
-            let named = lines.iter().find(|l| {
-                !addr.is_empty()
-                    && l.to_ascii_lowercase().contains(&addr)
-                    && (code_in(l).is_some() || esc_in(l).is_some_and(|(e, _)| e[0] != 2))
-            });
-            let diag = match named {
-                Some(l) => Some(l.trim().to_string()),
-                None => reason_for(&lines, Some(&addr))
-                    .or_else(|| notice_words(&lines.join("\n")).and_then(|w| w.diagnostic)),
-            };
-            if let Some(d) = diag {
-                r.code = code_in(&d);
-                r.diagnostic = Some(d);
-                judge(r);
-                notice_says_disabled(r, &lines);
-            }
-        }
-    }
-    let has = |a: &str| {
-        rep.recipients
-            .iter()
-            .any(|r| r.action.as_deref().is_some_and(|x| x.starts_with(a)))
-    };
+    let sources = dsn_sources(dsn, &text, msg.as_ref());
+    dsn_recipients(&mut rep, &sources);
+    explain_bare_statuses(&mut rep.recipients, &text, msg.as_ref());
     if !rep.recipients.is_empty() {
-        rep.kind = if has("failed") {
-            Kind::Failed
-        } else if has("delayed") {
-            Kind::Delayed
-        } else if has("delivered") || has("relayed") || has("expanded") {
-            Kind::Delivered
-        } else if rep
-            .recipients
-            .iter()
-            .any(|r| r.status.is_some_and(|s| s[0] == 5))
-        {
-            Kind::Failed
-        } else if rep
-            .recipients
-            .iter()
-            .any(|r| r.status.is_some_and(|s| s[0] == 4))
-        {
-            Kind::Delayed
-        } else {
-            Kind::Unparsed
-        };
+        rep.kind = dsn_kind(&rep.recipients);
         if rep.kind != Kind::Unparsed {
             return rep;
         }
@@ -527,12 +336,266 @@ fn parse_parts(raw: &[u8]) -> Report {
         .as_ref()
         .and_then(notice_kind)
         .or_else(|| notice_by_words(&body));
-    let found = plain_text(&body)
+    if let Some(r) = plain_text_result(&body, notice) {
+        let (kind, r) = plain_text_verdict(r, &body);
+        rep.kind = kind;
+        rep.recipients.push(r);
+        return rep;
+    }
+    // A notice titled as a failure (or a delay) that gives no reason herald
+    // knows: it failed, nobody is suppressed, and the log says why.
+    if let Some(failed) = notice {
+        rep.kind = if failed { Kind::Failed } else { Kind::Delayed };
+        rep.recipients.push(unrecognised_notice(&body, failed));
+        return rep;
+    }
+    rep.problem = Some(if msg.is_none() {
+        "not a MIME message".into()
+    } else {
+        "no delivery-status part, feedback report, SMTP reply or status code found".into()
+    });
+    rep
+}
+
+/// The message's delivery-status parts and its feedback-report part, as text.
+fn machine_parts(m: &mail_parser::Message) -> (Vec<String>, Option<String>) {
+    let mut dsn = Vec::new();
+    let mut arf = None;
+    let whole = m.raw_message();
+    for p in &m.parts {
+        let Some(ct) = mail_parser::MimeHeaders::content_type(p) else {
+            continue;
+        };
+        let sub = ct.subtype().unwrap_or("").to_ascii_lowercase();
+        if !ct.ctype().eq_ignore_ascii_case("message") && !ct.ctype().eq_ignore_ascii_case("text") {
+            continue;
+        }
+        let (a, b) = (p.offset_body as usize, p.offset_end as usize);
+        let encoded = mail_parser::MimeHeaders::content_transfer_encoding(p).is_some_and(|e| {
+            e.eq_ignore_ascii_case("quoted-printable") || e.eq_ignore_ascii_case("base64")
+        });
+        // A quoted-printable or base64 status part is read decoded.
+        let body = if encoded {
+            String::from_utf8_lossy(p.contents()).into_owned()
+        } else {
+            String::from_utf8_lossy(whole.get(a..b.max(a)).unwrap_or_default()).into_owned()
+        };
+        match sub.as_str() {
+            "delivery-status" | "global-delivery-status" => dsn.push(body),
+            "feedback-report" => arf = Some(body),
+            _ => {}
+        }
+    }
+    (dsn, arf)
+}
+
+/// An ARF complaint: the feedback part, or its fields written elsewhere.
+fn arf_feedback(arf: Option<String>, text: &str) -> Option<(Kind, Feedback)> {
+    let a = arf.or_else(|| {
+        text.lines()
+            .any(|l| starts_ci(l, "feedback-type:"))
+            .then(|| text.to_string())
+    })?;
+    let groups = groups(&a);
+    let f = |name: &str| groups.iter().find_map(|g| field(g, name));
+    let t = f("feedback-type")?.trim().to_ascii_lowercase();
+    let kind = match t.as_str() {
+        "auth-failure" => Kind::AuthFailure,
+        "not-spam" => Kind::NotSpam,
+        _ => Kind::Complaint,
+    };
+    let feedback = Feedback {
+        feedback_type: t,
+        user_agent: f("user-agent"),
+        original_rcpt_to: f("original-rcpt-to").map(|a| strip_addr(&a)),
+        original_mail_from: f("original-mail-from").map(|a| strip_addr(&a)),
+        source_ip: f("source-ip"),
+        arrival_date: f("arrival-date").or_else(|| f("received-date")),
+    };
+    Some((kind, feedback))
+}
+
+/// A complaint in another form than ARF: SES, Microsoft, Hotmail, Apple Mail.
+fn complaint_in_other_forms(
+    text: &str,
+    msg: Option<&mail_parser::Message>,
+) -> Option<(Kind, Feedback)> {
+    // Complaints in other forms: Amazon SES's JSON notification, and
+    // Microsoft's abuse reports that come without a feedback-report part.
+    let mut low = text.to_ascii_lowercase();
+    if let Some(m) = msg {
+        // Their words may be base64 in a text part.
+        low.push_str(&text_parts(m).to_ascii_lowercase());
+    }
+    let ses = low.contains("\"notificationtype\":\"complaint\"");
+    if ses || low.contains("email abuse report for an email message") {
+        let t = json_string(&low, "complaintfeedbacktype").unwrap_or_else(|| "abuse".into());
+        let kind = match t.as_str() {
+            "not-spam" => Kind::NotSpam,
+            _ => Kind::Complaint,
+        };
+        let feedback = Feedback {
+            feedback_type: t,
+            user_agent: Some(if ses { "Amazon SES" } else { "abuse report" }.into()),
+            ..Default::default()
+        };
+        return Some((kind, feedback));
+    }
+    // Hotmail's older complaints: "complaint about message from <ip>"
+    // with the message attached, its recipient in
+    // X-HmXmrOriginalRecipient. Apple Mail's unsubscribe request
+    // (X-Apple-Unsubscribe: true): the recipient opts out.
+    let m = msg?;
+    let subject = m.subject().unwrap_or("").trim().to_ascii_lowercase();
+    let hotmail = subject.starts_with("complaint about message from")
+        && low.contains("x-hmxmroriginalrecipient:");
+    let unsubscribe = m
+        .header_raw("X-Apple-Unsubscribe")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if !(hotmail || unsubscribe) {
+        return None;
+    }
+    let feedback = Feedback {
+        feedback_type: if hotmail { "abuse" } else { "opt-out" }.into(),
+        user_agent: Some(if hotmail { "Hotmail" } else { "Apple Mail" }.into()),
+        original_rcpt_to: if hotmail {
+            find_header(text, "x-hmxmroriginalrecipient").map(|a| strip_addr(&a))
+        } else {
+            from_text(m).split_whitespace().last().map(strip_addr)
+        },
+        ..Default::default()
+    };
+    Some((Kind::Complaint, feedback))
+}
+
+/// Where the RFC 3464 fields are read: their parts, else the whole text.
+fn dsn_sources(dsn: Vec<String>, text: &str, msg: Option<&mail_parser::Message>) -> Vec<String> {
+    // RFC 3464 fields: in their part, else anywhere in the text (servers
+    // that put them in text/plain).
+    if !dsn.is_empty() {
+        return dsn;
+    }
+    // Decoded when a quoted-printable text part holds them (Amazon
+    // WorkMail: "Diagnostic-Code: smtp; 554 4.4.7 Message expi=").
+    let decoded = msg.map(text_parts).unwrap_or_default();
+    let fields = |t: &str| {
+        t.lines()
+            .any(|l| starts_ci(l, "final-recipient:") || starts_ci(l, "action:"))
+    };
+    if !text.contains("=\n") && !text.contains("=\r\n") || !fields(&decoded) {
+        vec![text.to_string()]
+    } else {
+        vec![decoded]
+    }
+}
+
+/// The Reporting-MTA and the per-recipient field groups of the sources.
+fn dsn_recipients(rep: &mut Report, sources: &[String]) {
+    for s in sources {
+        for g in groups(s) {
+            if let Some(m) = field(&g, "reporting-mta") {
+                rep.reporting_mta.get_or_insert(strip_type(&m));
+            }
+            if field(&g, "final-recipient").is_none() && field(&g, "action").is_none() {
+                continue;
+            }
+            if field(&g, "action").is_none() && field(&g, "status").is_none() {
+                continue;
+            }
+            rep.recipients.push(recipient(&g));
+        }
+    }
+}
+
+/// A diagnostic from the notice's text for results whose DSN gives none.
+fn explain_bare_statuses(
+    recipients: &mut [RecipientResult],
+    text: &str,
+    msg: Option<&mail_parser::Message>,
+) {
+    // A DSN that gives a bare status (5.0.0) and no Diagnostic-Code often
+    // says why in its text part: the line that names the recipient with a
+    // reply code, or the notice's words.
+    for r in recipients.iter_mut() {
+        // "Diagnostic-Code: X-Unix; 77": a local program's exit status
+        // says nothing the notice does not say better.
+        if r.diagnostic
+            .as_deref()
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        {
+            r.diagnostic = None;
+            r.code = None;
+            judge(r);
+        }
+    }
+    if recipients.iter().all(|r| r.diagnostic.is_some()) {
+        return;
+    }
+    // The text parts decoded (quoted-printable breaks words).
+    let decoded = msg.map(text_parts).unwrap_or_default();
+    let source = if decoded.trim().is_empty() {
+        text.to_string()
+    } else {
+        decoded
+    };
+    let lines = notice_lines(&source);
+    for r in recipients.iter_mut().filter(|r| r.diagnostic.is_none()) {
+        let addr = r.final_recipient.clone().unwrap_or_default();
+        let named = lines.iter().find(|l| {
+            !addr.is_empty()
+                && l.to_ascii_lowercase().contains(&addr)
+                && (code_in(l).is_some() || esc_in(l).is_some_and(|(e, _)| e[0] != 2))
+        });
+        let diag = match named {
+            Some(l) => Some(l.trim().to_string()),
+            None => reason_for(&lines, Some(&addr))
+                .or_else(|| notice_words(&lines.join("\n")).and_then(|w| w.diagnostic)),
+        };
+        if let Some(d) = diag {
+            r.code = code_in(&d);
+            r.diagnostic = Some(d);
+            judge(r);
+            notice_says_disabled(r, &lines);
+        }
+    }
+}
+
+/// The kind of a DSN from its recipients' actions, else their statuses.
+fn dsn_kind(recipients: &[RecipientResult]) -> Kind {
+    let has = |a: &str| {
+        recipients
+            .iter()
+            .any(|r| r.action.as_deref().is_some_and(|x| x.starts_with(a)))
+    };
+    if has("failed") {
+        Kind::Failed
+    } else if has("delayed") {
+        Kind::Delayed
+    } else if has("delivered") || has("relayed") || has("expanded") {
+        Kind::Delivered
+    } else if recipients
+        .iter()
+        .any(|r| r.status.is_some_and(|s| s[0] == 5))
+    {
+        Kind::Failed
+    } else if recipients
+        .iter()
+        .any(|r| r.status.is_some_and(|s| s[0] == 4))
+    {
+        Kind::Delayed
+    } else {
+        Kind::Unparsed
+    }
+}
+
+/// The result a plain-text notice gives: a code, a reason, or its words.
+fn plain_text_result(body: &str, notice: Option<bool>) -> Option<RecipientResult> {
+    plain_text(body)
         .or_else(|| {
             // No code: the reason given beside the address (qmail, Postfix,
             // Exim without a reply).
             let failed = notice?;
-            let lines = notice_lines(&body);
+            let lines = notice_lines(body);
             let mut r = RecipientResult {
                 action: Some(if failed { "failed" } else { "delayed" }.into()),
                 diagnostic: Some(reason_for(&lines, None)?),
@@ -544,63 +607,56 @@ fn parse_parts(raw: &[u8]) -> Report {
         })
         .or_else(|| {
             // No code at all: the words of a failure, in a failure notice.
-            notice.and_then(|_| notice_words(&body))
-        });
-    if let Some(mut r) = found {
-        // A notice that says it gave up is a failure whatever code it
-        // quotes (qmail: "Sorry, I wasn't able to establish an SMTP
-        // connection. (#4.4.1) I'm not going to try again").
-        if r.action.as_deref() != Some("failed") && says_given_up(&body) {
-            r.action = Some("failed".into());
-            judge(&mut r);
-        }
-        // A notice that says the address does not exist is a failure, even
-        // when no 5xx code came with it.
-        rep.kind = if r.code.is_some_and(|c| c >= 500)
-            || r.status.is_some_and(|s| s[0] == 5)
-            || r.class == Some(Class::Hard)
-            || (r.code.is_none() && r.status.is_none() && r.action.as_deref() == Some("failed"))
-            || says_given_up(&body)
-        {
-            Kind::Failed
-        } else {
-            Kind::Delayed
-        };
-        rep.recipients.push(r);
-        return rep;
+            notice.and_then(|_| notice_words(body))
+        })
+}
+
+/// Whether a plain-text result failed or is delayed, and the result so judged.
+fn plain_text_verdict(mut r: RecipientResult, body: &str) -> (Kind, RecipientResult) {
+    // A notice that says it gave up is a failure whatever code it
+    // quotes (qmail: "Sorry, I wasn't able to establish an SMTP
+    // connection. (#4.4.1) I'm not going to try again").
+    if r.action.as_deref() != Some("failed") && says_given_up(body) {
+        r.action = Some("failed".into());
+        judge(&mut r);
     }
-    // A notice titled as a failure (or a delay) that gives no reason herald
-    // knows: it failed, nobody is suppressed, and the log says why.
-    if let Some(failed) = notice {
-        let first = notice_text(&body)
-            .lines()
-            .map(str::trim)
-            .find(|l| l.len() > 20)
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect::<String>();
-        rep.kind = if failed { Kind::Failed } else { Kind::Delayed };
-        rep.recipients.push(RecipientResult {
-            action: Some(if failed { "failed" } else { "delayed" }.into()),
-            diagnostic: Some(format!(
-                "a notice with no reason herald recognises: {first}"
-            )),
-            class: Some(if failed {
-                Class::Policy
-            } else {
-                Class::Transient
-            }),
-            ..Default::default()
-        });
-        return rep;
-    }
-    rep.problem = Some(if msg.is_none() {
-        "not a MIME message".into()
+    // A notice that says the address does not exist is a failure, even
+    // when no 5xx code came with it.
+    let kind = if r.code.is_some_and(|c| c >= 500)
+        || r.status.is_some_and(|s| s[0] == 5)
+        || r.class == Some(Class::Hard)
+        || (r.code.is_none() && r.status.is_none() && r.action.as_deref() == Some("failed"))
+        || says_given_up(body)
+    {
+        Kind::Failed
     } else {
-        "no delivery-status part, feedback report, SMTP reply or status code found".into()
-    });
-    rep
+        Kind::Delayed
+    };
+    (kind, r)
+}
+
+/// The result of a failure or delay notice that gives no reason herald knows.
+fn unrecognised_notice(body: &str, failed: bool) -> RecipientResult {
+    let first = notice_text(body)
+        .lines()
+        .map(str::trim)
+        .find(|l| l.len() > 20)
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect::<String>();
+    RecipientResult {
+        action: Some(if failed { "failed" } else { "delayed" }.into()),
+        diagnostic: Some(format!(
+            "a notice with no reason herald recognises: {first}"
+        )),
+        class: Some(if failed {
+            Class::Policy
+        } else {
+            Class::Transient
+        }),
+        ..Default::default()
+    }
 }
 
 fn starts_ci(line: &str, prefix: &str) -> bool {
