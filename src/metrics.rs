@@ -3,7 +3,6 @@
 
 use std::fmt::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -23,8 +22,8 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
             format!("storage failed: {why}\n"),
         );
     }
-    match s.store.meta_get(crate::state::META_PAUSED) {
-        Ok(_) if s.paused.load(Ordering::Relaxed) => {
+    match s.store.meta_get(crate::state::ports::META_PAUSED) {
+        Ok(_) if s.pauses.delivery_paused() => {
             (StatusCode::OK, "ok (delivery paused)\n".to_string())
         }
         Ok(_) => (StatusCode::OK, "ok\n".to_string()),
@@ -67,7 +66,7 @@ async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
     gauge(
         "herald_paused",
         "1 while outbound delivery is paused.",
-        vec![(String::new(), s.paused.load(Ordering::Relaxed) as u8 as f64)],
+        vec![(String::new(), s.pauses.delivery_paused() as u8 as f64)],
     );
     let health = s.pacing.health.lock().unwrap().clone();
     gauge(

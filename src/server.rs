@@ -1,7 +1,6 @@
 //! `herald serve`: wires storage, listeners, delivery, reloads and shutdown
 //! together.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use crate::smtp_in;
 use crate::state::history::History;
 use crate::state::schedule::Scheduler;
 use crate::state::spool::Store;
-use crate::state::{Services, META_PAUSED};
+use crate::state::Services;
 
 /// How long running SMTP sessions may take to finish after SIGTERM.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -54,7 +53,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<Exit> {
         tracking_served: bound.tracking.is_some(),
     };
     let services = Arc::new(services(live, parts)?);
-    let paused = services.paused.load(std::sync::atomic::Ordering::Relaxed);
+    let paused = services.pauses.delivery_paused();
 
     let mut tasks = Tasks::default();
     let sched = tokio::spawn(delivery::run(services.clone(), sched_rx));
@@ -225,10 +224,13 @@ struct Parts {
 /// The shared state, over the open database.
 fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
     let cfg = live.cfg.clone();
-    let history = History::open(&p.store.db)?.with_webhooks(&cfg.webhooks);
+    let db = &p.store.db;
+    let events = Arc::new(crate::state::ports::SledEvents::open(db)?);
+    let history = History::with_store(db, events)?.with_webhooks(&cfg.webhooks);
     history.load_hourly()?;
-    let suppression = crate::state::suppression::Suppression::open(&p.store.db)?;
-    let paused = p.store.meta_get(META_PAUSED)?.is_some();
+    let list = Arc::new(crate::state::ports::SledSuppression::open(db)?);
+    let suppression = crate::state::suppression::Suppression::new(list);
+    let pauses = Box::new(crate::state::ports::LocalPauses::open(&p.store)?);
     Ok(Services {
         current: RwLock::new(Arc::new(live)),
         store: p.store,
@@ -243,7 +245,7 @@ fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
         mx_tls: crate::tls::client_config(None, false)?,
         bounces: p.bounces,
         shutdown: p.shutdown,
-        paused: AtomicBool::new(paused),
+        pauses,
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
         conns: crate::limit::Slots::new(

@@ -2,7 +2,6 @@
 //! renders them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -12,7 +11,7 @@ use crate::reply::Class;
 use crate::state::history::{By, Event, EventKind};
 use crate::state::spool::{now_ms, Envelope};
 use crate::state::suppression::Entry;
-use crate::state::{Services, META_PAUSED};
+use crate::state::Services;
 
 pub fn error(msg: impl Into<String>) -> Value {
     json!({"ok": false, "error": msg.into()})
@@ -325,14 +324,14 @@ fn status(s: &Services) -> Answer {
         None => json!({"ok": true}),
     };
     Ok(json!({
-        "paused": s.paused.load(Ordering::Relaxed),
+        "paused": s.pauses.delivery_paused(),
         "messages": messages,
         "recipients": by_status,
         "last_24h": last_24h,
         "storage": storage,
         "uptime_s": s.started.elapsed().as_secs(),
         "routes": route_health(s),
-        "paused_routes": s.pacing.shaper.paused(),
+        "paused_routes": s.pauses.paused_routes(),
         "destinations": s
             .pacing
             .shaper
@@ -356,8 +355,8 @@ fn queue(s: &Services) -> Answer {
     Ok(json!({
         "messages": all,
         "quarantined": quarantined,
-        "paused": s.paused.load(Ordering::Relaxed),
-        "paused_routes": s.pacing.shaper.paused(),
+        "paused": s.pauses.delivery_paused(),
+        "paused_routes": s.pauses.paused_routes(),
     }))
 }
 
@@ -500,10 +499,8 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
 }
 
 async fn set_paused(s: &Services, paused: bool) -> Answer {
-    s.store
-        .meta_set(META_PAUSED, paused.then_some(b"1".as_slice()))?;
+    s.pauses.set_delivery_paused(paused)?;
     s.store.commit().await?;
-    s.paused.store(paused, Ordering::Relaxed);
     s.scheduler.wake();
     tracing::warn!(
         paused,
@@ -528,12 +525,7 @@ fn known_route(s: &Services, route: &str) -> Result<(), String> {
 /// Holds or releases one upstream's mail; kept across restarts.
 async fn set_route_paused(s: &Services, route: &str, paused: bool) -> Answer {
     known_route(s, route)?;
-    let list = s.pacing.shaper.set_paused(route, paused);
-    let saved = serde_json::to_vec(&list).map_err(|e| Failure::Invalid(e.to_string()))?;
-    s.store.meta_set(
-        crate::state::pacing::META_PAUSED_ROUTES,
-        (!list.is_empty()).then_some(saved.as_slice()),
-    )?;
+    let list = s.pauses.set_route_paused(route, paused)?;
     s.store.commit().await?;
     s.scheduler.wake();
     tracing::warn!(
@@ -639,7 +631,7 @@ fn advice(class: Class, detail: &str) -> String {
 /// destination's back-off.
 fn held_note(s: &Services, id: &str) -> String {
     match s.store.envelope(id) {
-        Ok(Some(env)) if s.pacing.shaper.is_paused(&env.upstream) => format!(
+        Ok(Some(env)) if s.pauses.route_paused(&env.upstream) => format!(
             "; held: route {0} paused (herald resume --route {0})",
             env.upstream
         ),
@@ -856,7 +848,7 @@ fn received_line(s: &Services, last: &Event) -> String {
         .ok()
         .flatten()
         .and_then(|env| env.next_due());
-    let paused = if s.paused.load(Ordering::Relaxed) {
+    let paused = if s.pauses.delivery_paused() {
         " (delivery is PAUSED: herald resume)".to_string()
     } else {
         held_note(s, latest_id)

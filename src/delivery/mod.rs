@@ -13,12 +13,12 @@ pub mod pool;
 pub mod probe;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::live::Live;
 use crate::reply::Class;
 use crate::state::ledger::{Change, Ledger};
 use crate::state::pacing;
@@ -116,7 +116,7 @@ enum Start {
 }
 
 fn gate(s: &Services, route: &str) -> Start {
-    if s.pacing.shaper.is_paused(route) {
+    if s.pauses.route_paused(route) {
         return Start::Hold(u64::MAX);
     }
     // Direct MX delivery: the site is known only after the MX lookup; the
@@ -136,7 +136,6 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     let mut held = Held::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut shutdown = services.shutdown.clone();
-    services.pacing.shaper.load_paused(&services.store);
     let pool = Arc::new(Pool::default());
     let mut reloads = services.reloads.subscribe();
     let mut upstreams = services.cfg().upstreams.clone();
@@ -159,7 +158,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
         // While the storage is failed nothing that happens can be recorded:
         // delivery is held (and looked at again every second).
         let failed = services.store.health.is_failed();
-        let paused = services.paused.load(Ordering::Relaxed) || failed;
+        let paused = services.pauses.delivery_paused() || failed;
         let next = [due.first(), held.first()]
             .into_iter()
             .flatten()
@@ -192,7 +191,7 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
             },
             _ = tokio::time::sleep(sleep), if next.is_some() || failed => {
                 let now = now_ms();
-                let stopped = || services.paused.load(Ordering::Relaxed) || services.store.health.is_failed();
+                let stopped = || services.pauses.delivery_paused() || services.store.health.is_failed();
                 // Held messages whose time has come first (they waited
                 // longest), one by one until their route holds again.
                 let woken: Vec<String> = held
@@ -306,8 +305,7 @@ async fn start(
 }
 
 /// Builds the connection target for a named upstream.
-fn upstream_target(s: &Services, name: &str) -> Result<Target, String> {
-    let live = s.live();
+fn upstream_target(live: &Live, name: &str) -> Result<Target, String> {
     let u = live
         .cfg
         .upstreams
@@ -370,7 +368,9 @@ type Targets = Result<Vec<Target>, Verdict>;
 /// One delivery attempt for the due recipients of one message.
 pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::Pass>) {
     let mut pass = pass;
-    let l = s.ledger();
+    // One configuration for the whole attempt.
+    let live = s.live();
+    let l = s.ledger_for(live.cfg.clone());
     // An earlier outcome is not on disk yet: write it first, or wait.
     if !l.write_unsaved(id) {
         return;
@@ -408,7 +408,7 @@ pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::P
         }
     };
     let before = env.rcpts.clone();
-    let mut due = due_now(&l, &mut env, s.cfg().delivery.max_age);
+    let mut due = due_now(&l, &mut env, live.cfg.delivery.max_age);
     // Suppressed since it was queued: never attempted.
     screen_suppressed(s, &l, &mut env, &mut due, "-", true);
     if due.is_empty() {
@@ -429,11 +429,11 @@ pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::P
         }
         let mut g = Vec::new();
         for (domain, idx) in by_domain {
-            g.push((mx::targets(s, &domain).await, idx));
+            g.push((mx::targets(s, &live, &domain).await, idx));
         }
         g
     } else {
-        let t = upstream_target(s, &env.upstream)
+        let t = upstream_target(&live, &env.upstream)
             .map(|t| vec![t])
             .map_err(|t| Verdict::Deferred(t, Class::Route));
         vec![(t, due)]
@@ -458,9 +458,9 @@ pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::P
             None => {
                 let dest = if route == "mx" {
                     let hosts: Vec<&str> = targets.iter().map(|t| t.host.as_str()).collect();
-                    s.pacing.shaper.mx_site(&s.cfg(), &hosts)
+                    s.pacing.shaper.mx_site(&live.cfg, &hosts)
                 } else {
-                    s.pacing.shaper.upstream(&s.cfg(), &route)
+                    s.pacing.shaper.upstream(&live.cfg, &route)
                 };
                 if let Some(until) = dest.throttled_until(now_ms()) {
                     let why = dest.report()["last_reply"]
@@ -498,8 +498,8 @@ pub async fn attempt(s: &Services, pool: &Pool, id: &str, pass: Option<pacing::P
 }
 
 /// The destination backs off; returns when its back-off ends.
-fn throttle(s: &Services, dest: &pacing::Dest, reply: &str) -> u64 {
-    let cfg = &s.cfg().delivery;
+fn throttle(l: &Ledger, dest: &pacing::Dest, reply: &str) -> u64 {
+    let cfg = &l.config().delivery;
     let (until, new) = dest.throttle(reply, cfg.throttle_backoff(), cfg.throttle_backoff_max());
     if new {
         tracing::warn!(
@@ -559,8 +559,8 @@ async fn deliver_group(
     };
     // A connection kept from the previous transaction of this attempt.
     let mut carried: Option<Conn> = None;
-    let max_per_conn = s
-        .cfg()
+    let max_per_conn = l
+        .config()
         .upstreams
         .get(route)
         .filter(|_| smart)
@@ -618,16 +618,8 @@ async fn deliver_group(
                 } => {
                     s.pacing.mark_healthy(route);
                     let throttled = slow_down;
-                    let until = record_verdicts(
-                        s,
-                        l,
-                        env,
-                        &chunk,
-                        &verdicts,
-                        dest,
-                        &throttled,
-                        &target.host,
-                    );
+                    let until =
+                        record_verdicts(l, env, &chunk, &verdicts, dest, &throttled, &target.host);
                     idx.retain(|i| !chunk.contains(i));
                     if per_rcpt {
                         commit_one(s, l, env, before).await;
@@ -676,7 +668,7 @@ async fn deliver_group(
             }
         }
     }
-    no_host_took(s, l, env, &idx, dest, route, smart, last_err);
+    no_host_took(l, env, &idx, dest, route, smart, last_err);
 }
 
 /// Records the verdicts of one transaction for the recipients of
@@ -685,7 +677,6 @@ async fn deliver_group(
 /// the destination).
 #[allow(clippy::too_many_arguments)]
 fn record_verdicts(
-    s: &Services,
     l: &Ledger,
     env: &mut Envelope,
     chunk: &[usize],
@@ -697,7 +688,7 @@ fn record_verdicts(
     if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success() {
         tracing::info!(destination = %dest.key, "destination accepts mail again");
     }
-    let until = throttled.as_ref().map(|t| throttle(s, dest, t));
+    let until = throttled.as_ref().map(|t| throttle(l, dest, t));
     for (&i, v) in chunk.iter().zip(verdicts.iter()) {
         match (v, until) {
             (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => {
@@ -713,7 +704,6 @@ fn record_verdicts(
 /// is their outcome.
 #[allow(clippy::too_many_arguments)]
 fn no_host_took(
-    s: &Services,
     l: &Ledger,
     env: &mut Envelope,
     idx: &[usize],
@@ -725,7 +715,7 @@ fn no_host_took(
     // A destination that asks to slow down, or a smart host that does not
     // take connections, backs off as a whole.
     if last_err.class == Class::Throttle || (smart && last_err.unreachable) {
-        let until = throttle(s, dest, last_err.text());
+        let until = throttle(l, dest, last_err.text());
         hold(l, env, idx, last_err.text(), last_err.class, until);
         return;
     }

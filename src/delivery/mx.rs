@@ -6,6 +6,7 @@ use hickory_resolver::proto::rr::RData;
 
 use super::client::{Target, Verdict};
 use crate::config::Security;
+use crate::live::Live;
 use crate::reply::Class;
 use crate::state::Services;
 
@@ -15,9 +16,8 @@ const MAX_MX_TARGETS: usize = 5;
 /// The hosts to try for `domain`, best preference first (RFC 5321 5.1).
 /// A domain without MX falls back to its own address; a null MX (RFC 7505)
 /// bounces at once.
-pub async fn targets(s: &Services, domain: &str) -> Result<Vec<Target>, Verdict> {
+pub async fn targets(s: &Services, live: &Live, domain: &str) -> Result<Vec<Target>, Verdict> {
     let fqdn = format!("{}.", domain.trim_end_matches('.'));
-    let live = s.live();
     let mut hosts: Vec<(u16, String)> = match live.resolver.mx_lookup(fqdn.as_str()).await {
         Ok(lookup) => lookup
             .answers()

@@ -113,7 +113,7 @@ pub fn key_of_event_id(id: &str) -> Option<[u8; 16]> {
     Some(k)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -122,8 +122,8 @@ type Counts = BTreeMap<(EventKind, Option<Class>), u64>;
 
 #[derive(Clone)]
 pub struct History {
-    events: sled::Tree,
-    index: sled::Tree,
+    /// Events and their index: this node's sled, or a shared backend.
+    store: Arc<dyn EventStore>,
     seq: Arc<AtomicU64>,
     /// Events recorded since start, per kind and class (for /metrics).
     counts: Arc<Mutex<Counts>>,
@@ -157,6 +157,29 @@ pub const KINDS: [EventKind; 11] = [
     EventKind::Delayed,
 ];
 
+/// Events (history) and their index by recipient, queue id and tag. Keys
+/// are the event time in ms (big endian) and a sequence number: they sort
+/// in time order and are unique.
+pub trait EventStore: Send + Sync {
+    fn append(&self, key: [u8; 16], ev: &Event, json: &[u8]) -> Result<(), QueueError>;
+    /// Events with this recipient, id or tag at or after `since_ms` that
+    /// `keep` accepts, in key order.
+    fn by(
+        &self,
+        by: By,
+        since_ms: u64,
+        keep: &mut dyn FnMut(&Event) -> bool,
+    ) -> Result<Vec<Event>, QueueError>;
+    /// Events at or after `since_ms` that `keep` accepts, oldest first.
+    fn since(
+        &self,
+        since_ms: u64,
+        keep: &mut dyn FnMut(&Event) -> bool,
+    ) -> Result<Vec<Event>, QueueError>;
+    /// Deletes events older than `before_ms`; how many.
+    fn purge_before(&self, before_ms: u64) -> Result<usize, QueueError>;
+}
+
 /// An indexed field to look events up by.
 #[derive(Debug, Clone, Copy)]
 pub enum By<'a> {
@@ -166,7 +189,7 @@ pub enum By<'a> {
 }
 
 impl By<'_> {
-    fn prefix(&self) -> Vec<u8> {
+    pub(crate) fn prefix(&self) -> Vec<u8> {
         let (kind, value) = match self {
             By::Rcpt(r) => (b'r', r.to_lowercase()),
             By::Id(i) => (b'i', i.to_string()),
@@ -179,20 +202,6 @@ impl By<'_> {
     }
 }
 
-fn index_keys(ev: &Event, key: &[u8]) -> Vec<Vec<u8>> {
-    let mut bys = vec![By::Rcpt(&ev.rcpt), By::Id(&ev.id)];
-    if let Some(t) = &ev.tag {
-        bys.push(By::Tag(t));
-    }
-    bys.iter()
-        .map(|b| {
-            let mut k = b.prefix();
-            k.extend_from_slice(key);
-            k
-        })
-        .collect()
-}
-
 /// Formats milliseconds since the epoch as RFC 3339 UTC with seconds.
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
@@ -200,10 +209,11 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 impl History {
-    pub fn open(db: &sled::Db) -> Result<History, QueueError> {
+    /// History over `store` for the events; the webhook outbox stays in
+    /// this node's `db` (each node sends what it recorded).
+    pub fn with_store(db: &sled::Db, store: Arc<dyn EventStore>) -> Result<History, QueueError> {
         Ok(History {
-            events: db.open_tree("events")?,
-            index: db.open_tree("events_index")?,
+            store,
             seq: Arc::new(AtomicU64::new(now_ms())),
             counts: Arc::new(Default::default()),
             hourly: Arc::new(Default::default()),
@@ -330,10 +340,7 @@ impl History {
                 wake.notify_one();
             }
         }
-        self.events.insert(key, v)?;
-        for k in index_keys(&ev, &key) {
-            self.index.insert(k, &[])?;
-        }
+        self.store.append(key, &ev, &v)?;
         *self
             .counts
             .lock()
@@ -373,27 +380,7 @@ impl History {
         since_ms: u64,
         mut keep: impl FnMut(&Event) -> bool,
     ) -> Result<Vec<Event>, QueueError> {
-        let prefix = by.prefix();
-        let mut out = Vec::new();
-        for item in self.index.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            let key = &k[prefix.len()..];
-            if key.len() != 16
-                || u64::from_be_bytes(key[..8].try_into().unwrap_or([0; 8])) < since_ms
-            {
-                continue;
-            }
-            if let Some(v) = self.events.get(key)? {
-                if let Ok(mut ev) = serde_json::from_slice::<Event>(&v) {
-                    if ev.event_id.is_empty() {
-                        ev.event_id = hex(key);
-                    }
-                    if keep(&ev) {
-                        out.push(ev);
-                    }
-                }
-            }
-        }
+        let mut out = self.store.by(by, since_ms, &mut keep)?;
         out.sort_by_key(|e| e.time_ms);
         Ok(out)
     }
@@ -404,35 +391,12 @@ impl History {
         since_ms: u64,
         mut keep: impl FnMut(&Event) -> bool,
     ) -> Result<Vec<Event>, QueueError> {
-        let mut out = Vec::new();
-        for item in self.events.range(since_ms.to_be_bytes()..) {
-            let (k, v) = item?;
-            if let Ok(mut ev) = serde_json::from_slice::<Event>(&v) {
-                if ev.event_id.is_empty() {
-                    ev.event_id = hex(&k);
-                }
-                if keep(&ev) {
-                    out.push(ev);
-                }
-            }
-        }
-        Ok(out)
+        self.store.since(since_ms, &mut keep)
     }
 
     /// Deletes events older than `before_ms`; returns how many.
     pub fn purge_before(&self, before_ms: u64) -> Result<usize, QueueError> {
-        let mut n = 0;
-        for item in self.events.range(..before_ms.to_be_bytes()) {
-            let (k, v) = item?;
-            if let Ok(ev) = serde_json::from_slice::<Event>(&v) {
-                for ik in index_keys(&ev, &k) {
-                    self.index.remove(ik)?;
-                }
-            }
-            self.events.remove(k)?;
-            n += 1;
-        }
-        Ok(n)
+        self.store.purge_before(before_ms)
     }
 }
 
@@ -448,7 +412,8 @@ mod tests {
             .temporary(true)
             .open()
             .unwrap();
-        let h = History::open(&db).unwrap();
+        let store = Arc::new(crate::state::ports::SledEvents::open(&db).unwrap());
+        let h = History::with_store(&db, store).unwrap();
         h.record_with(
             EventKind::Received,
             "ID1",
@@ -496,6 +461,6 @@ mod tests {
                 .len(),
             0
         );
-        assert!(h.index.is_empty());
+        assert!(db.open_tree("events_index").unwrap().is_empty());
     }
 }

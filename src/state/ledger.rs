@@ -138,6 +138,11 @@ pub struct Ledger<'a> {
 }
 
 impl Ledger<'_> {
+    /// The configuration this ledger (and the work that holds it) sees.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.cfg
+    }
+
     /// Applies `change` to recipient `i` of `env` (in memory: [`save`]
     /// writes it), records its event and the suppression it implies.
     ///

@@ -15,12 +15,12 @@ pub mod history;
 pub mod ledger;
 pub mod outbox;
 pub mod pacing;
+pub mod ports;
 pub mod reports;
 pub mod schedule;
 pub mod spool;
 pub mod suppression;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -53,7 +53,8 @@ pub struct Services {
     /// (like Postfix's `smtp_tls_security_level = may`).
     pub mx_tls: Arc<rustls::ClientConfig>,
     pub shutdown: Shutdown,
-    pub paused: AtomicBool,
+    /// `herald pause`: all delivery, and routes.
+    pub pauses: Box<dyn ports::PauseFlags>,
     pub started: Instant,
     /// Message bytes held at once (end of DATA, delivery).
     pub memory: crate::budget::Budget,
@@ -96,12 +97,17 @@ impl Services {
     /// The ledger, with the configuration in force now: take it once per
     /// transaction, attempt or request.
     pub fn ledger(&self) -> Ledger<'_> {
+        self.ledger_for(self.cfg())
+    }
+
+    /// The ledger with a configuration already taken (by an attempt).
+    pub fn ledger_for(&self, cfg: Arc<Config>) -> Ledger<'_> {
         Ledger {
             store: &self.store,
             history: &self.history,
             suppression: &self.suppression,
             unsaved: &self.unsaved,
-            cfg: self.cfg(),
+            cfg,
         }
     }
 
@@ -110,7 +116,7 @@ impl Services {
         let (messages, _, deferred) = self.store.stats.get();
         let state = if self.store.health.is_failed() {
             "STORAGE FAILED"
-        } else if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+        } else if self.pauses.delivery_paused() {
             "delivery paused"
         } else {
             "delivering"
@@ -123,5 +129,3 @@ impl Services {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = live;
     }
 }
-
-pub const META_PAUSED: &str = "paused";

@@ -229,15 +229,11 @@ impl Dest {
     }
 }
 
-/// Every destination seen, and the routes held by `pause --route`.
+/// Every destination seen.
 #[derive(Default)]
 pub struct Shaper {
     dests: Mutex<HashMap<String, Arc<Dest>>>,
-    paused: Mutex<BTreeSet<String>>,
 }
-
-/// The meta key that keeps the paused routes across restarts (JSON list).
-pub const META_PAUSED_ROUTES: &str = "paused_routes";
 
 impl Shaper {
     fn get(&self, key: &str, make: impl FnOnce() -> Dest) -> Arc<Dest> {
@@ -305,34 +301,6 @@ impl Shaper {
         for (key, d) in self.dests.lock().unwrap().iter() {
             if key == route || (route == "mx" && key.starts_with("mx:")) {
                 d.success();
-            }
-        }
-    }
-
-    pub fn is_paused(&self, route: &str) -> bool {
-        self.paused.lock().unwrap().contains(route)
-    }
-
-    pub fn paused(&self) -> Vec<String> {
-        self.paused.lock().unwrap().iter().cloned().collect()
-    }
-
-    /// Sets the paused routes (as loaded or changed); returns the list.
-    pub fn set_paused(&self, route: &str, paused: bool) -> Vec<String> {
-        let mut p = self.paused.lock().unwrap();
-        if paused {
-            p.insert(route.to_string());
-        } else {
-            p.remove(route);
-        }
-        p.iter().cloned().collect()
-    }
-
-    /// Loads the paused routes kept in the store's meta tree.
-    pub fn load_paused(&self, store: &crate::state::spool::Store) {
-        if let Ok(Some(v)) = store.meta_get(META_PAUSED_ROUTES) {
-            if let Ok(list) = serde_json::from_slice::<Vec<String>>(&v) {
-                *self.paused.lock().unwrap() = list.into_iter().collect();
             }
         }
     }

@@ -32,10 +32,28 @@ impl Entry {
     }
 }
 
+/// The records of the suppression list and the hard-bounce counts toward
+/// `suppress_after_bounces` (the policy around them is
+/// [`crate::state::suppression::Suppression`]'s).
+pub trait SuppressionStore: Send + Sync {
+    /// The entry for `addr` (lowercased), expired or not.
+    fn get(&self, addr: &str) -> Result<Option<Entry>, QueueError>;
+    fn put(&self, e: &Entry) -> Result<(), QueueError>;
+    /// Removes the entry and the bounce count; true when there was an entry.
+    fn remove(&self, addr: &str) -> Result<bool, QueueError>;
+    /// Every entry, expired or not.
+    fn all(&self) -> Result<Vec<Entry>, QueueError>;
+    /// Adds one hard bounce to `addr`'s count; the count now.
+    fn count_bounce(&self, addr: &str) -> Result<u32, QueueError>;
+    fn reset_bounces(&self, addr: &str) -> Result<(), QueueError>;
+}
+
+/// The suppression list: the policy (expiry, the bounce threshold, what a
+/// failed read means) over its records ([`SuppressionStore`]: this node's
+/// sled, or a shared backend).
 #[derive(Clone)]
 pub struct Suppression {
-    entries: sled::Tree,
-    bounces: sled::Tree,
+    store: Arc<dyn SuppressionStore>,
     /// Addresses whose last [`Suppression::check`] failed: each is logged
     /// when it starts and when it stops failing.
     failing: Arc<Mutex<HashSet<String>>>,
@@ -43,22 +61,17 @@ pub struct Suppression {
     any_failing: Arc<AtomicBool>,
 }
 
-fn key(addr: &str) -> Vec<u8> {
-    key_text(addr).into_bytes()
-}
-
 fn key_text(addr: &str) -> String {
     addr.trim().to_lowercase()
 }
 
 impl Suppression {
-    pub fn open(db: &sled::Db) -> Result<Suppression, QueueError> {
-        Ok(Suppression {
-            entries: db.open_tree("suppression")?,
-            bounces: db.open_tree("bounce_counts")?,
+    pub fn new(store: Arc<dyn SuppressionStore>) -> Suppression {
+        Suppression {
+            store,
             failing: Arc::default(),
             any_failing: Arc::default(),
-        })
+        }
     }
 
     /// [`Suppression::get`] for a decision to send. An error is never "not
@@ -91,42 +104,34 @@ impl Suppression {
 
     /// The active entry for `addr`, if any (expired entries are dropped).
     pub fn get(&self, addr: &str) -> Result<Option<Entry>, QueueError> {
-        let Some(v) = self.entries.get(key(addr))? else {
-            return Ok(None);
-        };
-        let e: Entry = serde_json::from_slice(&v).map_err(|_| QueueError::Corrupt(addr.into()))?;
-        if e.active(now_ms()) {
-            Ok(Some(e))
-        } else {
-            self.entries.remove(key(addr))?;
-            Ok(None)
+        match self.store.get(addr)? {
+            Some(e) if e.active(now_ms()) => Ok(Some(e)),
+            Some(_) => {
+                self.store.remove(addr)?;
+                Ok(None)
+            }
+            None => Ok(None),
         }
     }
 
     pub fn put(&self, e: &Entry) -> Result<(), QueueError> {
-        let v = serde_json::to_vec(e).map_err(|_| QueueError::Corrupt(e.addr.clone()))?;
-        self.entries.insert(key(&e.addr), v)?;
-        Ok(())
+        self.store.put(e)
     }
 
     /// Lifts a suppression; true when there was one.
     pub fn remove(&self, addr: &str) -> Result<bool, QueueError> {
-        self.bounces.remove(key(addr))?;
-        Ok(self.entries.remove(key(addr))?.is_some())
+        self.store.remove(addr)
     }
 
+    /// The active entries.
     pub fn list(&self) -> Result<Vec<Entry>, QueueError> {
         let now = now_ms();
-        let mut out = Vec::new();
-        for item in self.entries.iter() {
-            let (_, v) = item?;
-            if let Ok(e) = serde_json::from_slice::<Entry>(&v) {
-                if e.active(now) {
-                    out.push(e);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|e| e.active(now))
+            .collect())
     }
 
     /// Counts a hard bounce; returns the new entry when this bounce
@@ -139,16 +144,7 @@ impl Suppression {
         threshold: u32,
         expiry: Option<std::time::Duration>,
     ) -> Result<Option<Entry>, QueueError> {
-        let n = self
-            .bounces
-            .update_and_fetch(key(addr), |old| {
-                let n = old
-                    .and_then(|b| b.try_into().ok().map(u32::from_be_bytes))
-                    .unwrap_or(0);
-                Some((n + 1).to_be_bytes().to_vec())
-            })?
-            .and_then(|b| b.as_ref().try_into().ok().map(u32::from_be_bytes))
-            .unwrap_or(1);
+        let n = self.store.count_bounce(addr)?;
         if n < threshold || self.get(addr)?.is_some() {
             return Ok(None);
         }
@@ -163,13 +159,12 @@ impl Suppression {
             automatic: true,
         };
         self.put(&e)?;
-        self.bounces.remove(key(addr))?;
+        self.store.reset_bounces(addr)?;
         Ok(Some(e))
     }
 
     /// A delivery resets the bounce count.
     pub fn note_delivered(&self, addr: &str) -> Result<(), QueueError> {
-        self.bounces.remove(key(addr))?;
-        Ok(())
+        self.store.reset_bounces(addr)
     }
 }
