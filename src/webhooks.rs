@@ -299,7 +299,7 @@ fn record_result(
     s: &Services,
     state: &Mutex<HookState>,
     name: &str,
-    batch: &[(sled::IVec, Vec<u8>)],
+    batch: &[(Vec<u8>, Vec<u8>)],
     result: Sent,
 ) -> bool {
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());

@@ -79,12 +79,12 @@ impl Hooks {
 
 impl History {
     /// Outbox entries of endpoint `name`, oldest first, at most `max`.
-    pub fn outbox_pending(&self, name: &str, max: usize) -> Vec<(sled::IVec, Vec<u8>)> {
+    pub fn outbox_pending(&self, name: &str, max: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.outbox
             .scan_prefix(History::outbox_prefix(name))
             .take(max)
             .filter_map(|r| r.ok())
-            .map(|(k, v)| (k, v.to_vec()))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect()
     }
 
