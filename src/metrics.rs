@@ -1,7 +1,6 @@
 //! `[control] metrics_listen`: `/healthz` for load balancers and systemd
 //! watchdogs, `/metrics` in the Prometheus text format.
 
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -10,6 +9,12 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::state::Services;
 
@@ -34,101 +39,129 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
-    // Counts kept as the queue changes: a scrape never decodes the queue.
+/// One label of a metric family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Route {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Destination {
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventClass {
+    event: &'static str,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+/// A gauge set to `v`.
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::default();
+    g.set(v);
+    g
+}
+
+/// What `/metrics` shows, read from the state at each scrape (counts kept
+/// as the queue changes: a scrape never decodes the queue). The text
+/// format (OpenMetrics, label values escaped) is prometheus-client's.
+fn registry(s: &Services) -> Registry {
+    let mut r = Registry::default();
     let (messages, queued, deferred) = s.store.stats.get();
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for (labels, v) in samples {
-            let _ = writeln!(out, "{name}{labels} {v}");
-        }
-    };
-    gauge(
-        "herald_queue_messages",
-        "Messages in the queue.",
-        vec![(String::new(), messages as f64)],
-    );
-    gauge(
-        "herald_queue_recipients",
-        "Recipients waiting, by state.",
-        vec![
-            ("{status=\"queued\"}".into(), queued as f64),
-            ("{status=\"deferred\"}".into(), deferred as f64),
-        ],
-    );
-    gauge(
+    r.register("herald_queue_messages", "Messages in the queue", gauge(messages as i64));
+    let rcpts = Family::<Status, Gauge>::default();
+    rcpts.get_or_create(&Status { status: "queued" }).set(queued as i64);
+    rcpts.get_or_create(&Status { status: "deferred" }).set(deferred as i64);
+    r.register("herald_queue_recipients", "Recipients waiting, by state", rcpts);
+    r.register(
         "herald_storage_healthy",
-        "0 once a flush or fsync failed, until a probe write succeeds.",
-        vec![(String::new(), !s.store.health.is_failed() as u8 as f64)],
+        "0 once a flush or fsync failed, until a probe write succeeds",
+        gauge(!s.store.health.is_failed() as i64),
     );
-    gauge(
+    r.register(
         "herald_paused",
-        "1 while outbound delivery is paused.",
-        vec![(String::new(), s.pauses.delivery_paused() as u8 as f64)],
+        "1 while outbound delivery is paused",
+        gauge(s.pauses.delivery_paused() as i64),
     );
+    let cfg = s.cfg();
     let health = s.pacing.health.lock().unwrap().clone();
-    gauge(
+    let routes = Family::<Route, Gauge>::default();
+    for n in cfg.upstreams.keys() {
+        let ok = health.get(n).is_none_or(|h| h.healthy);
+        routes.get_or_create(&Route { route: n.clone() }).set(ok as i64);
+    }
+    r.register(
         "herald_route_healthy",
-        "0 while the upstream refuses the route (5xx to AUTH, MAIL FROM, ...).",
-        s.cfg()
-            .upstreams
-            .keys()
-            .map(|n| {
-                let ok = health.get(n).is_none_or(|h| h.healthy);
-                (format!("{{route=\"{n}\"}}"), ok as u8 as f64)
-            })
-            .collect(),
+        "0 while the upstream refuses the route (5xx to AUTH, MAIL FROM, ...)",
+        routes,
     );
     let now = crate::state::spool::now_ms();
-    gauge(
+    let throttled = Family::<Destination, Gauge>::default();
+    for d in s.pacing.shaper.all(&cfg) {
+        let key = Destination {
+            destination: d.key.clone(),
+        };
+        throttled
+            .get_or_create(&key)
+            .set(d.throttled_until(now).is_some() as i64);
+    }
+    r.register(
         "herald_destination_throttled",
-        "1 while a destination backs off after asking herald to slow down.",
-        s.pacing
-            .shaper
-            .all(&s.cfg())
-            .iter()
-            .map(|d| {
-                (
-                    format!("{{destination=\"{}\"}}", d.key),
-                    d.throttled_until(now).is_some() as u8 as f64,
-                )
-            })
-            .collect(),
+        "1 while a destination backs off after asking herald to slow down",
+        throttled,
     );
-    gauge(
+    r.register(
         "herald_uptime_seconds",
-        "Seconds since start.",
-        vec![(String::new(), s.started.elapsed().as_secs() as f64)],
+        "Seconds since start",
+        gauge(s.started.elapsed().as_secs() as i64),
     );
-    let _ = writeln!(
-        out,
-        "# HELP herald_events_total Events recorded since start, by kind and reply class."
-    );
-    let _ = writeln!(out, "# TYPE herald_events_total counter");
+    let events = Family::<EventClass, Counter>::default();
     for (k, class, n) in s.history.counts() {
-        let class = class.map(|c| c.as_str()).unwrap_or("");
-        let _ = writeln!(
-            out,
-            "herald_events_total{{event=\"{}\",class=\"{class}\"}} {n}",
-            k.as_str()
+        let labels = EventClass {
+            event: k.as_str(),
+            class: class.map(|c| c.as_str()).unwrap_or(""),
+        };
+        events.get_or_create(&labels).inc_by(n);
+    }
+    r.register(
+        "herald_events",
+        "Events recorded since start, by kind and reply class",
+        events,
+    );
+    if let Some(b) = &s.bounces {
+        let reports = Family::<Outcome, Counter>::default();
+        for (outcome, n) in b.counts() {
+            reports.get_or_create(&Outcome { outcome }).inc_by(n);
+        }
+        r.register(
+            "herald_reports",
+            "Reports at the [bounces] listener since start, by outcome (refused_*: RCPT refused)",
+            reports,
         );
     }
-    if let Some(b) = &s.bounces {
-        let _ = writeln!(
-            out,
-            "# HELP herald_reports_total Reports at the [bounces] listener since start, by outcome (refused_*: RCPT refused)."
-        );
-        let _ = writeln!(out, "# TYPE herald_reports_total counter");
-        for (k, n) in b.counts() {
-            let _ = writeln!(out, "herald_reports_total{{outcome=\"{k}\"}} {n}");
-        }
+    r
+}
+
+async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &registry(&s)) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
     }
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         out,
     )
