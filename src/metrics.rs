@@ -79,11 +79,23 @@ fn gauge(v: i64) -> Gauge {
 fn registry(s: &Services) -> Registry {
     let mut r = Registry::default();
     let (messages, queued, deferred) = s.store.stats.get();
-    r.register("herald_queue_messages", "Messages in the queue", gauge(messages as i64));
+    r.register(
+        "herald_queue_messages",
+        "Messages in the queue",
+        gauge(messages as i64),
+    );
     let rcpts = Family::<Status, Gauge>::default();
-    rcpts.get_or_create(&Status { status: "queued" }).set(queued as i64);
-    rcpts.get_or_create(&Status { status: "deferred" }).set(deferred as i64);
-    r.register("herald_queue_recipients", "Recipients waiting, by state", rcpts);
+    rcpts
+        .get_or_create(&Status { status: "queued" })
+        .set(queued as i64);
+    rcpts
+        .get_or_create(&Status { status: "deferred" })
+        .set(deferred as i64);
+    r.register(
+        "herald_queue_recipients",
+        "Recipients waiting, by state",
+        rcpts,
+    );
     r.register(
         "herald_storage_healthy",
         "0 once a flush or fsync failed, until a probe write succeeds",
@@ -99,7 +111,9 @@ fn registry(s: &Services) -> Registry {
     let routes = Family::<Route, Gauge>::default();
     for n in cfg.upstreams.keys() {
         let ok = health.get(n).is_none_or(|h| h.healthy);
-        routes.get_or_create(&Route { route: n.clone() }).set(ok as i64);
+        routes
+            .get_or_create(&Route { route: n.clone() })
+            .set(ok as i64);
     }
     r.register(
         "herald_route_healthy",

@@ -20,7 +20,6 @@ use std::time::Duration;
 use aws_lc_rs::hmac;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use tokio::net::TcpStream;
 
 use crate::config::Webhook;
 use crate::state::history::History;
@@ -108,30 +107,41 @@ enum Sent {
     Refused(String),
 }
 
+/// The HTTP client of one endpoint: hyper-util's pooled client, so that
+/// the connection (and its TLS session) is kept between POSTs; TLS by
+/// hyper-rustls over the endpoint's own rustls configuration.
+type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// How long an idle connection to an endpoint is kept.
+const IDLE: Duration = Duration::from_secs(30);
+
+fn client(tls: &Arc<rustls::ClientConfig>) -> Client {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(IDLE)
+        .pool_max_idle_per_host(1)
+        .build(https)
+}
+
 /// POSTs `body` to the endpoint.
-async fn post(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: Vec<u8>, ids: &str) -> Sent {
+async fn post(client: &Client, hook: &Webhook, body: Vec<u8>, ids: &str) -> Sent {
     let uri: http::Uri = match hook.url.parse() {
         Ok(u) => u,
         Err(e) => return Sent::Refused(format!("bad URL: {e}")),
     };
-    let https = uri.scheme_str() == Some("https");
-    let host = uri
-        .host()
-        .unwrap_or("")
-        .trim_matches(['[', ']'])
-        .to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
     let t = now_ms() / 1000;
     let sig = signature(hook.secret.expose().as_bytes(), t, &body);
-    let req = http::Request::post(path)
-        .header(
-            http::header::HOST,
-            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
-        )
+    let req = http::Request::post(uri)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(
             http::header::USER_AGENT,
@@ -145,21 +155,19 @@ async fn post(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: Vec<u8>, id
         Err(e) => return Sent::Refused(format!("cannot build the request: {e}")),
     };
     let run = async {
-        let tcp = TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let status = if https {
-            let name = rustls::pki_types::ServerName::try_from(host.clone())
-                .map_err(|_| format!("{host:?} is not a TLS server name"))?;
-            let s = tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            send(hyper_util::rt::TokioIo::new(s), req).await?
-        } else {
-            send(hyper_util::rt::TokioIo::new(tcp), req).await?
-        };
+        let resp = client.request(req).await.map_err(|e| {
+            // The cause says what failed (connect, TLS, HTTP).
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            why
+        })?;
+        let status = resp.status().as_u16();
+        // Read (and discard) the body so the connection can be reused.
+        let _ = resp.into_body().collect().await;
         Ok::<u16, String>(status)
     };
     match tokio::time::timeout(hook.timeout, run).await {
@@ -178,26 +186,6 @@ async fn post(hook: &Webhook, tls: &Arc<rustls::ClientConfig>, body: Vec<u8>, id
     }
 }
 
-async fn send<I>(io: I, req: http::Request<Full<Bytes>>) -> Result<u16, String>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    let status = resp.status().as_u16();
-    // Read (and discard) the body so the exchange completes.
-    let _ = resp.into_body().collect().await;
-    Ok(status)
-}
-
 /// Sends endpoint `name`'s outbox until shutdown, or until a reload
 /// removes the endpoint.
 pub async fn run(s: Arc<Services>, name: String) {
@@ -205,6 +193,9 @@ pub async fn run(s: Arc<Services>, name: String) {
     let mut reloads = s.reloads.subscribe();
     let prefix_len = History::outbox_prefix(&name).len();
     let mut backoff = Duration::from_secs(1);
+    // The client of the endpoint's TLS configuration now (a reload may
+    // give it another).
+    let mut http: Option<(Arc<rustls::ClientConfig>, Client)> = None;
     loop {
         let Some(Current {
             hook,
@@ -271,8 +262,12 @@ pub async fn run(s: Arc<Services>, name: String) {
             b
         };
         let ids = ids.join(",");
+        if !http.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, &tls)) {
+            http = Some((tls.clone(), client(&tls)));
+        }
+        let c = &http.as_ref().expect("client made above").1;
         let result = tokio::select! {
-            r = post(&hook, &tls, body, &ids) => r,
+            r = post(c, &hook, body, &ids) => r,
             _ = shutdown.wait() => return,
         };
         let retry = record_result(&s, &state, &hook.name, &batch, result);
@@ -363,14 +358,8 @@ pub async fn test(s: &Services, name: &str) -> Result<String, String> {
         "detail": "a test event from herald webhooks test",
         "event_id": id,
     });
-    match post(
-        hook,
-        &tls,
-        serde_json::to_vec(&body).unwrap_or_default(),
-        &id,
-    )
-    .await
-    {
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    match post(&client(&tls), hook, body, &id).await {
         Sent::Done => Ok(format!("{}: accepted the signed test event", hook.name)),
         Sent::Retry(e) | Sent::Refused(e) => Err(format!("{}: {e}", hook.name)),
     }

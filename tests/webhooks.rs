@@ -413,3 +413,104 @@ fn a_reload_adds_moves_and_removes_an_endpoint() {
     assert!(h.ok(&["webhooks"]).contains("no [[webhooks]] configured"));
     assert_eq!(second.count("delivered", "three@dest.test"), 0);
 }
+
+/// An HTTPS endpoint (its certificate from a private CA, given as the
+/// webhook's `ca_file`) that keeps connections open: it counts them and
+/// the POSTs it answers 200.
+fn https_receiver(pki: &Pki) -> (u16, Arc<Mutex<Vec<Value>>>, Arc<AtomicU16>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let conns = Arc::new(AtomicU16::new(0));
+    let cfg = pki.server_config();
+    let (ev, n) = (events.clone(), conns.clone());
+    thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            n.fetch_add(1, Ordering::SeqCst);
+            let (cfg, ev) = (cfg.clone(), ev.clone());
+            thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut rd = BufReader::new(&mut tls);
+                // Requests one after the other on this connection.
+                loop {
+                    let mut line = String::new();
+                    if rd.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0;
+                    loop {
+                        line.clear();
+                        if rd.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if rd.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    match serde_json::from_slice(&body).unwrap_or(Value::Null) {
+                        Value::Array(a) => ev.lock().unwrap().extend(a),
+                        other => ev.lock().unwrap().push(other),
+                    }
+                    let w = rd.get_mut();
+                    if w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let _ = w.flush();
+                }
+            });
+        }
+    });
+    (port, events, conns)
+}
+
+#[test]
+fn an_https_endpoint_with_its_own_ca_gets_every_event_over_one_kept_connection() {
+    let sink = Sink::start(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let (port, events, conns) = https_receiver(&pki);
+    std::fs::write(dir.path().join("webhook.key"), KEY).unwrap();
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "[[webhooks]]\nname = \"platform\"\nurl = \"https://localhost:{port}/hooks\"\nsecret_file = \"webhook.key\"\n\
+             ca_file = \"{}\"\nevents = [\"delivered\"]\n{}",
+            pki.ca.display(),
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let mut c = h.client();
+    c.ehlo();
+    // One message at a time: each delivery is its own POST.
+    for i in 0..3 {
+        let (code, _) = c.send("app@platform.test", &[&format!("u{i}@dest.test")], HTML);
+        assert_eq!(code, 250);
+        let n = i + 1;
+        assert!(
+            wait_until(10, || events.lock().unwrap().len() >= n),
+            "{:?}\n{}",
+            events.lock().unwrap(),
+            h.log()
+        );
+    }
+    let got = events.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|e| e["event"] == "delivered"), "{got:?}");
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "the three POSTs went over one kept TLS connection"
+    );
+}

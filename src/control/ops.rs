@@ -159,7 +159,12 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
         Request::Webhooks => Ok(webhooks(s)),
         Request::Reports { state, kind, limit } => reports(s, state, kind, limit),
         Request::WebhookTest { name } => {
-            if !s.cfg().webhooks.iter().any(|w| w.name == name) {
+            if !s
+                .cfg()
+                .webhooks
+                .iter()
+                .any(|w| w.name == name || w.url == name)
+            {
                 return Err(Failure::NotFound(format!("no webhook named {name:?}")));
             }
             crate::webhooks::test(s, &name)
