@@ -49,7 +49,13 @@ impl Pool {
             .flat_map(|(_, list)| list.into_iter().map(|(_, c)| c))
             .collect();
         for c in idle {
-            tokio::spawn(super::quit(c));
+            tokio::spawn(quit(c));
         }
     }
+}
+
+/// Closes a session politely (QUIT, and its reply) so that the server has
+/// counted it gone before the slot is used again.
+pub async fn quit(mut conn: Conn) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.client.cmd(b"QUIT\r\n")).await;
 }
