@@ -13,11 +13,13 @@
 //! destination's limits in place; its back-off and its sessions go on.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, Rate};
-use crate::limit::{Limit, Permit};
+use crate::limit::Limit;
 use crate::state::spool::now_ms;
 
 /// A token bucket of `rate.count` tokens refilled at `count` per `per`:
@@ -79,118 +81,113 @@ struct Backoff {
     last_reply: Option<String>,
 }
 
-/// One destination: its slots, its rate and its back-off.
-pub struct Dest {
-    pub key: String,
-    slots: Limit,
-    /// The token bucket of the rate, None = no limit.
-    bucket: Mutex<Option<Bucket>>,
-    backoff: Mutex<Backoff>,
+/// A destination's pace as several nodes would share it: its token bucket
+/// (`max_rate`), its session leases (`max_connections`) and its back-off
+/// after `throttle` replies. [`LocalPace`] keeps them in this process; the
+/// clustering issue puts them where every node sees them. A store that
+/// cannot answer may only make herald send less, never more.
+pub trait PaceStore: Send + Sync {
+    /// Takes a token of `rate` for `key`, or says in how many ms one is
+    /// there. A new rate starts with a full bucket.
+    fn take_token(&self, key: &str, rate: Rate) -> Result<(), u64>;
+    /// A session lease, while fewer than `max` are held for `key`.
+    fn try_lease(&self, key: &str, max: usize) -> Option<Lease>;
+    /// Waits for a lease.
+    fn lease<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Lease> + Send + 'a>>;
+    /// Leases held for `key` now.
+    fn leases(&self, key: &str) -> usize;
+    /// `max_connections` of `key` changed (a reload): sessions waiting
+    /// for a lease may get one now.
+    fn resize(&self, key: &str, max: usize);
+    /// The destination asked to slow down: no new sessions until the
+    /// returned time (ms). A throttle reported while a back-off already
+    /// runs does not lengthen it. True when this starts a back-off.
+    fn throttle(&self, key: &str, reply: &str, base: Duration, max: Duration) -> (u64, bool);
+    /// A success: the back-off starts again from its first value; true
+    /// when one was reset.
+    fn success(&self, key: &str) -> bool;
+    /// The end of the back-off (ms, 0: none yet) and the last throttle reply.
+    fn backoff(&self, key: &str) -> (u64, Option<String>);
 }
 
-/// A slot (and a token already spent) for one attempt at a destination:
-/// the slot is free again when the pass drops.
-pub struct Pass {
-    pub dest: Arc<Dest>,
-    _slot: Permit,
+/// A session lease of a destination, given back on drop.
+pub struct Lease(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+/// The pace of this process's destinations, in memory.
+#[derive(Default)]
+pub struct LocalPace {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    slots: Mutex<HashMap<String, Limit>>,
+    backoffs: Mutex<HashMap<String, Backoff>>,
 }
 
-/// Whether a message for a destination may start now.
-pub enum Gate {
-    Go(Pass),
-    /// Not before this time (ms): back-off or no token yet.
-    Wait(u64),
-    /// Every slot is in use: look again when an attempt ends.
-    Full,
+impl LocalPace {
+    /// The slots of `key`, at `max` (a reload may have changed it).
+    fn slots(&self, key: &str, max: usize) -> Limit {
+        let mut m = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let l = m
+            .entry(key.to_string())
+            .or_insert_with(|| Limit::new(max))
+            .clone();
+        if l.size() != max {
+            l.resize(max);
+        }
+        l
+    }
 }
 
-impl Dest {
-    fn new(key: String, limit: usize, rate: Option<Rate>) -> Dest {
-        Dest {
-            key,
-            slots: Limit::new(limit),
-            bucket: Mutex::new(rate.map(Bucket::new)),
-            backoff: Mutex::new(Backoff::default()),
+impl PaceStore for LocalPace {
+    fn take_token(&self, key: &str, rate: Rate) -> Result<(), u64> {
+        let mut m = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m
+            .entry(key.to_string())
+            .or_insert_with(|| Bucket::new(rate));
+        if b.rate != rate {
+            *b = Bucket::new(rate);
         }
-    }
-
-    fn rate(&self) -> Option<Rate> {
-        self.bucket.lock().unwrap().as_ref().map(|b| b.rate)
-    }
-
-    /// New limits from a reload: slots at once, a new bucket if the rate
-    /// changed (full, as at start-up).
-    fn set_limits(&self, limit: usize, rate: Option<Rate>) {
-        self.slots.resize(limit);
-        let mut bucket = self.bucket.lock().unwrap();
-        if bucket.as_ref().map(|b| b.rate) != rate {
-            *bucket = rate.map(Bucket::new);
-        }
-    }
-
-    /// The end of the back-off, when one is running.
-    pub fn throttled_until(&self, now: u64) -> Option<u64> {
-        let b = self.backoff.lock().unwrap();
-        (b.until_ms > now).then_some(b.until_ms)
-    }
-
-    /// Takes a slot and a token without waiting, or says when to look again.
-    pub fn try_pass(self: &Arc<Self>) -> Gate {
-        let now = now_ms();
-        if let Some(t) = self.throttled_until(now) {
-            return Gate::Wait(t);
-        }
-        let mut bucket = self.bucket.lock().unwrap();
-        if let Some(b) = bucket.as_mut() {
-            let w = b.wait_ms(Instant::now());
-            if w > 0 {
-                return Gate::Wait(now + w);
+        match b.wait_ms(Instant::now()) {
+            0 => {
+                b.take();
+                Ok(())
             }
-        }
-        let Some(slot) = self.slots.try_acquire() else {
-            return Gate::Full;
-        };
-        if let Some(b) = bucket.as_mut() {
-            b.take();
-        }
-        Gate::Go(Pass {
-            dest: self.clone(),
-            _slot: slot,
-        })
-    }
-
-    /// Waits for a slot and a token (direct MX delivery, where the site is
-    /// known only once the MX hosts are).
-    pub async fn pass(self: &Arc<Self>) -> Pass {
-        let slot = self.slots.acquire().await;
-        loop {
-            let w = match self.bucket.lock().unwrap().as_mut() {
-                None => 0,
-                Some(b) => {
-                    let w = b.wait_ms(Instant::now());
-                    if w == 0 {
-                        b.take();
-                    }
-                    w
-                }
-            };
-            if w == 0 {
-                return Pass {
-                    dest: self.clone(),
-                    _slot: slot,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(w)).await;
+            w => Err(w),
         }
     }
 
-    /// The destination asked herald to slow down: no new sessions until
-    /// the returned time. A throttle reported while a back-off already
-    /// runs (another session's reply) does not lengthen it. The second
-    /// value is true when this starts a back-off (log it once).
-    pub fn throttle(&self, reply: &str, base: Duration, max: Duration) -> (u64, bool) {
+    fn try_lease(&self, key: &str, max: usize) -> Option<Lease> {
+        let p = self.slots(key, max).try_acquire()?;
+        Some(Lease(Box::new(p)))
+    }
+
+    fn lease<'a>(
+        &'a self,
+        key: &'a str,
+        max: usize,
+    ) -> Pin<Box<dyn Future<Output = Lease> + Send + 'a>> {
+        let slots = self.slots(key, max);
+        Box::pin(async move { Lease(Box::new(slots.acquire().await)) })
+    }
+
+    fn leases(&self, key: &str) -> usize {
+        let m = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key).map_or(0, |l| l.in_use())
+    }
+
+    fn resize(&self, key: &str, max: usize) {
+        let m = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = m.get(key).filter(|l| l.size() != max) {
+            l.resize(max);
+        }
+    }
+
+    fn throttle(&self, key: &str, reply: &str, base: Duration, max: Duration) -> (u64, bool) {
         let now = now_ms();
-        let mut b = self.backoff.lock().unwrap();
+        let mut m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m.entry(key.to_string()).or_default();
         b.last_reply = Some(reply.to_string());
         if b.until_ms > now {
             return (b.until_ms, false);
@@ -204,38 +201,163 @@ impl Dest {
         (b.until_ms, true)
     }
 
-    /// A success: the back-off starts again from its first value.
-    /// True when a back-off was reset.
-    pub fn success(&self) -> bool {
-        let mut b = self.backoff.lock().unwrap();
+    fn success(&self, key: &str) -> bool {
+        let mut m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(b) = m.get_mut(key) else {
+            return false;
+        };
         let was = b.level > 0;
         b.level = 0;
         b.until_ms = 0;
         was
     }
 
+    fn backoff(&self, key: &str) -> (u64, Option<String>) {
+        let m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key)
+            .map(|b| (b.until_ms, b.last_reply.clone()))
+            .unwrap_or_default()
+    }
+}
+
+/// One destination: its limits, and its pace in the [`PaceStore`].
+pub struct Dest {
+    pub key: String,
+    /// (max_connections, max_rate): a reload changes them in place.
+    limits: Mutex<(usize, Option<Rate>)>,
+    store: Arc<dyn PaceStore>,
+}
+
+/// A slot (and a token already spent) for one attempt at a destination:
+/// the slot is free again when the pass drops.
+pub struct Pass {
+    pub dest: Arc<Dest>,
+    _lease: Lease,
+}
+
+/// Whether a message for a destination may start now.
+pub enum Gate {
+    Go(Pass),
+    /// Not before this time (ms): back-off or no token yet.
+    Wait(u64),
+    /// Every slot is in use: look again when an attempt ends.
+    Full,
+}
+
+impl Dest {
+    fn new(key: String, limit: usize, rate: Option<Rate>, store: Arc<dyn PaceStore>) -> Dest {
+        Dest {
+            key,
+            limits: Mutex::new((limit, rate)),
+            store,
+        }
+    }
+
+    fn limits(&self) -> (usize, Option<Rate>) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New limits from a reload: slots at once, a new bucket if the rate
+    /// changed (full, as at start-up).
+    fn set_limits(&self, limit: usize, rate: Option<Rate>) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = (limit, rate);
+        self.store.resize(&self.key, limit);
+    }
+
+    /// The end of the back-off, when one is running.
+    pub fn throttled_until(&self, now: u64) -> Option<u64> {
+        let (until, _) = self.store.backoff(&self.key);
+        (until > now).then_some(until)
+    }
+
+    /// Takes a slot and a token without waiting, or says when to look again.
+    pub fn try_pass(self: &Arc<Self>) -> Gate {
+        let now = now_ms();
+        if let Some(t) = self.throttled_until(now) {
+            return Gate::Wait(t);
+        }
+        let (limit, rate) = self.limits();
+        let Some(lease) = self.store.try_lease(&self.key, limit) else {
+            return Gate::Full;
+        };
+        if let Some(rate) = rate {
+            if let Err(w) = self.store.take_token(&self.key, rate) {
+                return Gate::Wait(now + w);
+            }
+        }
+        Gate::Go(Pass {
+            dest: self.clone(),
+            _lease: lease,
+        })
+    }
+
+    /// Waits for a slot and a token (direct MX delivery, where the site is
+    /// known only once the MX hosts are).
+    pub async fn pass(self: &Arc<Self>) -> Pass {
+        let (limit, _) = self.limits();
+        let lease = self.store.lease(&self.key, limit).await;
+        loop {
+            let w = match self.limits().1 {
+                None => 0,
+                Some(rate) => self.store.take_token(&self.key, rate).err().unwrap_or(0),
+            };
+            if w == 0 {
+                return Pass {
+                    dest: self.clone(),
+                    _lease: lease,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(w)).await;
+        }
+    }
+
+    /// The destination asked herald to slow down (see [`PaceStore::throttle`]).
+    pub fn throttle(&self, reply: &str, base: Duration, max: Duration) -> (u64, bool) {
+        self.store.throttle(&self.key, reply, base, max)
+    }
+
+    /// A success: the back-off starts again from its first value.
+    /// True when a back-off was reset.
+    pub fn success(&self) -> bool {
+        self.store.success(&self.key)
+    }
+
     /// What `status` shows.
     pub fn report(&self) -> serde_json::Value {
-        let b = self.backoff.lock().unwrap().clone();
+        let (until, last_reply) = self.store.backoff(&self.key);
+        let (limit, rate) = self.limits();
         let now = now_ms();
         serde_json::json!({
             "name": self.key,
-            "sessions": self.slots.in_use(),
-            "max_sessions": self.slots.size(),
-            "rate": self.rate().map(|r| r.to_string()),
-            "throttled_until_ms": (b.until_ms > now).then_some(b.until_ms),
-            "last_reply": b.last_reply,
+            "sessions": self.store.leases(&self.key),
+            "max_sessions": limit,
+            "rate": rate.map(|r| r.to_string()),
+            "throttled_until_ms": (until > now).then_some(until),
+            "last_reply": last_reply,
         })
     }
 }
 
-/// Every destination seen.
-#[derive(Default)]
+/// Every destination seen, over the store of their pace.
 pub struct Shaper {
     dests: Mutex<HashMap<String, Arc<Dest>>>,
+    store: Arc<dyn PaceStore>,
+}
+
+impl Default for Shaper {
+    fn default() -> Shaper {
+        Shaper::new(Arc::new(LocalPace::default()))
+    }
 }
 
 impl Shaper {
+    pub fn new(store: Arc<dyn PaceStore>) -> Shaper {
+        Shaper {
+            dests: Mutex::default(),
+            store,
+        }
+    }
+
     fn get(&self, key: &str, make: impl FnOnce() -> Dest) -> Arc<Dest> {
         let mut d = self.dests.lock().unwrap();
         d.entry(key.to_string())
@@ -257,7 +379,9 @@ impl Shaper {
     /// The destination of a configured upstream.
     pub fn upstream(&self, cfg: &Config, name: &str) -> Arc<Dest> {
         let (limit, rate) = Self::limits(cfg, name);
-        self.get(name, || Dest::new(name.to_string(), limit, rate))
+        self.get(name, || {
+            Dest::new(name.to_string(), limit, rate, self.store.clone())
+        })
     }
 
     /// The destination site of a set of MX hosts: "mx:a.example,b.example".
@@ -265,15 +389,17 @@ impl Shaper {
         let set: BTreeSet<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
         let key = format!("mx:{}", set.into_iter().collect::<Vec<_>>().join(","));
         let (limit, rate) = Self::limits(cfg, &key);
-        self.get(&key, || Dest::new(key.clone(), limit, rate))
+        self.get(&key, || {
+            Dest::new(key.clone(), limit, rate, self.store.clone())
+        })
     }
 
     /// After a reload: every destination seen takes the new limits, and
     /// upstreams no longer configured (with no session left) are dropped.
     pub fn follow(&self, cfg: &Config) {
         let mut d = self.dests.lock().unwrap();
-        d.retain(|key, dest| {
-            key.starts_with("mx:") || cfg.upstreams.contains_key(key) || dest.slots.in_use() > 0
+        d.retain(|key, _| {
+            key.starts_with("mx:") || cfg.upstreams.contains_key(key) || self.store.leases(key) > 0
         });
         for (key, dest) in d.iter() {
             let (limit, rate) = Self::limits(cfg, key);
@@ -407,7 +533,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_maximum_and_resets_on_success() {
-        let d = Dest::new("up".into(), 2, None);
+        let store = Arc::new(LocalPace::default());
+        let d = Dest::new("up".into(), 2, None, store.clone());
+        let expire = || {
+            let mut m = store.backoffs.lock().unwrap();
+            m.get_mut("up").unwrap().until_ms = 0;
+        };
         let (base, max) = (Duration::from_secs(60), Duration::from_secs(1800));
         let now = now_ms();
         let (t, new) = d.throttle("421 slow down", base, max);
@@ -416,14 +547,14 @@ mod tests {
         // A second reply while it runs changes nothing.
         assert_eq!(d.throttle("421 again", base, max), (t, false));
         // Expired: the next throttle doubles.
-        d.backoff.lock().unwrap().until_ms = 0;
+        expire();
         let (t2, _) = d.throttle("421", base, max);
         assert!(t2 >= now + 120_000 && t2 < now + 122_000);
         for _ in 0..10 {
-            d.backoff.lock().unwrap().until_ms = 0;
+            expire();
             d.throttle("421", base, max);
         }
-        let until = d.backoff.lock().unwrap().until_ms;
+        let until = store.backoff("up").0;
         assert!(until <= now_ms() + 1_800_000 && until > now + 1_790_000);
         assert!(d.success());
         assert_eq!(d.throttled_until(now_ms()), None);
@@ -433,7 +564,12 @@ mod tests {
 
     #[test]
     fn slots_are_limited_and_freed_by_dropping_the_pass() {
-        let d = Arc::new(Dest::new("up".into(), 2, None));
+        let d = Arc::new(Dest::new(
+            "up".into(),
+            2,
+            None,
+            Arc::new(LocalPace::default()),
+        ));
         let a = d.try_pass();
         let b = d.try_pass();
         assert!(matches!(a, Gate::Go(_)) && matches!(b, Gate::Go(_)));
