@@ -592,6 +592,62 @@ pub fn print_suppressions(v: &Value, json: bool) {
     );
 }
 
+/// `herald dmarc`: a diagnosis line per domain, then its sources.
+pub fn print_dmarc(v: &Value, json: bool) {
+    if json {
+        println!("{v}");
+        return;
+    }
+    let domains = v["domains"].as_array().cloned().unwrap_or_default();
+    if domains.is_empty() {
+        println!("no DMARC aggregate reports in this period (publish rua=mailto:the dmarc_address; see herald check-dns)");
+    }
+    for d in &domains {
+        println!("{}", d["diagnosis"].as_str().unwrap_or(""));
+        let mut rows = Vec::new();
+        for (key, whose) in [("herald_sources", "herald"), ("other_sources", "OTHER")] {
+            for src in d[key].as_array().cloned().unwrap_or_default() {
+                rows.push(vec![
+                    whose.to_string(),
+                    src["ip"].as_str().unwrap_or("").to_string(),
+                    src["messages"].to_string(),
+                    src["passed"].to_string(),
+                    src["dkim_aligned"].to_string(),
+                    src["spf_aligned"].to_string(),
+                    (src["quarantined"].as_u64().unwrap_or(0)
+                        + src["rejected"].as_u64().unwrap_or(0))
+                    .to_string(),
+                ]);
+            }
+        }
+        print!(
+            "{}",
+            table(
+                &[
+                    "SOURCE",
+                    "IP",
+                    "MESSAGES",
+                    "PASSED",
+                    "DKIM",
+                    "SPF",
+                    "QUARANTINED/REJECTED"
+                ],
+                &rows,
+            )
+        );
+        println!();
+    }
+    for t in v["tls"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "TLS to {}: {} sessions succeeded, {} failed {}",
+            t["domain"].as_str().unwrap_or(""),
+            t["successful"],
+            t["failed"],
+            t["failures"]
+        );
+    }
+}
+
 pub fn print_reports(v: &Value, json: bool) {
     let Some(list) = listing(v, "reports", json, "no reports") else {
         return;

@@ -86,6 +86,12 @@ pub struct Bounces {
     pub max_size: usize,
     /// The feedback-loop address registered with mailbox providers.
     pub complaint_address: String,
+    /// Where receivers send DMARC aggregate reports (`rua=mailto:...`).
+    pub dmarc_address: String,
+    /// Where receivers send TLS reports (`TLSRPT rua=mailto:...`).
+    pub tlsrpt_address: String,
+    /// How long the figures of aggregate and TLS reports are kept.
+    pub aggregate_retention: Duration,
     /// Bytes of reports kept on disk at most (bodies and records); the
     /// oldest handled reports go first, and when only unhandled ones are
     /// left a new report gets 452.
@@ -413,6 +419,9 @@ mod raw {
         pub secret_file: Option<String>,
         pub max_size: Option<i64>,
         pub complaint_address: Option<String>,
+        pub dmarc_address: Option<String>,
+        pub tlsrpt_address: Option<String>,
+        pub aggregate_retention: Option<String>,
         pub max_stored: Option<i64>,
         pub max_connections: Option<i64>,
         pub max_connections_per_ip: Option<i64>,
@@ -1363,6 +1372,31 @@ fn bounces(b: Option<raw::Bounces>, dir: &Path) -> Result<Option<Bounces>, Confi
                     "must not begin with \"b-\" (that is the form of return-path tokens)",
                 ));
             }
+            let report_address = |key: &str, given: Option<String>, local: &str| {
+                let addr =
+                    check_address(key, &given.unwrap_or_else(|| format!("{local}@{domain}")))?
+                        .to_ascii_lowercase();
+                if addr.starts_with("b-") || addr == complaint_address {
+                    return Err(bad(
+                        key,
+                        "must differ from complaint_address and not begin with \"b-\"",
+                    ));
+                }
+                Ok(addr)
+            };
+            let dmarc_address = report_address("bounces.dmarc_address", b.dmarc_address, "dmarc")?;
+            let tlsrpt_address =
+                report_address("bounces.tlsrpt_address", b.tlsrpt_address, "tlsrpt")?;
+            if dmarc_address == tlsrpt_address {
+                return Err(bad(
+                    "bounces.tlsrpt_address",
+                    "must differ from bounces.dmarc_address",
+                ));
+            }
+            let aggregate_retention = parse_duration(
+                "bounces.aggregate_retention",
+                b.aggregate_retention.as_deref().unwrap_or("90d"),
+            )?;
             let max_stored = positive(
                 "bounces.max_stored",
                 b.max_stored,
@@ -1395,6 +1429,9 @@ fn bounces(b: Option<raw::Bounces>, dir: &Path) -> Result<Option<Bounces>, Confi
                 secret,
                 max_size,
                 complaint_address,
+                dmarc_address,
+                tlsrpt_address,
+                aggregate_retention,
                 max_stored,
                 max_connections,
                 max_connections_per_ip,

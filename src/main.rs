@@ -98,6 +98,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: SuppressionCmd,
     },
+    /// What receivers saw of each sending domain: DMARC pass rates per
+    /// receiver and source (herald's own and others), from the DMARC and
+    /// TLS reports at the [bounces] intake
+    Dmarc {
+        /// Only this domain
+        domain: Option<String>,
+        /// Reports of the last DURATION (default 7d)
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Recent bounce and complaint reports at the [bounces] intake, newest first
     Reports {
         /// pending, applied, ignored, unmatched or unparsed
@@ -255,6 +267,21 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             limit,
             json,
         } => print_reports(&ask(Request::Reports { state, kind, limit })?, json),
+        Cmd::Dmarc {
+            domain,
+            since,
+            json,
+        } => {
+            let since_s = match since {
+                Some(s) => Some(
+                    humantime::parse_duration(&s)
+                        .map_err(|e| CliError::Failed(format!("--since {s:?}: {e}")))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            print_dmarc(&ask(Request::Dmarc { domain, since_s })?, json)
+        }
         Cmd::Webhooks {
             cmd: Some(WebhooksCmd::Test { name }),
             ..

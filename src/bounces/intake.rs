@@ -37,7 +37,7 @@ pub async fn accept(s: &Services, t: Transaction, target: Option<Target>, spool:
         summary: None,
     };
     let size = spool.len() as u64;
-    if rec.target == Target::Complaint && !b.complaint_room(size) {
+    if rec.target.is_open() && !b.complaint_room(size) {
         return full(&b, t.peer, "the complaint address's half");
     }
     let b2 = b.clone();

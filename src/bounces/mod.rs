@@ -18,6 +18,7 @@
 //! address each recipient index was, for reports that arrive after the
 //! message left the queue).
 
+pub mod aggregate;
 pub mod intake;
 
 pub use crate::state::reports::{Bounces, Record, State, Target};
@@ -168,10 +169,14 @@ fn apply(s: &Services, rid: &str) {
         return;
     }
     let raw = b.body(rid).unwrap_or_default();
-    let rep = crate::report::parse(&raw);
-    drop(raw);
-    rec.kind = Some(kind_name(&rep.kind).to_string());
-    let (outcome, state, summary) = decide(s, b, &mut rec, &rep);
+    let (outcome, state, summary) = if matches!(rec.target, Target::Dmarc | Target::TlsRpt) {
+        aggregate::apply(b, &mut rec, &raw)
+    } else {
+        let rep = crate::report::parse(&raw);
+        drop(raw);
+        rec.kind = Some(kind_name(&rep.kind).to_string());
+        decide(s, b, &mut rec, &rep)
+    };
     b.count(outcome);
     rec.state = state;
     let summary = cut(&summary, SUMMARY_MAX);
@@ -380,11 +385,12 @@ fn delivery_report(
 ) -> Decision {
     let token_about = |rec: &Record| match &rec.target {
         Target::Token { id, index } => about(s, b, id, *index),
-        Target::Complaint => None,
+        _ => None,
     };
     let Some(a) = token_about(rec) else {
         let why = match &rec.target {
             Target::Complaint => "a delivery report sent to the complaint address".to_string(),
+            Target::Dmarc | Target::TlsRpt => "a delivery report sent to a report address".into(),
             Target::Token { id, .. } => {
                 format!("message {id} is no longer in the queue or the record of sent mail")
             }

@@ -3,6 +3,8 @@
 //! on a line with `"ok": true` and the data, or `"ok": false` and `"error"`.
 //! The `herald` CLI is one client; `socat` is another (see README).
 
+pub mod dmarc;
+pub mod failure;
 pub mod ops;
 pub mod reload;
 
@@ -97,6 +99,14 @@ pub enum Request {
     },
     WebhookTest {
         name: String,
+    },
+    /// What receivers saw (DMARC aggregate and TLS reports), per domain.
+    Dmarc {
+        #[serde(default)]
+        domain: Option<String>,
+        /// Reports whose period ended in the last this many seconds.
+        #[serde(default)]
+        since_s: Option<u64>,
     },
     SuppressionList,
     SuppressionAdd {

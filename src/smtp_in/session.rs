@@ -870,7 +870,7 @@ impl SmtpSession {
             // Anyone can write to the complaint address: while its share
             // of the storage is full, nothing more is taken (the sender
             // learns it before sending the text).
-            Ok(crate::bounces::Target::Complaint) if !b.complaint_room(0) => {
+            Ok(t) if t.is_open() && !b.complaint_room(0) => {
                 let r = crate::bounces::intake::full(&b, self.ip, "the complaint address's half");
                 say(&mut self.out, &r);
             }

@@ -10,6 +10,7 @@
 //!   paused routes), `schedule` (the scheduler's inbox), `envelope` (an SMTP
 //!   transaction being received).
 
+pub mod aggregates;
 pub mod envelope;
 pub mod history;
 pub mod ledger;

@@ -31,6 +31,18 @@ pub enum Target {
     Token { id: String, index: usize },
     /// The feedback-loop address.
     Complaint,
+    /// `dmarc_address`: DMARC aggregate reports.
+    Dmarc,
+    /// `tlsrpt_address`: TLS reports.
+    TlsRpt,
+}
+
+impl Target {
+    /// An address anyone may write to (no token proves anything): what
+    /// waits there may fill half of `max_stored` at most.
+    pub fn is_open(&self) -> bool {
+        !matches!(self, Target::Token { .. })
+    }
 }
 
 /// Where a stored report stands.
@@ -104,6 +116,14 @@ pub struct Bounces {
     pub key: token::Key,
     pub domain: String,
     pub complaint_address: String,
+    pub dmarc_address: String,
+    pub tlsrpt_address: String,
+    /// The figures of DMARC and TLS reports.
+    pub aggregates: crate::state::aggregates::Aggregates,
+    /// How long they are kept.
+    pub aggregate_retention: std::time::Duration,
+    /// The largest report (decompressed attachments are capped at it).
+    pub max_size: usize,
     reports: sled::Tree,
     /// Report bodies of earlier versions, kept in sled: moved to files at
     /// start.
@@ -132,7 +152,9 @@ pub struct Bounces {
 }
 
 /// Every outcome counted, so that `/metrics` shows each from the start.
-pub const OUTCOMES: [&str; 16] = [
+pub const OUTCOMES: [&str; 18] = [
+    "dmarc_report",
+    "tls_report",
     "bounced",
     "delayed",
     "complained",
@@ -191,6 +213,11 @@ impl Bounces {
             key: token::Key::new(cfg.secret.expose().as_bytes()),
             domain: cfg.domain.clone(),
             complaint_address: cfg.complaint_address.clone(),
+            dmarc_address: cfg.dmarc_address.clone(),
+            tlsrpt_address: cfg.tlsrpt_address.clone(),
+            aggregates: crate::state::aggregates::Aggregates::open(db)?,
+            aggregate_retention: cfg.aggregate_retention,
+            max_size: cfg.max_size,
             reports: db.open_tree("reports")?,
             legacy_bodies: db.open_tree("report_bodies")?,
             sent: db.open_tree("return_paths")?,
@@ -214,7 +241,7 @@ impl Bounces {
             known.insert(String::from_utf8_lossy(&k).into_owned());
             if let Ok(r) = serde_json::from_slice::<Record>(&v) {
                 if r.state == State::Pending {
-                    if r.target == Target::Complaint {
+                    if r.target.is_open() {
                         b.pending_complaints
                             .fetch_add(r.size as u64, Ordering::Relaxed);
                     }
@@ -346,6 +373,12 @@ impl Bounces {
         if lower == self.complaint_address {
             return Ok(Target::Complaint);
         }
+        if lower == self.dmarc_address {
+            return Ok(Target::Dmarc);
+        }
+        if lower == self.tlsrpt_address {
+            return Ok(Target::TlsRpt);
+        }
         let unknown = || replies::no_such_return_path(addr);
         let Some((local, domain)) = lower.rsplit_once('@') else {
             return Err(unknown());
@@ -380,7 +413,7 @@ impl Bounces {
     }
 
     pub fn complaint_applied(&self, rec: &Record) {
-        if rec.target == Target::Complaint {
+        if rec.target.is_open() {
             take(&self.pending_complaints, rec.size as u64);
         }
     }
@@ -480,7 +513,7 @@ impl Bounces {
             }
         };
         self.stored.fetch_add(n + RECORD_COST, Ordering::Relaxed);
-        if rec.target == Target::Complaint {
+        if rec.target.is_open() {
             self.pending_complaints.fetch_add(n, Ordering::Relaxed);
         }
         if let Err(e) = self.reports.insert(rec.id.as_bytes(), v) {
@@ -632,6 +665,9 @@ impl Bounces {
                 let _ = self.outcomes.remove(&k);
             }
         }
+        let keep_s = self.aggregate_retention.as_secs();
+        self.aggregates
+            .purge((now_ms() / 1000).saturating_sub(keep_s));
         n
     }
 }

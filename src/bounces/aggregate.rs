@@ -1,0 +1,148 @@
+//! DMARC aggregate reports and TLS reports at the intake: parsed with
+//! `mail_auth::report` (XML or JSON, plain, gzipped or zipped, attachments
+//! decompressed up to `[bounces] max_size`), their figures kept
+//! (`state::aggregates`). A report that does not parse is kept as
+//! `unparsed`, like a bounce nobody understands.
+
+use mail_auth::report::tlsrpt::TlsReport;
+use mail_auth::report::{ActionDisposition, DkimResult, DmarcResult, Report};
+
+use super::{Bounces, Record, State, Target};
+use crate::state::aggregates::{DmarcRow, TlsRow};
+
+/// What a report came to (see `decide`).
+type Decision = (&'static str, State, String);
+
+pub fn apply(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
+    match rec.target {
+        Target::TlsRpt => tls(b, rec, raw),
+        _ => dmarc(b, rec, raw),
+    }
+}
+
+fn dmarc(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
+    let report = match Report::parse_rfc5322(raw, b.max_size) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                "unparsed",
+                State::Unparsed,
+                format!("not a DMARC aggregate report herald can read: {e:?}"),
+            )
+        }
+    };
+    rec.kind = Some("dmarc".into());
+    let rows = dmarc_rows(&report);
+    let messages: u64 = rows.iter().map(|r| r.count).sum();
+    let passed: u64 = rows.iter().filter(|r| r.passed()).map(|r| r.count).sum();
+    let summary = format!(
+        "DMARC aggregate report {} from {} for {}: {messages} messages from {} sources, {passed} passed",
+        report.report_id(),
+        report.org_name(),
+        report.domain(),
+        rows.len()
+    );
+    match b.aggregates.add_dmarc(&rows) {
+        Ok(true) => ("dmarc_report", State::Applied, summary),
+        Ok(false) => (
+            "duplicate",
+            State::Ignored,
+            format!("{summary}; received before, counted once"),
+        ),
+        Err(e) => (
+            "unparsed",
+            State::Unparsed,
+            format!("{summary}; cannot be stored: {e}"),
+        ),
+    }
+}
+
+/// One row per record of the report.
+pub fn dmarc_rows(report: &Report) -> Vec<DmarcRow> {
+    report
+        .records()
+        .iter()
+        .map(|r| DmarcRow {
+            domain: report.domain().to_ascii_lowercase(),
+            reporter: report.org_name().to_string(),
+            report_id: report.report_id().to_string(),
+            begin: report.date_range_begin(),
+            end: report.date_range_end(),
+            source_ip: r.source_ip().map(|ip| ip.to_string()).unwrap_or_default(),
+            count: r.count() as u64,
+            disposition: match r.action_disposition() {
+                ActionDisposition::Quarantine => "quarantine",
+                ActionDisposition::Reject => "reject",
+                _ => "none",
+            }
+            .into(),
+            dkim: r.dmarc_dkim_result() == DmarcResult::Pass,
+            spf: r.dmarc_spf_result() == DmarcResult::Pass,
+            header_from: r.header_from().to_ascii_lowercase(),
+            dkim_passed: r
+                .dkim_auth_result()
+                .iter()
+                .filter(|d| d.result() == DkimResult::Pass)
+                .map(|d| format!("{}/{}", d.domain().to_ascii_lowercase(), d.selector()))
+                .collect(),
+        })
+        .collect()
+}
+
+fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
+    let report = match TlsReport::parse_rfc5322(raw, b.max_size) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                "unparsed",
+                State::Unparsed,
+                format!("not a TLS report herald can read: {e:?}"),
+            )
+        }
+    };
+    rec.kind = Some("tlsrpt".into());
+    let reporter = report.organization_name.clone().unwrap_or_default();
+    let rows: Vec<TlsRow> = report
+        .policies
+        .iter()
+        .map(|p| TlsRow {
+            domain: p.policy.policy_domain.to_ascii_lowercase(),
+            reporter: reporter.clone(),
+            report_id: report.report_id.clone(),
+            begin: report.date_range.start_datetime.to_timestamp() as u64,
+            end: report.date_range.end_datetime.to_timestamp() as u64,
+            policy: format!("{:?}", p.policy.policy_type).to_ascii_lowercase(),
+            successful: p.summary.total_success as u64,
+            failed: p.summary.total_failure as u64,
+            failures: p
+                .failure_details
+                .iter()
+                .map(|f| {
+                    (
+                        format!("{:?}", f.result_type),
+                        f.failed_session_count as u64,
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    let failed: u64 = rows.iter().map(|r| r.failed).sum();
+    let ok: u64 = rows.iter().map(|r| r.successful).sum();
+    let summary = format!(
+        "TLS report {} from {reporter}: {ok} sessions succeeded, {failed} failed",
+        report.report_id
+    );
+    match b.aggregates.add_tls(&rows) {
+        Ok(true) => ("tls_report", State::Applied, summary),
+        Ok(false) => (
+            "duplicate",
+            State::Ignored,
+            format!("{summary}; received before, counted once"),
+        ),
+        Err(e) => (
+            "unparsed",
+            State::Unparsed,
+            format!("{summary}; cannot be stored: {e}"),
+        ),
+    }
+}

@@ -1,0 +1,197 @@
+//! What receivers saw: real DMARC aggregate reports (Google zipped; Mail.ru,
+//! Microsoft, Amazon SES and a small provider gzipped) and TLS reports
+//! (RFC 8460 examples), sent through the `[bounces]` intake to its
+//! `dmarc_address` and `tlsrpt_address`; `herald dmarc` answers with the
+//! figures the files hold (tests/data/dmarc, from mail-auth's test
+//! resources, and mail-auth's own reading of each in the .json beside it).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+const DOMAIN: &str = "bounces.example.test";
+
+fn data(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/dmarc")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn expected(name: &str) -> Value {
+    serde_json::from_slice(&data(name)).unwrap()
+}
+
+fn report(intake: SocketAddr, to: &str, msg: &[u8]) -> (u16, String) {
+    let mut c = Client::connect(intake);
+    c.ehlo();
+    let r = c.send_bytes("noreply-dmarc-support@google.com", &[to], msg);
+    c.cmd("QUIT");
+    r
+}
+
+fn dmarc(h: &Herald) -> Value {
+    serde_json::from_str(&h.ok(&["dmarc", "--since", "5000d", "--json"])).unwrap()
+}
+
+#[test]
+fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain() {
+    let sink = Sink::start(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bounce.key"),
+        "an HMAC key of return-path tokens, 32+\n",
+    )
+    .unwrap();
+    // herald signs stalw.art with the selector Google saw pass.
+    dkim_keygen(
+        dir.path(),
+        "stalw.art",
+        "velikisrpan22",
+        "ed25519",
+        "stalw.pem",
+    );
+    let intake: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let h = Herald::start_in(
+        dir,
+        &format!(
+            "{}\n[[dkim]]\ndomain = \"stalw.art\"\nselector = \"velikisrpan22\"\nprivate_key = \"stalw.pem\"\n\
+             [bounces]\ndomain = \"{DOMAIN}\"\nlisten = [\"{intake}\"]\nsecret_file = \"{{dir}}/bounce.key\"\n",
+            upstream(sink.port(), "none", "")
+        ),
+    );
+    let files = ["100", "101", "102", "103", "104"];
+    for f in files {
+        let (code, text) = report(
+            intake,
+            &format!("dmarc@{DOMAIN}"),
+            &data(&format!("{f}.eml")),
+        );
+        assert_eq!(code, 250, "{f}: {text}");
+    }
+    // What the files hold, as mail-auth reads each.
+    let (mut messages, mut passed) = (0, 0);
+    for f in files {
+        for r in expected(&format!("{f}.json"))["record"].as_array().unwrap() {
+            let n = r["row"]["count"].as_u64().unwrap();
+            let p = &r["row"]["policy_evaluated"];
+            messages += n;
+            if p["dkim"] == "Pass" || p["spf"] == "Pass" {
+                passed += n;
+            }
+        }
+    }
+    assert_eq!((messages, passed), (5, 1));
+    assert!(
+        wait_until(20, || dmarc(&h)["domains"][0]["messages"] == messages),
+        "{}\n{}",
+        dmarc(&h),
+        h.log()
+    );
+    let v = dmarc(&h);
+    let d = &v["domains"][0];
+    assert_eq!(d["domain"], "stalw.art");
+    assert_eq!(d["passed"], passed);
+    assert_eq!(d["reporters"].as_array().unwrap().len(), 5, "{d}");
+    // Google saw herald's key pass from one address: herald's own.
+    let own = d["herald_sources"].as_array().unwrap();
+    assert_eq!(own.len(), 1, "{d}");
+    assert_eq!(own[0]["ip"], "2a01:4f9:c011:b43c::1");
+    assert_eq!(
+        (own[0]["messages"].as_u64(), own[0]["passed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    // The rest came from other servers and failed.
+    let other = d["other_sources"].as_array().unwrap();
+    assert_eq!(other[0]["ip"], "50.223.129.194", "{d}");
+    assert_eq!(other[0]["messages"], 3);
+    assert_eq!(other[0]["passed"], 0);
+    assert_eq!(other[1]["ip"], "207.171.188.200");
+    let diag = d["diagnosis"].as_str().unwrap();
+    assert!(
+        diag.starts_with("stalw.art: 20% of 5 messages passed DMARC at 5 receivers")
+            && diag
+                .contains("3 messages from 50.223.129.194, not a herald node, failed SPF and DKIM")
+            && diag.contains("authorize it or stop it"),
+        "{diag}"
+    );
+    // The people's form says the same.
+    let text = h.ok(&["dmarc", "stalw.art", "--since", "5000d"]);
+    assert!(
+        text.contains(diag) && text.contains("OTHER") && text.contains("50.223.129.194"),
+        "{text}"
+    );
+
+    // The same report again is counted once.
+    let (code, _) = report(intake, &format!("dmarc@{DOMAIN}"), &data("100.eml"));
+    assert_eq!(code, 250);
+    assert!(wait_until(20, || {
+        h.ok(&["reports", "--json"])
+            .matches("received before, counted once")
+            .count()
+            == 1
+    }));
+    assert_eq!(dmarc(&h)["domains"][0]["messages"], 5);
+
+    // Something that is no aggregate report: kept as unparsed, counts nothing.
+    let junk = b"From: x@y.test\r\nSubject: Report domain: stalw.art\r\n\r\nnot XML at all\r\n";
+    assert_eq!(report(intake, &format!("dmarc@{DOMAIN}"), junk).0, 250);
+    assert!(wait_until(20, || {
+        let out = h.ok(&["reports", "--state", "unparsed", "--json"]);
+        out.contains("not a DMARC aggregate report")
+    }));
+    assert_eq!(dmarc(&h)["domains"][0]["messages"], 5);
+
+    // TLS reports: sessions per policy domain, as the files say.
+    for f in ["rpt01", "rpt02"] {
+        let (code, text) = report(
+            intake,
+            &format!("tlsrpt@{DOMAIN}"),
+            &data(&format!("{f}.eml")),
+        );
+        assert_eq!(code, 250, "{f}: {text}");
+    }
+    let want: Vec<(String, u64, u64)> = ["rpt01", "rpt02"]
+        .iter()
+        .flat_map(|f| {
+            expected(&format!("{f}.json"))["policies"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .map(|p| {
+            (
+                p["policy"]["policy-domain"].as_str().unwrap().to_string(),
+                p["summary"]["total-successful-session-count"]
+                    .as_u64()
+                    .unwrap(),
+                p["summary"]["total-failure-session-count"]
+                    .as_u64()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert!(wait_until(20, || dmarc(&h)["tls"]
+        .as_array()
+        .unwrap()
+        .len()
+        == want.len()));
+    let tls = dmarc(&h)["tls"].as_array().unwrap().clone();
+    for (domain, ok, failed) in &want {
+        let t = tls.iter().find(|t| t["domain"] == domain.as_str()).unwrap();
+        assert_eq!(
+            (t["successful"].as_u64(), t["failed"].as_u64()),
+            (Some(*ok), Some(*failed)),
+            "{t}"
+        );
+    }
+    // Only the report addresses and tokens are open at the intake.
+    let (code, _) = report(intake, &format!("postmaster@{DOMAIN}"), &data("100.eml"));
+    assert_eq!(code, 550);
+}
