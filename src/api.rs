@@ -208,6 +208,18 @@ async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
     .await
 }
 
+async fn dmarc(State(api): State<Api>, Query(q): Params) -> Response {
+    let since_s = match q.get("since").filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => match humantime::parse_duration(v) {
+            Ok(d) => Some(d.as_secs()),
+            Err(_) => return err(400, format!("since: {v:?} is not a duration (7d)")),
+        },
+    };
+    let domain = q.get("domain").filter(|v| !v.is_empty()).cloned();
+    reply(&api, Request::Dmarc { domain, since_s }).await
+}
+
 async fn suppressions(State(api): State<Api>) -> Response {
     reply(&api, Request::SuppressionList).await
 }
@@ -350,6 +362,7 @@ pub fn router(s: Arc<Services>) -> Router {
         .route("/api/v1/trace", get(trace))
         .route("/api/v1/events", get(events))
         .route("/api/v1/reports", get(reports))
+        .route("/api/v1/dmarc", get(dmarc))
         .route("/api/v1/messages/{id}", get(message).delete(cancel_id))
         .route("/api/v1/messages/{id}/retry", post(retry))
         .route("/api/v1/cancel", post(cancel_tag))

@@ -62,6 +62,12 @@ struct EventClass {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainResult {
+    domain: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -158,6 +164,26 @@ fn registry(s: &Services) -> Registry {
         for (outcome, n) in b.counts() {
             reports.get_or_create(&Outcome { outcome }).inc_by(n);
         }
+        // Anyone can send a report about any domain: only herald's own
+        // sending domains get a label of their own (bounded by the config).
+        let own = sending_domains(&cfg);
+        let dmarc = Family::<DomainResult, Counter>::default();
+        for ((domain, passed), n) in b.aggregates.counts() {
+            let domain = if own.contains(&domain) {
+                domain
+            } else {
+                "other".into()
+            };
+            let result = if passed { "pass" } else { "fail" };
+            dmarc
+                .get_or_create(&DomainResult { domain, result })
+                .inc_by(n);
+        }
+        r.register(
+            "herald_dmarc_messages",
+            "Messages in DMARC aggregate reports applied since start, by From domain (herald's sending domains; \"other\") and DMARC result",
+            dmarc,
+        );
         r.register(
             "herald_reports",
             "Reports at the [bounces] listener since start, by outcome (refused_*: RCPT refused)",
@@ -165,6 +191,17 @@ fn registry(s: &Services) -> Registry {
         );
     }
     r
+}
+
+/// The domains herald signs or sends as: `[[dkim]]` domains and the
+/// domains of the default senders.
+fn sending_domains(cfg: &crate::config::Config) -> std::collections::BTreeSet<String> {
+    let senders = std::iter::once(&cfg.sender.default_sender)
+        .chain(cfg.routes.iter().filter_map(|r| r.default_sender.as_ref()));
+    senders
+        .filter_map(|a| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()))
+        .chain(cfg.dkim.iter().map(|k| k.domain.clone()))
+        .collect()
 }
 
 async fn metrics(State(s): State<Arc<Services>>) -> axum::response::Response {

@@ -14,6 +14,7 @@ use common::*;
 use serde_json::Value;
 
 const DOMAIN: &str = "bounces.example.test";
+const TOKEN: &str = "a console token of 16+ characters";
 
 fn data(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -58,10 +59,14 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
         "stalw.pem",
     );
     let intake: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    std::fs::write(dir.path().join("api.tokens"), format!("{TOKEN}\n")).unwrap();
     let h = Herald::start_in(
         dir,
         &format!(
-            "{}\n[[dkim]]\ndomain = \"stalw.art\"\nselector = \"velikisrpan22\"\nprivate_key = \"stalw.pem\"\n\
+            "[api]\nlisten = \"{api}\"\ntokens_file = \"api.tokens\"\n{}\n[[dkim]]\ndomain = \"stalw.art\"\nselector = \"velikisrpan22\"\nprivate_key = \"stalw.pem\"\n\
+             [control]\nsocket = \"{{dir}}/herald.sock\"\nmetrics_listen = \"{metrics}\"\n\
              [bounces]\ndomain = \"{DOMAIN}\"\nlisten = [\"{intake}\"]\nsecret_file = \"{{dir}}/bounce.key\"\n",
             upstream(sink.port(), "none", "")
         ),
@@ -120,6 +125,26 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
                 .contains("3 messages from 50.223.129.194, not a herald node, failed SPF and DKIM")
             && diag.contains("authorize it or stop it"),
         "{diag}"
+    );
+    // The API says the same.
+    let (code, body) = http(
+        &api,
+        "GET",
+        "/api/v1/dmarc?domain=stalw.art&since=5000d",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(code, 200);
+    let a: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(a["domains"][0]["diagnosis"], d["diagnosis"], "{a}");
+    let (code, _) = http(&api, "GET", "/api/v1/dmarc?since=soon", Some(TOKEN), "");
+    assert_eq!(code, 400);
+    // Metrics: per sending domain of herald's and result.
+    let m = String::from_utf8(http_get(&metrics, "/metrics").1).unwrap();
+    assert!(
+        m.contains("herald_dmarc_messages_total{domain=\"stalw.art\",result=\"pass\"} 1")
+            && m.contains("herald_dmarc_messages_total{domain=\"stalw.art\",result=\"fail\"} 4"),
+        "{m}"
     );
     // The people's form says the same.
     let text = h.ok(&["dmarc", "stalw.art", "--since", "5000d"]);

@@ -57,10 +57,14 @@ pub struct TlsRow {
     pub failures: Vec<(String, u64)>,
 }
 
+/// Messages of DMARC reports applied since start, per (domain, passed).
+pub type DmarcCounts = std::collections::BTreeMap<(String, bool), u64>;
+
 #[derive(Clone)]
 pub struct Aggregates {
     dmarc: sled::Tree,
     tls: sled::Tree,
+    counts: std::sync::Arc<std::sync::Mutex<DmarcCounts>>,
 }
 
 fn key(end: u64, reporter: &str, report_id: &str, n: usize) -> Vec<u8> {
@@ -92,6 +96,7 @@ impl Aggregates {
         Ok(Aggregates {
             dmarc: db.open_tree("dmarc_rows")?,
             tls: db.open_tree("tlsrpt_rows")?,
+            counts: Default::default(),
         })
     }
 
@@ -100,12 +105,25 @@ impl Aggregates {
         let mut new = false;
         for (n, r) in rows.iter().enumerate() {
             let v = serde_json::to_vec(r).map_err(|e| QueueError::Failed(e.to_string()))?;
-            new |= self
+            let first = self
                 .dmarc
                 .insert(key(r.end, &r.reporter, &r.report_id, n), v)?
                 .is_none();
+            if first {
+                let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+                *c.entry((r.domain.clone(), r.passed())).or_default() += r.count;
+            }
+            new |= first;
         }
         Ok(new)
+    }
+
+    /// Messages of the DMARC reports applied since start.
+    pub fn counts(&self) -> DmarcCounts {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn add_tls(&self, rows: &[TlsRow]) -> Result<bool, QueueError> {
