@@ -392,7 +392,7 @@ async fn check_dmarc(
     dkim_domain: Option<&str>,
     spf_passes: bool,
     out: &mut Vec<Finding>,
-) {
+) -> Option<String> {
     let d = &id.from_domain;
     let mut record = None;
     for name in [format!("_dmarc.{d}"), format!("_dmarc.{}", org(d))] {
@@ -410,7 +410,7 @@ async fn check_dmarc(
                     text: e,
                     hint: None,
                 });
-                return;
+                return None;
             }
         }
     }
@@ -479,10 +479,99 @@ async fn check_dmarc(
         text,
         hint,
     });
+    record.map(|(_, r)| r)
 }
 
-/// The `[bounces]` domain must route reports to herald: its MX must be
-/// this host (`hostname`, or a name with the same addresses).
+/// With `[bounces]`: the DMARC record of `domain` sends aggregate reports
+/// to herald (`rua=mailto:` the dmarc_address), and the bounce domain
+/// authorizes them (RFC 7489 7.1: `DOMAIN._report._dmarc.BOUNCE-DOMAIN`).
+async fn check_reports(
+    auth: &MessageAuthenticator,
+    domain: &str,
+    record: Option<&str>,
+    b: &crate::config::Bounces,
+    out: &mut Vec<Finding>,
+) {
+    let to = format!("mailto:{}", b.dmarc_address);
+    let rua = record.and_then(|r| tag(r, "rua")).unwrap_or("");
+    let has = rua.split(',').any(|u| {
+        u.trim()
+            .split('!')
+            .next()
+            .unwrap_or("")
+            .eq_ignore_ascii_case(&to)
+    });
+    out.push(match (record, has) {
+        (_, true) => Finding {
+            level: Level::Ok,
+            check: "rua",
+            text: format!(
+                "aggregate reports of {domain} come to herald ({to}): herald dmarc {domain}"
+            ),
+            hint: None,
+        },
+        (Some(r), false) => Finding {
+            level: Level::Warn,
+            check: "rua",
+            text: format!("receivers send {domain}'s aggregate reports elsewhere, not to herald"),
+            hint: Some(format!(
+                "publish TXT _dmarc.{domain} \"{}\"",
+                with_rua(r, &to)
+            )),
+        },
+        (None, false) => Finding {
+            level: Level::Warn,
+            check: "rua",
+            text: format!("no DMARC record, so no aggregate reports for {domain}"),
+            hint: Some(format!(
+                "publish TXT _dmarc.{domain} \"v=DMARC1; p=none; rua={to}\""
+            )),
+        },
+    });
+    if aligned(domain, &b.domain, false) {
+        return;
+    }
+    let name = format!("{domain}._report._dmarc.{}", b.domain);
+    let ok = match txt(auth, &name).await {
+        Ok(r) => r.iter().any(|r| r.starts_with("v=DMARC1")),
+        Err(_) => false,
+    };
+    out.push(Finding {
+        level: if ok { Level::Ok } else { Level::Warn },
+        check: "rua",
+        text: if ok {
+            format!("{name} authorizes reports about {domain} to {}", b.domain)
+        } else {
+            format!(
+                "{name} has no \"v=DMARC1\" record: receivers drop reports about {domain} to another domain without it (RFC 7489 7.1)"
+            )
+        },
+        hint: (!ok).then(|| format!("publish TXT {name} \"v=DMARC1\"")),
+    });
+}
+
+/// `record` with `to` added to its `rua=` tag (or the tag added).
+fn with_rua(record: &str, to: &str) -> String {
+    let mut found = false;
+    let tags: Vec<String> = record
+        .split(';')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if k.trim().eq_ignore_ascii_case("rua") => {
+                found = true;
+                format!("rua={},{to}", v.trim())
+            }
+            _ => t.to_string(),
+        })
+        .collect();
+    let mut r = tags.join("; ");
+    if !found {
+        r.push_str(&format!("; rua={to}"));
+    }
+    r
+}
+
 async fn check_bounce_mx(cfg: &Config, auth: &MessageAuthenticator, out: &mut Vec<Finding>) {
     let Some(b) = &cfg.bounces else { return };
     let d = &b.domain;
@@ -573,7 +662,10 @@ pub async fn run(
         let mut out = Vec::new();
         let spf_passes = check_spf(cfg, &auth, &id, &mut out).await;
         let dkim_domain = check_dkim(cfg, &auth, &id, &mut out).await;
-        check_dmarc(&auth, &id, dkim_domain.as_deref(), spf_passes, &mut out).await;
+        let record = check_dmarc(&auth, &id, dkim_domain.as_deref(), spf_passes, &mut out).await;
+        if let Some(b) = &cfg.bounces {
+            check_reports(&auth, &id.from_domain, record.as_deref(), b, &mut out).await;
+        }
         all.push((id, out));
     }
     if let Some(b) = &cfg.bounces {

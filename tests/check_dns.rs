@@ -157,3 +157,55 @@ fn check_dns_checks_the_bounce_domain() {
         "{out}"
     );
 }
+
+/// With `[bounces]`: each domain's DMARC record should send aggregate
+/// reports to herald's `dmarc_address`, and a bounce domain of another
+/// organization must authorize them (RFC 7489 7.1).
+#[test]
+fn check_dns_tells_the_rua_to_add_and_checks_the_authorization_record() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bounce.key"),
+        "a key of sixteen bytes or more\n",
+    )
+    .unwrap();
+    let dns = Dns::start(&[
+        (
+            "_dmarc.example.com",
+            "TXT",
+            "v=DMARC1; p=none; rua=mailto:dmarc@reports.test",
+        ),
+        (
+            "_dmarc.acme.test",
+            "TXT",
+            "v=DMARC1; p=quarantine; rua=mailto:d@acme.test",
+        ),
+        ("example.com._report._dmarc.reports.test", "TXT", "v=DMARC1"),
+        ("reports.test", "MX", "10 relay.test."),
+    ]);
+    let config = format!(
+        "{BASE}[delivery]\nupstream = \"up\"\n[upstreams.up]\nhost = \"127.0.0.1\"\nport = 2600\nsecurity = \"none\"\n\
+         [bounces]\ndomain = \"reports.test\"\nlisten = [\"127.0.0.1:2599\"]\nsecret_file = \"bounce.key\"\n\
+         [dns]\nnameservers = [\"127.0.0.1:{}\"]\n",
+        dns.port
+    );
+    std::fs::write(dir.path().join("herald.toml"), config).unwrap();
+    let (_, out) = check(dir.path(), &["example.com"]);
+    assert!(
+        out.contains("ok    rua    aggregate reports of example.com come to herald (mailto:dmarc@reports.test)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok    rua    example.com._report._dmarc.reports.test authorizes reports about example.com"),
+        "{out}"
+    );
+    let (_, out) = check(dir.path(), &["acme.test"]);
+    assert!(
+        out.contains("hint: publish TXT _dmarc.acme.test \"v=DMARC1; p=quarantine; rua=mailto:d@acme.test,mailto:dmarc@reports.test\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("hint: publish TXT acme.test._report._dmarc.reports.test \"v=DMARC1\""),
+        "{out}"
+    );
+}
