@@ -393,6 +393,67 @@ async function overview() {
   );
 }
 
+// ---------------------------------------------------------------- DMARC
+
+/// Pass rate per day: one bar per day, its height the share that passed.
+function passChart(days) {
+  const W = 960, H = 200, P = 40;
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart pass-chart");
+  const ns = svg.namespaceURI;
+  const add = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    svg.append(e);
+    return e;
+  };
+  add("path", { d: `M${P} ${P / 2} V${H - P} H${W - P}`, stroke: "#999", fill: "none" });
+  for (const v of [0, 50, 100]) {
+    const y = H - P - (v * (H - 1.5 * P)) / 100;
+    add("text", { x: P - 6, y: y + 4, "text-anchor": "end", "font-size": "11", fill: "#555", class: "y-tick" }, v + "%");
+  }
+  const n = Math.max(1, days.length);
+  const bw = Math.min(60, (W - 2 * P) / n - 4);
+  days.forEach((d, i) => {
+    const x = P + 4 + (i * (W - 2 * P)) / n;
+    const h = (d.pass_pct * (H - 1.5 * P)) / 100;
+    const bar = add("rect", { x, y: H - P - h, width: bw, height: h, fill: d.pass_pct >= 95 ? "#2a7" : "#c33",
+      class: "day", "data-day": d.day, "data-rate": d.pass_pct, "data-messages": d.messages });
+    const title = document.createElementNS(ns, "title");
+    title.textContent = `${d.day}: ${d.pass_pct}% of ${d.messages} passed`;
+    bar.append(title);
+    if (n <= 12 || i % Math.ceil(n / 12) === 0) {
+      add("text", { x: x + bw / 2, y: H - P + 16, "text-anchor": "middle", "font-size": "11", fill: "#555", class: "x-tick" }, d.day.slice(5));
+    }
+  });
+  return svg;
+}
+
+async function dmarcView(period) {
+  const since = /^[0-9]+[a-z]+$/.test(period || "") ? period : "30d";
+  const r = await api("GET", "/dmarc?since=" + since);
+  const periods = el("p", {}, "Reports of the last ", ["7d", "30d", "90d"].map((p) =>
+    el("a", { href: "#/dmarc/" + p, class: p === since ? "current" : "" }, p + " ")));
+  const parts = r.domains.map((d) => el("section", { class: "dmarc-domain", "data-domain": d.domain },
+    el("h2", {}, d.domain),
+    el("p", { class: "diagnosis" }, d.diagnosis),
+    passChart(d.daily || []),
+    table(["Source", "IP", "Messages", "Passed", "DKIM aligned", "SPF aligned", "Quarantined", "Rejected"],
+      [...d.herald_sources.map((s) => ["herald", s.ip, s.messages, s.passed, s.dkim_aligned, s.spf_aligned, s.quarantined, s.rejected]),
+       ...d.other_sources.map((s) => ["OTHER", s.ip, s.messages, s.passed, s.dkim_aligned, s.spf_aligned, s.quarantined, s.rejected])],
+      "sources-" + d.domain),
+    table(["Receiver", "Messages", "Passed"], d.reporters.map((x) => [x.reporter, x.messages, x.passed]))));
+  const tls = r.tls.length ? [el("h2", {}, "TLS to the recipients' servers"),
+    table(["Domain", "Succeeded", "Failed", "Failures"], r.tls.map((t) =>
+      [t.domain, t.successful, t.failed, JSON.stringify(t.failures)]), "tls")] : [];
+  show(el("h1", {}, "DMARC: what receivers saw"), periods,
+    ...(r.domains.length ? parts : [el("p", { id: "no-reports" },
+      "No DMARC aggregate reports in this period: publish rua=mailto: the intake's dmarc_address (herald check-dns says how).")]),
+    ...tls);
+}
+
 // --------------------------------------------------------------- router
 
 async function route() {
@@ -406,6 +467,7 @@ async function route() {
     else if (what === "tag" && a) await tagView(a);
     else if (what === "suppressions") await suppressionsView();
     else if (what === "queue") await queueView();
+    else if (what === "dmarc") await dmarcView(a);
     else await overview();
     document.body.setAttribute("data-view", what || "overview");
   } catch (e) {

@@ -216,6 +216,32 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
             "{t}"
         );
     }
+    // The console's DMARC page, in a real browser.
+    let out = tool(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/dmarc_console.py"
+        ))
+        .arg(format!("http://{api}"))
+        .arg(TOKEN)
+        .output()
+        .expect("python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}\n{}", h.log());
+
+    let t1 = tls
+        .iter()
+        .find(|t| t["domain"] == "company-y.example")
+        .unwrap();
+    assert_eq!(
+        t1["failures"]["certificate-expired"], 100,
+        "RFC 8460 names: {t1}"
+    );
+
     // Only the report addresses and tokens are open at the intake.
     let (code, _) = report(intake, &format!("postmaster@{DOMAIN}"), &data("100.eml"));
     assert_eq!(code, 550);

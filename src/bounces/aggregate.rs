@@ -111,7 +111,7 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             report_id: report.report_id.clone(),
             begin: report.date_range.start_datetime.to_timestamp() as u64,
             end: report.date_range.end_datetime.to_timestamp() as u64,
-            policy: format!("{:?}", p.policy.policy_type).to_ascii_lowercase(),
+            policy: kebab(&format!("{:?}", p.policy.policy_type)),
             successful: p.summary.total_success as u64,
             failed: p.summary.total_failure as u64,
             failures: p
@@ -119,7 +119,7 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
                 .iter()
                 .map(|f| {
                     (
-                        format!("{:?}", f.result_type),
+                        kebab(&format!("{:?}", f.result_type)),
                         f.failed_session_count as u64,
                     )
                 })
@@ -145,4 +145,17 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             format!("{summary}; cannot be stored: {e}"),
         ),
     }
+}
+
+/// RFC 8460's spelling of a result type from mail-auth's variant name:
+/// `CertificateExpired` -> `certificate-expired`.
+fn kebab(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }

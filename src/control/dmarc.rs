@@ -93,8 +93,13 @@ fn domain_figures(domain: &str, rows: &[DmarcRow], keys: &BTreeSet<String>) -> V
     let mut all = Tally::default();
     let mut reporters: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut sources: BTreeMap<&str, Source> = BTreeMap::new();
+    let mut daily: BTreeMap<String, Tally> = BTreeMap::new();
     for r in rows {
         all.add(r);
+        let day = chrono::DateTime::from_timestamp(r.end as i64, 0)
+            .map(|t| t.date_naive().to_string())
+            .unwrap_or_default();
+        daily.entry(day).or_default().add(r);
         reporters.entry(&r.reporter).or_default().add(r);
         let src = sources.entry(&r.source_ip).or_default();
         src.t.add(r);
@@ -136,6 +141,11 @@ fn domain_figures(domain: &str, rows: &[DmarcRow], keys: &BTreeSet<String>) -> V
         "passed": all.passed,
         "pass_pct": pct(all.passed, all.messages),
         "reporters": reporters,
+        // By the day each report's period ended: the console's chart.
+        "daily": daily
+            .iter()
+            .map(|(d, t)| json!({"day": d, "messages": t.messages, "passed": t.passed, "pass_pct": pct(t.passed, t.messages)}))
+            .collect::<Vec<_>>(),
         "herald_sources": list(true),
         "other_sources": list(false),
         "diagnosis": diagnosis(domain, &all, reporters.len(), &sources),
