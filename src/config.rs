@@ -92,6 +92,9 @@ pub struct Bounces {
     pub tlsrpt_address: String,
     /// How long the figures of aggregate and TLS reports are kept.
     pub aggregate_retention: Duration,
+    /// A DMARC report in which herald's own mail passed less than this
+    /// (percent) makes a `dmarc_failing` event; 0: never.
+    pub dmarc_alert_below: f64,
     /// Bytes of reports kept on disk at most (bodies and records); the
     /// oldest handled reports go first, and when only unhandled ones are
     /// left a new report gets 452.
@@ -109,7 +112,7 @@ pub const DEFAULT_MAX_STORED: i64 = 256 * 1024 * 1024;
 
 /// Events a webhook may ask for (DESIGN.md's events, less `received`
 /// and `deferred`, which would flood a platform).
-pub const WEBHOOK_EVENTS: [&str; 10] = [
+pub const WEBHOOK_EVENTS: [&str; 11] = [
     "delivered",
     "bounced",
     "complained",
@@ -120,6 +123,7 @@ pub const WEBHOOK_EVENTS: [&str; 10] = [
     "cancelled",
     "deferred",
     "delayed",
+    "dmarc_failing",
 ];
 
 /// One `[[webhooks]]` endpoint.
@@ -422,6 +426,7 @@ mod raw {
         pub dmarc_address: Option<String>,
         pub tlsrpt_address: Option<String>,
         pub aggregate_retention: Option<String>,
+        pub dmarc_alert_below: Option<f64>,
         pub max_stored: Option<i64>,
         pub max_connections: Option<i64>,
         pub max_connections_per_ip: Option<i64>,
@@ -1397,6 +1402,13 @@ fn bounces(b: Option<raw::Bounces>, dir: &Path) -> Result<Option<Bounces>, Confi
                 "bounces.aggregate_retention",
                 b.aggregate_retention.as_deref().unwrap_or("90d"),
             )?;
+            let dmarc_alert_below = b.dmarc_alert_below.unwrap_or(95.0);
+            if !(0.0..=100.0).contains(&dmarc_alert_below) {
+                return Err(bad(
+                    "bounces.dmarc_alert_below",
+                    "a percentage from 0 (never) to 100",
+                ));
+            }
             let max_stored = positive(
                 "bounces.max_stored",
                 b.max_stored,
@@ -1432,6 +1444,7 @@ fn bounces(b: Option<raw::Bounces>, dir: &Path) -> Result<Option<Bounces>, Confi
                 dmarc_address,
                 tlsrpt_address,
                 aggregate_retention,
+                dmarc_alert_below,
                 max_stored,
                 max_connections,
                 max_connections_per_ip,

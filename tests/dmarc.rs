@@ -37,6 +37,28 @@ fn report(intake: SocketAddr, to: &str, msg: &[u8]) -> (u16, String) {
     r
 }
 
+/// Events waiting for the (unreachable) alerts endpoint.
+fn backlog(h: &Herald) -> u64 {
+    let v: Value =
+        serde_json::from_str(h.ok(&["webhooks", "--json"]).lines().next().unwrap_or("{}")).unwrap();
+    v["backlog"].as_u64().unwrap_or(0)
+}
+
+/// A report of Google's form in which the source where herald's key
+/// passed sends 10 messages that fail DKIM and SPF.
+const FAILING: &str = "From: noreply-dmarc-support@google.com\r\n\
+Subject: Report domain: stalw.art Submitter: google.com Report-ID: crafted-1\r\n\
+MIME-Version: 1.0\r\nContent-Type: text/xml\r\n\r\n\
+<?xml version=\"1.0\" encoding=\"UTF-8\" ?>\r\n<feedback><report_metadata><org_name>google.com</org_name>\
+<email>noreply-dmarc-support@google.com</email><report_id>crafted-1</report_id>\
+<date_range><begin>1669593600</begin><end>1669679999</end></date_range></report_metadata>\
+<policy_published><domain>stalw.art</domain><adkim>r</adkim><aspf>r</aspf><p>none</p><sp>none</sp><pct>100</pct></policy_published>\
+<record><row><source_ip>2a01:4f9:c011:b43c::1</source_ip><count>10</count><policy_evaluated>\
+<disposition>none</disposition><dkim>fail</dkim><spf>fail</spf></policy_evaluated></row>\
+<identifiers><header_from>stalw.art</header_from></identifiers><auth_results><dkim><domain>stalw.art</domain>\
+<selector>velikisrpan22</selector><result>fail</result></dkim><spf><domain>stalw.art</domain><result>fail</result></spf>\
+</auth_results></record></feedback>\r\n";
+
 fn dmarc(h: &Herald) -> Value {
     serde_json::from_str(&h.ok(&["dmarc", "--since", "5000d", "--json"])).unwrap()
 }
@@ -67,8 +89,10 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
         &format!(
             "[api]\nlisten = \"{api}\"\ntokens_file = \"api.tokens\"\n{}\n[[dkim]]\ndomain = \"stalw.art\"\nselector = \"velikisrpan22\"\nprivate_key = \"stalw.pem\"\n\
              [control]\nsocket = \"{{dir}}/herald.sock\"\nmetrics_listen = \"{metrics}\"\n\
+             [[webhooks]]\nname = \"alerts\"\nurl = \"http://127.0.0.1:{}/hook\"\nsecret_file = \"bounce.key\"\nevents = [\"dmarc_failing\"]\n\
              [bounces]\ndomain = \"{DOMAIN}\"\nlisten = [\"{intake}\"]\nsecret_file = \"{{dir}}/bounce.key\"\n",
-            upstream(sink.port(), "none", "")
+            upstream(sink.port(), "none", ""),
+            free_port()
         ),
     );
     let files = ["100", "101", "102", "103", "104"];
@@ -240,6 +264,30 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
     assert_eq!(
         t1["failures"]["certificate-expired"], 100,
         "RFC 8460 names: {t1}"
+    );
+
+    // A report in which herald's own mail (from the address where its key
+    // passed before) fails: a dmarc_failing event, to the webhooks that
+    // want it.
+    assert_eq!(backlog(&h), 0, "no alert from the real reports");
+    let (code, text) = report(intake, &format!("dmarc@{DOMAIN}"), FAILING.as_bytes());
+    assert_eq!(code, 250, "{text}");
+    assert!(wait_until(20, || backlog(&h) == 1), "{}", h.log());
+    let (code, body) = http(
+        &api,
+        "GET",
+        "/api/v1/events?event=dmarc_failing",
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(code, 200);
+    let ev: Value = serde_json::from_slice(&body).unwrap();
+    let detail = ev["events"][0]["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.starts_with(
+            "stalw.art: herald's own mail passed DMARC for 0.0% of 10 messages at google.com"
+        ) && detail.contains("under bounces.dmarc_alert_below = 95%"),
+        "{ev}"
     );
 
     // Only the report addresses and tokens are open at the intake.

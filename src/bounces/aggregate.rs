@@ -9,18 +9,19 @@ use mail_auth::report::{ActionDisposition, DkimResult, DmarcResult, Report};
 
 use super::{Bounces, Record, State, Target};
 use crate::state::aggregates::{DmarcRow, TlsRow};
+use crate::state::Services;
 
 /// What a report came to (see `decide`).
 type Decision = (&'static str, State, String);
 
-pub fn apply(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
+pub fn apply(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     match rec.target {
         Target::TlsRpt => tls(b, rec, raw),
-        _ => dmarc(b, rec, raw),
+        _ => dmarc(s, b, rec, raw),
     }
 }
 
-fn dmarc(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
+fn dmarc(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     let report = match Report::parse_rfc5322(raw, b.max_size) {
         Ok(r) => r,
         Err(e) => {
@@ -43,7 +44,10 @@ fn dmarc(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
         rows.len()
     );
     match b.aggregates.add_dmarc(&rows) {
-        Ok(true) => ("dmarc_report", State::Applied, summary),
+        Ok(true) => {
+            alert(s, b, rec, &report, &rows);
+            ("dmarc_report", State::Applied, summary)
+        }
         Ok(false) => (
             "duplicate",
             State::Ignored,
@@ -55,6 +59,46 @@ fn dmarc(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             format!("{summary}; cannot be stored: {e}"),
         ),
     }
+}
+
+/// A `dmarc_failing` event when herald's own mail in this report passed
+/// less than `dmarc_alert_below`. herald's own: the sources (in this
+/// report or earlier ones of the domain) whose mail passed DKIM under one
+/// of herald's `[[dkim]]` keys.
+fn alert(s: &Services, b: &Bounces, rec: &Record, report: &Report, rows: &[DmarcRow]) {
+    let cfg = s.cfg();
+    let Some(below) = cfg.bounces.as_ref().map(|c| c.dmarc_alert_below) else {
+        return;
+    };
+    let keys: Vec<String> = cfg
+        .dkim
+        .iter()
+        .map(|k| format!("{}/{}", k.domain, k.selector))
+        .collect();
+    let domain = report.domain().to_ascii_lowercase();
+    let earlier = b.aggregates.dmarc(0).unwrap_or_default();
+    let own: std::collections::HashSet<&str> = earlier
+        .iter()
+        .chain(rows)
+        .filter(|r| r.domain == domain && r.dkim_passed.iter().any(|k| keys.contains(k)))
+        .map(|r| r.source_ip.as_str())
+        .collect();
+    let (mut messages, mut passed) = (0u64, 0u64);
+    for r in rows.iter().filter(|r| own.contains(r.source_ip.as_str())) {
+        messages += r.count;
+        passed += if r.passed() { r.count } else { 0 };
+    }
+    let pct = passed as f64 * 100.0 / messages.max(1) as f64;
+    if messages == 0 || pct >= below {
+        return;
+    }
+    let detail = format!(
+        "{domain}: herald's own mail passed DMARC for {:.1}% of {messages} messages at {} (herald report {}), under bounces.dmarc_alert_below = {below}%: check herald check-dns {domain} (DKIM key published, SPF)",
+        (pct * 10.0).round() / 10.0,
+        report.org_name(),
+        rec.id,
+    );
+    s.ledger().dmarc_failing(&rec.id, &detail);
 }
 
 /// One row per record of the report.

@@ -170,7 +170,7 @@ fn apply(s: &Services, rid: &str) {
     }
     let raw = b.body(rid).unwrap_or_default();
     let (outcome, state, summary) = if matches!(rec.target, Target::Dmarc | Target::TlsRpt) {
-        aggregate::apply(b, &mut rec, &raw)
+        aggregate::apply(s, b, &mut rec, &raw)
     } else {
         let rep = crate::report::parse(&raw);
         drop(raw);

@@ -649,6 +649,8 @@ fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) ->
     let last = of_latest[0];
     match last.event {
         EventKind::Delivered | EventKind::Opened => delivered_line(last, &of_latest),
+        // Not about a recipient (no trace finds it); for completeness.
+        EventKind::DmarcFailing => last.detail.clone(),
         EventKind::Deferred => deferred_line(s, addr, last),
         EventKind::Bounced if last.report.is_some() => {
             reported_bounce_line(last, &of_latest, supp, &lift)

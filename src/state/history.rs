@@ -36,6 +36,10 @@ pub enum EventKind {
     Complained,
     /// A remote server reported a delay (a DSN with `Action: delayed`).
     Delayed,
+    /// A DMARC aggregate report in which herald's own mail for a domain
+    /// passed less than `[bounces] dmarc_alert_below`: no queue id or
+    /// recipient; the detail names the domain, the receiver and the rate.
+    DmarcFailing,
 }
 
 impl EventKind {
@@ -52,6 +56,7 @@ impl EventKind {
             EventKind::Rejected => "rejected",
             EventKind::Complained => "complained",
             EventKind::Delayed => "delayed",
+            EventKind::DmarcFailing => "dmarc_failing",
         }
     }
 }
@@ -143,7 +148,7 @@ type Hooks = Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>;
 const HOUR_MS: u64 = 3_600_000;
 
 /// Every kind, in the order of the counters.
-pub const KINDS: [EventKind; 11] = [
+pub const KINDS: [EventKind; 12] = [
     EventKind::Received,
     EventKind::Deferred,
     EventKind::Delivered,
@@ -155,6 +160,7 @@ pub const KINDS: [EventKind; 11] = [
     EventKind::Rejected,
     EventKind::Complained,
     EventKind::Delayed,
+    EventKind::DmarcFailing,
 ];
 
 /// Events (history) and their index by recipient, queue id and tag. Keys

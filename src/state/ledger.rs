@@ -431,6 +431,22 @@ impl Ledger<'_> {
         self.report_event(a, EventKind::Complained, detail, extra);
     }
 
+    /// A DMARC aggregate report says herald's own mail failed for a
+    /// domain (`report`: the intake's report id).
+    pub fn dmarc_failing(&self, report: &str, detail: &str) {
+        let extra = Extra {
+            report: Some(report.to_string()),
+            ..Default::default()
+        };
+        tracing::warn!(report, "{detail}");
+        if let Err(e) =
+            self.history
+                .record_with(EventKind::DmarcFailing, "-", "", detail, None, None, extra)
+        {
+            tracing::error!(error = %e, "cannot record history");
+        }
+    }
+
     /// The tracking pixel of message `e.id` was fetched: `opened` for the
     /// recipient of its `received` event `e`.
     pub fn opened(&self, e: &Event, detail: &str, user_agent: &str) {
