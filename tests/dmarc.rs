@@ -197,6 +197,22 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
     }));
     assert_eq!(dmarc(&h)["domains"][0]["messages"], 5);
 
+    // An attachment that decompresses past max_size: kept unparsed too.
+    assert_eq!(
+        report(intake, &format!("dmarc@{DOMAIN}"), &data("oversized.eml")).0,
+        250
+    );
+    assert!(
+        wait_until(20, || {
+            let out = h.ok(&["reports", "--state", "unparsed", "--json"]);
+            out.matches("not a DMARC aggregate report").count() == 2
+                && out.contains("decompresses past bounces.max_size")
+        }),
+        "{}",
+        h.ok(&["reports", "--json"])
+    );
+    assert_eq!(dmarc(&h)["domains"][0]["messages"], 5);
+
     // TLS reports: sessions per policy domain, as the files say.
     for f in ["rpt01", "rpt02"] {
         let (code, text) = report(

@@ -28,7 +28,7 @@ fn dmarc(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             return (
                 "unparsed",
                 State::Unparsed,
-                format!("not a DMARC aggregate report herald can read: {e:?}"),
+                format!("not a DMARC aggregate report herald can read: {}", why(&e)),
             )
         }
     };
@@ -140,7 +140,7 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             return (
                 "unparsed",
                 State::Unparsed,
-                format!("not a TLS report herald can read: {e:?}"),
+                format!("not a TLS report herald can read: {}", why(&e)),
             )
         }
     };
@@ -202,4 +202,14 @@ fn kebab(name: &str) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
+}
+
+/// What went wrong reading a report, for people.
+fn why(e: &mail_auth::report::Error) -> String {
+    match e {
+        mail_auth::report::Error::ReportTooLarge => {
+            "its report decompresses past bounces.max_size (not read further)".into()
+        }
+        other => format!("{other:?}"),
+    }
 }
