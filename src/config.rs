@@ -757,6 +757,15 @@ impl Config {
         })
     }
 
+    /// Herald's DKIM keys as "domain/selector" (how DMARC reports name a
+    /// signature that passed).
+    pub fn dkim_keys(&self) -> std::collections::BTreeSet<String> {
+        self.dkim
+            .iter()
+            .map(|k| format!("{}/{}", k.domain, k.selector))
+            .collect()
+    }
+
     /// The upstream for mail with this original sender domain and AUTH user.
     /// First matching `[[routes]]` entry wins; else `[delivery] upstream`.
     pub fn route_for(

@@ -235,14 +235,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             since,
             json,
         } => {
-            let since_s = match since {
-                Some(s) => Some(
-                    humantime::parse_duration(&s)
-                        .map_err(|e| CliError::Failed(format!("--since {s:?}: {e}")))?
-                        .as_secs(),
-                ),
-                None => None,
-            };
+            let since_s = since_secs(since)?;
             print_history(
                 &ask(Request::History {
                     rcpt,
@@ -272,14 +265,7 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
             since,
             json,
         } => {
-            let since_s = match since {
-                Some(s) => Some(
-                    humantime::parse_duration(&s)
-                        .map_err(|e| CliError::Failed(format!("--since {s:?}: {e}")))?
-                        .as_secs(),
-                ),
-                None => None,
-            };
+            let since_s = since_secs(since)?;
             print_dmarc(&ask(Request::Dmarc { domain, since_s })?, json)
         }
         Cmd::Webhooks {
@@ -300,6 +286,17 @@ fn client(path: &std::path::Path, cmd: Cmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `--since DURATION` in seconds.
+fn since_secs(since: Option<String>) -> Result<Option<u64>, CliError> {
+    since
+        .map(|s| {
+            humantime::parse_duration(&s)
+                .map(|d| d.as_secs())
+                .map_err(|e| CliError::Failed(format!("--since {s:?}: {e}")))
+        })
+        .transpose()
 }
 
 /// What `herald cancel` did.

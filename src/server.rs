@@ -330,8 +330,10 @@ impl Tasks {
     /// Waits for every task (they end at shutdown); one that does not end
     /// within the drain deadline is named and left behind.
     async fn join(self) {
+        // One deadline for all: tasks end together at shutdown.
+        let until = tokio::time::Instant::now() + DRAIN_DEADLINE;
         for (what, task) in self.0 {
-            match tokio::time::timeout(DRAIN_DEADLINE, task).await {
+            match tokio::time::timeout_at(until, task).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(task = what, error = %e, "task failed"),
                 Err(_) => tracing::warn!(task = what, "task still running at shutdown"),

@@ -11,8 +11,7 @@ use super::{Bounces, Record, State, Target};
 use crate::state::aggregates::{DmarcRow, TlsRow};
 use crate::state::Services;
 
-/// What a report came to (see `decide`).
-type Decision = (&'static str, State, String);
+use super::Decision;
 
 pub fn apply(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     match rec.target {
@@ -24,13 +23,7 @@ pub fn apply(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decisio
 fn dmarc(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     let report = match Report::parse_rfc5322(raw, b.max_size) {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                "unparsed",
-                State::Unparsed,
-                format!("not a DMARC aggregate report herald can read: {}", why(&e)),
-            )
-        }
+        Err(e) => return unreadable("a DMARC aggregate report", &e),
     };
     rec.kind = Some("dmarc".into());
     let rows = dmarc_rows(&report);
@@ -43,22 +36,11 @@ fn dmarc(s: &Services, b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
         report.domain(),
         rows.len()
     );
-    match b.aggregates.add_dmarc(&rows) {
-        Ok(true) => {
-            alert(s, b, rec, &report, &rows);
-            ("dmarc_report", State::Applied, summary)
-        }
-        Ok(false) => (
-            "duplicate",
-            State::Ignored,
-            format!("{summary}; received before, counted once"),
-        ),
-        Err(e) => (
-            "unparsed",
-            State::Unparsed,
-            format!("{summary}; cannot be stored: {e}"),
-        ),
+    let stored = b.aggregates.add_dmarc(&rows);
+    if matches!(stored, Ok(true)) {
+        alert(s, b, rec, &report, &rows);
     }
+    decision(stored, "dmarc_report", summary)
 }
 
 /// A `dmarc_failing` event when herald's own mail in this report passed
@@ -70,17 +52,18 @@ fn alert(s: &Services, b: &Bounces, rec: &Record, report: &Report, rows: &[Dmarc
     let Some(below) = cfg.bounces.as_ref().map(|c| c.dmarc_alert_below) else {
         return;
     };
-    let keys: Vec<String> = cfg
-        .dkim
-        .iter()
-        .map(|k| format!("{}/{}", k.domain, k.selector))
-        .collect();
+    // A report in which everything passed says nothing is failing: the
+    // stored rows are read only when something failed.
+    if below == 0.0 || rows.iter().all(|r| r.passed()) {
+        return;
+    }
+    let keys = cfg.dkim_keys();
     let domain = report.domain().to_ascii_lowercase();
     let earlier = b.aggregates.dmarc(0).unwrap_or_default();
     let own: std::collections::HashSet<&str> = earlier
         .iter()
         .chain(rows)
-        .filter(|r| r.domain == domain && r.dkim_passed.iter().any(|k| keys.contains(k)))
+        .filter(|r| r.domain == domain && r.signed_by(&keys))
         .map(|r| r.source_ip.as_str())
         .collect();
     let (mut messages, mut passed) = (0u64, 0u64);
@@ -136,13 +119,7 @@ pub fn dmarc_rows(report: &Report) -> Vec<DmarcRow> {
 fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     let report = match TlsReport::parse_rfc5322(raw, b.max_size) {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                "unparsed",
-                State::Unparsed,
-                format!("not a TLS report herald can read: {}", why(&e)),
-            )
-        }
+        Err(e) => return unreadable("a TLS report", &e),
     };
     rec.kind = Some("tlsrpt".into());
     let reporter = report.organization_name.clone().unwrap_or_default();
@@ -155,18 +132,13 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
             report_id: report.report_id.clone(),
             begin: report.date_range.start_datetime.to_timestamp() as u64,
             end: report.date_range.end_datetime.to_timestamp() as u64,
-            policy: kebab(&format!("{:?}", p.policy.policy_type)),
+            policy: rfc_name(&p.policy.policy_type),
             successful: p.summary.total_success as u64,
             failed: p.summary.total_failure as u64,
             failures: p
                 .failure_details
                 .iter()
-                .map(|f| {
-                    (
-                        kebab(&format!("{:?}", f.result_type)),
-                        f.failed_session_count as u64,
-                    )
-                })
+                .map(|f| (rfc_name(&f.result_type), f.failed_session_count as u64))
                 .collect(),
         })
         .collect();
@@ -176,8 +148,27 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
         "TLS report {} from {reporter}: {ok} sessions succeeded, {failed} failed",
         report.report_id
     );
-    match b.aggregates.add_tls(&rows) {
-        Ok(true) => ("tls_report", State::Applied, summary),
+    decision(b.aggregates.add_tls(&rows), "tls_report", summary)
+}
+
+/// RFC 8460's name of a policy or result type: mail-auth's serde name
+/// (`certificate-expired`, `no-policy-found`).
+fn rfc_name(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "other".into(),
+    }
+}
+
+/// A report read and its rows stored (`outcome`), seen before, or not
+/// stored.
+fn decision(
+    stored: Result<bool, crate::state::spool::QueueError>,
+    outcome: &'static str,
+    summary: String,
+) -> Decision {
+    match stored {
+        Ok(true) => (outcome, State::Applied, summary),
         Ok(false) => (
             "duplicate",
             State::Ignored,
@@ -191,17 +182,13 @@ fn tls(b: &Bounces, rec: &mut Record, raw: &[u8]) -> Decision {
     }
 }
 
-/// RFC 8460's spelling of a result type from mail-auth's variant name:
-/// `CertificateExpired` -> `certificate-expired`.
-fn kebab(name: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('-');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
+/// A report at a report address that cannot be read: kept as unparsed.
+fn unreadable(what: &str, e: &mail_auth::report::Error) -> Decision {
+    (
+        "unparsed",
+        State::Unparsed,
+        format!("not {what} herald can read: {}", why(e)),
+    )
 }
 
 /// What went wrong reading a report, for people.

@@ -315,7 +315,7 @@ fn decide(s: &Services, b: &Bounces, rec: &mut Record, rep: &Report) -> Decision
 
 /// What a report came to: the outcome counted, the record's state, and the
 /// summary kept with it.
-type Decision = (&'static str, State, String);
+pub(super) type Decision = (&'static str, State, String);
 
 /// A repeat of an outcome already recorded, or None.
 type Repeat<'a> = dyn Fn(&About, &str) -> Option<Decision> + 'a;

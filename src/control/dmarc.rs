@@ -53,11 +53,7 @@ pub fn answer(s: &Services, domain: Option<&str>, since_s: u64) -> Result<Value,
     };
     let from = (crate::state::spool::now_ms() / 1000).saturating_sub(since_s);
     let cfg = s.cfg();
-    let keys: BTreeSet<String> = cfg
-        .dkim
-        .iter()
-        .map(|k| format!("{}/{}", k.domain, k.selector))
-        .collect();
+    let keys = cfg.dkim_keys();
     let want = domain.map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase());
     let mut by_domain: BTreeMap<String, Vec<DmarcRow>> = BTreeMap::new();
     for r in b.aggregates.dmarc(from)? {
@@ -115,7 +111,7 @@ fn domain_figures(domain: &str, rows: &[DmarcRow], keys: &BTreeSet<String>) -> V
         } else {
             0
         };
-        src.herald |= r.dkim_passed.iter().any(|k| keys.contains(k));
+        src.herald |= r.signed_by(keys);
     }
     let list = |herald: bool| -> Vec<Value> {
         let mut v: Vec<(&&str, &Source)> =

@@ -323,8 +323,15 @@ async fn deliver_group(
                 } => {
                     s.pacing.mark_healthy(route);
                     let throttled = slow_down;
-                    let until =
-                        record_verdicts(l, env, &chunk, &verdicts, dest, &throttled, &target.host);
+                    let until = record_verdicts(
+                        l,
+                        env,
+                        &chunk,
+                        &verdicts,
+                        dest,
+                        throttled.as_deref(),
+                        &target.host,
+                    );
                     idx.retain(|i| !chunk.contains(i));
                     if per_rcpt {
                         commit_one(s, l, env, before).await;
@@ -387,13 +394,13 @@ fn record_verdicts(
     chunk: &[usize],
     verdicts: &[Verdict],
     dest: &pacing::Dest,
-    throttled: &Option<String>,
+    throttled: Option<&str>,
     host: &str,
 ) -> Option<u64> {
     if verdicts.iter().any(|v| matches!(v, Verdict::Delivered(_))) && dest.success() {
         tracing::info!(destination = %dest.key, "destination accepts mail again");
     }
-    let until = throttled.as_ref().map(|t| throttle(l, dest, t));
+    let until = throttled.map(|t| throttle(l, dest, t));
     for (&i, v) in chunk.iter().zip(verdicts.iter()) {
         match (v, until) {
             (Verdict::Deferred(t, c @ Class::Throttle), Some(until)) => {

@@ -126,7 +126,15 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     let mut shutdown = services.shutdown.clone();
     let pool = Arc::new(Pool::default());
     let mut reloads = services.reloads.subscribe();
-    let mut upstreams = services.cfg().upstreams.clone();
+    // What the idle connections were opened with: the upstreams' settings
+    // and the files behind them (a renewed CA file).
+    let settings = |live: &crate::live::Live| {
+        (
+            live.cfg.upstreams.clone(),
+            live.files.get("upstreams").cloned(),
+        )
+    };
+    let mut upstreams = settings(&services.live());
 
     match services.store.all() {
         Ok(all) => {
@@ -161,10 +169,10 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
             Ok(()) = reloads.changed() => {
                 // Idle sessions were opened (and authenticated) with the
                 // old settings of the upstreams.
-                let cfg = services.cfg();
-                if cfg.upstreams != upstreams {
+                let now = settings(&services.live());
+                if now != upstreams {
                     pool.close_idle();
-                    upstreams = cfg.upstreams.clone();
+                    upstreams = now;
                 }
             }
             msg = rx.recv() => match msg {

@@ -39,6 +39,12 @@ impl DmarcRow {
     pub fn passed(&self) -> bool {
         self.dkim || self.spf
     }
+
+    /// Its mail passed DKIM under one of `keys` ("domain/selector"): the
+    /// source is one of herald's nodes.
+    pub fn signed_by(&self, keys: &std::collections::BTreeSet<String>) -> bool {
+        self.dkim_passed.iter().any(|k| keys.contains(k))
+    }
 }
 
 /// One policy of a TLS report: sessions to one domain's MX hosts.
@@ -77,6 +83,21 @@ fn key(end: u64, reporter: &str, report_id: &str, n: usize) -> Vec<u8> {
     k
 }
 
+/// Writes the rows of one report under (end, reporter, report id, row);
+/// for each, whether it was new.
+fn insert<'a, T: Serialize>(
+    tree: &sled::Tree,
+    rows: &[T],
+    keys: impl Iterator<Item = (u64, &'a str, &'a str)>,
+) -> Result<Vec<bool>, QueueError> {
+    let mut first = Vec::with_capacity(rows.len());
+    for (n, (r, (end, reporter, id))) in rows.iter().zip(keys).enumerate() {
+        let v = serde_json::to_vec(r).map_err(|e| QueueError::Failed(e.to_string()))?;
+        first.push(tree.insert(key(end, reporter, id, n), v)?.is_none());
+    }
+    Ok(first)
+}
+
 fn scan<T: for<'de> Deserialize<'de>>(
     tree: &sled::Tree,
     since_s: u64,
@@ -100,22 +121,18 @@ impl Aggregates {
         })
     }
 
-    /// Stores the rows of one report; false when it was stored already.
+    /// Stores the rows of one DMARC report; false when it was stored
+    /// already (then nothing is counted again).
     pub fn add_dmarc(&self, rows: &[DmarcRow]) -> Result<bool, QueueError> {
-        let mut new = false;
-        for (n, r) in rows.iter().enumerate() {
-            let v = serde_json::to_vec(r).map_err(|e| QueueError::Failed(e.to_string()))?;
-            let first = self
-                .dmarc
-                .insert(key(r.end, &r.reporter, &r.report_id, n), v)?
-                .is_none();
-            if first {
-                let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-                *c.entry((r.domain.clone(), r.passed())).or_default() += r.count;
-            }
-            new |= first;
+        let keys = rows
+            .iter()
+            .map(|r| (r.end, r.reporter.as_str(), r.report_id.as_str()));
+        let first = insert(&self.dmarc, rows, keys)?;
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for r in rows.iter().zip(&first).filter(|(_, f)| **f).map(|(r, _)| r) {
+            *c.entry((r.domain.clone(), r.passed())).or_default() += r.count;
         }
-        Ok(new)
+        Ok(first.contains(&true))
     }
 
     /// Messages of the DMARC reports applied since start.
@@ -127,15 +144,10 @@ impl Aggregates {
     }
 
     pub fn add_tls(&self, rows: &[TlsRow]) -> Result<bool, QueueError> {
-        let mut new = false;
-        for (n, r) in rows.iter().enumerate() {
-            let v = serde_json::to_vec(r).map_err(|e| QueueError::Failed(e.to_string()))?;
-            new |= self
-                .tls
-                .insert(key(r.end, &r.reporter, &r.report_id, n), v)?
-                .is_none();
-        }
-        Ok(new)
+        let keys = rows
+            .iter()
+            .map(|r| (r.end, r.reporter.as_str(), r.report_id.as_str()));
+        Ok(insert(&self.tls, rows, keys)?.contains(&true))
     }
 
     /// Rows of reports whose period ended at or after `since_s`.
