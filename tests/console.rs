@@ -61,23 +61,9 @@ fn a_support_person_answers_from_the_browser_alone() {
 
     let shots =
         std::env::var("HERALD_SCREENSHOTS").unwrap_or_else(|_| h.path("").display().to_string());
-    let out = tool(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/console_test.py"
-        ))
-        .arg(format!("http://127.0.0.1:{port}"))
-        .arg(TOKEN)
-        .arg(&deferred)
-        .arg(&shots)
-        .output()
-        .expect("python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}\n{}", h.log());
+    let base = format!("http://127.0.0.1:{port}");
+    let (ok, text) = python_script("console_test.py", &[&base, TOKEN, &deferred, &shots]);
+    assert!(ok, "{text}\n{}", h.log());
 
     // What the page did, seen from outside the page.
     let (_, list, _) = h.cli(&["suppression", "list"]);

@@ -5,11 +5,11 @@ with a message on the first check that fails.
 
 usage: console_test.py BASE_URL TOKEN DEFERRED_ID SCREENSHOT_DIR
 """
-import csv, json, os, sys, tempfile, time, urllib.request
+import csv, json, os, sys, tempfile, urllib.request
 
-from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
+from browser import Browser
+
+from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
@@ -17,31 +17,15 @@ from selenium.webdriver.support.ui import WebDriverWait
 base, token, deferred_id, shots = sys.argv[1:5]
 HOSTILE = "<img src=x onerror=alert(1)>"
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-    opts.add_argument(a)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-# Views re-render after an action: an element found just before may be gone.
-wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
-
-
-def check(cond, what):
-    if not cond:
-        print("FAILED:", what, file=sys.stderr)
-        print(driver.page_source[:4000], file=sys.stderr)
-        driver.quit()
-        sys.exit(1)
-    print("ok:", what)
+b = Browser(base, token)
+driver, wait, check = b.driver, b.wait, b.check
 
 
 def text(css):
     return wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, css))).text
 
 
-def api(path):
-    req = urllib.request.Request(base + "/api/v1" + path, headers={"Authorization": "Bearer " + token})
-    return json.load(urllib.request.urlopen(req))
+api = b.api
 
 
 def no_alert():

@@ -257,21 +257,8 @@ fn aggregate_and_tls_reports_from_real_receivers_give_their_figures_per_domain()
         );
     }
     // The console's DMARC page, in a real browser.
-    let out = tool(python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/dmarc_console.py"
-        ))
-        .arg(format!("http://{api}"))
-        .arg(TOKEN)
-        .output()
-        .expect("python");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}\n{}", h.log());
+    let (ok, text) = python_script("dmarc_console.py", &[&format!("http://{api}"), TOKEN]);
+    assert!(ok, "{text}\n{}", h.log());
 
     let t1 = tls
         .iter()

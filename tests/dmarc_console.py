@@ -5,37 +5,18 @@ a message on the first check that fails.
 
 usage: dmarc_console.py BASE_URL TOKEN
 """
-import json, sys, urllib.request
+import sys
 
-from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
-from selenium.webdriver.support.ui import WebDriverWait
+
+from browser import Browser
 
 base, token = sys.argv[1:3]
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-    opts.add_argument(a)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-wait = WebDriverWait(driver, 15, ignored_exceptions=(StaleElementReferenceException,))
-
-
-def check(cond, what):
-    if not cond:
-        print("FAILED:", what, file=sys.stderr)
-        print(driver.page_source[:4000], file=sys.stderr)
-        driver.quit()
-        sys.exit(1)
-    print("ok:", what)
-
-
-def api(path):
-    req = urllib.request.Request(base + "/api/v1" + path, headers={"Authorization": "Bearer " + token})
-    return json.load(urllib.request.urlopen(req))
+b = Browser(base, token)
+driver, wait, check, api = b.driver, b.wait, b.check, b.api
 
 
 try:

@@ -935,6 +935,26 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// Runs `tests/NAME` (a Python test script) with `args` in the venv's
+/// Python; whether it succeeded, and what it printed.
+pub fn python_script(name: &str, args: &[&str]) -> (bool, String) {
+    let out = tool(python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests")
+                .join(name),
+        )
+        .args(args)
+        .output()
+        .expect("python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// A `Command` for an outside tool (a name looked up on `PATH`, such as
 /// `swaks`, or a path such as `python()`). A missing one fails the test with
 /// the command that installs it.
