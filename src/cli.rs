@@ -188,6 +188,36 @@ fn listing(v: &Value, key: &str, json: bool, empty: &str) -> Option<Vec<Value>> 
     Some(items)
 }
 
+/// `[cluster]`: this node, whether it is degraded, and every node.
+fn print_cluster(c: &Value) {
+    if c.is_null() {
+        return;
+    }
+    match c["degraded"].as_str() {
+        Some(why) => println!(
+            "cluster: node {}, DEGRADED ({why}); {} change(s) wait for Redis",
+            s(&c["node"]),
+            c["outbox"]
+        ),
+        None => println!("cluster: node {}, connected", s(&c["node"])),
+    }
+    for n in arr(c, "nodes") {
+        let state = if n["alive"] == Value::Bool(false) {
+            format!("GONE (last seen {})", relative(n["seen_ms"].as_u64()))
+        } else if n["degraded"] == Value::Bool(true) {
+            "degraded".into()
+        } else {
+            "up".into()
+        };
+        println!(
+            "  node {}: {state}, {} message(s) queued, {} deferred recipient(s)",
+            s(&n["node"]),
+            n["messages"],
+            n["deferred"]
+        );
+    }
+}
+
 pub fn print_status(v: &Value, json: bool) {
     if json {
         json_lines(std::slice::from_ref(v));
@@ -214,6 +244,7 @@ pub fn print_status(v: &Value, json: bool) {
             s(&v["storage"]["error"])
         );
     }
+    print_cluster(&v["cluster"]);
     let recips: Vec<String> = v["recipients"]
         .as_object()
         .map(|m| m.iter().map(|(k, n)| format!("{n} {k}")).collect())

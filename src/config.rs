@@ -73,6 +73,26 @@ pub struct Config {
     pub api: Api,
     /// `[bounces]`: signed return paths and the intake of what comes back.
     pub bounces: Option<Bounces>,
+    /// `[cluster]`: the state several nodes share through Redis.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: suppression, pacing, pauses, history and reports shared
+/// by every node through one Redis; each node's spool stays its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// `redis://` or `rediss://` URL (a password in it is a secret too).
+    pub redis: Secret,
+    pub redis_password: Option<Secret>,
+    /// This node's name in events, `status` and the console.
+    pub node: String,
+    /// Before every key: several clusters may share one Redis.
+    pub key_prefix: String,
+    /// Per Redis call; past it the node degrades.
+    pub timeout: Duration,
+    /// With Redis away: go on delivering against the local mirror
+    /// (false), or hold delivery until it is back (true).
+    pub hold_when_down: bool,
 }
 
 /// `[bounces]`: each recipient's envelope sender is `b-TOKEN@domain`, and
@@ -245,11 +265,14 @@ pub struct Delivery {
 }
 
 /// A message rate, "10/s", "30/m", "5000/h": a token bucket that holds
-/// `count` tokens and refills `count` per `per`.
+/// `burst` tokens (by default `count`: after an idle spell a whole
+/// period's allowance may go at once; `max_burst` lowers it) and refills
+/// `count` per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     pub count: u32,
     pub per: Duration,
+    pub burst: u32,
 }
 
 impl fmt::Display for Rate {
@@ -288,7 +311,27 @@ pub fn parse_rate(key: &str, s: &str) -> Result<Option<Rate>, ConfigError> {
     if count == 0 {
         return Ok(None);
     }
-    Ok(Some(Rate { count, per }))
+    Ok(Some(Rate {
+        count,
+        per,
+        burst: count,
+    }))
+}
+
+/// `rate` with the bucket of `max_burst` (`key`), when given.
+fn with_burst(
+    key: &str,
+    rate: Option<Rate>,
+    burst: Option<i64>,
+) -> Result<Option<Rate>, ConfigError> {
+    match (rate, burst) {
+        (_, None) => Ok(rate),
+        (None, Some(_)) => Err(bad(key, "goes with a rate: set the max_rate beside it too")),
+        (Some(r), Some(b)) => {
+            let b = positive(key, Some(b), 1, r.count as i64)? as u32;
+            Ok(Some(Rate { burst: b, ..r }))
+        }
+    }
 }
 
 impl Delivery {
@@ -413,6 +456,18 @@ mod raw {
         #[serde(default)]
         pub api: Api,
         pub bounces: Option<Bounces>,
+        pub cluster: Option<Cluster>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cluster {
+        pub redis: String,
+        pub redis_password_file: Option<String>,
+        pub node: Option<String>,
+        pub key_prefix: Option<String>,
+        pub timeout: Option<String>,
+        pub on_redis_down: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -523,6 +578,7 @@ mod raw {
         pub mx_port: Option<i64>,
         pub mx_max_connections: Option<i64>,
         pub mx_max_rate: Option<String>,
+        pub mx_max_burst: Option<i64>,
     }
 
     #[derive(Deserialize)]
@@ -537,6 +593,7 @@ mod raw {
         pub tls_verify: Option<bool>,
         pub max_connections: Option<i64>,
         pub max_rate: Option<String>,
+        pub max_burst: Option<i64>,
         pub max_messages_per_connection: Option<i64>,
     }
 
@@ -738,6 +795,10 @@ impl Config {
         let concurrency =
             positive("delivery.concurrency", raw.delivery.concurrency, 16, 10_000)? as usize;
         let upstreams = upstreams(raw.upstreams, concurrency, dir)?;
+        let cluster = raw
+            .cluster
+            .map(|c| cluster(c, &hostname, dir))
+            .transpose()?;
         Ok(Config {
             path: path.to_path_buf(),
             hostname,
@@ -754,6 +815,7 @@ impl Config {
             webhooks: webhooks(raw.webhooks, dir)?,
             api: api(raw.api, dir)?,
             bounces: bounces(raw.bounces, dir)?,
+            cluster,
         })
     }
 
@@ -1036,9 +1098,13 @@ fn upstreams(
                     concurrency as i64,
                     10_000,
                 )? as usize,
-                max_rate: parse_rate(
-                    &format!("{key}.max_rate"),
-                    u.max_rate.as_deref().unwrap_or("0"),
+                max_rate: with_burst(
+                    &format!("{key}.max_burst"),
+                    parse_rate(
+                        &format!("{key}.max_rate"),
+                        u.max_rate.as_deref().unwrap_or("0"),
+                    )?,
+                    u.max_burst,
                 )?,
                 max_messages_per_connection: match u.max_messages_per_connection {
                     None => None,
@@ -1136,9 +1202,13 @@ fn delivery(
             concurrency as i64,
             10_000,
         )? as usize,
-        mx_max_rate: parse_rate(
-            "delivery.mx_max_rate",
-            d.mx_max_rate.as_deref().unwrap_or("0"),
+        mx_max_rate: with_burst(
+            "delivery.mx_max_burst",
+            parse_rate(
+                "delivery.mx_max_rate",
+                d.mx_max_rate.as_deref().unwrap_or("0"),
+            )?,
+            d.mx_max_burst,
         )?,
     };
     Ok(delivery)
@@ -1234,6 +1304,53 @@ fn dns(d: raw::Dns) -> Result<Dns, ConfigError> {
             .collect::<Result<Vec<_>, _>>()?,
     };
     Ok(dns)
+}
+
+/// `[cluster]`.
+fn cluster(c: raw::Cluster, hostname: &str, dir: &Path) -> Result<Cluster, ConfigError> {
+    let url = c.redis.trim();
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(bad(
+            "cluster.redis",
+            "write a redis:// or rediss:// URL, e.g. \"redis://127.0.0.1:6379/0\"",
+        ));
+    }
+    let node = c.node.unwrap_or_else(|| hostname.to_string());
+    if node.is_empty()
+        || !node
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+    {
+        return Err(bad(
+            "cluster.node",
+            format!("{node:?}: use letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    let timeout = parse_duration("cluster.timeout", c.timeout.as_deref().unwrap_or("250ms"))?;
+    if timeout.is_zero() || timeout > Duration::from_secs(30) {
+        return Err(bad("cluster.timeout", "between 1ms and 30s"));
+    }
+    let hold_when_down = match c.on_redis_down.as_deref().unwrap_or("deliver") {
+        "deliver" => false,
+        "hold" => true,
+        other => {
+            return Err(bad(
+                "cluster.on_redis_down",
+                format!("{other:?}: \"deliver\" (the default) or \"hold\""),
+            ))
+        }
+    };
+    Ok(Cluster {
+        redis: Secret(url.to_string()),
+        redis_password: c
+            .redis_password_file
+            .map(|f| read_secret("cluster.redis_password_file", &rel_to(dir, &f)))
+            .transpose()?,
+        node,
+        key_prefix: c.key_prefix.unwrap_or_else(|| "herald:".into()),
+        timeout,
+        hold_when_down,
+    })
 }
 
 /// `[[webhooks]]`.
@@ -1593,7 +1710,8 @@ mod tests {
             p.max_rate,
             Some(Rate {
                 count: 30,
-                per: Duration::from_secs(60)
+                per: Duration::from_secs(60),
+                burst: 30,
             })
         );
         assert_eq!(p.max_rate.unwrap().to_string(), "30/m");

@@ -18,8 +18,11 @@ use prometheus_client::registry::Registry;
 
 use crate::state::Services;
 
-/// 200 while the storage can be trusted; the body says whether delivery is
-/// paused. 503 once a flush or fsync failed, until a probe succeeds.
+/// 200 while this node takes mail; the body says whether delivery is
+/// paused and whether the cluster is degraded (mail still flows). 503,
+/// with the reason, while the node refuses mail for its own reasons: a
+/// flush or fsync failed (until a probe succeeds), it is draining
+/// (SIGTERM), or its memory budget is exhausted.
 async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     if let Some((_, why)) = s.store.health.failure() {
         return (
@@ -27,16 +30,37 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
             format!("storage failed: {why}\n"),
         );
     }
+    if let Some(why) = refusing(&s) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    }
+    let degraded = s
+        .cluster
+        .as_ref()
+        .and_then(|c| c.degraded())
+        .map(|why| format!(" (cluster degraded: {why})"))
+        .unwrap_or_default();
     match s.store.meta_get(crate::state::ports::META_PAUSED) {
         Ok(_) if s.pauses.delivery_paused() => {
-            (StatusCode::OK, "ok (delivery paused)\n".to_string())
+            (StatusCode::OK, format!("ok (delivery paused){degraded}\n"))
         }
-        Ok(_) => (StatusCode::OK, "ok\n".to_string()),
+        Ok(_) => (StatusCode::OK, format!("ok{degraded}\n")),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("storage error: {e}\n"),
         ),
     }
+}
+
+/// Why this node refuses new mail for its own reasons (beyond a failed
+/// storage), if it does: a balancer should send the mail elsewhere.
+fn refusing(s: &Services) -> Option<String> {
+    if s.shutdown.is_set() {
+        return Some("draining: herald is stopping and takes no new mail".into());
+    }
+    if s.memory.available() == 0 {
+        return Some("memory budget exhausted: new messages wait for memory".into());
+    }
+    None
 }
 
 /// One label of a metric family.
@@ -107,6 +131,23 @@ fn registry(s: &Services) -> Registry {
         "0 once a flush or fsync failed, until a probe write succeeds",
         gauge(!s.store.health.is_failed() as i64),
     );
+    if let Some(c) = &s.cluster {
+        r.register(
+            "herald_cluster_degraded",
+            "1 while Redis does not answer: this node goes on with its mirror and its share of the limits",
+            gauge(c.degraded().is_some() as i64),
+        );
+        r.register(
+            "herald_cluster_outbox",
+            "Changes of this node waiting to be written to Redis",
+            gauge(c.outbox_len() as i64),
+        );
+        r.register(
+            "herald_cluster_nodes",
+            "Nodes whose heartbeat is recent, this one included",
+            gauge(c.alive() as i64),
+        );
+    }
     r.register(
         "herald_paused",
         "1 while outbound delivery is paused",

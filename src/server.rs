@@ -225,19 +225,22 @@ struct Parts {
 fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
     let cfg = live.cfg.clone();
     let db = &p.store.db;
-    let events = Arc::new(crate::state::ports::SledEvents::open(db)?);
-    let history = History::with_store(db, events)?.with_webhooks(&cfg.webhooks);
+    let ports = ports(&cfg, &p)?;
+    let history = History::with_store(db, ports.events)?
+        .with_webhooks(&cfg.webhooks)
+        .with_node(cfg.cluster.as_ref().map(|c| c.node.clone()));
     history.load_hourly()?;
-    let list = Arc::new(crate::state::ports::SledSuppression::open(db)?);
-    let suppression = crate::state::suppression::Suppression::new(list);
-    let pauses = Box::new(crate::state::ports::LocalPauses::open(&p.store)?);
+    let suppression = crate::state::suppression::Suppression::new(ports.suppression);
     Ok(Services {
         current: RwLock::new(Arc::new(live)),
         store: p.store,
         history,
         suppression,
         scheduler: p.scheduler,
-        pacing: Default::default(),
+        pacing: crate::state::pacing::Pacing {
+            health: Default::default(),
+            shaper: crate::state::pacing::Shaper::new(ports.pace),
+        },
         unsaved: Default::default(),
         opens: Default::default(),
         memory: crate::budget::Budget::new(crate::budget::DEFAULT_BYTES),
@@ -245,7 +248,7 @@ fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
         mx_tls: crate::tls::client_config(None, false)?,
         bounces: p.bounces,
         shutdown: p.shutdown,
-        pauses,
+        pauses: ports.pauses,
         started: Instant::now(),
         attempts: crate::limit::Limit::new(cfg.delivery.concurrency),
         conns: crate::limit::Slots::new(
@@ -264,6 +267,44 @@ fn services(live: Live, p: Parts) -> anyhow::Result<Services> {
         reloads: tokio::sync::watch::channel(0).0,
         reload_lock: Mutex::new(()),
         tracking_served: p.tracking_served,
+        cluster: ports.cluster,
+    })
+}
+
+/// The backends of the shared state: this node's sled, or with
+/// `[cluster]` the mirror and Redis.
+struct Ports {
+    events: Arc<dyn crate::state::history::EventStore>,
+    suppression: Arc<dyn crate::state::suppression::SuppressionStore>,
+    pauses: Box<dyn crate::state::ports::PauseFlags>,
+    pace: Arc<dyn crate::state::pacing::PaceStore>,
+    cluster: Option<Arc<crate::state::cluster::Cluster>>,
+}
+
+fn ports(cfg: &Config, p: &Parts) -> anyhow::Result<Ports> {
+    use crate::state::cluster as c;
+    use crate::state::ports as local;
+    let db = &p.store.db;
+    let Some(cc) = &cfg.cluster else {
+        return Ok(Ports {
+            events: Arc::new(local::SledEvents::open(db)?),
+            suppression: Arc::new(local::SledSuppression::open(db)?),
+            pauses: Box::new(local::LocalPauses::open(&p.store)?),
+            pace: Arc::new(crate::state::pacing::LocalPace::default()),
+            cluster: None,
+        });
+    };
+    let node = Arc::new(c::Cluster::open(cc, &p.store)?);
+    if let Some(b) = &p.bounces {
+        b.share_with(node.clone());
+    }
+    tracing::info!(node = %cc.node, "cluster: shared state through Redis");
+    Ok(Ports {
+        events: Arc::new(c::SharedEvents(node.clone())),
+        suppression: Arc::new(c::SharedSuppression(node.clone())),
+        pauses: Box::new(c::SharedPauses(node.clone())),
+        pace: Arc::new(c::pace::SharedPace(c::pace::RedisPace::new(node.clone()))),
+        cluster: Some(node),
     })
 }
 
@@ -297,6 +338,15 @@ impl Tasks {
             crate::control::serve(s.clone(), bound.control, socket),
         );
         self.spawn("history purge", purge_history(s.clone()));
+        if let Some(c) = &s.cluster {
+            use crate::state::cluster::sync;
+            self.spawn("cluster push", sync::push(s.clone(), c.clone()));
+            self.spawn("cluster read", sync::read(s.clone(), c.clone()));
+            self.spawn("cluster heartbeat", sync::heartbeat(s.clone(), c.clone()));
+            if let Some(p) = c.shared_pace.get() {
+                self.spawn("cluster leases", p.clone().keep_leases(s.shutdown.clone()));
+            }
+        }
         self.spawn("webhooks", crate::webhooks::supervise(s.clone()));
         if let Some(l) = bound.tracking {
             tracing::info!(addr = %l.local_addr()?, "tracking pixel listening");

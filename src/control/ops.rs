@@ -307,6 +307,7 @@ fn status(s: &Services) -> Answer {
             "stored_bytes": b.stored().0,
             "max_stored": b.stored().1,
         })),
+        "cluster": s.cluster.as_ref().map(|c| c.report()),
     }))
 }
 

@@ -141,6 +141,8 @@ fn keep_running(old: &Config, new: &mut Config, tracking_served: bool) -> Vec<St
     keep!("tracking.listen", tracking.listen);
     // The intake's listener and the token key are set up at start.
     keep!("bounces", bounces);
+    // The Redis connection and this node's name are taken at start.
+    keep!("cluster", cluster);
     if old.api.listen != new.api.listen {
         // The API keeps its address and its tokens file together.
         restart.push("api.listen".to_string());

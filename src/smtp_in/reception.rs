@@ -148,6 +148,14 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         // Not acknowledged, so it must not go out either: the client will
         // send it again.
         let _ = s.store.remove(&id);
+        // A write that failed (a full disk) fails the storage like a sync
+        // that failed: /healthz says 503 until a probe write succeeds.
+        if matches!(
+            e,
+            crate::state::spool::QueueError::Sled(_) | crate::state::spool::QueueError::Io(_)
+        ) {
+            s.store.health.fail(&e.to_string());
+        }
         tracing::error!(%id, error = %e, "could not store message");
         return replies::STORAGE_ERROR;
     }

@@ -94,6 +94,9 @@ pub struct Event {
     /// (`herald show REPORT-ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<String>,
+    /// `[cluster]`: the node that recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// What an event may carry beyond the fields every event has.
@@ -141,6 +144,8 @@ pub struct History {
     /// The endpoints in force, each with the wake-up of its sender; a
     /// reload replaces the list.
     hooks: Arc<RwLock<Hooks>>,
+    /// `[cluster] node`, named in every event.
+    node: Option<String>,
 }
 
 type Hooks = Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>;
@@ -225,7 +230,14 @@ impl History {
             hourly: Arc::new(Default::default()),
             outbox: db.open_tree("webhook_outbox")?,
             hooks: Arc::default(),
+            node: None,
         })
+    }
+
+    /// Events name this node (a cluster's).
+    pub fn with_node(mut self, node: Option<String>) -> History {
+        self.node = node;
+        self
     }
 
     /// Events for these endpoints also go to the outbox; each endpoint's
@@ -320,6 +332,15 @@ impl History {
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&t.to_be_bytes());
         key[8..].copy_from_slice(&self.seq.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        // Unique across the nodes of a cluster too: two bytes of the
+        // node's name over the top of the sequence (which starts at this
+        // process's start time in ms, and needs far fewer than 48 bits).
+        if let Some(n) = &self.node {
+            let tag = n
+                .bytes()
+                .fold(0u16, |h, b| h.rotate_left(5) ^ b as u16 ^ 0x5a5a);
+            key[8..10].copy_from_slice(&tag.to_be_bytes());
+        }
         let ev = Event {
             time: rfc3339(t),
             time_ms: t,
@@ -335,6 +356,7 @@ impl History {
             upstream: extra.upstream,
             user_agent: extra.user_agent,
             report: extra.report,
+            node: self.node.clone(),
         };
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();

@@ -407,6 +407,33 @@ impl Ledger<'_> {
         self.report_event(a, EventKind::Bounced, detail, extra);
     }
 
+    /// Another node of the cluster took a report of a bounce for message
+    /// `ev.id` (its event `ev`, already in the history): if this node
+    /// still holds the recipient, it is final here too. No second event.
+    pub fn bounced_elsewhere(&self, ev: &Event) {
+        let mut changed = false;
+        let updated = self.store.update(&ev.id, |env| {
+            if let Some(r) = env.rcpts.iter_mut().find(|r| r.addr == ev.rcpt) {
+                if !r.status.is_final() {
+                    r.status = RcptStatus::Bounced;
+                    r.class = ev.class;
+                    r.last_reply = Some(ev.detail.clone());
+                    r.updated = now_ms();
+                    changed = true;
+                }
+            }
+        });
+        match updated {
+            Err(e) => {
+                tracing::error!(id = %ev.id, error = %e, "cannot mark a bounce reported on another node")
+            }
+            Ok(Some(_)) if changed => {
+                tracing::info!(id = %ev.id, rcpt = %ev.rcpt, "a bounce reported on another node ends this recipient here")
+            }
+            Ok(_) => {}
+        }
+    }
+
     /// A remote server reported a delay.
     pub fn reported_delay(&self, a: &Reported, detail: &str, extra: Extra) {
         self.report_event(a, EventKind::Delayed, detail, extra);

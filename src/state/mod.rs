@@ -11,6 +11,7 @@
 //!   transaction being received).
 
 pub mod aggregates;
+pub mod cluster;
 pub mod envelope;
 pub mod history;
 pub mod ledger;
@@ -77,6 +78,8 @@ pub struct Services {
     pub reload_lock: Mutex<()>,
     /// The pixel server was started (tracking was enabled at start-up).
     pub tracking_served: bool,
+    /// `[cluster]`: this node of it.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl Services {

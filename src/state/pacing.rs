@@ -22,8 +22,8 @@ use crate::config::{Config, Rate};
 use crate::limit::Limit;
 use crate::state::spool::now_ms;
 
-/// A token bucket of `rate.count` tokens refilled at `count` per `per`:
-/// after an idle period up to `count` messages may go at once.
+/// A token bucket of `rate.burst` tokens refilled at `count` per `per`:
+/// after an idle period up to `burst` messages may go at once.
 #[derive(Debug)]
 pub(crate) struct Bucket {
     rate: Rate,
@@ -35,7 +35,7 @@ impl Bucket {
     pub(crate) fn new(rate: Rate) -> Bucket {
         Bucket {
             rate,
-            tokens: rate.count as f64,
+            tokens: rate.burst as f64,
             at: Instant::now(),
         }
     }
@@ -46,7 +46,7 @@ impl Bucket {
 
     pub(crate) fn refill(&mut self, now: Instant) {
         let ms = now.saturating_duration_since(self.at).as_secs_f64() * 1000.0;
-        self.tokens = (self.tokens + ms * self.per_ms()).min(self.rate.count as f64);
+        self.tokens = (self.tokens + ms * self.per_ms()).min(self.rate.burst as f64);
         self.at = now;
     }
 
@@ -63,7 +63,7 @@ impl Bucket {
     /// Full again: an idle client's bucket can be forgotten.
     pub(crate) fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
-        self.tokens >= self.rate.count as f64
+        self.tokens >= self.rate.burst as f64
     }
 
     pub(crate) fn take(&mut self) {
@@ -90,8 +90,10 @@ pub trait PaceStore: Send + Sync {
     /// Takes a token of `rate` for `key`, or says in how many ms one is
     /// there. A new rate starts with a full bucket.
     fn take_token(&self, key: &str, rate: Rate) -> Result<(), u64>;
-    /// A session lease, while fewer than `max` are held for `key`.
-    fn try_lease(&self, key: &str, max: usize) -> Option<Lease>;
+    /// A session lease, while fewer than `max` are held for `key`; else
+    /// `Err(None)`: all are in use here, look again when an attempt ends;
+    /// `Err(Some(ms))`: look again at that time (the leases are shared).
+    fn try_lease(&self, key: &str, max: usize) -> Result<Lease, Option<u64>>;
     /// Waits for a lease.
     fn lease<'a>(
         &'a self,
@@ -115,7 +117,7 @@ pub trait PaceStore: Send + Sync {
 }
 
 /// A session lease of a destination, given back on drop.
-pub struct Lease(#[allow(dead_code)] Box<dyn Send + Sync>);
+pub struct Lease(#[allow(dead_code)] pub(crate) Box<dyn Send + Sync>);
 
 /// The pace of this process's destinations, in memory.
 #[derive(Default)]
@@ -158,9 +160,9 @@ impl PaceStore for LocalPace {
         }
     }
 
-    fn try_lease(&self, key: &str, max: usize) -> Option<Lease> {
-        let p = self.slots(key, max).try_acquire()?;
-        Some(Lease(Box::new(p)))
+    fn try_lease(&self, key: &str, max: usize) -> Result<Lease, Option<u64>> {
+        let p = self.slots(key, max).try_acquire().ok_or(None)?;
+        Ok(Lease(Box::new(p)))
     }
 
     fn lease<'a>(
@@ -217,6 +219,35 @@ impl PaceStore for LocalPace {
         m.get(key)
             .map(|b| (b.until_ms, b.last_reply.clone()))
             .unwrap_or_default()
+    }
+}
+
+impl LocalPace {
+    /// A back-off another node started (the cluster's mirror): taken when
+    /// it ends later than this node's own.
+    pub fn adopt_backoff(&self, key: &str, until_ms: u64, level: u32, reply: Option<String>) {
+        let mut m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        let b = m.entry(key.to_string()).or_default();
+        if until_ms > b.until_ms {
+            b.until_ms = until_ms;
+            b.level = b.level.max(level);
+            b.last_reply = reply.or(b.last_reply.take());
+        }
+    }
+
+    /// Another node's success reset a back-off.
+    pub fn clear_backoff(&self, key: &str) {
+        let mut m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = m.get_mut(key) {
+            b.level = 0;
+            b.until_ms = 0;
+        }
+    }
+
+    /// The level of `key`'s back-off (throttles in a row).
+    pub fn backoff_level(&self, key: &str) -> u32 {
+        let m = self.backoffs.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key).map_or(0, |b| b.level)
     }
 }
 
@@ -277,8 +308,10 @@ impl Dest {
             return Gate::Wait(t);
         }
         let (limit, rate) = self.limits();
-        let Some(lease) = self.store.try_lease(&self.key, limit) else {
-            return Gate::Full;
+        let lease = match self.store.try_lease(&self.key, limit) {
+            Ok(l) => l,
+            Err(None) => return Gate::Full,
+            Err(Some(t)) => return Gate::Wait(t),
         };
         if let Some(rate) = rate {
             if let Err(w) = self.store.take_token(&self.key, rate) {
@@ -511,6 +544,7 @@ mod tests {
         Rate {
             count,
             per: Duration::from_secs(secs),
+            burst: count,
         }
     }
 

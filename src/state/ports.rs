@@ -104,6 +104,37 @@ impl SuppressionStore for SledSuppression {
     }
 }
 
+impl SledSuppression {
+    /// The hard bounces counted for `addr`.
+    pub fn bounces(&self, addr: &str) -> StateResult<u32> {
+        Ok(self
+            .bounces
+            .get(key(addr))?
+            .and_then(|b| b.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Sets the count (a mirror taking the cluster's).
+    pub fn set_bounces(&self, addr: &str, n: u32) -> StateResult<()> {
+        if n == 0 {
+            self.bounces.remove(key(addr))?;
+        } else {
+            self.bounces.insert(key(addr), n.to_be_bytes().to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Every address with a count.
+    pub fn counted(&self) -> StateResult<Vec<String>> {
+        let mut out = Vec::new();
+        for item in self.bounces.iter() {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+}
+
 /// Events in this node's sled: trees `events` and `events_index`.
 pub struct SledEvents {
     events: sled::Tree,

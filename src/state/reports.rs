@@ -129,6 +129,8 @@ pub struct Bounces {
     /// start.
     legacy_bodies: sled::Tree,
     sent: sled::Tree,
+    /// `[cluster]`: return paths go to every node.
+    cluster: Arc<std::sync::OnceLock<Arc<crate::state::cluster::Cluster>>>,
     /// One entry per message, recipient and outcome (`bounced`,
     /// `delayed`, `complained`): the first report applies, the others
     /// are duplicates.
@@ -221,6 +223,7 @@ impl Bounces {
             reports: db.open_tree("reports")?,
             legacy_bodies: db.open_tree("report_bodies")?,
             sent: db.open_tree("return_paths")?,
+            cluster: Arc::default(),
             outcomes: db.open_tree("report_outcomes")?,
             dir,
             max_stored: cfg.max_stored,
@@ -355,10 +358,24 @@ impl Bounces {
             sent_ms: now_ms(),
         };
         if let Ok(v) = serde_json::to_vec(&s) {
+            if let Some(c) = self.cluster.get() {
+                let op = crate::state::cluster::Op::Sent {
+                    id: env.id.clone(),
+                    json: String::from_utf8_lossy(&v).into_owned(),
+                };
+                if let Err(e) = c.enqueue(&op) {
+                    tracing::error!(id = %env.id, error = %e, "cannot share the return paths of a message");
+                }
+            }
             if let Err(e) = self.sent.insert(key, v) {
                 tracing::error!(id = %env.id, error = %e, "cannot note the return paths of a message");
             }
         }
+    }
+
+    /// `[cluster]`: return paths are shared from now on.
+    pub fn share_with(&self, c: Arc<crate::state::cluster::Cluster>) {
+        let _ = self.cluster.set(c);
     }
 
     pub fn sent_record(&self, id: &str) -> Option<Sent> {

@@ -1,0 +1,420 @@
+//! `[cluster]`: three herald nodes, each with its own spool, sharing one
+//! real `redis-server` (started by the test on a free loopback port, and
+//! stopped by it): suppression, pauses, history, reports, pacing, and what
+//! happens while Redis is away.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const DOMAIN: &str = "bounces.example.test";
+const KEY: &str = "an HMAC key of return-path tokens, 32+";
+
+struct Node {
+    herald: Herald,
+    intake: SocketAddr,
+}
+
+/// A node named `name` relaying to `sink_port`, in the cluster of `redis`
+/// (none: standalone); `extra` goes into the config (after `[delivery]`'s
+/// keys, before `[upstreams.up]`'s end).
+fn node(name: &str, redis: Option<&Redis>, sink_port: u16, up_extra: &str, extra: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bounce.key"), format!("{KEY}\n")).unwrap();
+    let intake: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cluster = redis
+        .map(|r| format!("[cluster]\nredis = \"{}\"\nnode = \"{name}\"\n", r.url()))
+        .unwrap_or_default();
+    let herald = Herald::start_in(
+        dir,
+        &format!(
+            "{}\n[bounces]\ndomain = \"{DOMAIN}\"\nlisten = [\"{intake}\"]\nsecret_file = \"{{dir}}/bounce.key\"\n[control]\nsocket = \"{{dir}}/herald.sock\"\n{cluster}{extra}\n",
+            upstream(sink_port, "none", up_extra)
+        ),
+    );
+    Node { herald, intake }
+}
+
+fn status(h: &Herald) -> serde_json::Value {
+    serde_json::from_str(&h.ok(&["status", "--json"])).unwrap()
+}
+
+fn suppressed(h: &Herald) -> Vec<String> {
+    json_lines(&h.ok(&["suppression", "list", "--json"]))
+        .iter()
+        .map(|e| e["addr"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Sends one message to `rcpts` through `h`; its queue id.
+fn send(h: &Herald, rcpts: &[&str], subject: &str) -> String {
+    let mut c = h.client();
+    c.ehlo();
+    let (code, reply) = c.send("app@customer.test", rcpts, &message(subject));
+    assert_eq!(code, 250, "{reply}");
+    queue_id(&reply)
+}
+
+fn kinds(h: &Herald, rcpt: &str) -> Vec<(String, String)> {
+    h.events(rcpt)
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default().to_string(),
+                e["node"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_hard_bounce_or_a_suppression_on_one_node_stops_mail_from_every_node() {
+    let redis = Redis::start();
+    let mut script = Script::default();
+    script
+        .rcpt_replies
+        .push(("dead".into(), "550 5.1.1 no such user".into()));
+    let sink = Sink::start(script);
+    let a = node("a", Some(&redis), sink.port(), "", "");
+    let b = node("b", Some(&redis), sink.port(), "", "");
+    let c = node("c", Some(&redis), sink.port(), "", "");
+    // 200 addresses bounce hard at RCPT on A.
+    let dead: Vec<String> = (0..200).map(|i| format!("dead{i}@dest.test")).collect();
+    for chunk in dead.chunks(50) {
+        let r: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        send(&a.herald, &r, "to the dead");
+    }
+    assert!(
+        wait_until(30, || suppressed(&a.herald).len() == 200),
+        "A suppresses them: {}\n{}",
+        suppressed(&a.herald).len(),
+        a.herald.log()
+    );
+    let learned = Instant::now();
+    assert!(
+        wait_until(10, || suppressed(&b.herald).len() == 200
+            && suppressed(&c.herald).len() == 200),
+        "B and C learn them: {} {}\n{}",
+        suppressed(&b.herald).len(),
+        suppressed(&c.herald).len(),
+        b.herald.log()
+    );
+    let took = learned.elapsed();
+    // The figure is 1 s; the check allows for a busy machine
+    // (the two CLI calls per round are part of it).
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    eprintln!("200 suppressions reached B and C within {took:?}");
+    // Nothing goes to them from B or C afterwards.
+    let rcpt_seen = sink.state.lock().unwrap().rcpt_seen.len();
+    let r: Vec<&str> = dead[..20].iter().map(String::as_str).collect();
+    send(&b.herald, &r, "again from B");
+    send(&c.herald, &r, "again from C");
+    send(&b.herald, &["alive@dest.test"], "to the living");
+    sink.wait_for(1, 20);
+    assert!(wait_until(10, || b
+        .herald
+        .has_event("dead0@dest.test", "suppressed")
+        && c.herald.has_event("dead0@dest.test", "suppressed")));
+    assert_eq!(
+        sink.state.lock().unwrap().rcpt_seen.len(),
+        rcpt_seen + 1,
+        "only the living address was tried"
+    );
+
+    // By hand, on C: B refuses the address at once; lifted on B: A sends.
+    c.herald.ok(&[
+        "suppression",
+        "add",
+        "manual@dest.test",
+        "--reason",
+        "asked",
+    ]);
+    assert!(wait_until(3, || suppressed(&b.herald)
+        .contains(&"manual@dest.test".to_string())));
+    b.herald.ok(&["suppression", "remove", "manual@dest.test"]);
+    assert!(wait_until(3, || !suppressed(&a.herald)
+        .contains(&"manual@dest.test".to_string())));
+    send(&a.herald, &["manual@dest.test"], "lifted");
+    sink.wait_for(2, 20);
+    assert_eq!(sink.count(), 2, "{}", a.herald.log());
+
+    // status lists the three nodes.
+    let st = status(&a.herald);
+    let nodes: Vec<&str> = st["cluster"]["nodes"]
+        .as_array()
+        .map(|n| n.iter().filter_map(|n| n["node"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        wait_until(5, || {
+            let st = status(&a.herald);
+            st["cluster"]["nodes"].as_array().map_or(0, |n| n.len()) == 3
+        }),
+        "{nodes:?}"
+    );
+    let text = a.herald.ok(&["status"]);
+    assert!(text.contains("cluster: node a, connected"), "{text}");
+    assert!(text.contains("node b: up"), "{text}");
+}
+
+#[test]
+fn pause_on_one_node_holds_all_three_and_resume_on_another_frees_them() {
+    let redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let a = node("a", Some(&redis), sink.port(), "", "");
+    let b = node("b", Some(&redis), sink.port(), "", "");
+    let c = node("c", Some(&redis), sink.port(), "", "");
+    a.herald.ok(&["pause"]);
+    for n in [&b, &c] {
+        assert!(
+            wait_until(3, || status(&n.herald)["paused"] == true),
+            "{}",
+            n.herald.log()
+        );
+    }
+    send(&b.herald, &["x@dest.test"], "held on b");
+    send(&c.herald, &["y@dest.test"], "held on c");
+    assert!(wait_until(5, || b
+        .herald
+        .has_event("x@dest.test", "received")));
+    assert!(wait_until(5, || c
+        .herald
+        .has_event("y@dest.test", "received")));
+    // Held (a negative: it cannot fail falsely, only pass slowly; an
+    // unpaused node delivers within milliseconds here).
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.count(), 0);
+    assert_eq!(status(&b.herald)["messages"], 1);
+    c.herald.ok(&["resume"]);
+    let got = sink.wait_for(2, 20);
+    assert_eq!(got.len(), 2, "{}", b.herald.log());
+    assert!(status(&a.herald)["paused"] == false);
+}
+
+/// An HTTP endpoint that answers 200 and keeps each body.
+struct Hook {
+    port: u16,
+    bodies: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, s) = (bodies.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((tcp, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                tcp.set_nonblocking(false).unwrap();
+                let mut rd = BufReader::new(tcp.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut line = String::new();
+                let _ = rd.read_line(&mut line);
+                loop {
+                    line.clear();
+                    if rd.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = rd.read_exact(&mut body);
+                b.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                let mut w = tcp;
+                let _ = w.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        Hook { port, bodies, stop }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b.matches(needle).count())
+            .sum()
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_bounce_reported_to_another_node_is_in_every_nodes_history_and_posted_once() {
+    let redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let hook = Hook::start();
+    let hooks = |dir_key: &str| {
+        format!(
+            "[[webhooks]]\nname = \"platform\"\nurl = \"http://127.0.0.1:{}/h\"\nsecret_file = \"{{dir}}/{dir_key}\"\nevents = [\"delivered\", \"bounced\"]\n",
+            hook.port
+        )
+    };
+    // The webhook key: the bounce key file serves (16+ bytes).
+    let a = node("a", Some(&redis), sink.port(), "", &hooks("bounce.key"));
+    let b = node("b", Some(&redis), sink.port(), "", &hooks("bounce.key"));
+    let c = node("c", Some(&redis), sink.port(), "", &hooks("bounce.key"));
+    let id = send(&a.herald, &["ann@dest.test"], "hello");
+    let got = sink.wait_for(1, 20);
+    let return_path = got[0].mail_from.clone();
+    assert!(wait_until(10, || a
+        .herald
+        .has_event("ann@dest.test", "delivered")));
+    // A real Postfix bounce ("User unknown") to ann's return path, at B's
+    // intake.
+    let dsn = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/bounces/lhost-postfix-05.eml"),
+    )
+    .unwrap();
+    let mut cl = Client::connect(b.intake);
+    cl.ehlo();
+    let (code, text) = cl.send_bytes("", &[&return_path], &dsn);
+    assert_eq!(code, 250, "{text}\n{}", b.herald.log());
+    let sent = Instant::now();
+    // C's trace: delivered (by A), then bounced (reported at B).
+    assert!(
+        wait_until(5, || {
+            let k = kinds(&c.herald, "ann@dest.test");
+            k.iter().any(|e| e == &("delivered".into(), "a".into()))
+                && k.iter().any(|e| e == &("bounced".into(), "b".into()))
+        }),
+        "{:?}\n{}",
+        kinds(&c.herald, "ann@dest.test"),
+        b.herald.log()
+    );
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let t = c.herald.ok(&["trace", "ann@dest.test"]);
+    assert!(t.contains("bounced"), "{t}");
+    let ev = c
+        .herald
+        .events("ann@dest.test")
+        .into_iter()
+        .find(|e| e["event"] == "bounced")
+        .unwrap();
+    assert_eq!(ev["id"], id.as_str());
+    // The hard bounce suppresses on every node.
+    assert!(wait_until(3, || suppressed(&a.herald)
+        .contains(&"ann@dest.test".to_string())));
+    // The webhook gets the delivery and the bounce once each, from
+    // whichever node recorded them.
+    assert!(wait_until(10, || hook.count("\"bounced\"") >= 1
+        && hook.count("\"delivered\"") >= 1));
+    // Give every node's sender a chance to post a second copy (a
+    // duplicate would come within the same second).
+    let settled = hook.bodies.lock().unwrap().len();
+    send(&c.herald, &["later@dest.test"], "after");
+    assert!(wait_until(10, || hook.bodies.lock().unwrap().len() > settled));
+    assert_eq!(
+        hook.count("\"event\":\"bounced\""),
+        1,
+        "{:?}",
+        hook.bodies.lock().unwrap()
+    );
+    assert_eq!(
+        hook.count("\"event\":\"delivered\""),
+        2,
+        "ann's and later's, once each: {:?}",
+        hook.bodies.lock().unwrap()
+    );
+}
+
+#[test]
+fn with_redis_away_mail_flows_and_the_outage_reaches_every_node_when_it_is_back() {
+    let mut redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let a = node("a", Some(&redis), sink.port(), "", "");
+    let b = node("b", Some(&redis), sink.port(), "", "");
+    for i in 0..10 {
+        send(&a.herald, &[&format!("before{i}@dest.test")], "before");
+    }
+    sink.wait_for(10, 20);
+    assert!(wait_until(5, || b
+        .herald
+        .has_event("before9@dest.test", "delivered")));
+    // A suppression made before the outage must survive Redis losing
+    // everything (no persistence here).
+    b.herald.ok(&["suppression", "add", "kept@dest.test"]);
+    assert!(wait_until(3, || suppressed(&a.herald)
+        .contains(&"kept@dest.test".to_string())));
+    redis.kill();
+    // Mail goes on: accepted, delivered, never refused.
+    for i in 0..20 {
+        send(&a.herald, &[&format!("during{i}@dest.test")], "during");
+        send(&b.herald, &[&format!("during-b{i}@dest.test")], "during");
+    }
+    let got = sink.wait_for(50, 30);
+    assert_eq!(got.len(), 50, "{}", a.herald.log());
+    // Degraded, said once.
+    assert!(wait_until(10, || status(&a.herald)["cluster"]["degraded"].is_string()));
+    let text = a.herald.ok(&["status"]);
+    assert!(text.contains("DEGRADED"), "{text}");
+    // Suppression still holds, from the mirror.
+    send(&a.herald, &["kept@dest.test"], "still suppressed");
+    assert!(wait_until(10, || a
+        .herald
+        .has_event("kept@dest.test", "suppressed")));
+    redis.spawn();
+    let back = Instant::now();
+    assert!(
+        wait_until(15, || b.herald.has_event("during19@dest.test", "delivered")
+            && a.herald.has_event("during-b19@dest.test", "delivered")),
+        "{}\n{}",
+        a.herald.log(),
+        b.herald.log()
+    );
+    let took = back.elapsed();
+    eprintln!("the outage's events reached the other node {took:?} after Redis was back");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert!(
+        wait_until(5, || status(&a.herald)["cluster"]["degraded"].is_null()),
+        "{}\n{}",
+        status(&a.herald)["cluster"],
+        a.herald.log()
+    );
+    // Each message once.
+    let mut subjects: Vec<String> = sink
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpts.clone())
+        .collect();
+    let n = subjects.len();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), n, "a message was delivered twice");
+    assert_eq!(n, 50);
+    // The suppression came back into the empty Redis from the nodes.
+    assert!(wait_until(5, || redis
+        .cmd(&["HKEYS", "herald:suppression"])
+        .contains("kept@dest.test")));
+    let log = a.herald.log();
+    assert_eq!(
+        log.matches("cluster degraded").count(),
+        1,
+        "one line per change of state:\n{log}"
+    );
+}
