@@ -418,3 +418,130 @@ fn with_redis_away_mail_flows_and_the_outage_reaches_every_node_when_it_is_back(
         "one line per change of state:\n{log}"
     );
 }
+
+/// Sends `n` messages (one recipient each) through `h` on one session.
+fn offer(h: &Herald, n: usize, tag: &str) {
+    let mut c = h.client();
+    c.ehlo();
+    for i in 0..n {
+        let (code, r) = c.send(
+            "app@customer.test",
+            &[&format!("{tag}{i}@dest.test")],
+            &message(tag),
+        );
+        assert_eq!(code, 250, "{r}");
+    }
+}
+
+/// Three nodes, `up_extra` on their upstream, each offered `n` messages
+/// at once; the sink after `wait` (standalone nodes when `redis` is None).
+fn three_nodes_offered(
+    redis: Option<&Redis>,
+    up_extra: &str,
+    script: Script,
+    n: usize,
+) -> (Sink, Vec<Node>) {
+    let sink = Sink::start(script);
+    let nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|name| node(name, redis, sink.port(), up_extra, ""))
+        .collect();
+    thread::scope(|s| {
+        for (i, nd) in nodes.iter().enumerate() {
+            s.spawn(move || offer(&nd.herald, n, &format!("n{i}-")));
+        }
+    });
+    (sink, nodes)
+}
+
+/// Messages that arrived within `window` of the first.
+fn first_window(sink: &Sink, window: Duration) -> usize {
+    let mut at: Vec<Instant> = sink.messages().iter().map(|m| m.at).collect();
+    at.sort();
+    let Some(&t0) = at.first() else { return 0 };
+    at.iter().filter(|t| t.duration_since(t0) <= window).count()
+}
+
+#[test]
+fn three_nodes_keep_max_rate_together_and_would_not_alone() {
+    // 600/m with a burst of one: one message per 100 ms, for the cluster.
+    let limits = "max_rate = \"600/m\"\nmax_burst = 1";
+    let window = Duration::from_secs(10);
+    let redis = Redis::start();
+    let (sink, nodes) = three_nodes_offered(Some(&redis), limits, Script::default(), 150);
+    // Until the window has passed since the first arrival.
+    sink.wait_for(1, 20);
+    assert!(
+        wait_until(30, || sink.count() >= 115),
+        "{}",
+        nodes[0].herald.log()
+    );
+    let n = first_window(&sink, window);
+    eprintln!("cluster: {n} messages in the first {window:?} (limit 101)");
+    assert!((96..=106).contains(&n), "cluster: {n} in {window:?}");
+    drop(nodes);
+    drop(sink);
+    // The same nodes without [cluster]: each keeps its own 600/m.
+    let (sink, nodes) = three_nodes_offered(None, limits, Script::default(), 150);
+    sink.wait_for(1, 20);
+    assert!(
+        wait_until(30, || sink.count() >= 330),
+        "{}",
+        nodes[0].herald.log()
+    );
+    let n = first_window(&sink, window);
+    eprintln!("standalone: {n} messages in the first {window:?}");
+    assert!(n > 200, "standalone nodes must exceed it: {n}");
+}
+
+#[test]
+fn three_nodes_share_max_connections_and_a_dead_nodes_leases_expire() {
+    let limits = "max_connections = 2";
+    let script = Script {
+        data_delay: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    let redis = Redis::start();
+    let (sink, mut nodes) = three_nodes_offered(Some(&redis), limits, script, 15);
+    let got = sink.wait_for(45, 60);
+    assert_eq!(got.len(), 45, "{}", nodes[0].herald.log());
+    let peak = sink.state.lock().unwrap().peak_sessions;
+    eprintln!("peak sessions at the sink: {peak}");
+    assert!(peak <= 2, "the sink saw {peak} sessions at once");
+    assert!(peak >= 1);
+    // Node C takes both leases for a slow upstream and is killed with
+    // them held: A waits for them to expire, then sends.
+    sink.state.lock().unwrap().script.data_delay = Some(Duration::from_secs(60));
+    let (mut c, a) = (nodes.pop().unwrap(), nodes.remove(0));
+    send(&c.herald, &["slow1@dest.test"], "slow");
+    send(&c.herald, &["slow2@dest.test"], "slow");
+    let leases = || redis.cmd(&["ZRANGE", "herald:pace:leases:up", "0", "-1"]);
+    assert!(
+        wait_until(10, || {
+            let l = leases();
+            l.matches("c:").count() == 2 && !l.contains("a:") && !l.contains("b:")
+        }),
+        "{}",
+        leases()
+    );
+    c.herald.kill9();
+    let killed = Instant::now();
+    sink.state.lock().unwrap().script.data_delay = None;
+    let before = sink.count();
+    send(&a.herald, &["after@dest.test"], "after the death");
+    assert!(
+        wait_until(30, || sink.count() > before),
+        "{}",
+        a.herald.log()
+    );
+    let took = killed.elapsed();
+    eprintln!("A sent {took:?} after C died with both leases");
+    // Not before C's leases expired (10 s after their last renewal, at
+    // most 3 s before the kill).
+    assert!(
+        took >= Duration::from_secs(6),
+        "took {took:?}: C's leases were not counted"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    drop(c);
+}

@@ -12,17 +12,55 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per upstream.
 const POOL_MAX: usize = 32;
 
-#[derive(Default)]
+/// With `[cluster]`: a session counts against the shared
+/// `max_connections` only while its lease is held, and a lease left idle
+/// goes back to Redis after a second; an idle session is closed before.
+pub const CLUSTER_POOL_IDLE: Duration = Duration::from_millis(500);
+
 pub struct Pool {
     idle: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
+    /// How long an idle connection is kept.
+    keep: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool::new(POOL_IDLE)
+    }
 }
 
 impl Pool {
+    pub fn new(keep: Duration) -> Pool {
+        Pool {
+            idle: Mutex::default(),
+            keep,
+        }
+    }
+
+    /// Closes the connections idle longer than the pool keeps them.
+    pub fn close_old(&self) {
+        let keep = self.keep;
+        let old: Vec<Conn> = {
+            let mut pool = self.idle.lock().unwrap();
+            let mut old = Vec::new();
+            for list in pool.values_mut() {
+                let (gone, stay): (Vec<_>, Vec<_>) =
+                    list.drain(..).partition(|(t, _)| t.elapsed() >= keep);
+                *list = stay;
+                old.extend(gone.into_iter().map(|(_, c)| c));
+            }
+            old
+        };
+        for c in old {
+            tokio::spawn(quit(c));
+        }
+    }
+
     pub fn take(&self, key: &str) -> Option<Conn> {
         let mut pool = self.idle.lock().unwrap();
         let list = pool.get_mut(key)?;
         while let Some((t, c)) = list.pop() {
-            if t.elapsed() < POOL_IDLE {
+            if t.elapsed() < self.keep {
                 return Some(c);
             }
         }
@@ -32,7 +70,8 @@ impl Pool {
     pub fn put(&self, key: &str, c: Conn) {
         let mut pool = self.idle.lock().unwrap();
         let list = pool.entry(key.to_string()).or_default();
-        list.retain(|(t, _)| t.elapsed() < POOL_IDLE);
+        let keep = self.keep;
+        list.retain(|(t, _)| t.elapsed() < keep);
         if list.len() < POOL_MAX {
             list.push((Instant::now(), c));
         }

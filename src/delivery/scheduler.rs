@@ -124,7 +124,21 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
     let mut held = Held::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut shutdown = services.shutdown.clone();
-    let pool = Arc::new(Pool::default());
+    let pool = Arc::new(match &services.cluster {
+        None => Pool::default(),
+        Some(_) => Pool::new(super::pool::CLUSTER_POOL_IDLE),
+    });
+    if services.cluster.is_some() {
+        let (p, mut stop) = (pool.clone(), services.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => p.close_old(),
+                    _ = stop.wait() => return,
+                }
+            }
+        });
+    }
     let mut reloads = services.reloads.subscribe();
     // What the idle connections were opened with: the upstreams' settings
     // and the files behind them (a renewed CA file).
