@@ -1690,6 +1690,64 @@ mod tests {
     }
 
     #[test]
+    fn cluster_and_burst_keys_are_checked_by_name() {
+        let parse = |extra: &str| Config::parse(&format!("{MIN}{extra}"), Path::new("/x/h.toml"));
+        let c = parse("[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\n").unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.node, c.hostname);
+        assert_eq!(cl.key_prefix, "herald:");
+        assert_eq!(cl.timeout, Duration::from_millis(250));
+        assert!(!cl.hold_when_down);
+        assert!(
+            format!("{:?}", cl.redis).contains("***"),
+            "a URL may hold a password"
+        );
+        for (bad, key) in [
+            ("redis = \"127.0.0.1:6379\"", "cluster.redis"),
+            ("redis = \"redis://h\"\nnode = \"a b\"", "cluster.node"),
+            ("redis = \"redis://h\"\ntimeout = \"0s\"", "cluster.timeout"),
+            (
+                "redis = \"redis://h\"\ntimeout = \"1 fortnight\"",
+                "cluster.timeout",
+            ),
+            (
+                "redis = \"redis://h\"\non_redis_down = \"panic\"",
+                "cluster.on_redis_down",
+            ),
+            (
+                "redis = \"redis://h\"\nredis_password_file = \"/nonexistent/p\"",
+                "cluster.redis_password_file",
+            ),
+            ("node = \"a\"", "redis"),
+        ] {
+            let err = parse(&format!("[cluster]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        let c = parse("[delivery]\nmx_max_rate = \"600/m\"\nmx_max_burst = 1\n[upstreams.p]\nhost = \"h\"\nmax_rate = \"10/s\"\n").unwrap();
+        assert_eq!(c.delivery.mx_max_rate.unwrap().burst, 1);
+        assert_eq!(c.upstreams["p"].max_rate.unwrap().burst, 10);
+        for (bad, key) in [
+            (
+                "[upstreams.p]\nhost = \"h\"\nmax_burst = 2\n",
+                "upstreams.p.max_burst",
+            ),
+            (
+                "[upstreams.p]\nhost = \"h\"\nmax_rate = \"10/s\"\nmax_burst = 11\n",
+                "upstreams.p.max_burst",
+            ),
+            (
+                "[delivery]\nmx_max_rate = \"10/s\"\nmx_max_burst = 0\n",
+                "delivery.mx_max_burst",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn durations_read_well() {
         let d = |s: &str| humantime::parse_duration(s).unwrap();
         assert_eq!(format_duration(d("7d")), "7 days");

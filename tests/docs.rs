@@ -28,6 +28,7 @@ fn section_of(raw_struct: &str) -> Option<&'static str> {
         "Webhook" => "[[webhooks]]",
         "Api" => "[api]",
         "Bounces" => "[bounces]",
+        "Cluster" => "[cluster]",
         _ => return None,
     })
 }
