@@ -492,7 +492,9 @@ pub fn print_show(v: &Value, json: bool) {
         return;
     }
     let q = &v["queued"];
-    if q.is_null() {
+    if let Some(n) = v["node"].as_str().filter(|_| q.is_null()) {
+        println!("state: received by node {n}, which holds its queue record and headers (herald show there); its events, from every node:");
+    } else if q.is_null() {
         println!("state: no longer queued (every recipient is final; body deleted)");
     } else {
         println!(

@@ -310,6 +310,9 @@ fn a_bounce_reported_to_another_node_is_in_every_nodes_history_and_posted_once()
     assert!(took < Duration::from_secs(3), "took {took:?}");
     let t = c.herald.ok(&["trace", "ann@dest.test"]);
     assert!(t.contains("bounced"), "{t}");
+    // show on C says which node holds the message.
+    let shown = c.herald.ok(&["show", &id]);
+    assert!(shown.contains("received by node a"), "{shown}");
     let ev = c
         .herald
         .events("ann@dest.test")

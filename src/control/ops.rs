@@ -369,7 +369,18 @@ fn show(s: &Services, id: &str) -> Answer {
             |r| json!({"id": r.id, "kind": r.kind, "recipient": r.recipient, "summary": r.summary}),
         )
         .collect();
-    Ok(json!({ "id": id, "queued": env, "headers": headers, "events": events, "reports": reports }))
+    // [cluster]: another node received it, and holds its envelope.
+    let elsewhere = match (&env, &s.cluster) {
+        (None, Some(c)) => events
+            .iter()
+            .find(|e| e.event == crate::state::history::EventKind::Received)
+            .and_then(|e| e.node.clone())
+            .filter(|n| *n != c.node),
+        _ => None,
+    };
+    Ok(
+        json!({ "id": id, "queued": env, "headers": headers, "events": events, "reports": reports, "node": elsewhere }),
+    )
 }
 
 /// How much of a report `show` prints (the rest stays in the store).

@@ -119,26 +119,31 @@ fn gate(s: &Services, route: &str) -> Start {
     }
 }
 
+/// The connection pool of delivery. With `[cluster]` idle sessions are
+/// closed soon (see [`super::pool::CLUSTER_POOL_IDLE`]), by a task of its own.
+fn pool(services: &Services) -> Arc<Pool> {
+    let Some(_) = &services.cluster else {
+        return Arc::new(Pool::default());
+    };
+    let pool = Arc::new(Pool::new(super::pool::CLUSTER_POOL_IDLE));
+    let (p, mut stop) = (pool.clone(), services.shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => p.close_old(),
+                _ = stop.wait() => return,
+            }
+        }
+    });
+    pool
+}
+
 pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedMsg>) {
     let mut due = DueList::default();
     let mut held = Held::default();
     let mut inflight: HashSet<String> = HashSet::new();
     let mut shutdown = services.shutdown.clone();
-    let pool = Arc::new(match &services.cluster {
-        None => Pool::default(),
-        Some(_) => Pool::new(super::pool::CLUSTER_POOL_IDLE),
-    });
-    if services.cluster.is_some() {
-        let (p, mut stop) = (pool.clone(), services.shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => p.close_old(),
-                    _ = stop.wait() => return,
-                }
-            }
-        });
-    }
+    let pool = pool(&services);
     let mut reloads = services.reloads.subscribe();
     // What the idle connections were opened with: the upstreams' settings
     // and the files behind them (a renewed CA file).

@@ -116,6 +116,9 @@ pub struct Cluster {
     failing: AtomicU8,
     why: Mutex<String>,
     nodes: Mutex<Vec<NodeSeen>>,
+    /// When Redis last gave the heartbeats (ms): nodes are judged alive as
+    /// of then, so that an outage keeps the count it began with.
+    last_beat: AtomicU64,
     store: Store,
     /// The mirror.
     pub(crate) suppression: SledSuppression,
@@ -168,6 +171,7 @@ impl Cluster {
             failing: AtomicU8::new(0),
             why: Mutex::new(String::new()),
             nodes: Mutex::new(Vec::new()),
+            last_beat: AtomicU64::new(0),
             store: store.clone(),
             suppression: SledSuppression::open(db)?,
             events: SledEvents::open(db)?,
@@ -345,14 +349,24 @@ impl Cluster {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Nodes whose heartbeat is recent (at least this one).
+    /// Nodes whose heartbeat was recent when Redis last answered (at
+    /// least this one): while Redis is away each limit is shared by as many
+    /// nodes as were seen before.
     pub fn alive(&self) -> usize {
-        let now = now_ms();
+        let at = self.last_beat.load(Ordering::Relaxed);
         self.nodes()
             .iter()
-            .filter(|n| n.node != self.node && now.saturating_sub(n.seen_ms) < NODE_ALIVE_MS)
+            .filter(|n| n.node != self.node && at.saturating_sub(n.seen_ms) < NODE_ALIVE_MS)
             .count()
             + 1
+    }
+
+    /// The nodes as Redis gave them now.
+    pub(crate) fn seen(&self, nodes: Vec<NodeSeen>, from_redis: bool) {
+        if from_redis {
+            self.last_beat.store(now_ms(), Ordering::Relaxed);
+        }
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
     }
 
     /// What `status` says of the cluster.

@@ -522,6 +522,7 @@ pub async fn heartbeat(s: Arc<Services>, c: Arc<Cluster>) {
         }
         p.hgetall(c.key("nodes"));
         let seen: Option<(HashMap<String, String>,)> = c.pipe(Part::Heartbeat, &p).await;
+        let from_redis = seen.is_some();
         let mut nodes: Vec<NodeSeen> = match seen {
             Some((all,)) => all
                 .values()
@@ -533,7 +534,7 @@ pub async fn heartbeat(s: Arc<Services>, c: Arc<Cluster>) {
         nodes.retain(|n| n.node != c.node);
         nodes.push(me);
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        *c.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+        c.seen(nodes, from_redis);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = shutdown.wait() => {
