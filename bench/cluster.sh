@@ -18,21 +18,21 @@ trap 'kill $HPID $RPID 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; true' EXIT
 redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
 RPID=$!
 wait_port 6399
-run() { # $1 label, $2 extra TOML
+run() { # $1 label, $2 extra TOML (Redis's CPU counts with the relay's: it is part of the cluster)
   rm -rf "$work/data"
   herald_config "$work/herald.toml" 2525 2600 "" "$2"
   ./target/release/herald serve --config "$work/herald.toml" 2>"$work/$1.log" &
   HPID=$!
   wait_port 2525
-  "$SHARED/bench.sh" -s "$S" -r "$R" -p "$HPID" -n "$1" -I 30 127.0.0.1:2525 "$N" | grep MEDIAN
+  "$SHARED/bench.sh" -s "$S" -r "$R" -P "echo $HPID $RPID" -n "$1" -I 30 127.0.0.1:2525 "$N" | grep -E "MEDIAN|warning"
   kill $HPID; wait $HPID 2>/dev/null || true
 }
-redis_calls() { redis-cli -p 6399 info commandstats | sed -n 's/.*calls=\([0-9]*\).*/\1/p' | paste -sd+ | bc; }
-redis_cpu() { ps -o times= -p "$RPID" | tr -d ' '; }
+redis_calls() { redis-cli -p 6399 info commandstats | tr -d '\r' | sed -n 's/^cmdstat_[^:]*:calls=\([0-9]*\),.*/\1/p' | paste -sd+ | bc; }
+redis_cpu() { ps -o times= -p "$RPID" | tr -d ' '; } # whole seconds
 run standalone ""
 calls0=$(redis_calls) cpu0=$(redis_cpu)
 run cluster "$(printf '[cluster]\nredis = "redis://127.0.0.1:6399/0"\nnode = "bench"\n')"
 calls1=$(redis_calls) cpu1=$(redis_cpu)
 msgs=$((N * R))
-echo "redis: $((calls1 - calls0)) commands for $msgs messages ($(echo "scale=2; ($calls1 - $calls0) / $msgs" | bc) per message, heartbeats and stream reads included), redis-server CPU $((cpu1 - cpu0)) s"
+awk -v c=$((calls1 - calls0)) -v m="$msgs" -v cpu=$((cpu1 - cpu0)) 'BEGIN { printf "redis: %d commands for %d messages (%.2f per message, heartbeats, leases and stream reads included), redis-server CPU %d s\n", c, m, c / m, cpu }'
 run standalone-again ""

@@ -174,6 +174,13 @@ fn decode(key: &[u8], v: &[u8]) -> Option<Event> {
     Some(ev)
 }
 
+impl SledEvents {
+    /// An event as stored (JSON), by its key.
+    pub fn raw(&self, key: &[u8]) -> StateResult<Option<sled::IVec>> {
+        Ok(self.events.get(key)?)
+    }
+}
+
 impl EventStore for SledEvents {
     fn append(&self, key: [u8; 16], ev: &Event, json: &[u8]) -> StateResult<()> {
         self.events.insert(key, json)?;

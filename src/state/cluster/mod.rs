@@ -79,6 +79,21 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Changes the node that made them has applied already (its own
+    /// mirror needs nothing from the stream).
+    pub fn own_only(&self) -> bool {
+        matches!(
+            self,
+            Op::Event { .. }
+                | Op::Sent { .. }
+                | Op::Bounce { .. }
+                | Op::Backoff { .. }
+                | Op::Clear { .. }
+        )
+    }
+}
+
 /// A node as its last heartbeat described it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeSeen {
@@ -442,7 +457,7 @@ impl EventStore for SharedEvents {
         self.0.events.append(key, ev, json)?;
         self.0.enqueue(&Op::Event {
             key: crate::state::history::hex(&key),
-            json: String::from_utf8_lossy(json).into_owned(),
+            json: String::new(),
         })
     }
 

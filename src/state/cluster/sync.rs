@@ -30,6 +30,10 @@ use crate::state::Services;
 
 /// Changes sent per pipeline.
 const BATCH: usize = 256;
+/// How long the sender lets changes gather while they keep coming.
+const GATHER: Duration = Duration::from_millis(20);
+/// How long the reader lets entries gather after a read that found few.
+const READ_GATHER: Duration = Duration::from_millis(50);
 /// How long one read of the stream blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
 
@@ -44,11 +48,18 @@ pub async fn push(s: Arc<Services>, c: Arc<Cluster>) {
         }
         match sent {
             Some(n) if n == BATCH => continue,
-            Some(_) => tokio::select! {
-                _ = c.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.wait() => {}
-            },
+            Some(n) => {
+                tokio::select! {
+                    _ = c.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => {}
+                }
+                // Under load, let changes gather for a few ms: one pipeline
+                // of many costs Redis and herald far less than many of one.
+                if n > 0 {
+                    tokio::time::sleep(GATHER).await;
+                }
+            }
             None => tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.wait() => {}
@@ -73,17 +84,30 @@ async fn push_batch(s: &Services, c: &Cluster) -> Option<usize> {
             continue;
         };
         state_write(c, &mut p, &op);
-        p.cmd("XADD")
-            .arg(c.key("log"))
+        // An event's JSON, from the history (purged already: nothing to send).
+        let event = match &op {
+            Op::Event { key, .. } => match key_of_event_id(key).map(|k| c.events.raw(&k)) {
+                Some(Ok(Some(j))) => Some(j),
+                _ => continue,
+            },
+            _ => None,
+        };
+        let xadd = p.cmd("XADD");
+        xadd.arg(c.key("log"))
             .arg("MINID")
             .arg("~")
             .arg(&minid)
             .arg("*")
             .arg("n")
             .arg(&c.node)
+            .arg("k")
+            .arg(u8::from(op.own_only()))
             .arg("o")
-            .arg(v.as_ref())
-            .ignore();
+            .arg(v.as_ref());
+        if let Some(j) = &event {
+            xadd.arg("e").arg(j.as_ref());
+        }
+        xadd.ignore();
     }
     c.pipe::<()>(Part::Push, &p).await?;
     let mut done = sled::Batch::default();
@@ -209,6 +233,7 @@ async fn read_some(
         return true;
     };
     let mut wake = false;
+    let found: usize = reply.keys.iter().map(|k| k.ids.len()).sum();
     for key in reply.keys {
         for entry in key.ids {
             wake |= apply_entry(s, c, &entry.id, &entry.map, p.snapshot_at.as_deref());
@@ -221,6 +246,10 @@ async fn read_some(
     }
     if let Err(e) = c.store.meta_set(META_LOG_ID, Some(p.last.as_bytes())) {
         tracing::error!(error = %e, "cannot note the cluster stream's place");
+    }
+    if found < 100 {
+        // A trickle: read again in a moment, with more in one reply.
+        tokio::time::sleep(READ_GATHER).await;
     }
     true
 }
@@ -244,7 +273,14 @@ fn apply_entry(
     map: &HashMap<String, Value>,
     snapshot_at: Option<&str>,
 ) -> bool {
-    let (Some(node), Some(op)) = (map.get("n").and_then(text), map.get("o").and_then(text)) else {
+    let Some(node) = map.get("n").and_then(text) else {
+        return false;
+    };
+    // This node's own events (the most of the stream): skipped unread.
+    if node == c.node && map.get("k").and_then(text).as_deref() == Some("1") {
+        return false;
+    }
+    let Some(op) = map.get("o").and_then(text) else {
         return false;
     };
     let Ok(op) = serde_json::from_str::<Op>(&op) else {
@@ -286,7 +322,10 @@ fn apply_entry(
             c.pace.clear_backoff(&dest);
             Ok(())
         }
-        Op::Event { key, json } => apply_event(s, c, &key, &json),
+        Op::Event { key, json } => {
+            let json = map.get("e").and_then(text).unwrap_or(json);
+            apply_event(s, c, &key, &json)
+        }
         Op::Sent { id, json } => c
             .sent
             .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(json.as_bytes()))
