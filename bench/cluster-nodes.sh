@@ -28,7 +28,9 @@ run() { # $1 nodes
     herald+=($!)
     wait_port $((2524 + i))
   done
-  smtp-sink -c 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
+  local asroot=()
+  [ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
+  smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
   local sink=$!
   wait_port 2600
   sleep 1
@@ -41,7 +43,11 @@ run() { # $1 nodes
   wait "${src[@]}"
   local t_acc
   t_acc=$(echo "$(date +%s.%N) - $t0" | bc)
-  until [ "$(count)" = $((per * nodes)) ]; do sleep 0.01; done
+  local deadline=$((SECONDS + 120))
+  until [ "$(count)" = $((per * nodes)) ]; do
+    [ $SECONDS -lt $deadline ] || { echo "the sink has $(count) of $((per * nodes)) after 120 s" >&2; exit 1; }
+    sleep 0.01
+  done
   local t_e2e
   t_e2e=$(echo "$(date +%s.%N) - $t0" | bc)
   printf 'nodes=%s n=%s s=%s/node acc_rate=%.0f e2e_rate=%.0f\n' "$nodes" $((per * nodes)) "$S" \
