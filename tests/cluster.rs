@@ -548,3 +548,46 @@ fn three_nodes_share_max_connections_and_a_dead_nodes_leases_expire() {
     assert!(took < Duration::from_secs(20), "took {took:?}");
     drop(c);
 }
+
+#[test]
+fn an_open_counted_by_another_nodes_pixel_server_is_in_every_nodes_history() {
+    const HTML: &str = "From: Claire <claire@customer.test>\nTo: louise@dest.test\nSubject: Your file\nMIME-Version: 1.0\nContent-Type: text/html; charset=utf-8\n\n<html><body><p>Your file is ready.</p></body></html>\n";
+    let redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let tracking = |port: u16| {
+        format!(
+            "[tracking]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\nbase_url = \"http://127.0.0.1:{port}/\"\nsecret_file = \"{{dir}}/bounce.key\"\n"
+        )
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let a = node("a", Some(&redis), sink.port(), "", &tracking(pa));
+    let b = node("b", Some(&redis), sink.port(), "", &tracking(pb));
+    let mut c = a.herald.client();
+    c.ehlo();
+    let (code, reply) = c.send("app@platform.test", &["louise@dest.test"], HTML);
+    assert_eq!(code, 250, "{reply}");
+    let id = queue_id(&reply);
+    let got = sink.wait_for(1, 20);
+    let text = got[0].text();
+    let prefix = format!("http://127.0.0.1:{pa}/o/{id}.");
+    let at = text.find(&prefix).unwrap_or_else(|| panic!("{text}"));
+    let path = text[at + format!("http://127.0.0.1:{pa}").len()..]
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    // The received event reaches B, then B's pixel server counts the open.
+    assert!(wait_until(5, || b
+        .herald
+        .has_event("louise@dest.test", "received")));
+    let (code, body) = http_get(&format!("127.0.0.1:{pb}"), &path);
+    assert_eq!(code, 200);
+    assert!(body.starts_with(b"GIF89a"));
+    assert!(
+        wait_until(5, || kinds(&a.herald, "louise@dest.test")
+            .contains(&("opened".to_string(), "b".to_string()))),
+        "{:?}\n{}",
+        kinds(&a.herald, "louise@dest.test"),
+        b.herald.log()
+    );
+}
