@@ -320,6 +320,26 @@ fn a_bounce_reported_to_another_node_is_in_every_nodes_history_and_posted_once()
         .find(|e| e["event"] == "bounced")
         .unwrap();
     assert_eq!(ev["id"], id.as_str());
+    // The same report again, at C's intake (a sender retrying another MX):
+    // a duplicate there too, no second event.
+    let mut cl = Client::connect(c.intake);
+    cl.ehlo();
+    let (code, text) = cl.send_bytes("", &[&return_path], &dsn);
+    assert_eq!(code, 250, "{text}");
+    assert!(
+        wait_until(10, || status(&c.herald)["reports"]["since_start"]
+            ["duplicate"]
+            == 1),
+        "{}",
+        status(&c.herald)["reports"]
+    );
+    let bounced = |h: &Herald| {
+        h.events("ann@dest.test")
+            .iter()
+            .filter(|e| e["event"] == "bounced")
+            .count()
+    };
+    assert_eq!(bounced(&c.herald), 1);
     // The hard bounce suppresses on every node.
     assert!(wait_until(3, || suppressed(&a.herald)
         .contains(&"ann@dest.test".to_string())));

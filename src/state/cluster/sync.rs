@@ -358,7 +358,21 @@ fn apply_event(
         return Ok(());
     };
     c.events.append(k, &ev, json.as_bytes())?;
-    if ev.event == EventKind::Bounced && ev.report.is_some() {
+    let Some(report) = &ev.report else {
+        return Ok(());
+    };
+    if !matches!(
+        ev.event,
+        EventKind::Bounced | EventKind::Delayed | EventKind::Complained
+    ) {
+        return Ok(());
+    }
+    // The same report sent again to this node (a sender retrying another
+    // MX) is a duplicate here too.
+    if let Some(b) = &s.bounces {
+        let _ = b.first_of(&ev.id, &ev.rcpt, ev.event.as_str(), report);
+    }
+    if ev.event == EventKind::Bounced {
         s.ledger().bounced_elsewhere(&ev);
     }
     Ok(())
