@@ -861,6 +861,7 @@ pub fn parse_suppressions_csv(text: &str) -> Result<Vec<Entry>, String> {
             added_ms: rfc3339_to_ms(&get(4))?.unwrap_or_else(now_ms),
             expires_ms: rfc3339_to_ms(&get(5))?,
             automatic: get(6) == "true",
+            node: None,
         });
     }
     Ok(out)

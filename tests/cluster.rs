@@ -611,3 +611,41 @@ fn an_open_counted_by_another_nodes_pixel_server_is_in_every_nodes_history() {
         b.herald.log()
     );
 }
+
+#[test]
+fn on_redis_down_hold_holds_delivery_until_redis_answers_and_healthz_says_degraded() {
+    let mut redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let h = Herald::start(&format!(
+        "{}\n[control]\nsocket = \"{{dir}}/herald.sock\"\nmetrics_listen = \"{maddr}\"\n[cluster]\nredis = \"{}\"\nnode = \"a\"\non_redis_down = \"hold\"\n",
+        upstream(sink.port(), "none", ""),
+        redis.url()
+    ));
+    send(&h, &["first@dest.test"], "with Redis");
+    sink.wait_for(1, 20);
+    assert_eq!(http_get(&maddr, "/healthz").0, 200);
+    redis.kill();
+    assert!(
+        wait_until(10, || {
+            let (code, body) = http_get(&maddr, "/healthz");
+            code == 200 && String::from_utf8_lossy(&body).contains("cluster degraded")
+        }),
+        "{:?}",
+        String::from_utf8_lossy(&http_get(&maddr, "/healthz").1)
+    );
+    let metrics = String::from_utf8_lossy(&http_get(&maddr, "/metrics").1).into_owned();
+    assert!(metrics.contains("herald_cluster_degraded 1"), "{metrics}");
+    // Accepted, and held while Redis is away (a negative: it cannot fail
+    // falsely, only pass slowly; delivery takes milliseconds here).
+    send(&h, &["held@dest.test"], "held");
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(sink.count(), 1, "held while Redis is away");
+    assert_eq!(status(&h)["paused"], true, "status says delivery is held");
+    redis.spawn();
+    assert!(sink.wait_for(2, 20).len() == 2, "{}", h.log());
+    assert!(wait_until(10, || String::from_utf8_lossy(
+        &http_get(&maddr, "/metrics").1
+    )
+    .contains("herald_cluster_degraded 0")));
+}

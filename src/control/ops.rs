@@ -916,6 +916,7 @@ async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> An
         added_ms: now_ms(),
         expires_ms: None,
         automatic: false,
+        node: None,
     };
     s.suppression.put(&e)?;
     s.store.commit().await?;

@@ -449,6 +449,7 @@ impl Ledger<'_> {
             added_ms: now_ms(),
             expires_ms: None,
             automatic: true,
+            node: None,
         };
         if let Err(e) = self.suppression.put(&entry) {
             tracing::error!(error = %e, "cannot update the suppression list");

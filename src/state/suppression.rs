@@ -24,6 +24,9 @@ pub struct Entry {
     /// When it lifts by itself; None: only `suppression remove` lifts it.
     pub expires_ms: Option<u64>,
     pub automatic: bool,
+    /// `[cluster]`: the node that added it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Entry {
@@ -157,6 +160,7 @@ impl Suppression {
             added_ms: now,
             expires_ms: expiry.map(|d| now + d.as_millis() as u64),
             automatic: true,
+            node: None,
         };
         self.put(&e)?;
         self.store.reset_bounces(addr)?;

@@ -413,8 +413,10 @@ impl SuppressionStore for SharedSuppression {
     }
 
     fn put(&self, e: &Entry) -> StateResult<()> {
-        self.0.suppression.put(e)?;
-        self.0.enqueue(&Op::Suppress { entry: e.clone() })
+        let mut e = e.clone();
+        e.node.get_or_insert_with(|| self.0.node.clone());
+        self.0.suppression.put(&e)?;
+        self.0.enqueue(&Op::Suppress { entry: e })
     }
 
     fn remove(&self, addr: &str) -> StateResult<bool> {
