@@ -13,7 +13,7 @@ need_postfix_tools
 cargo build --release --locked
 work=$(mktemp -d)
 PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; true' EXIT
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
 PIDS+=($!)
 wait_port 6399
