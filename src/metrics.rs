@@ -21,8 +21,8 @@ use crate::state::Services;
 /// 200 while this node takes mail; the body says whether delivery is
 /// paused and whether the cluster is degraded (mail still flows). 503,
 /// with the reason, while the node refuses mail for its own reasons: a
-/// flush or fsync failed (until a probe succeeds), it is draining
-/// (SIGTERM), or its memory budget is exhausted.
+/// flush or fsync failed (until a probe succeeds), or its memory budget is
+/// exhausted. On SIGTERM the listener closes: checks fail at once.
 async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
     if let Some((_, why)) = s.store.health.failure() {
         return (
@@ -54,9 +54,7 @@ async fn healthz(State(s): State<Arc<Services>>) -> impl IntoResponse {
 /// Why this node refuses new mail for its own reasons (beyond a failed
 /// storage), if it does: a balancer should send the mail elsewhere.
 fn refusing(s: &Services) -> Option<String> {
-    if s.shutdown.is_set() {
-        return Some("draining: herald is stopping and takes no new mail".into());
-    }
+    // Draining (SIGTERM) needs no answer here: this listener closes at once.
     if s.memory.available() == 0 {
         return Some("memory budget exhausted: new messages wait for memory".into());
     }

@@ -500,7 +500,12 @@ fn kill_9_loses_no_acknowledged_message() {
 #[test]
 fn sigterm_lets_a_session_in_flight_finish() {
     let sink = Sink::start(Script::default());
-    let mut h = Herald::start(&upstream(sink.port(), "none", ""));
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let mut h = Herald::start(&format!(
+        "{}\n[control]\nmetrics_listen = \"{maddr}\"\n",
+        upstream(sink.port(), "none", "")
+    ));
+    assert_eq!(http_get(&maddr, "/healthz").0, 200);
     let mut c = h.client();
     c.ehlo();
     assert_eq!(c.cmd("MAIL FROM:<a@b.test>").0, 250);
@@ -511,8 +516,10 @@ fn sigterm_lets_a_session_in_flight_finish() {
         libc::kill(pid, libc::SIGTERM);
     }
     std::thread::sleep(Duration::from_millis(300));
-    // New connections are refused while the session in flight goes on.
+    // New connections are refused while the session in flight goes on,
+    // and a balancer's health check fails from the first moment.
     assert!(std::net::TcpStream::connect(h.smtp).is_err());
+    assert!(std::net::TcpStream::connect(&maddr).is_err());
     c.send_raw(b"Subject: drain\r\n\r\nbody\r\n.\r\n");
     assert_eq!(c.read_reply().0, 250);
     let st = h.terminate();
