@@ -501,7 +501,11 @@ fn three_nodes_keep_max_rate_together_and_would_not_alone() {
     );
     let n = first_window(&sink, window);
     eprintln!("cluster: {n} messages in the first {window:?} (limit 101)");
-    assert!((96..=106).contains(&n), "cluster: {n} in {window:?}");
+    // Never more than 5% over the limit. Under it, a token asked late is
+    // lost (a burst of one keeps no credit); a node asks again at the
+    // moment Redis named, so even with two CPU hogs beside three nodes on
+    // two cores it kept 99: the bound below leaves room for a busier CI.
+    assert!((90..=106).contains(&n), "cluster: {n} in {window:?}");
     drop(nodes);
     drop(sink);
     // The same nodes without [cluster]: each keeps its own 600/m.

@@ -233,28 +233,42 @@ impl RedisPace {
         }
     }
 
-    /// Asks Redis for a token of `rate` in the background.
+    /// Asks Redis for a token of `rate` in the background. When Redis says
+    /// "not before W ms", asks again at that moment (a few times): the
+    /// token is here when the scheduler looks again, not a round trip
+    /// later (with a burst of one, a token asked late is lost).
     fn ask_token(self: &Arc<Self>, key: &str, rate: Rate) {
         let me = self.clone();
         let key = key.to_string();
         self.rt.spawn(async move {
             let interval = rate.per.as_millis() as f64 / rate.count.max(1) as f64;
             let rkey = me.c.key(&format!("pace:tat:{key}"));
-            let wait: Option<i64> = me
-                .script(
-                    &me.gcra,
-                    &rkey,
-                    &[format!("{interval}"), rate.burst.to_string()],
-                )
-                .await;
-            me.with(&key, |d| {
-                d.asking_token = false;
-                match wait {
-                    Some(0) => d.tokens += 1,
-                    Some(w) => d.next_ms = now_ms() + w.max(1) as u64,
-                    None => {}
+            for _ in 0..4 {
+                let wait: Option<i64> = me
+                    .script(
+                        &me.gcra,
+                        &rkey,
+                        &[format!("{interval}"), rate.burst.to_string()],
+                    )
+                    .await;
+                let again = me.with(&key, |d| match wait {
+                    Some(0) => {
+                        d.tokens += 1;
+                        None
+                    }
+                    Some(w) => {
+                        d.next_ms = now_ms() + w.max(1) as u64;
+                        Some(w.max(1) as u64)
+                    }
+                    None => None,
+                });
+                match again {
+                    // Not worth a task for long waits: the scheduler asks.
+                    Some(w) if w <= 5_000 => tokio::time::sleep(Duration::from_millis(w)).await,
+                    _ => break,
                 }
-            });
+            }
+            me.with(&key, |d| d.asking_token = false);
         });
     }
 
