@@ -20,8 +20,17 @@ pub const MAX_LINE: usize = 998;
 
 /// Whether any line of `b` (CRLF excluded) is longer than [`MAX_LINE`].
 pub fn has_long_line(b: &[u8]) -> bool {
-    b.split(|&c| c == b'\n')
-        .any(|l| l.strip_suffix(b"\r").unwrap_or(l).len() > MAX_LINE)
+    // Line ends found with memchr's SIMD search (this runs on every
+    // message); the last piece after the final LF counts as a line too.
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', b).chain(std::iter::once(b.len())) {
+        let line = &b[start..end];
+        if line.strip_suffix(b"\r").unwrap_or(line).len() > MAX_LINE {
+            return true;
+        }
+        start = end + 1;
+    }
+    false
 }
 
 /// The message with every line at most [`MAX_LINE`] bytes, decoded
@@ -431,6 +440,26 @@ mod tests {
         // Folding before a blank changes nothing once unfolded.
         assert_eq!(fields[0].value(), refs);
         assert_eq!(fields[1].value().replace(' ', ""), token);
+    }
+
+    #[test]
+    fn a_long_line_is_one_over_998_without_its_line_end() {
+        let l = |n: usize| "a".repeat(n);
+        assert!(!has_long_line(
+            format!("{}\r\n{}\r\n", l(998), l(3)).as_bytes()
+        ));
+        assert!(!has_long_line(format!("{}\n", l(998)).as_bytes()));
+        assert!(has_long_line(format!("{}\r\nx", l(999)).as_bytes()));
+        assert!(
+            has_long_line(format!("x\r\n{}", l(999)).as_bytes()),
+            "the last line, without LF"
+        );
+        assert!(!has_long_line(format!("x\r\n{}", l(998)).as_bytes()));
+        assert!(!has_long_line(b""));
+        assert!(
+            has_long_line(format!("{}\r\r\n", l(998)).as_bytes()),
+            "one CR only is the line end"
+        );
     }
 
     #[test]
