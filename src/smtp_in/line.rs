@@ -31,7 +31,7 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         if avail.is_empty() {
             return Ok(Line::Eof);
         }
-        match avail.iter().position(|&b| b == b'\n') {
+        match memchr::memchr(b'\n', avail) {
             Some(i) => {
                 if !too_long && buf.len() + i < max {
                     buf.extend_from_slice(&avail[..=i]);
