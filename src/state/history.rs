@@ -144,8 +144,9 @@ pub struct History {
     /// The endpoints in force, each with the wake-up of its sender; a
     /// reload replaces the list.
     hooks: Arc<RwLock<Hooks>>,
-    /// `[cluster] node`, named in every event.
-    node: Option<String>,
+    /// `[cluster] node`, named in every event, and two bytes of its name
+    /// that make event keys unique across the nodes.
+    node: Option<(String, [u8; 2])>,
 }
 
 type Hooks = Arc<Vec<(crate::config::Webhook, Arc<tokio::sync::Notify>)>>;
@@ -236,7 +237,12 @@ impl History {
 
     /// Events name this node (a cluster's).
     pub fn with_node(mut self, node: Option<String>) -> History {
-        self.node = node;
+        self.node = node.map(|n| {
+            let tag = n
+                .bytes()
+                .fold(0u16, |h, b| h.rotate_left(5) ^ b as u16 ^ 0x5a5a);
+            (n, tag.to_be_bytes())
+        });
         self
     }
 
@@ -335,11 +341,8 @@ impl History {
         // Unique across the nodes of a cluster too: two bytes of the
         // node's name over the top of the sequence (which starts at this
         // process's start time in ms, and needs far fewer than 48 bits).
-        if let Some(n) = &self.node {
-            let tag = n
-                .bytes()
-                .fold(0u16, |h, b| h.rotate_left(5) ^ b as u16 ^ 0x5a5a);
-            key[8..10].copy_from_slice(&tag.to_be_bytes());
+        if let Some((_, tag)) = &self.node {
+            key[8..10].copy_from_slice(tag);
         }
         let ev = Event {
             time: rfc3339(t),
@@ -356,7 +359,7 @@ impl History {
             upstream: extra.upstream,
             user_agent: extra.user_agent,
             report: extra.report,
-            node: self.node.clone(),
+            node: self.node.as_ref().map(|(n, _)| n.clone()),
         };
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();

@@ -64,7 +64,8 @@ pub struct Suppression {
     any_failing: Arc<AtomicBool>,
 }
 
-fn key_text(addr: &str) -> String {
+/// An address as the list keys it.
+pub fn key_text(addr: &str) -> String {
     addr.trim().to_lowercase()
 }
 

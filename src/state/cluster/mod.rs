@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::state::history::{By, Event, EventStore};
 use crate::state::ports::{LocalPauses, PauseFlags, SledEvents, SledSuppression, StateResult};
 use crate::state::spool::{now_ms, QueueError, Store};
-use crate::state::suppression::{Entry, SuppressionStore};
+use crate::state::suppression::{key_text, Entry, SuppressionStore};
 
 /// One change, as the outbox keeps it and the stream carries it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,25 +213,12 @@ impl Cluster {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let made = tokio::time::timeout(
-            self.timeout.max(Duration::from_secs(1)),
-            self.client.get_connection_manager_with_config(cfg),
-        )
-        .await;
-        match made {
-            Ok(Ok(c)) => {
-                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
-                Some(c)
-            }
-            Ok(Err(e)) => {
-                self.failed(part, &format!("cannot connect to Redis: {e}"));
-                None
-            }
-            Err(_) => {
-                self.failed(part, "cannot connect to Redis: timed out");
-                None
-            }
-        }
+        let wait = self.timeout.max(Duration::from_secs(1));
+        let made =
+            tokio::time::timeout(wait, self.client.get_connection_manager_with_config(cfg)).await;
+        let c = self.failure(part, "cannot connect to Redis", wait, made)?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Some(c)
     }
 
     /// A connection of its own for blocking reads of the stream (a
@@ -243,23 +230,14 @@ impl Cluster {
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
             .set_response_timeout(Some(block + self.timeout.max(Duration::from_secs(1))));
-        match tokio::time::timeout(
-            self.timeout.max(Duration::from_secs(1)),
+        let wait = self.timeout.max(Duration::from_secs(1));
+        let made = tokio::time::timeout(
+            wait,
             self.client
                 .get_multiplexed_async_connection_with_config(&cfg),
         )
-        .await
-        {
-            Ok(Ok(c)) => Some(c),
-            Ok(Err(e)) => {
-                self.failed(Part::Read, &format!("cannot connect to Redis: {e}"));
-                None
-            }
-            Err(_) => {
-                self.failed(Part::Read, "cannot connect to Redis: timed out");
-                None
-            }
-        }
+        .await;
+        self.failure(Part::Read, "cannot connect to Redis", wait, made)
     }
 
     /// Runs a command within `timeout`; a failure marks `part` failing.
@@ -284,25 +262,35 @@ impl Cluster {
         self.judge(part, r)
     }
 
-    fn judge<T>(
+    /// A call's result within its time limit: `part` works (again), or it
+    /// fails (logged once when the node becomes degraded).
+    pub(crate) fn judge<T>(
         &self,
         part: Part,
         r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
+        let v = self.failure(part, "Redis", self.timeout, r)?;
+        self.ok(part);
+        Some(v)
+    }
+
+    /// The value of `r`, or None with `part` marked failing (`doing`: what
+    /// was tried, `within`: its time limit).
+    fn failure<T>(
+        &self,
+        part: Part,
+        doing: &str,
+        within: Duration,
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
         match r {
-            Ok(Ok(v)) => {
-                self.ok(part);
-                Some(v)
-            }
+            Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
-                self.failed(part, &format!("Redis: {e}"));
+                self.failed(part, &format!("{doing}: {e}"));
                 None
             }
             Err(_) => {
-                self.failed(
-                    part,
-                    &format!("Redis did not answer within {:?}", self.timeout),
-                );
+                self.failed(part, &format!("{doing}: no answer within {within:?}"));
                 None
             }
         }
@@ -422,7 +410,7 @@ impl SuppressionStore for SharedSuppression {
     fn remove(&self, addr: &str) -> StateResult<bool> {
         let had = self.0.suppression.remove(addr)?;
         self.0.enqueue(&Op::Lift {
-            addr: addr.trim().to_lowercase(),
+            addr: key_text(addr),
         })?;
         Ok(had)
     }
@@ -434,7 +422,7 @@ impl SuppressionStore for SharedSuppression {
     fn count_bounce(&self, addr: &str) -> StateResult<u32> {
         let n = self.0.suppression.count_bounce(addr)?;
         self.0.enqueue(&Op::Bounce {
-            addr: addr.trim().to_lowercase(),
+            addr: key_text(addr),
         })?;
         Ok(n)
     }
@@ -445,7 +433,7 @@ impl SuppressionStore for SharedSuppression {
         }
         self.0.suppression.reset_bounces(addr)?;
         self.0.enqueue(&Op::Reset {
-            addr: addr.trim().to_lowercase(),
+            addr: key_text(addr),
         })
     }
 }

@@ -154,23 +154,7 @@ impl RedisPace {
             inv.arg(a);
         }
         let r = tokio::time::timeout(self.c.timeout, inv.invoke_async::<T>(&mut con)).await;
-        match r {
-            Ok(Ok(v)) => {
-                self.c.ok(Part::Pace);
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.c.failed(Part::Pace, &format!("Redis: {e}"));
-                None
-            }
-            Err(_) => {
-                self.c.failed(
-                    Part::Pace,
-                    &format!("Redis did not answer within {:?}", self.c.timeout),
-                );
-                None
-            }
-        }
+        self.c.judge(Part::Pace, r)
     }
 
     /// Renews held leases and gives back idle ones, until shutdown.

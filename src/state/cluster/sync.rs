@@ -276,8 +276,10 @@ fn apply_entry(
     let Some(node) = map.get("n").and_then(text) else {
         return false;
     };
-    // This node's own events (the most of the stream): skipped unread.
-    if node == c.node && map.get("k").and_then(text).as_deref() == Some("1") {
+    let mine = node == c.node;
+    // What this node wrote and applied already (its events: the most of
+    // the stream), marked by the sender (`Op::own_only`): skipped unread.
+    if mine && map.get("k").and_then(text).as_deref() == Some("1") {
         return false;
     }
     let Some(op) = map.get("o").and_then(text) else {
@@ -287,28 +289,18 @@ fn apply_entry(
         tracing::warn!(entry = %id, "a cluster change this version cannot read: skipped");
         return false;
     };
-    let mine = node == c.node;
     let in_snapshot = snapshot_at.is_some_and(|at| stream_id(id) <= stream_id(at));
-    let wake = matches!(
-        op,
-        Op::Pause { .. } | Op::Route { .. } | Op::Clear { .. } | Op::Lift { .. }
-    ) && !mine;
+    let wake = !mine
+        && matches!(
+            op,
+            Op::Pause { .. } | Op::Route { .. } | Op::Clear { .. } | Op::Lift { .. }
+        );
     if let Op::Pause { on } = op {
         if !mine && !in_snapshot {
             tracing::warn!(node = %node, paused = on, "outbound delivery {} by another node", if on { "paused" } else { "resumed" });
         }
     }
     let r = match op {
-        // This node wrote its own already.
-        Op::Event { .. }
-        | Op::Sent { .. }
-        | Op::Bounce { .. }
-        | Op::Backoff { .. }
-        | Op::Clear { .. }
-            if mine =>
-        {
-            Ok(())
-        }
         Op::Backoff {
             dest,
             until_ms,
