@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request as HttpRequest, State};
+use axum::extract::{Extension, Path, Query, Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::control::ops;
-use crate::control::Request;
+use crate::control::{Request, Scope};
 use crate::state::Services;
 
 /// The OpenAPI document of these routes (also in docs/openapi.json).
@@ -34,17 +34,18 @@ fn err(status: u16, msg: impl Into<String>) -> Response {
 }
 
 /// Runs one operation off the async threads (listings scan) and answers it.
-async fn run(api: &Api, req: Request) -> Result<Value, Response> {
+async fn run(api: &Api, scope: &Scope, req: Request) -> Result<Value, Response> {
     let s = api.s.clone();
+    let scope = scope.clone();
     let rt = tokio::runtime::Handle::current();
-    let res = tokio::task::spawn_blocking(move || rt.block_on(ops::answer(&s, req)))
+    let res = tokio::task::spawn_blocking(move || rt.block_on(ops::answer_as(&s, &scope, req)))
         .await
         .map_err(|e| err(500, format!("internal error: {e}")))?;
     res.map_err(|e| err(e.http_status(), e.to_string()))
 }
 
-async fn reply(api: &Api, req: Request) -> Response {
-    match run(api, req).await {
+async fn reply(api: &Api, scope: &Scope, req: Request) -> Response {
+    match run(api, scope, req).await {
         Ok(mut v) => {
             if let Value::Object(m) = &mut v {
                 m.insert("ok".into(), Value::Bool(true));
@@ -55,57 +56,67 @@ async fn reply(api: &Api, req: Request) -> Response {
     }
 }
 
-async fn auth(State(api): State<Api>, req: HttpRequest, next: Next) -> Response {
+async fn auth(State(api): State<Api>, mut req: HttpRequest, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match presented {
-        // The tokens in force: a reload re-reads tokens_file.
-        Some(t)
-            if api
-                .s
-                .live()
-                .api_tokens
-                .as_ref()
-                .is_some_and(|k| k.accepts(t)) =>
-        {
+    // The tokens in force: a reload re-reads tokens_file.
+    let scope = presented.and_then(|t| api.s.live().api_tokens.as_ref()?.accepts(t));
+    match (presented, scope) {
+        (Some(_), Some(scope)) => {
+            req.extensions_mut().insert(scope);
             next.run(req).await
         }
-        Some(_) => {
+        (Some(_), None) => {
             tracing::warn!("api: request with a wrong token refused");
             err(401, "wrong token")
         }
-        None => err(401, "no token: send Authorization: Bearer TOKEN"),
+        (None, _) => err(401, "no token: send Authorization: Bearer TOKEN"),
     }
 }
 
 type Params = Query<HashMap<String, String>>;
 
-async fn status(State(api): State<Api>) -> Response {
-    reply(&api, Request::Status).await
+async fn status(State(api): State<Api>, Extension(scope): Extension<Scope>) -> Response {
+    reply(&api, &scope, Request::Status).await
 }
 
-async fn queue(State(api): State<Api>) -> Response {
-    reply(&api, Request::Queue).await
+async fn queue(State(api): State<Api>, Extension(scope): Extension<Scope>) -> Response {
+    reply(&api, &scope, Request::Queue).await
 }
 
-async fn trace(State(api): State<Api>, Query(q): Params) -> Response {
+async fn trace(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     match q.get("rcpt") {
-        Some(addr) if !addr.is_empty() => reply(&api, Request::Trace { addr: addr.clone() }).await,
+        Some(addr) if !addr.is_empty() => {
+            reply(&api, &scope, Request::Trace { addr: addr.clone() }).await
+        }
         _ => err(400, "rcpt: give the recipient address, ?rcpt=ADDR"),
     }
 }
 
-async fn message(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    reply(&api, Request::Show { id }).await
+async fn message(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Response {
+    reply(&api, &scope, Request::Show { id }).await
 }
 
-async fn retry(State(api): State<Api>, Path(id): Path<String>) -> Response {
+async fn retry(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Response {
     reply(
         &api,
+        &scope,
         Request::Retry {
             id: Some(id),
             all: false,
@@ -114,9 +125,14 @@ async fn retry(State(api): State<Api>, Path(id): Path<String>) -> Response {
     .await
 }
 
-async fn cancel_id(State(api): State<Api>, Path(id): Path<String>) -> Response {
+async fn cancel_id(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Response {
     reply(
         &api,
+        &scope,
         Request::Cancel {
             id: Some(id),
             tag: None,
@@ -126,13 +142,18 @@ async fn cancel_id(State(api): State<Api>, Path(id): Path<String>) -> Response {
     .await
 }
 
-async fn cancel_tag(State(api): State<Api>, Query(q): Params) -> Response {
+async fn cancel_tag(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     match (get("tag"), get("route")) {
         (None, None) => err(400, "tag: give the tag, ?tag=TAG (or ?route=NAME)"),
         (tag, route) => {
             reply(
                 &api,
+                &scope,
                 Request::Cancel {
                     id: None,
                     tag,
@@ -166,7 +187,11 @@ fn limit_param(q: &HashMap<String, String>) -> Result<Option<usize>, &'static st
         .map_err(|_| "limit: not a number")
 }
 
-async fn events(State(api): State<Api>, Query(q): Params) -> Response {
+async fn events(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let since = match q.get("since").map(|s| since_ms(s)).transpose() {
         Ok(s) => s,
         Err(e) => return err(400, e),
@@ -178,6 +203,7 @@ async fn events(State(api): State<Api>, Query(q): Params) -> Response {
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     reply(
         &api,
+        &scope,
         Request::Events {
             since_ms: since,
             rcpt: get("rcpt"),
@@ -191,7 +217,11 @@ async fn events(State(api): State<Api>, Query(q): Params) -> Response {
 }
 
 /// `?state=unparsed&kind=failed&limit=50`: reports at the intake.
-async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
+async fn reports(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let limit = match limit_param(&q) {
         Ok(l) => l,
         Err(e) => return err(400, e),
@@ -199,6 +229,7 @@ async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     reply(
         &api,
+        &scope,
         Request::Reports {
             state: get("state"),
             kind: get("kind"),
@@ -208,7 +239,11 @@ async fn reports(State(api): State<Api>, Query(q): Params) -> Response {
     .await
 }
 
-async fn dmarc(State(api): State<Api>, Query(q): Params) -> Response {
+async fn dmarc(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let since_s = match q.get("since").filter(|v| !v.is_empty()) {
         None => None,
         Some(v) => match humantime::parse_duration(v) {
@@ -217,15 +252,22 @@ async fn dmarc(State(api): State<Api>, Query(q): Params) -> Response {
         },
     };
     let domain = q.get("domain").filter(|v| !v.is_empty()).cloned();
-    reply(&api, Request::Dmarc { domain, since_s }).await
+    reply(&api, &scope, Request::Dmarc { domain, since_s }).await
 }
 
-async fn suppressions(State(api): State<Api>) -> Response {
-    reply(&api, Request::SuppressionList).await
+async fn suppressions(State(api): State<Api>, Extension(scope): Extension<Scope>) -> Response {
+    reply(&api, &scope, Request::SuppressionList).await
 }
 
-async fn suppression(State(api): State<Api>, Path(addr): Path<String>) -> Response {
-    match run(&api, Request::SuppressionList).await {
+/// `?tenant=NAME`: the tenant's entry (a tenant's token: always its own).
+async fn suppression(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Path(addr): Path<String>,
+    Query(q): Params,
+) -> Response {
+    let tenant = q.get("tenant").filter(|v| !v.is_empty()).cloned();
+    match run(&api, &scope, Request::SuppressionList).await {
         Ok(v) => {
             let found = v["entries"]
                 .as_array()
@@ -234,7 +276,7 @@ async fn suppression(State(api): State<Api>, Path(addr): Path<String>) -> Respon
                 .find(|e| {
                     e["addr"].as_str().is_some_and(|a| {
                         a.eq_ignore_ascii_case(&crate::control::ops::pasted_address(&addr))
-                    })
+                    }) && e["tenant"].as_str() == tenant.as_deref().or(scope.tenant.as_deref())
                 })
                 .cloned();
             match found {
@@ -251,16 +293,24 @@ struct AddSuppression {
     addr: String,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
-async fn suppression_add(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+async fn suppression_add(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    body: axum::body::Bytes,
+) -> Response {
     match serde_json::from_slice::<AddSuppression>(&body) {
         Ok(a) => {
             reply(
                 &api,
+                &scope,
                 Request::SuppressionAdd {
                     addr: a.addr,
                     reason: a.reason,
+                    tenant: a.tenant,
                 },
             )
             .await
@@ -272,8 +322,24 @@ async fn suppression_add(State(api): State<Api>, body: axum::body::Bytes) -> Res
     }
 }
 
-async fn suppression_remove(State(api): State<Api>, Path(addr): Path<String>) -> Response {
-    match run(&api, Request::SuppressionRemove { addr: addr.clone() }).await {
+/// `?tenant=NAME`: the tenant's entry (a tenant's token: always its own).
+async fn suppression_remove(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Path(addr): Path<String>,
+    Query(q): Params,
+) -> Response {
+    let tenant = q.get("tenant").filter(|v| !v.is_empty()).cloned();
+    match run(
+        &api,
+        &scope,
+        Request::SuppressionRemove {
+            addr: addr.clone(),
+            tenant,
+        },
+    )
+    .await
+    {
         Ok(v) if v["removed"] == Value::Bool(true) => {
             Json(json!({ "ok": true, "removed": true, "addr": addr })).into_response()
         }
@@ -283,14 +349,22 @@ async fn suppression_remove(State(api): State<Api>, Path(addr): Path<String>) ->
 }
 
 /// `?route=NAME` holds one upstream's mail only.
-async fn pause(State(api): State<Api>, Query(q): Params) -> Response {
+async fn pause(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let route = q.get("route").filter(|v| !v.is_empty()).cloned();
-    reply(&api, Request::Pause { route }).await
+    reply(&api, &scope, Request::Pause { route }).await
 }
 
-async fn resume(State(api): State<Api>, Query(q): Params) -> Response {
+async fn resume(
+    State(api): State<Api>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Params,
+) -> Response {
     let route = q.get("route").filter(|v| !v.is_empty()).cloned();
-    reply(&api, Request::Resume { route }).await
+    reply(&api, &scope, Request::Resume { route }).await
 }
 
 /// The support console's files, embedded in the binary.

@@ -582,6 +582,15 @@ pub fn print_trace(v: &Value, json: bool) {
             }
         );
     }
+    for e in arr(v, "suppressions") {
+        if let Some(t) = e["tenant"].as_str() {
+            println!(
+                "suppression: for tenant {t}'s mail only, since {} ({})",
+                relative(e["added_ms"].as_u64()),
+                s(&e["reason"])
+            );
+        }
+    }
     for r in arr(v, "unhealthy_routes") {
         println!(
             "route {} is UNHEALTHY: {}",
@@ -612,6 +621,10 @@ pub fn print_suppressions(v: &Value, json: bool) {
                 },
                 s(&e["reason"]),
                 s(&e["source_id"]),
+                match e["tenant"].as_str() {
+                    Some(t) => format!("tenant {t}"),
+                    None => "everyone".into(),
+                },
                 s(&e["reply"]),
             ]
         })
@@ -619,7 +632,7 @@ pub fn print_suppressions(v: &Value, json: bool) {
     print!(
         "{}",
         table(
-            &["ADDRESS", "ADDED", "LIFTS", "REASON", "SOURCE", "REPLY"],
+            &["ADDRESS", "ADDED", "LIFTS", "REASON", "SOURCE", "FOR", "REPLY"],
             &rows
         )
     );
@@ -749,7 +762,7 @@ pub fn print_webhooks(v: &Value, json: bool) {
 
 // --------------------------------------------------------------- CSV ----
 
-const CSV_HEADER: [&str; 7] = [
+const CSV_HEADER: [&str; 8] = [
     "address",
     "reason",
     "reply",
@@ -757,6 +770,7 @@ const CSV_HEADER: [&str; 7] = [
     "added",
     "expires",
     "automatic",
+    "tenant",
 ];
 
 fn ms_to_rfc3339(ms: Option<u64>) -> String {
@@ -794,6 +808,7 @@ pub fn suppressions_csv(v: &Value) -> Result<String, CliError> {
                 ms_to_rfc3339(Some(e.added_ms)),
                 ms_to_rfc3339(e.expires_ms),
                 e.automatic.to_string(),
+                e.tenant.unwrap_or_default(),
             ]
             .map(|c| csv_cell(&c)),
         )
@@ -861,7 +876,8 @@ pub fn parse_suppressions_csv(text: &str) -> Result<Vec<Entry>, String> {
             added_ms: rfc3339_to_ms(&get(4))?.unwrap_or_else(now_ms),
             expires_ms: rfc3339_to_ms(&get(5))?,
             automatic: get(6) == "true",
-            node: None,
+            tenant: opt(get(7)),
+            ..Default::default()
         });
     }
     Ok(out)
@@ -915,7 +931,7 @@ mod tests {
                 assert!(!cell.starts_with(FORMULA_START), "{cell:?} in {text}");
             }
         }
-        assert_eq!(cells, 14);
+        assert_eq!(cells, 16);
         // What was exported imports as it was.
         let back = parse_suppressions_csv(&text).unwrap();
         assert_eq!(back[0].addr, "-dash@b.test");

@@ -75,6 +75,22 @@ pub struct Config {
     pub bounces: Option<Bounces>,
     /// `[cluster]`: the state several nodes share through Redis.
     pub cluster: Option<Cluster>,
+    /// `[[tenants]]`: the customers of the platform, each a unit.
+    pub tenants: Vec<Tenant>,
+}
+
+/// One `[[tenants]]` entry: a customer of the platform. Its mail is
+/// decided once, at reception: an AUTH user listed here, else an original
+/// sender (From, else MAIL FROM) in one of its domains, else the
+/// `[[routes]]` entry that names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub name: String,
+    /// Lowercased.
+    pub sender_domains: Vec<String>,
+    pub auth_users: Vec<String>,
+    /// Messages per period across the tenant's routes; None = no quota.
+    pub max_rate: Option<Rate>,
 }
 
 /// `[cluster]`: suppression, pacing, pauses, history and reports shared
@@ -157,15 +173,19 @@ pub struct Webhook {
     pub events: Vec<String>,
     /// Glob patterns (`*`) on `X-Herald-Tag`; empty: every message.
     pub tags: Vec<String>,
+    /// Only these tenants' mail; empty: every message.
+    pub tenants: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
 }
 
 impl Webhook {
     /// Whether an event of this kind, for mail with this tag, goes here.
-    pub fn wants(&self, event: &str, tag: Option<&str>) -> bool {
+    pub fn wants(&self, event: &str, tag: Option<&str>, tenant: Option<&str>) -> bool {
         self.events.iter().any(|e| e == event)
             && (self.tags.is_empty() || tag.is_some_and(|t| self.tags.iter().any(|p| glob(p, t))))
+            && (self.tenants.is_empty()
+                || tenant.is_some_and(|t| self.tenants.iter().any(|n| n == t)))
     }
 }
 
@@ -399,6 +419,9 @@ pub struct Route {
     pub auth_user: Option<String>,
     pub upstream: String,
     pub default_sender: Option<String>,
+    /// The tenant whose mail this is (when neither its AUTH user nor its
+    /// sender domain says).
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -457,6 +480,20 @@ mod raw {
         pub api: Api,
         pub bounces: Option<Bounces>,
         pub cluster: Option<Cluster>,
+        #[serde(default)]
+        pub tenants: Vec<Tenant>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tenant {
+        pub name: String,
+        #[serde(default)]
+        pub sender_domains: Vec<String>,
+        #[serde(default)]
+        pub auth_users: Vec<String>,
+        pub max_rate: Option<String>,
+        pub max_burst: Option<i64>,
     }
 
     #[derive(Deserialize)]
@@ -497,6 +534,8 @@ mod raw {
         pub events: Option<Vec<String>>,
         #[serde(default)]
         pub tags: Vec<String>,
+        #[serde(default)]
+        pub tenants: Vec<String>,
         pub ca_file: Option<String>,
         pub timeout: Option<String>,
     }
@@ -604,6 +643,7 @@ mod raw {
         pub auth_user: Option<String>,
         pub upstream: String,
         pub default_sender: Option<String>,
+        pub tenant: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -799,6 +839,8 @@ impl Config {
             .cluster
             .map(|c| cluster(c, &hostname, dir))
             .transpose()?;
+        let tenants = tenants(raw.tenants)?;
+        let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
         Ok(Config {
             path: path.to_path_buf(),
             hostname,
@@ -807,15 +849,16 @@ impl Config {
             sender: sender(raw.sender)?,
             dkim: dkim(raw.dkim, dir)?,
             delivery: delivery(raw.delivery, concurrency, &upstreams)?,
-            routes: routes(raw.routes, &upstreams)?,
+            routes: routes(raw.routes, &upstreams, &names)?,
             upstreams,
             tracking: tracking(raw.tracking, dir)?,
             control: control(raw.control, dir)?,
             dns: dns(raw.dns)?,
-            webhooks: webhooks(raw.webhooks, dir)?,
+            webhooks: webhooks(raw.webhooks, dir, &names)?,
             api: api(raw.api, dir)?,
             bounces: bounces(raw.bounces, dir)?,
             cluster,
+            tenants,
         })
     }
 
@@ -826,6 +869,56 @@ impl Config {
             .iter()
             .map(|k| format!("{}/{}", k.domain, k.selector))
             .collect()
+    }
+
+    /// The tenant of mail with this AUTH user, original sender domain and
+    /// route: a tenant listing the AUTH user, else one listing the domain,
+    /// else the route's. None: the platform's own mail.
+    pub fn tenant_for<'a>(
+        &'a self,
+        sender_domain: Option<&str>,
+        auth_user: Option<&str>,
+        route: Option<&'a Route>,
+    ) -> Option<&'a str> {
+        let by_user = auth_user.and_then(|u| {
+            self.tenants
+                .iter()
+                .find(|t| t.auth_users.iter().any(|a| a == u))
+        });
+        let by_domain = || {
+            let d = sender_domain?.trim_end_matches('.').to_ascii_lowercase();
+            self.tenants.iter().find(|t| t.sender_domains.contains(&d))
+        };
+        by_user
+            .or_else(by_domain)
+            .map(|t| t.name.as_str())
+            .or_else(|| route.and_then(|r| r.tenant.as_deref()))
+    }
+
+    /// The `[[tenants]]` entry of this name.
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+
+    /// The upstreams that carry mail of tenant `name` only: its own
+    /// routes' upstreams that no other route and not `[delivery]` uses.
+    pub fn tenant_upstreams(&self, name: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in self
+            .routes
+            .iter()
+            .filter(|r| r.tenant.as_deref() == Some(name))
+        {
+            let shared = self.delivery.upstream == r.upstream
+                || self
+                    .routes
+                    .iter()
+                    .any(|o| o.upstream == r.upstream && o.tenant.as_deref() != Some(name));
+            if !shared && !out.contains(&r.upstream) {
+                out.push(r.upstream.clone());
+            }
+        }
+        out
     }
 
     /// The upstream for mail with this original sender domain and AUTH user.
@@ -1215,9 +1308,93 @@ fn delivery(
 }
 
 /// `[[routes]]`.
+/// `key` names a tenant of `[[tenants]]`.
+fn check_tenant(names: &[&str], key: &str, name: &str) -> Result<(), ConfigError> {
+    if names.contains(&name) {
+        return Ok(());
+    }
+    Err(bad(
+        key,
+        format!(
+            "no tenant {name:?} in [[tenants]] (there are: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ),
+    ))
+}
+
+/// `[[tenants]]`: names of letters, digits, `-`, `_` and `.` (they go into
+/// token files, metrics labels and keys), each domain and AUTH user with
+/// one tenant only.
+fn tenants(list: Vec<raw::Tenant>) -> Result<Vec<Tenant>, ConfigError> {
+    let mut out: Vec<Tenant> = Vec::new();
+    for (i, t) in list.into_iter().enumerate() {
+        let key = format!("tenants[{i}]");
+        let name_ok = !t.name.is_empty()
+            && t.name.len() <= 64
+            && t.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(bad(
+                format!("{key}.name"),
+                format!("{:?}: use 1 to 64 letters, digits, '-', '_' or '.'", t.name),
+            ));
+        }
+        if out.iter().any(|o| o.name == t.name) {
+            return Err(bad(
+                format!("{key}.name"),
+                format!("{:?} is used twice", t.name),
+            ));
+        }
+        let sender_domains: Vec<String> = t
+            .sender_domains
+            .iter()
+            .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        for d in &sender_domains {
+            if d.is_empty() || d.contains('@') || d.contains(char::is_whitespace) {
+                return Err(bad(
+                    format!("{key}.sender_domains"),
+                    format!("{d:?} is not a domain"),
+                ));
+            }
+            if let Some(o) = out.iter().find(|o| o.sender_domains.contains(d)) {
+                return Err(bad(
+                    format!("{key}.sender_domains"),
+                    format!("{d} is already tenant {:?}'s", o.name),
+                ));
+            }
+        }
+        for u in &t.auth_users {
+            if let Some(o) = out.iter().find(|o| o.auth_users.contains(u)) {
+                return Err(bad(
+                    format!("{key}.auth_users"),
+                    format!("{u} is already tenant {:?}'s", o.name),
+                ));
+            }
+        }
+        let rate = match &t.max_rate {
+            Some(r) => parse_rate(&format!("{key}.max_rate"), r)?,
+            None => None,
+        };
+        out.push(Tenant {
+            name: t.name,
+            sender_domains,
+            auth_users: t.auth_users,
+            max_rate: with_burst(&format!("{key}.max_burst"), rate, t.max_burst)?,
+        });
+    }
+    Ok(out)
+}
+
 fn routes(
     list: Vec<raw::Route>,
     upstreams: &BTreeMap<String, Upstream>,
+    tenants: &[&str],
 ) -> Result<Vec<Route>, ConfigError> {
     let mut routes = Vec::new();
     for (i, r) in list.into_iter().enumerate() {
@@ -1233,11 +1410,15 @@ fn routes(
             Some(s) => Some(check_address(&format!("{key}.default_sender"), &s)?),
             None => None,
         };
+        if let Some(t) = &r.tenant {
+            check_tenant(tenants, &format!("{key}.tenant"), t)?;
+        }
         routes.push(Route {
             sender_domain: r.sender_domain.map(|s| s.to_ascii_lowercase()),
             auth_user: r.auth_user,
             upstream: r.upstream,
             default_sender,
+            tenant: r.tenant,
         });
     }
     Ok(routes)
@@ -1354,7 +1535,11 @@ fn cluster(c: raw::Cluster, hostname: &str, dir: &Path) -> Result<Cluster, Confi
 }
 
 /// `[[webhooks]]`.
-fn webhooks(list: Vec<raw::Webhook>, dir: &Path) -> Result<Vec<Webhook>, ConfigError> {
+fn webhooks(
+    list: Vec<raw::Webhook>,
+    dir: &Path,
+    tenants: &[&str],
+) -> Result<Vec<Webhook>, ConfigError> {
     let rel = |p: &str| rel_to(dir, p);
     let mut webhooks = Vec::new();
     for (i, w) in list.into_iter().enumerate() {
@@ -1401,6 +1586,9 @@ fn webhooks(list: Vec<raw::Webhook>, dir: &Path) -> Result<Vec<Webhook>, ConfigE
             &format!("{key}.timeout"),
             w.timeout.as_deref().unwrap_or("10s"),
         )?;
+        for t in &w.tenants {
+            check_tenant(tenants, &format!("{key}.tenants"), t)?;
+        }
         let name = w.name.unwrap_or_else(|| w.url.clone());
         if webhooks.iter().any(|h: &Webhook| h.name == name) {
             return Err(bad(
@@ -1414,6 +1602,7 @@ fn webhooks(list: Vec<raw::Webhook>, dir: &Path) -> Result<Vec<Webhook>, ConfigE
             secret,
             events,
             tags: w.tags,
+            tenants: w.tenants,
             ca_file,
             timeout,
         });
@@ -1620,10 +1809,14 @@ mod tests {
         let c = parse(&text).unwrap();
         let w = &c.webhooks[0];
         assert_eq!(w.name, "https://p.example/h");
-        assert!(w.wants("delivered", Some("file-7")));
-        assert!(!w.wants("delivered", Some("order-7")));
-        assert!(!w.wants("delivered", None), "a tag filter needs a tag");
-        assert!(!w.wants("bounced", Some("file-7")));
+        assert!(w.wants("delivered", Some("file-7"), None));
+        assert!(w.wants("delivered", Some("file-7"), Some("acme")));
+        assert!(!w.wants("delivered", Some("order-7"), None));
+        assert!(
+            !w.wants("delivered", None, None),
+            "a tag filter needs a tag"
+        );
+        assert!(!w.wants("bounced", Some("file-7"), None));
         let bad = text.replace("[\"delivered\"]", "[\"delivred\"]");
         assert!(parse(&bad)
             .unwrap_err()
@@ -1687,6 +1880,62 @@ mod tests {
         }
         let err = parse("").unwrap_err().to_string();
         assert!(err.contains("sender.default_sender"), "{err}");
+    }
+
+    #[test]
+    fn tenants_decide_by_auth_user_then_domain_then_route() {
+        let parse = |extra: &str| Config::parse(&format!("{MIN}{extra}"), Path::new("/x/h.toml"));
+        let c = parse(
+            "[upstreams.zot]\nhost = \"relay.zot.example\"\n\
+             [upstreams.acme]\nhost = \"smtp.acme.example\"\n\
+             [[tenants]]\nname = \"acme\"\nsender_domains = [\"Acme.Example\"]\nauth_users = [\"acme-platform\"]\nmax_rate = \"60/m\"\nmax_burst = 5\n\
+             [[tenants]]\nname = \"beta\"\nsender_domains = [\"beta.example\"]\n\
+             [[routes]]\nsender_domain = \"acme.example\"\nupstream = \"acme\"\ntenant = \"acme\"\n\
+             [[routes]]\nsender_domain = \"gamma.example\"\nupstream = \"zot\"\ntenant = \"beta\"\n",
+        )
+        .unwrap();
+        let acme = c.tenant("acme").unwrap();
+        assert_eq!(acme.sender_domains, ["acme.example"]);
+        assert_eq!(acme.max_rate.unwrap().burst, 5);
+        let route = |d: &str| c.route_for(Some(d), None);
+        assert_eq!(c.tenant_for(Some("ACME.example"), None, None), Some("acme"));
+        assert_eq!(c.tenant_for(Some("beta.example"), None, None), Some("beta"));
+        // The AUTH user first: acme's platform sending as beta's domain.
+        assert_eq!(
+            c.tenant_for(Some("beta.example"), Some("acme-platform"), None),
+            Some("acme")
+        );
+        assert_eq!(
+            c.tenant_for(Some("gamma.example"), None, route("gamma.example")),
+            Some("beta")
+        );
+        assert_eq!(c.tenant_for(Some("other.example"), None, None), None);
+        // acme's upstream carries acme's mail alone; zot is shared.
+        assert_eq!(c.tenant_upstreams("acme"), ["acme"]);
+        assert!(c.tenant_upstreams("beta").contains(&"zot".to_string()));
+        for (bad, key) in [
+            ("[[tenants]]\nname = \"a b\"\n", "tenants[0].name"),
+            (
+                "[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"\n",
+                "tenants[1].name",
+            ),
+            (
+                "[[tenants]]\nname = \"a\"\nsender_domains = [\"x.example\"]\n[[tenants]]\nname = \"b\"\nsender_domains = [\"x.example\"]\n",
+                "tenants[1].sender_domains",
+            ),
+            (
+                "[[tenants]]\nname = \"a\"\nmax_rate = \"fast\"\n",
+                "tenants[0].max_rate",
+            ),
+            (
+                "[[routes]]\nsender_domain = \"x.example\"\nupstream = \"mx\"\ntenant = \"nobody\"\n",
+                "routes[0].tenant",
+            ),
+            ("[[tenants]]\nname = \"a\"\ncolour = 1\n", "colour"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::Context;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
+use crate::control::Scope;
 
 /// The configuration in force and what was built from it.
 pub struct Live {
@@ -63,7 +64,7 @@ impl Live {
         let tracking_key = load_secret(&cfg)?;
         let resolver = crate::dns::resolver(&cfg).map_err(anyhow::Error::msg)?;
         let api_tokens = match (cfg.api.listen, &cfg.api.tokens_file) {
-            (Some(_), Some(t)) => Some(Tokens::load(t)?),
+            (Some(_), Some(t)) => Some(Tokens::load(t, &cfg)?),
             _ => None,
         };
         let mut files = BTreeMap::new();
@@ -145,21 +146,39 @@ pub fn load_secret(cfg: &crate::config::Config) -> anyhow::Result<Option<Vec<u8>
     Ok(Some(key))
 }
 
-/// SHA-256 of each accepted token.
+/// SHA-256 of each accepted token, and what it may see and do.
 #[derive(Clone)]
-pub struct Tokens(Arc<Vec<Vec<u8>>>);
+pub struct Tokens(Arc<Vec<(Vec<u8>, Scope)>>);
 
 impl Tokens {
-    /// Reads `tokens_file`: one token per line; blank lines and `#` comments
-    /// are skipped. Tokens shorter than 16 characters are refused.
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Tokens> {
+    /// Reads `tokens_file`: one token per line, optionally followed by
+    /// `tenant=NAME` (a tenant of `cfg`: the token sees that tenant's mail
+    /// only) and `read-only`; blank lines and `#` comments are skipped.
+    /// Tokens shorter than 16 characters are refused.
+    pub fn load(path: &std::path::Path, cfg: &Config) -> anyhow::Result<Tokens> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("api.tokens_file: cannot read {}: {e}", path.display()))?;
         let mut out = Vec::new();
         for (n, line) in text.lines().enumerate() {
-            let t = line.trim();
-            if t.is_empty() || t.starts_with('#') {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
                 continue;
+            }
+            let mut words = line.split_whitespace();
+            let t = words.next().unwrap_or_default();
+            let mut scope = Scope::default();
+            for w in words {
+                let where_ = || format!("api.tokens_file: line {} of {}", n + 1, path.display());
+                match w.split_once('=') {
+                    Some(("tenant", name)) if cfg.tenant(name).is_some() => {
+                        scope.tenant = Some(name.to_string())
+                    }
+                    Some(("tenant", name)) => {
+                        anyhow::bail!("{}: no tenant {name:?} in [[tenants]]", where_())
+                    }
+                    None if w == "read-only" => scope.read_only = true,
+                    _ => anyhow::bail!("{}: {w:?} is neither tenant=NAME nor read-only", where_()),
+                }
             }
             if t.len() < 16 {
                 anyhow::bail!(
@@ -168,11 +187,12 @@ impl Tokens {
                     path.display()
                 );
             }
-            out.push(
+            out.push((
                 aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, t.as_bytes())
                     .as_ref()
                     .to_vec(),
-            );
+                scope,
+            ));
         }
         if out.is_empty() {
             anyhow::bail!("api.tokens_file: {} holds no token", path.display());
@@ -180,11 +200,13 @@ impl Tokens {
         Ok(Tokens(Arc::new(out)))
     }
 
-    pub fn accepts(&self, presented: &str) -> bool {
+    /// What the presented token may see and do; None: no such token.
+    pub fn accepts(&self, presented: &str) -> Option<Scope> {
         let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, presented.as_bytes());
         // Every token is compared, so the time says nothing about which.
-        self.0.iter().fold(false, |found, t| {
-            aws_lc_rs::constant_time::verify_slices_are_equal(t, d.as_ref()).is_ok() | found
+        self.0.iter().fold(None, |found, (t, scope)| {
+            let same = aws_lc_rs::constant_time::verify_slices_are_equal(t, d.as_ref()).is_ok();
+            found.or(same.then(|| scope.clone()))
         })
     }
 }
@@ -202,12 +224,39 @@ mod tests {
             "# support console\nabcdefghijklmnop1234\n\nsecond-token-0123456789\n",
         )
         .unwrap();
-        let t = Tokens::load(&p).unwrap();
-        assert!(t.accepts("abcdefghijklmnop1234"));
-        assert!(t.accepts("second-token-0123456789"));
-        assert!(!t.accepts("abcdefghijklmnop123"));
-        assert!(!t.accepts(""));
+        let cfg = Config::parse(
+            "[sender]\ndefault_sender = \"n@example.com\"\n[[tenants]]\nname = \"acme\"\nsender_domains = [\"acme.example\"]\n",
+            std::path::Path::new("/etc/herald/herald.toml"),
+        )
+        .unwrap();
+        let t = Tokens::load(&p, &cfg).unwrap();
+        assert_eq!(t.accepts("abcdefghijklmnop1234"), Some(Scope::default()));
+        assert!(t.accepts("second-token-0123456789").is_some());
+        assert!(t.accepts("abcdefghijklmnop123").is_none());
+        assert!(t.accepts("").is_none());
         std::fs::write(&p, "short\n").unwrap();
-        assert!(Tokens::load(&p).is_err());
+        assert!(Tokens::load(&p, &cfg).is_err());
+        std::fs::write(
+            &p,
+            "staff-token-0123456789\nacme-token-0123456789 tenant=acme read-only\n",
+        )
+        .unwrap();
+        let t = Tokens::load(&p, &cfg).unwrap();
+        assert_eq!(
+            t.accepts("acme-token-0123456789"),
+            Some(Scope {
+                tenant: Some("acme".into()),
+                read_only: true
+            })
+        );
+        assert_eq!(t.accepts("staff-token-0123456789"), Some(Scope::default()));
+        for bad in [
+            "acme-token-0123456789 tenant=zot\n",
+            "acme-token-0123456789 readonly\n",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            let e = Tokens::load(&p, &cfg).err().unwrap().to_string();
+            assert!(e.contains("line 1"), "{e}");
+        }
     }
 }

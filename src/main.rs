@@ -179,16 +179,20 @@ enum SuppressionCmd {
         addr: String,
         #[arg(long)]
         reason: Option<String>,
+        /// For this tenant's mail only (default: for everyone)
+        #[arg(long)]
+        tenant: Option<String>,
     },
     Remove {
         addr: String,
+        /// The tenant's entry (default: the entry for everyone)
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Write the list as CSV to stdout
     Export,
     /// Add the addresses of a CSV file (as written by export)
-    Import {
-        file: PathBuf,
-    },
+    Import { file: PathBuf },
 }
 
 /// Runs a client subcommand against the daemon's control socket.
@@ -325,6 +329,14 @@ fn print_cancelled(v: &serde_json::Value) {
     }
 }
 
+/// " for tenant T's mail" (or nothing: for everyone).
+fn tenant_note(tenant: &Option<String>) -> String {
+    tenant
+        .as_ref()
+        .map(|t| format!(" for tenant {t}'s mail"))
+        .unwrap_or_default()
+}
+
 /// `herald suppression ...`.
 fn suppression(
     cmd: SuppressionCmd,
@@ -334,19 +346,29 @@ fn suppression(
     use herald::control::Request;
     match cmd {
         SuppressionCmd::List { json } => print_suppressions(&ask(Request::SuppressionList)?, json),
-        SuppressionCmd::Add { addr, reason } => {
+        SuppressionCmd::Add {
+            addr,
+            reason,
+            tenant,
+        } => {
+            let scope = tenant_note(&tenant);
             ask(Request::SuppressionAdd {
                 addr: addr.clone(),
                 reason,
+                tenant,
             })?;
-            println!("{addr} suppressed");
+            println!("{addr} suppressed{scope}");
         }
-        SuppressionCmd::Remove { addr } => {
-            let v = ask(Request::SuppressionRemove { addr: addr.clone() })?;
+        SuppressionCmd::Remove { addr, tenant } => {
+            let scope = tenant_note(&tenant);
+            let v = ask(Request::SuppressionRemove {
+                addr: addr.clone(),
+                tenant,
+            })?;
             if v["removed"] == serde_json::Value::Bool(true) {
-                println!("{addr}: suppression lifted");
+                println!("{addr}: suppression lifted{scope}");
             } else {
-                println!("{addr} was not suppressed");
+                println!("{addr} was not suppressed{scope}");
             }
         }
         SuppressionCmd::Export => {

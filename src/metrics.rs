@@ -84,6 +84,12 @@ struct EventClass {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantEvent {
+    tenant: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainResult {
     domain: String,
     result: &'static str,
@@ -197,6 +203,29 @@ fn registry(s: &Services) -> Registry {
         "herald_events",
         "Events recorded since start, by kind and reply class",
         events,
+    );
+    // Every tenant of the config appears, with its deliveries, even at 0.
+    let by_tenant = Family::<TenantEvent, Counter>::default();
+    for t in &cfg.tenants {
+        by_tenant
+            .get_or_create(&TenantEvent {
+                tenant: t.name.clone(),
+                event: "delivered",
+            })
+            .inc_by(0);
+    }
+    for (tenant, k, n) in s.history.tenant_counts() {
+        by_tenant
+            .get_or_create(&TenantEvent {
+                tenant,
+                event: k.as_str(),
+            })
+            .inc_by(n);
+    }
+    r.register(
+        "herald_tenant_events",
+        "Events recorded since start, by tenant ([[tenants]]) and kind",
+        by_tenant,
     );
     if let Some(b) = &s.bounces {
         let reports = Family::<Outcome, Counter>::default();

@@ -38,6 +38,8 @@ pub struct Prepared {
     pub upstream: String,
     /// The envelope sender (MAIL FROM) to use outbound.
     pub mail_from: String,
+    /// The `[[tenants]]` entry whose mail this is (None: the platform's).
+    pub tenant: Option<String>,
 }
 
 /// A mailbox as read from a header: decoded display name and address.
@@ -289,6 +291,9 @@ pub fn prepare(
     p.upstream = route
         .map(|r| r.upstream.clone())
         .unwrap_or_else(|| cfg.delivery.upstream.clone());
+    p.tenant = cfg
+        .tenant_for(route_domain, t.auth_user.as_deref(), route)
+        .map(str::to_string);
     let route_sender = route.and_then(|r| r.default_sender.clone());
     p.mail_from = match &route_sender {
         Some(rs) if !cfg.sender.bounce_explicit => rs.clone(),

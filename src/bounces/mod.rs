@@ -30,7 +30,7 @@ use crate::reply::Class;
 use crate::report::{Kind, Report};
 use crate::state::history::Extra;
 use crate::state::ledger::Reported;
-use crate::state::reports::SUMMARY_MAX;
+use crate::state::reports::{Sent, SUMMARY_MAX};
 use crate::state::Services;
 
 /// Applies reports as they are stored (and those left pending at start),
@@ -61,6 +61,7 @@ struct About {
     rcpt: String,
     tag: Option<String>,
     subject: Option<String>,
+    tenant: Option<String>,
 }
 
 impl About {
@@ -70,37 +71,34 @@ impl About {
             rcpt: &self.rcpt,
             tag: self.tag.as_deref(),
             subject: self.subject.as_deref(),
+            tenant: self.tenant.as_deref(),
         }
     }
 }
 
-/// What a message was: its recipients by index, tag and subject.
-fn message_of(
-    s: &Services,
-    b: &Bounces,
-    id: &str,
-) -> Option<(Vec<String>, Option<String>, Option<String>)> {
+/// What a message was: its recipients by index, tag, subject and tenant.
+fn message_of(s: &Services, b: &Bounces, id: &str) -> Option<Sent> {
     match s.store.envelope(id) {
-        Ok(Some(env)) => Some((
-            env.rcpts.iter().map(|r| r.addr.clone()).collect(),
-            env.tag,
-            env.subject,
-        )),
-        _ => {
-            let sent = b.sent_record(id)?;
-            Some((sent.rcpts, sent.tag, sent.subject))
-        }
+        Ok(Some(env)) => Some(Sent {
+            rcpts: env.rcpts.iter().map(|r| r.addr.clone()).collect(),
+            tag: env.tag,
+            subject: env.subject,
+            sent_ms: env.received_at,
+            tenant: env.tenant,
+        }),
+        _ => b.sent_record(id),
     }
 }
 
 /// Recipient `index` of message `id`, as a signed token names it.
 fn about(s: &Services, b: &Bounces, id: &str, index: usize) -> Option<About> {
-    let (rcpts, tag, subject) = message_of(s, b, id)?;
+    let m = message_of(s, b, id)?;
     Some(About {
         id: id.to_string(),
-        rcpt: rcpts.get(index)?.clone(),
-        tag,
-        subject,
+        rcpt: m.rcpts.get(index)?.clone(),
+        tag: m.tag,
+        subject: m.subject,
+        tenant: m.tenant,
     })
 }
 
@@ -147,15 +145,16 @@ fn complaint_about(s: &Services, b: &Bounces, rec: &Record, rep: &Report) -> Com
         return Complained::Nothing;
     };
     match message_of(s, b, &id) {
-        Some((rcpts, tag, subject)) if rcpts.len() == 1 => Complained::Recipient(About {
+        Some(m) if m.rcpts.len() == 1 => Complained::Recipient(About {
             id,
-            rcpt: rcpts[0].clone(),
-            tag,
-            subject,
+            rcpt: m.rcpts[0].clone(),
+            tag: m.tag,
+            subject: m.subject,
+            tenant: m.tenant,
         }),
-        Some((rcpts, ..)) => Complained::Message {
+        Some(m) => Complained::Message {
             id,
-            rcpts: rcpts.len(),
+            rcpts: m.rcpts.len(),
         },
         None => Complained::Nothing,
     }

@@ -9,6 +9,8 @@ pub enum Failure {
     Invalid(String),
     /// What it names is not there: a message, a tag, a webhook (404).
     NotFound(String),
+    /// Not for this API token: read-only, or scoped to a tenant (403).
+    Forbidden(String),
     /// The storage failed (503): try again later.
     Storage(String),
 }
@@ -18,6 +20,7 @@ impl Failure {
         match self {
             Failure::Invalid(_) => 400,
             Failure::NotFound(_) => 404,
+            Failure::Forbidden(_) => 403,
             Failure::Storage(_) => 503,
         }
     }
@@ -26,7 +29,10 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Invalid(m) | Failure::NotFound(m) | Failure::Storage(m) => f.write_str(m),
+            Failure::Invalid(m)
+            | Failure::NotFound(m)
+            | Failure::Forbidden(m)
+            | Failure::Storage(m) => f.write_str(m),
         }
     }
 }

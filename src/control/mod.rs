@@ -7,6 +7,7 @@ pub mod dmarc;
 pub mod failure;
 pub mod ops;
 pub mod reload;
+pub mod tenant;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,15 +114,50 @@ pub enum Request {
         addr: String,
         #[serde(default)]
         reason: Option<String>,
+        /// For this tenant's mail only (None: for everyone).
+        #[serde(default)]
+        tenant: Option<String>,
     },
     SuppressionRemove {
         addr: String,
+        /// The tenant's entry (None: the entry for everyone).
+        #[serde(default)]
+        tenant: Option<String>,
     },
     SuppressionImport {
         entries: Vec<Entry>,
     },
     /// Re-read the config file herald was started with (`herald reload`).
     Reload,
+}
+
+impl Request {
+    /// Whether it changes anything (a read-only API token may not ask it).
+    pub fn changes(&self) -> bool {
+        !matches!(
+            self,
+            Request::Status
+                | Request::Queue
+                | Request::Show { .. }
+                | Request::History { .. }
+                | Request::Trace { .. }
+                | Request::Events { .. }
+                | Request::Webhooks
+                | Request::Reports { .. }
+                | Request::Dmarc { .. }
+                | Request::SuppressionList
+        )
+    }
+}
+
+/// Who asks: the control socket and an unscoped API token are the
+/// platform's staff (everything); an API token of `tokens_file` may be
+/// scoped to one tenant, and may be read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Only this tenant's mail, events, suppressions and routes.
+    pub tenant: Option<String>,
+    pub read_only: bool,
 }
 
 /// Binds the socket: creates its directory, replaces a stale socket (one

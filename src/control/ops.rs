@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 pub use super::failure::Failure;
-use super::Request;
+use super::{Request, Scope};
 use crate::reply::Class;
 use crate::state::history::{By, Event, EventKind};
 use crate::state::spool::{now_ms, Envelope};
@@ -46,25 +46,89 @@ fn opt_id(id: Option<String>) -> Result<Option<String>, String> {
     id.as_deref().map(id_arg).transpose()
 }
 
-/// One operation, for the control socket and the HTTP API alike.
+/// One operation, for the control socket and the HTTP API alike, asked
+/// by the platform's staff.
 pub async fn answer(s: &Services, req: Request) -> Answer {
+    answer_as(s, &Scope::default(), req).await
+}
+
+/// What a tenant's token may not ask at all.
+fn staff_only(what: &str) -> Failure {
+    Failure::Forbidden(format!(
+        "{what}: for the platform's staff; this token is scoped to one tenant"
+    ))
+}
+
+/// The tenant of a suppression request: a scoped token's own, whatever
+/// it asks; the staff's choice, which must be a tenant of the config.
+fn scope_tenant(
+    s: &Services,
+    scope: &Scope,
+    asked: Option<String>,
+) -> Result<Option<String>, Failure> {
+    match (&scope.tenant, asked) {
+        (Some(own), Some(a)) if *own != a => Err(staff_only("another tenant's suppressions")),
+        (Some(own), _) => Ok(Some(own.clone())),
+        (None, Some(a)) if s.cfg().tenant(&a).is_none() => Err(Failure::Invalid(format!(
+            "tenant: no tenant {a:?} in [[tenants]]"
+        ))),
+        (None, a) => Ok(a),
+    }
+}
+
+/// `route` may be paused, resumed or cancelled by `scope`: the staff any,
+/// a tenant only an upstream that carries its mail alone.
+fn route_allowed(s: &Services, scope: &Scope, route: &str) -> Result<(), Failure> {
+    match &scope.tenant {
+        Some(t) if !s.cfg().tenant_upstreams(t).iter().any(|u| u == route) => Err(
+            Failure::Forbidden(format!("route {route:?}: not a route of tenant {t} alone")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// One operation as `scope` may ask it: a read-only token changes
+/// nothing; a tenant's token sees and acts on its tenant's mail only.
+pub async fn answer_as(s: &Services, scope: &Scope, req: Request) -> Answer {
+    if scope.read_only && req.changes() {
+        return Err(Failure::Forbidden("this API token is read-only".into()));
+    }
+    let t = scope.tenant.as_deref();
     match req {
-        Request::Status => status(s),
-        Request::Queue => queue(s),
-        Request::Show { id } => show(s, &id_arg(&id)?),
-        Request::Retry { id, all } => retry(s, opt_id(id)?.as_deref(), all),
+        Request::Status => match t {
+            Some(t) => super::tenant::status(s, t, scope.read_only),
+            None => status(s).map(|mut v| {
+                v["read_only"] = json!(scope.read_only);
+                v
+            }),
+        },
+        Request::Queue => queue(s, t),
+        Request::Show { id } => show(s, &id_arg(&id)?, t),
+        Request::Retry { id, all } => retry(s, opt_id(id)?.as_deref(), all, t),
         Request::Cancel {
             route: Some(route),
             id: None,
             tag: None,
-        } => cancel_route(s, &route).await,
+        } => {
+            route_allowed(s, scope, &route)?;
+            cancel_route(s, &route, t).await
+        }
         Request::Cancel { id, tag, route: _ } => {
-            cancel(s, opt_id(id)?.as_deref(), tag.as_deref()).await
+            cancel(s, opt_id(id)?.as_deref(), tag.as_deref(), t).await
+        }
+        Request::Pause { route: None } | Request::Resume { route: None } if t.is_some() => {
+            Err(staff_only("pausing all delivery"))
         }
         Request::Pause { route: None } => set_paused(s, true).await,
         Request::Resume { route: None } => set_paused(s, false).await,
-        Request::Pause { route: Some(r) } => set_route_paused(s, &r, true).await,
-        Request::Resume { route: Some(r) } => set_route_paused(s, &r, false).await,
+        Request::Pause { route: Some(r) } => {
+            route_allowed(s, scope, &r)?;
+            set_route_paused(s, &r, true).await
+        }
+        Request::Resume { route: Some(r) } => {
+            route_allowed(s, scope, &r)?;
+            set_route_paused(s, &r, false).await
+        }
         Request::History {
             rcpt,
             id,
@@ -76,23 +140,32 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             opt_id(id)?.as_deref(),
             tag.as_deref(),
             since_s,
+            t,
         ),
-        Request::Trace { addr } => trace(s, &pasted_address(&addr)),
+        Request::Trace { addr } => trace(s, &pasted_address(&addr), t),
         Request::SuppressionList => s
             .suppression
             .list()
-            .map(|e| json!({ "entries": e }))
+            .map(|list| {
+                let mine: Vec<Entry> = list
+                    .into_iter()
+                    .filter(|e| t.is_none() || e.tenant.as_deref() == t)
+                    .collect();
+                json!({ "entries": mine })
+            })
             .map_err(Failure::from),
-        Request::SuppressionAdd { addr, reason } => suppression_add(s, &addr, reason).await,
-        Request::SuppressionRemove { addr } => match s.suppression.remove(&pasted_address(&addr)) {
-            Ok(removed) => {
-                let _ = s.store.commit().await;
-                tracing::info!(rcpt = %addr, removed, "suppression removed by operator");
-                Ok(json!({ "removed": removed, "addr": addr }))
-            }
-            Err(e) => Err(e.into()),
-        },
-        Request::SuppressionImport { entries } => suppression_import(s, entries).await,
+        Request::SuppressionAdd {
+            addr,
+            reason,
+            tenant,
+        } => {
+            let tenant = scope_tenant(s, scope, tenant)?;
+            suppression_add(s, &addr, reason, tenant).await
+        }
+        Request::SuppressionRemove { addr, tenant } => {
+            let tenant = scope_tenant(s, scope, tenant)?;
+            suppression_remove(s, &addr, tenant).await
+        }
         Request::Events {
             since_ms,
             rcpt,
@@ -102,13 +175,18 @@ pub async fn answer(s: &Services, req: Request) -> Answer {
             cursor,
         } => events(
             s,
-            since_ms,
-            rcpt.as_deref().map(pasted_address),
-            tag,
-            event,
-            limit,
-            cursor,
+            EventQuery {
+                since_ms,
+                rcpt: rcpt.as_deref().map(pasted_address),
+                tag,
+                event,
+                limit,
+                cursor,
+                tenant: scope.tenant.clone(),
+            },
         ),
+        _ if t.is_some() => Err(staff_only("this request")),
+        Request::SuppressionImport { entries } => suppression_import(s, entries).await,
         Request::Webhooks => Ok(webhooks(s)),
         Request::Reports { state, kind, limit } => reports(s, state, kind, limit),
         Request::Dmarc { domain, since_s } => {
@@ -181,18 +259,30 @@ fn webhooks(s: &Services) -> Value {
     json!({ "webhooks": list })
 }
 
-/// Events oldest first after `cursor`, at most `limit` (default 100, at
-/// most 1000), with the cursor of the next page when there is more.
-#[allow(clippy::too_many_arguments)]
-fn events(
-    s: &Services,
+/// What an events listing asks.
+struct EventQuery {
     since_ms: Option<u64>,
     rcpt: Option<String>,
     tag: Option<String>,
     event: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
-) -> Answer {
+    /// Only this tenant's events.
+    tenant: Option<String>,
+}
+
+/// Events oldest first after `cursor`, at most `limit` (default 100, at
+/// most 1000), with the cursor of the next page when there is more.
+fn events(s: &Services, q: EventQuery) -> Answer {
+    let EventQuery {
+        since_ms,
+        rcpt,
+        tag,
+        event,
+        limit,
+        cursor,
+        tenant,
+    } = q;
     let limit = limit.unwrap_or(100).clamp(1, 1000);
     let since = since_ms.unwrap_or(0);
     if let Some(e) = &event {
@@ -210,6 +300,7 @@ fn events(
     let keep = |e: &Event| {
         event.as_deref().is_none_or(|k| e.event.as_str() == k)
             && cursor.as_deref().is_none_or(|c| e.event_id.as_str() > c)
+            && (tenant.is_none() || e.tenant == tenant)
     };
     let mut take = |e: &Event| {
         if keep(e) {
@@ -311,9 +402,13 @@ fn status(s: &Services) -> Answer {
     }))
 }
 
-fn queue(s: &Services) -> Answer {
-    let all = s.store.all()?;
-    let quarantined = s.store.quarantined()?;
+fn queue(s: &Services, tenant: Option<&str>) -> Answer {
+    let mut all = s.store.all()?;
+    let mut quarantined = s.store.quarantined()?;
+    if tenant.is_some() {
+        all.retain(|e| e.tenant.as_deref() == tenant);
+        quarantined.clear();
+    }
     Ok(json!({
         "messages": all,
         "quarantined": quarantined,
@@ -331,9 +426,30 @@ fn header_block(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..end]).into_owned()
 }
 
-fn show(s: &Services, id: &str) -> Answer {
+/// Whether message `id` (its envelope, else its events) is `tenant`'s.
+fn owned_by(env: Option<&Envelope>, events: &[Event], tenant: &str) -> bool {
+    match env {
+        Some(e) => e.tenant.as_deref() == Some(tenant),
+        None => events
+            .first()
+            .is_some_and(|e| e.tenant.as_deref() == Some(tenant)),
+    }
+}
+
+fn not_found_in_queue(s: &Services, id: &str) -> Failure {
+    Failure::NotFound(format!(
+        "no message {id} in the queue or in the last {} of history",
+        crate::config::format_duration(s.cfg().storage.history_retention)
+    ))
+}
+
+fn show(s: &Services, id: &str, tenant: Option<&str>) -> Answer {
     let events = s.history.query_by(By::Id(id), 0, |_| true)?;
     let env = s.store.envelope(id)?;
+    // Another tenant's message, or a report: not there for this token.
+    if tenant.is_some_and(|t| !owned_by(env.as_ref(), &events, t)) {
+        return Err(not_found_in_queue(s, id));
+    }
     let headers = s.store.body(id)?.map(|b| header_block(&b));
     if env.is_none() && events.is_empty() {
         // A report's id: what came in, and what herald made of it.
@@ -352,10 +468,7 @@ fn show(s: &Services, id: &str) -> Answer {
                 "truncated": rec.size > cap,
             }));
         }
-        return Err(Failure::NotFound(format!(
-            "no message {id} in the queue or in the last {} of history",
-            crate::config::format_duration(s.cfg().storage.history_retention)
-        )));
+        return Err(not_found_in_queue(s, id));
     }
     // Reports about the message that name none of its recipients (a
     // complaint about a message of several) are recorded here.
@@ -378,18 +491,32 @@ fn show(s: &Services, id: &str) -> Answer {
             .filter(|n| *n != c.node),
         _ => None,
     };
+    let tenant = match &env {
+        Some(e) => e.tenant.clone(),
+        None => events.first().and_then(|e| e.tenant.clone()),
+    };
     Ok(
-        json!({ "id": id, "queued": env, "headers": headers, "events": events, "reports": reports, "node": elsewhere }),
+        json!({ "id": id, "queued": env, "headers": headers, "events": events, "reports": reports, "node": elsewhere, "tenant": tenant }),
     )
 }
 
 /// How much of a report `show` prints (the rest stays in the store).
 const REPORT_TEXT_CAP: usize = 256 * 1024;
 
-fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
+fn retry(s: &Services, id: Option<&str>, all: bool, tenant: Option<&str>) -> Answer {
+    let mine = |e: &Envelope| tenant.is_none() || e.tenant.as_deref() == tenant;
     let ids: Vec<String> = match (id, all) {
+        (Some(id), false) if s.store.envelope(id)?.is_some_and(|e| !mine(&e)) => {
+            return Err(Failure::NotFound(format!("{id} is not in the queue")))
+        }
         (Some(id), false) => vec![id.to_string()],
-        (None, true) => s.store.all()?.into_iter().map(|e| e.id).collect(),
+        (None, true) => s
+            .store
+            .all()?
+            .into_iter()
+            .filter(|e| mine(e))
+            .map(|e| e.id)
+            .collect(),
         _ => return Err("give a queue id or --all".into()),
     };
     let now = now_ms();
@@ -413,7 +540,8 @@ fn retry(s: &Services, id: Option<&str>, all: bool) -> Answer {
     Ok(json!({ "retried": made_due }))
 }
 
-async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
+async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>, tenant: Option<&str>) -> Answer {
+    let mine = |t: Option<&String>| tenant.is_none() || t.map(String::as_str) == tenant;
     let targets: Vec<Envelope> = match (id, tag) {
         (Some(id), None) => s.store.envelope(id)?.into_iter().collect(),
         (None, Some(tag)) => s
@@ -424,6 +552,10 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
             .collect(),
         _ => return Err("give a queue id or --tag TAG".into()),
     };
+    let targets: Vec<Envelope> = targets
+        .into_iter()
+        .filter(|e| mine(e.tenant.as_ref()))
+        .collect();
     // What had already reached a final state: say so, change nothing.
     let by = match (id, tag) {
         (Some(id), _) => By::Id(id),
@@ -434,6 +566,7 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         .history
         .query_by(by, 0, |_| true)?
         .into_iter()
+        .filter(|e| mine(e.tenant.as_ref()))
         .filter(|e| {
             matches!(
                 e.event,
@@ -447,7 +580,7 @@ async fn cancel(s: &Services, id: Option<&str>, tag: Option<&str>) -> Answer {
         .map(|e| json!({"id": e.id, "rcpt": e.rcpt, "event": e.event, "time": e.time}))
         .collect();
     // A quarantined record (one that does not decode) can only be removed.
-    if let Some(id) = id {
+    if let Some(id) = id.filter(|_| tenant.is_none()) {
         if targets.is_empty() && s.store.drop_quarantined(id)? {
             s.store.commit().await?;
             tracing::info!(%id, "quarantined record removed by operator");
@@ -529,11 +662,11 @@ fn cancel_pending(
 }
 
 /// Drops everything queued for one upstream.
-async fn cancel_route(s: &Services, route: &str) -> Answer {
+async fn cancel_route(s: &Services, route: &str, tenant: Option<&str>) -> Answer {
     known_route(s, route)?;
     let mut cancelled = Vec::new();
     for t in s.store.all()? {
-        if t.upstream != route {
+        if t.upstream != route || (tenant.is_some() && t.tenant.as_deref() != tenant) {
             continue;
         }
         cancel_pending(s, &t, &format!(" (route {route})"), &mut cancelled)?;
@@ -553,6 +686,7 @@ fn history(
     id: Option<&str>,
     tag: Option<&str>,
     since_s: Option<u64>,
+    tenant: Option<&str>,
 ) -> Answer {
     let since = since_s
         .map(|secs| now_ms().saturating_sub(secs * 1000))
@@ -561,6 +695,7 @@ fn history(
         rcpt.is_none_or(|r| e.rcpt.eq_ignore_ascii_case(r))
             && id.is_none_or(|i| e.id == i)
             && tag.is_none_or(|t| e.tag.as_deref() == Some(t))
+            && (tenant.is_none() || e.tenant.as_deref() == tenant)
     };
     let by = match (rcpt, id, tag) {
         (Some(r), _, _) => Some(By::Rcpt(r)),
@@ -641,7 +776,10 @@ fn accepted_by(events: &[&Event], then: &str) -> String {
 
 /// One line that answers "what happened to the mail for this address?".
 fn diagnose(s: &Services, addr: &str, events: &[Event], supp: Option<&Entry>) -> String {
-    let lift = format!("lift with: herald suppression remove {addr}");
+    let lift = match supp.and_then(|e| e.tenant.as_deref()) {
+        Some(t) => format!("it is suppressed for tenant {t}'s mail only (other tenants' mail still goes out); lift with: herald suppression remove {addr} --tenant {t}"),
+        None => format!("lift with: herald suppression remove {addr}"),
+    };
     if events.is_empty() {
         let mut d = format!(
             "no mail for {addr} in the last {}: herald never received any, so the platform did not send it (check the platform's logs and the address it used)",
@@ -843,10 +981,41 @@ fn received_line(s: &Services, last: &Event) -> String {
     }
 }
 
-fn trace(s: &Services, addr: &str) -> Answer {
-    let mut events = s.history.query_by(By::Rcpt(addr), 0, |_| true)?;
+fn trace(s: &Services, addr: &str, tenant: Option<&str>) -> Answer {
+    let mut events = s.history.query_by(By::Rcpt(addr), 0, |e| {
+        tenant.is_none() || e.tenant.as_deref() == tenant
+    })?;
     events.reverse();
-    let supp = s.suppression.get(addr)?;
+    // The suppression that applies to the newest mail (the tenant's own
+    // mail for a tenant's token): the one for everyone, else its tenant's.
+    let of = tenant.or_else(|| events.first().and_then(|e| e.tenant.as_deref()));
+    let supp = s.suppression.check(addr, of)?;
+    // Every entry of the address (a tenant sees its own and the one for
+    // everyone).
+    let all: Vec<Entry> = s
+        .suppression
+        .list()?
+        .into_iter()
+        .filter(|e| e.addr.eq_ignore_ascii_case(addr))
+        .filter(|e| tenant.is_none() || e.tenant.is_none() || e.tenant.as_deref() == tenant)
+        .map(|e| match (tenant, &e.tenant) {
+            // The entry for everyone may come from another tenant's mail.
+            (Some(_), None) => Entry {
+                source_id: None,
+                node: None,
+                ..e
+            },
+            _ => e,
+        })
+        .collect();
+    let supp = supp.map(|e| match (tenant, &e.tenant) {
+        (Some(_), None) => Entry {
+            source_id: None,
+            node: None,
+            ..e
+        },
+        _ => e,
+    });
     let diagnosis = diagnose(s, addr, &events, supp.as_ref());
     // Only the routes this recipient's queued mail takes.
     let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
@@ -868,6 +1037,7 @@ fn trace(s: &Services, addr: &str) -> Answer {
         "addr": addr,
         "events": events,
         "suppression": supp,
+        "suppressions": all,
         "diagnosis": diagnosis,
         "unhealthy_routes": unhealthy,
     }))
@@ -907,21 +1077,32 @@ fn operator_address(addr: &str) -> Result<String, String> {
     }
 }
 
-async fn suppression_add(s: &Services, addr: &str, reason: Option<String>) -> Answer {
+async fn suppression_add(
+    s: &Services,
+    addr: &str,
+    reason: Option<String>,
+    tenant: Option<String>,
+) -> Answer {
     let e = Entry {
         addr: operator_address(addr)?,
         reason: reason.unwrap_or_else(|| "added by operator".into()),
-        reply: None,
-        source_id: None,
         added_ms: now_ms(),
-        expires_ms: None,
-        automatic: false,
-        node: None,
+        tenant,
+        ..Default::default()
     };
     s.suppression.put(&e)?;
     s.store.commit().await?;
-    tracing::info!(rcpt = %e.addr, "suppression added by operator");
+    tracing::info!(rcpt = %e.addr, tenant = e.tenant.as_deref().unwrap_or("-"), "suppression added by operator");
     Ok(json!({ "entry": e }))
+}
+
+async fn suppression_remove(s: &Services, addr: &str, tenant: Option<String>) -> Answer {
+    let removed = s
+        .suppression
+        .remove(&pasted_address(addr), tenant.as_deref())?;
+    let _ = s.store.commit().await;
+    tracing::info!(rcpt = %addr, removed, tenant = tenant.as_deref().unwrap_or("-"), "suppression removed by operator");
+    Ok(json!({ "removed": removed, "addr": addr, "tenant": tenant }))
 }
 
 async fn suppression_import(s: &Services, entries: Vec<Entry>) -> Answer {

@@ -520,28 +520,34 @@ fn screen_suppressed(
     host: &str,
     mark: bool,
 ) {
-    idx.retain(|&i| match s.suppression.check(&env.rcpts[i].addr) {
-        Ok(None) => true,
-        Ok(Some(entry)) => {
-            if mark {
-                l.apply(env, i, Change::Suppressed(&entry));
+    idx.retain(|&i| {
+        match s
+            .suppression
+            .check(&env.rcpts[i].addr, env.tenant.as_deref())
+        {
+            Ok(None) => true,
+            Ok(Some(entry)) => {
+                if mark {
+                    l.apply(env, i, Change::Suppressed(&entry));
+                }
+                false
             }
-            false
-        }
-        Err(e) => {
-            let reply =
-                format!("not sent: the suppression list cannot be read ({e}); retried when it can");
-            let class = Class::Transient;
-            l.apply(
-                env,
-                i,
-                Change::Deferred {
-                    reply: &reply,
-                    class,
-                    host,
-                },
-            );
-            false
+            Err(e) => {
+                let reply = format!(
+                    "not sent: the suppression list cannot be read ({e}); retried when it can"
+                );
+                let class = Class::Transient;
+                l.apply(
+                    env,
+                    i,
+                    Change::Deferred {
+                        reply: &reply,
+                        class,
+                        host,
+                    },
+                );
+                false
+            }
         }
     });
 }

@@ -58,12 +58,31 @@ impl DueList {
 }
 
 /// Messages held back per route: the route is paused, its destination
-/// backs off, has no token yet, or has every slot in use. Held messages
-/// are not attempts: nothing is recorded for them.
+/// backs off, has no token yet, or has every slot in use; or their
+/// tenant's quota has no token yet. Held messages are not attempts:
+/// nothing is recorded for them.
 #[derive(Default)]
 struct Held {
-    /// Per route, in arrival order, and when to look at them again.
+    /// Per [`queue_key`], in arrival order, and when to look at them again.
     routes: HashMap<String, (VecDeque<String>, u64)>,
+}
+
+/// The queue a held message waits in: its route, and its tenant when the
+/// tenant has a quota, so that one tenant over its quota never holds
+/// another tenant's mail on the same route.
+fn queue_key(route: &str, quota_tenant: Option<&str>) -> String {
+    match quota_tenant {
+        Some(t) => format!("{route}\0{t}"),
+        None => route.to_string(),
+    }
+}
+
+/// The route and the tenant of a [`queue_key`].
+fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('\0') {
+        Some((r, t)) => (r, Some(t)),
+        None => (key, None),
+    }
 }
 
 impl Held {
@@ -76,9 +95,12 @@ impl Held {
         e.1 = wake;
     }
 
+    /// Every queue of `route` (each tenant's).
     fn wake(&mut self, route: &str, at: u64) {
-        if let Some(e) = self.routes.get_mut(route) {
-            e.1 = e.1.min(at);
+        for (k, e) in self.routes.iter_mut() {
+            if split_key(k).0 == route {
+                e.1 = e.1.min(at);
+            }
         }
     }
 
@@ -103,9 +125,16 @@ enum Start {
     Hold(u64),
 }
 
-fn gate(s: &Services, route: &str) -> Start {
+fn gate(s: &Services, route: &str, tenant: Option<&str>) -> Start {
     if s.pauses.route_paused(route) {
         return Start::Hold(u64::MAX);
+    }
+    // The tenant's quota across its routes (a token spent here while the
+    // route then holds the message is lost: the quota is a ceiling).
+    if let Some(d) = tenant.and_then(|t| s.pacing.shaper.tenant(&s.cfg(), t)) {
+        if let Err(w) = d.try_token() {
+            return Start::Hold(now_ms() + w);
+        }
     }
     // Direct MX delivery: the site is known only after the MX lookup; the
     // attempt waits for its slot there.
@@ -215,21 +244,22 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                     .filter(|(_, (q, wake))| *wake <= now && !q.is_empty())
                     .map(|(r, _)| r.clone())
                     .collect();
-                for route in woken {
+                for key in woken {
+                    let (route, tenant) = split_key(&key);
                     while !stopped() {
-                        let Some(id) = held.routes.get_mut(&route).and_then(|e| e.0.pop_front()) else { break };
+                        let Some(id) = held.routes.get_mut(&key).and_then(|e| e.0.pop_front()) else { break };
                         if inflight.contains(&id) {
                             due.schedule(&id, now + 1000);
                             continue;
                         }
-                        match gate(&services, &route) {
+                        match gate(&services, route, tenant) {
                             Start::Go(pass) => {
-                                if !start(&services, &pool, &mut inflight, id, route.clone(), pass).await {
+                                if !start(&services, &pool, &mut inflight, id, route.to_string(), pass).await {
                                     break 'run;
                                 }
                             }
                             Start::Hold(t) => {
-                                let e = held.routes.get_mut(&route).expect("held route");
+                                let e = held.routes.get_mut(&key).expect("held route");
                                 e.0.push_front(id);
                                 e.1 = t;
                                 break;
@@ -244,25 +274,30 @@ pub async fn run(services: Arc<Services>, mut rx: mpsc::UnboundedReceiver<SchedM
                         due.schedule(&id, now + 1000);
                         continue;
                     }
-                    let route = match services.store.envelope(&id) {
-                        Ok(Some(env)) => env.upstream,
+                    let (route, tenant) = match services.store.envelope(&id) {
+                        Ok(Some(env)) => (env.upstream, env.tenant),
                         Ok(None) => continue, // finished or cancelled meanwhile
-                        Err(_) => "mx".to_string(),
+                        Err(_) => ("mx".to_string(), None),
                     };
-                    // Others already wait for this route: keep their order.
-                    if let Some((q, wake)) = held.routes.get_mut(&route) {
+                    // Only a tenant with a quota waits in a queue of its own.
+                    let tenant = tenant.filter(|t| {
+                        services.cfg().tenant(t).is_some_and(|t| t.max_rate.is_some())
+                    });
+                    let key = queue_key(&route, tenant.as_deref());
+                    // Others already wait in this queue: keep their order.
+                    if let Some((q, wake)) = held.routes.get_mut(&key) {
                         if !q.is_empty() && *wake > now {
                             q.push_back(id);
                             continue;
                         }
                     }
-                    match gate(&services, &route) {
+                    match gate(&services, &route, tenant.as_deref()) {
                         Start::Go(pass) => {
                             if !start(&services, &pool, &mut inflight, id, route, pass).await {
                                 break 'run;
                             }
                         }
-                        Start::Hold(t) => held.hold(&route, id, t),
+                        Start::Hold(t) => held.hold(&key, id, t),
                     }
                 }
             }

@@ -104,6 +104,7 @@ pub async fn accept(s: &Services, live: &Live, t: Transaction, spool: Spool) -> 
         upstream,
         tag: prepared.tag.clone(),
         subject: prepared.subject.clone(),
+        tenant: prepared.tenant.clone(),
         size: prepared.message.len(),
         smtputf8: t.smtputf8,
         body_8bit: t.body_8bit,

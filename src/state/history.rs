@@ -97,6 +97,9 @@ pub struct Event {
     /// `[cluster]`: the node that recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The `[[tenants]]` entry whose mail it is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// What an event may carry beyond the fields every event has.
@@ -107,6 +110,7 @@ pub struct Extra {
     pub upstream: Option<String>,
     pub user_agent: Option<String>,
     pub report: Option<String>,
+    pub tenant: Option<String>,
 }
 
 /// The history key of an event id (hex of 16 bytes), for paging.
@@ -135,6 +139,9 @@ pub struct History {
     seq: Arc<AtomicU64>,
     /// Events recorded since start, per kind and class (for /metrics).
     counts: Arc<Mutex<Counts>>,
+    /// Events recorded since start per tenant and kind (for /metrics;
+    /// tenants come from the config, so the labels are bounded).
+    tenant_counts: Arc<Mutex<BTreeMap<(String, EventKind), u64>>>,
     /// Events per hour (hour number since the epoch) over the last day,
     /// for `status`: counted once at start, then as they happen.
     hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
@@ -228,6 +235,7 @@ impl History {
             store,
             seq: Arc::new(AtomicU64::new(now_ms())),
             counts: Arc::new(Default::default()),
+            tenant_counts: Arc::new(Default::default()),
             hourly: Arc::new(Default::default()),
             outbox: db.open_tree("webhook_outbox")?,
             hooks: Arc::default(),
@@ -360,11 +368,12 @@ impl History {
             user_agent: extra.user_agent,
             report: extra.report,
             node: self.node.as_ref().map(|(n, _)| n.clone()),
+            tenant: extra.tenant,
         };
         let v = serde_json::to_vec(&ev).map_err(|_| QueueError::Corrupt(id.to_string()))?;
         let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
         for (hook, wake) in hooks.iter() {
-            if hook.wants(kind.as_str(), tag) {
+            if hook.wants(kind.as_str(), tag, ev.tenant.as_deref()) {
                 let mut k = Self::outbox_prefix(&hook.name);
                 k.extend_from_slice(&key);
                 self.outbox.insert(k, v.as_slice())?;
@@ -378,6 +387,14 @@ impl History {
             .unwrap_or_else(|e| e.into_inner())
             .entry((kind, class))
             .or_insert(0) += 1;
+        if let Some(t) = &ev.tenant {
+            *self
+                .tenant_counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((t.clone(), kind))
+                .or_insert(0) += 1;
+        }
         *self
             .hourly
             .lock()
@@ -387,6 +404,16 @@ impl History {
             .entry(kind)
             .or_insert(0) += 1;
         Ok(ev)
+    }
+
+    /// Events recorded since start per tenant and kind.
+    pub fn tenant_counts(&self) -> Vec<(String, EventKind, u64)> {
+        self.tenant_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((t, k), n)| (t.clone(), *k, *n))
+            .collect()
     }
 
     /// Events recorded since start, per kind and class: every kind appears

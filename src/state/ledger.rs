@@ -62,6 +62,8 @@ pub struct Reported<'a> {
     pub rcpt: &'a str,
     pub tag: Option<&'a str>,
     pub subject: Option<&'a str>,
+    /// The tenant whose mail it was: a complaint suppresses for it only.
+    pub tenant: Option<&'a str>,
 }
 
 /// Results of attempts that could not be written (the storage failed): kept
@@ -285,7 +287,7 @@ impl Ledger<'_> {
     pub fn receive(&self, env: &mut Envelope, body: &[u8], detail: &str) -> Result<(), QueueError> {
         let mut suppressed = Vec::new();
         for r in env.rcpts.iter_mut() {
-            if let Ok(Some(e)) = self.suppression.check(&r.addr) {
+            if let Ok(Some(e)) = self.suppression.check(&r.addr, env.tenant.as_deref()) {
                 r.status = RcptStatus::Suppressed;
                 r.last_reply = Some(suppressed_detail(&e));
                 suppressed.push(r.addr.clone());
@@ -439,7 +441,9 @@ impl Ledger<'_> {
         self.report_event(a, EventKind::Delayed, detail, extra);
     }
 
-    /// The recipient marked the message as spam: suppressed at once.
+    /// The recipient marked the message as spam: suppressed at once, for
+    /// the tenant whose mail it was (a judgement of that sender, not a
+    /// fact about the address); for everyone when it was the platform's.
     pub fn complained(&self, a: &Reported, detail: &str, extra: Extra) {
         let entry = Entry {
             addr: a.rcpt.to_lowercase(),
@@ -449,7 +453,8 @@ impl Ledger<'_> {
             added_ms: now_ms(),
             expires_ms: None,
             automatic: true,
-            node: None,
+            tenant: a.tenant.map(str::to_string),
+            ..Default::default()
         };
         if let Err(e) = self.suppression.put(&entry) {
             tracing::error!(error = %e, "cannot update the suppression list");
@@ -480,6 +485,7 @@ impl Ledger<'_> {
     pub fn opened(&self, e: &Event, detail: &str, user_agent: &str) {
         let extra = Extra {
             user_agent: Some(user_agent.to_string()),
+            tenant: e.tenant.clone(),
             ..Default::default()
         };
         let (tag, subject) = (e.tag.as_deref(), e.subject.as_deref());
@@ -497,6 +503,10 @@ impl Ledger<'_> {
     }
 
     fn report_event(&self, a: &Reported, kind: EventKind, detail: &str, extra: Extra) {
+        let extra = Extra {
+            tenant: a.tenant.map(str::to_string),
+            ..extra
+        };
         if let Err(e) = self
             .history
             .record_with(kind, a.id, a.rcpt, detail, a.tag, a.subject, extra)
@@ -535,6 +545,10 @@ impl Ledger<'_> {
         extra: Extra,
     ) -> Result<Event, QueueError> {
         let (tag, subject) = (env.tag.as_deref(), env.subject.as_deref());
+        let extra = Extra {
+            tenant: env.tenant.clone(),
+            ..extra
+        };
         self.history
             .record_with(kind, &env.id, rcpt, detail, tag, subject, extra)
     }
@@ -576,8 +590,14 @@ pub fn suppressed_detail(e: &Entry) -> String {
     if let Some(r) = &e.reply {
         d.push_str(&format!(": {r}"));
     }
+    if let Some(t) = &e.tenant {
+        d.push_str(&format!(", for tenant {t}'s mail only"));
+    }
     d.push_str("); not attempted. Lift with: herald suppression remove ");
     d.push_str(&e.addr);
+    if let Some(t) = &e.tenant {
+        d.push_str(&format!(" --tenant {t}"));
+    }
     d
 }
 

@@ -324,6 +324,15 @@ impl Dest {
         })
     }
 
+    /// Takes a token of the rate without a slot (a tenant's quota, across
+    /// its routes), or says in how many ms one is there.
+    pub fn try_token(&self) -> Result<(), u64> {
+        match self.limits().1 {
+            Some(rate) => self.store.take_token(&self.key, rate),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for a slot and a token (direct MX delivery, where the site is
     /// known only once the MX hosts are).
     pub async fn pass(self: &Arc<Self>) -> Pass {
@@ -417,6 +426,20 @@ impl Shaper {
         })
     }
 
+    /// The quota of tenant `name` ("tenant:NAME" in the pace store, so
+    /// that a cluster shares it), when it has a `max_rate`.
+    pub fn tenant(&self, cfg: &Config, name: &str) -> Option<Arc<Dest>> {
+        let rate = cfg.tenant(name)?.max_rate?;
+        let key = format!("tenant:{name}");
+        let d = self.get(&key, || {
+            Dest::new(key.clone(), usize::MAX, Some(rate), self.store.clone())
+        });
+        if d.limits().1 != Some(rate) {
+            d.set_limits(usize::MAX, Some(rate));
+        }
+        Some(d)
+    }
+
     /// The destination site of a set of MX hosts: "mx:a.example,b.example".
     pub fn mx_site(&self, cfg: &Config, hosts: &[&str]) -> Arc<Dest> {
         let set: BTreeSet<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
@@ -432,9 +455,13 @@ impl Shaper {
     pub fn follow(&self, cfg: &Config) {
         let mut d = self.dests.lock().unwrap();
         d.retain(|key, _| {
-            key.starts_with("mx:") || cfg.upstreams.contains_key(key) || self.store.leases(key) > 0
+            key.starts_with("mx:")
+                || key.starts_with("tenant:")
+                || cfg.upstreams.contains_key(key)
+                || self.store.leases(key) > 0
         });
-        for (key, dest) in d.iter() {
+        // A tenant's quota follows its [[tenants]] entry (Shaper::tenant).
+        for (key, dest) in d.iter().filter(|(k, _)| !k.starts_with("tenant:")) {
             let (limit, rate) = Self::limits(cfg, key);
             dest.set_limits(limit, rate);
         }
@@ -447,7 +474,11 @@ impl Shaper {
             self.upstream(cfg, name);
         }
         let d = self.dests.lock().unwrap();
-        let mut v: Vec<Arc<Dest>> = d.values().cloned().collect();
+        let mut v: Vec<Arc<Dest>> = d
+            .iter()
+            .filter(|(k, _)| !k.starts_with("tenant:"))
+            .map(|(_, d)| d.clone())
+            .collect();
         v.sort_by(|a, b| {
             (a.key.starts_with("mx:"), &a.key).cmp(&(b.key.starts_with("mx:"), &b.key))
         });

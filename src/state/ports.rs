@@ -64,7 +64,7 @@ impl SuppressionStore for SledSuppression {
 
     fn put(&self, e: &Entry) -> StateResult<()> {
         let v = serde_json::to_vec(e).map_err(|_| QueueError::Corrupt(e.addr.clone()))?;
-        self.entries.insert(key(&e.addr), v)?;
+        self.entries.insert(key(&e.list_key()), v)?;
         Ok(())
     }
 

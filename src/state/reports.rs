@@ -96,6 +96,8 @@ pub struct Sent {
     pub tag: Option<String>,
     pub subject: Option<String>,
     pub sent_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// Counts per outcome since start, for `/metrics` and `status`.
@@ -356,6 +358,7 @@ impl Bounces {
             tag: env.tag.clone(),
             subject: env.subject.clone(),
             sent_ms: now_ms(),
+            tenant: env.tenant.clone(),
         };
         if let Ok(v) = serde_json::to_vec(&s) {
             if let Some(c) = self.cluster.get() {

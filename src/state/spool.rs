@@ -171,6 +171,9 @@ pub struct Envelope {
     pub smtputf8: bool,
     /// The client said BODY=8BITMIME (version 3).
     pub body_8bit: bool,
+    /// The `[[tenants]]` entry whose mail this is, decided at reception.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl Envelope {

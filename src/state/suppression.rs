@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::spool::{now_ms, QueueError};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
     pub addr: String,
     /// Why: "bounced" (automatic), "manual", or the operator's text.
@@ -27,11 +27,30 @@ pub struct Entry {
     /// `[cluster]`: the node that added it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The tenant the address is suppressed for (a complaint about its
+    /// mail, or `suppression add --tenant`); None: for everyone (a hard
+    /// bounce: the address does not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl Entry {
     pub fn active(&self, now: u64) -> bool {
         self.expires_ms.is_none_or(|e| now < e)
+    }
+
+    /// Its key in the list: the address, and the tenant it is for.
+    pub fn list_key(&self) -> String {
+        list_key(&self.addr, self.tenant.as_deref())
+    }
+}
+
+/// The key of the entry for `addr` in scope `tenant` (None: everyone).
+/// NUL is in no address, so no key of one scope is a key of another.
+pub fn list_key(addr: &str, tenant: Option<&str>) -> String {
+    match tenant {
+        None => key_text(addr),
+        Some(t) => format!("{}\0{t}", key_text(addr)),
     }
 }
 
@@ -39,11 +58,13 @@ impl Entry {
 /// `suppress_after_bounces` (the policy around them is
 /// [`crate::state::suppression::Suppression`]'s).
 pub trait SuppressionStore: Send + Sync {
-    /// The entry for `addr` (lowercased), expired or not.
-    fn get(&self, addr: &str) -> Result<Option<Entry>, QueueError>;
+    /// The entry of a [`list_key`], expired or not.
+    fn get(&self, key: &str) -> Result<Option<Entry>, QueueError>;
+    /// Stores `e` under its [`Entry::list_key`].
     fn put(&self, e: &Entry) -> Result<(), QueueError>;
-    /// Removes the entry and the bounce count; true when there was an entry.
-    fn remove(&self, addr: &str) -> Result<bool, QueueError>;
+    /// Removes the entry of a [`list_key`] (and the bounce count of an
+    /// address); true when there was an entry.
+    fn remove(&self, key: &str) -> Result<bool, QueueError>;
     /// Every entry, expired or not.
     fn all(&self) -> Result<Vec<Entry>, QueueError>;
     /// Adds one hard bounce to `addr`'s count; the count now.
@@ -78,11 +99,15 @@ impl Suppression {
         }
     }
 
-    /// [`Suppression::get`] for a decision to send. An error is never "not
+    /// Whether mail of `tenant` to `addr` is suppressed: the entry for
+    /// everyone first, else the tenant's own. An error is never "not
     /// suppressed": the caller defers the recipient. The first failure
     /// after a success, and the recovery, are logged.
-    pub fn check(&self, addr: &str) -> Result<Option<Entry>, QueueError> {
-        let r = self.get(addr);
+    pub fn check(&self, addr: &str, tenant: Option<&str>) -> Result<Option<Entry>, QueueError> {
+        let r = match (self.get(addr, None), tenant) {
+            (Ok(None), Some(t)) => self.get(addr, Some(t)),
+            (r, _) => r,
+        };
         // The usual case (read fine, nothing failing) takes no lock: this
         // runs for every recipient at reception and delivery.
         if r.is_ok() && !self.any_failing.load(Ordering::Relaxed) {
@@ -106,12 +131,14 @@ impl Suppression {
         r
     }
 
-    /// The active entry for `addr`, if any (expired entries are dropped).
-    pub fn get(&self, addr: &str) -> Result<Option<Entry>, QueueError> {
-        match self.store.get(addr)? {
+    /// The active entry for `addr` in scope `tenant` (None: the entry for
+    /// everyone), if any (expired entries are dropped).
+    pub fn get(&self, addr: &str, tenant: Option<&str>) -> Result<Option<Entry>, QueueError> {
+        let key = list_key(addr, tenant);
+        match self.store.get(&key)? {
             Some(e) if e.active(now_ms()) => Ok(Some(e)),
             Some(_) => {
-                self.store.remove(addr)?;
+                self.store.remove(&key)?;
                 Ok(None)
             }
             None => Ok(None),
@@ -122,9 +149,10 @@ impl Suppression {
         self.store.put(e)
     }
 
-    /// Lifts a suppression; true when there was one.
-    pub fn remove(&self, addr: &str) -> Result<bool, QueueError> {
-        self.store.remove(addr)
+    /// Lifts the suppression of `addr` in scope `tenant` (None: the one
+    /// for everyone); true when there was one.
+    pub fn remove(&self, addr: &str, tenant: Option<&str>) -> Result<bool, QueueError> {
+        self.store.remove(&list_key(addr, tenant))
     }
 
     /// The active entries.
@@ -149,7 +177,7 @@ impl Suppression {
         expiry: Option<std::time::Duration>,
     ) -> Result<Option<Entry>, QueueError> {
         let n = self.store.count_bounce(addr)?;
-        if n < threshold || self.get(addr)?.is_some() {
+        if n < threshold || self.get(addr, None)?.is_some() {
             return Ok(None);
         }
         let now = now_ms();
@@ -161,7 +189,7 @@ impl Suppression {
             added_ms: now,
             expires_ms: expiry.map(|d| now + d.as_millis() as u64),
             automatic: true,
-            node: None,
+            ..Default::default()
         };
         self.put(&e)?;
         self.store.reset_bounces(addr)?;

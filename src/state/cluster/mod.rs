@@ -396,8 +396,8 @@ impl Cluster {
 pub struct SharedSuppression(pub Arc<Cluster>);
 
 impl SuppressionStore for SharedSuppression {
-    fn get(&self, addr: &str) -> StateResult<Option<Entry>> {
-        self.0.suppression.get(addr)
+    fn get(&self, key: &str) -> StateResult<Option<Entry>> {
+        self.0.suppression.get(key)
     }
 
     fn put(&self, e: &Entry) -> StateResult<()> {
@@ -407,10 +407,11 @@ impl SuppressionStore for SharedSuppression {
         self.0.enqueue(&Op::Suppress { entry: e })
     }
 
-    fn remove(&self, addr: &str) -> StateResult<bool> {
-        let had = self.0.suppression.remove(addr)?;
+    fn remove(&self, key: &str) -> StateResult<bool> {
+        let had = self.0.suppression.remove(key)?;
+        // A list key (an address, or an address and a tenant).
         self.0.enqueue(&Op::Lift {
-            addr: key_text(addr),
+            addr: key_text(key),
         })?;
         Ok(had)
     }

@@ -125,7 +125,7 @@ fn state_write(c: &Cluster, p: &mut redis::Pipeline, op: &Op) {
     match op {
         Op::Suppress { entry } => {
             if let Ok(j) = serde_json::to_string(entry) {
-                p.hset(c.key("suppression"), &entry.addr, j).ignore();
+                p.hset(c.key("suppression"), entry.list_key(), j).ignore();
             }
         }
         Op::Lift { addr } => {
@@ -456,7 +456,7 @@ async fn seed(c: &Cluster) -> Option<()> {
     let mut p = redis::pipe();
     for e in c.suppression.all().ok()? {
         if let Ok(j) = serde_json::to_string(&e) {
-            p.hset_nx(c.key("suppression"), &e.addr, j).ignore();
+            p.hset_nx(c.key("suppression"), e.list_key(), j).ignore();
         }
     }
     if c.pauses.delivery_paused() {
@@ -505,8 +505,8 @@ async fn snapshot(c: &Cluster) -> Option<String> {
     let sup = &c.suppression;
     let apply = || -> Result<(), crate::state::spool::QueueError> {
         for e in sup.all()? {
-            if !entries.contains_key(&e.addr) {
-                sup.remove(&e.addr)?;
+            if !entries.contains_key(&e.list_key()) {
+                sup.remove(&e.list_key())?;
             }
         }
         for v in entries.values() {
