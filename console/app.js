@@ -61,6 +61,28 @@ function table(headers, rows, id) {
       el("td", i === r.length - 1 ? { class: "detail" } : {}, c))))));
 }
 
+// What this token may see and do: a tenant's token sees its tenant's mail
+// only (the API enforces it; the page shows the tenant's name and leaves
+// out what the token may not do).
+let scope = null;
+
+async function loadScope() {
+  if (scope) return scope;
+  const st = await api("GET", "/status");
+  scope = { tenant: st.tenant || null, readOnly: !!st.read_only };
+  const badge = document.getElementById("scope");
+  badge.textContent = (scope.tenant ? "tenant " + scope.tenant : "") +
+    (scope.readOnly ? (scope.tenant ? " (read-only)" : "read-only") : "");
+  badge.hidden = !badge.textContent;
+  document.getElementById("nav-dmarc").hidden = !!scope.tenant;
+  return scope;
+}
+
+// A button, or nothing for a read-only token.
+function action(attrs, label) {
+  return scope && scope.readOnly ? null : el("button", attrs, label);
+}
+
 function show(...children) {
   view.replaceChildren(...children);
 }
@@ -81,6 +103,8 @@ function login(message) {
   err.hidden = !message || !token();
   err.textContent = message && token() ? "That token was refused: " + message : "";
   sessionStorage.removeItem("herald-token");
+  scope = null;
+  document.getElementById("scope").hidden = true;
   document.getElementById("logout").hidden = true;
   view.replaceChildren();
   if (!dialog.open) dialog.showModal();
@@ -90,6 +114,7 @@ document.getElementById("login-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const t = document.getElementById("token").value.trim();
   sessionStorage.setItem("herald-token", t);
+  scope = null;
   try {
     await api("GET", "/status");
     document.getElementById("login").close();
@@ -148,8 +173,9 @@ async function traceView(addr) {
   if (t.suppression) {
     const s = t.suppression;
     parts.push(el("p", { id: "suppression" },
-      "Suppressed since " + ago(s.added_ms) + " (" + s.reason + (s.reply ? ": " + s.reply : "") + ") ",
-      el("button", { id: "lift", on: { click: () => removeSuppression(s.addr, () => traceView(addr)) } },
+      "Suppressed since " + ago(s.added_ms) + " (" + s.reason + (s.reply ? ": " + s.reply : "") + ")" +
+        (s.tenant ? ", for tenant " + s.tenant + "'s mail only " : ", for everyone "),
+      action({ id: "lift", on: { click: () => removeSuppression(s.addr, s.tenant, () => traceView(addr)) } },
         "Remove from the suppression list")));
   } else {
     parts.push(el("p", { id: "suppression" }, "Not suppressed."));
@@ -175,7 +201,7 @@ async function messageView(id) {
     parts.push(table(["Recipient", "Status", "Class", "Tries", "Next", "Last reply"],
       q.rcpts.map((r) => [r.addr, r.status, r.class || "-", r.attempts,
         ["queued", "deferred"].includes(r.status) ? ago(r.next_attempt) : "-", r.last_reply || "-"]), "rcpts"));
-    parts.push(el("p", {},
+    if (!scope.readOnly) parts.push(el("p", {},
       el("button", { id: "retry", on: { click: async () => {
         try {
           const r = await api("POST", "/messages/" + encodeURIComponent(id) + "/retry");
@@ -199,9 +225,10 @@ async function messageView(id) {
   show(...parts);
 }
 
-async function removeSuppression(addr, then) {
+async function removeSuppression(addr, tenant, then) {
   if (!confirm("Remove " + addr + " from the suppression list?")) return;
-  await api("DELETE", "/suppressions/" + encodeURIComponent(addr));
+  await api("DELETE", "/suppressions/" + encodeURIComponent(addr) +
+    (tenant ? "?tenant=" + encodeURIComponent(tenant) : ""));
   await then();
 }
 
@@ -222,13 +249,14 @@ async function suppressionsView() {
   const render = () => {
     const f = filter.value.trim().toLowerCase();
     const entries = r.entries.filter((e) => !f || e.addr.includes(f));
-    body.replaceChildren(table(["Address", "Since", "Lifts", "Source", "Reason"],
+    body.replaceChildren(table(["Address", "Since", "Lifts", "Source", "For", "Reason"],
       entries.map((e) => [
         e.addr, ago(e.added_ms), e.expires_ms ? ago(e.expires_ms) : "never",
         e.automatic ? (e.reason === "complaint" ? "complaint" : "bounce") : "manual",
+        e.tenant ? "tenant " + e.tenant : "everyone",
         el("span", {}, e.reason + (e.reply ? ": " + e.reply : "") + " ",
-          el("button", { class: "remove", "data-addr": e.addr,
-            on: { click: () => removeSuppression(e.addr, suppressionsView).catch(failure) } }, "Remove")),
+          action({ class: "remove", "data-addr": e.addr,
+            on: { click: () => removeSuppression(e.addr, e.tenant, suppressionsView).catch(failure) } }, "Remove")),
       ]), "suppressions"));
   };
   filter.addEventListener("input", render);
@@ -251,14 +279,16 @@ async function suppressionsView() {
     a.click();
   } } }, "Export CSV");
   render();
-  show(el("h1", {}, "Suppressions (" + r.entries.length + ")"), el("p", {}, filter, " ", exp), add, body);
+  show(el("h1", {}, "Suppressions (" + r.entries.length + ")"), el("p", {}, filter, " ", exp),
+    scope.readOnly ? null : add, body);
 }
 
 async function queueView() {
   const [st, q] = await Promise.all([api("GET", "/status"), api("GET", "/queue")]);
   const perRoute = {};
   for (const m of q.messages) perRoute[m.upstream] = (perRoute[m.upstream] || 0) + 1;
-  const pause = el("button", { id: "pause", on: { click: async () => {
+  // Pausing all delivery is the platform staff's.
+  const pause = scope.tenant ? null : action({ id: "pause", on: { click: async () => {
     await api("POST", st.paused ? "/resume" : "/pause");
     await queueView();
   } } }, st.paused ? "Resume delivery" : "Pause delivery");
@@ -276,7 +306,7 @@ async function queueView() {
     table(["Route", "Queued messages", "Healthy", "Held", "Last error"],
       st.routes.map((r) => {
         const held = (st.paused_routes || []).includes(r.name);
-        const button = el("button", { class: "route-pause", "data-route": r.name, on: { click: async () => {
+        const button = action({ class: "route-pause", "data-route": r.name, on: { click: async () => {
           await api("POST", (held ? "/resume" : "/pause") + "?route=" + encodeURIComponent(r.name));
           await queueView();
         } } }, held ? "Resume route" : "Pause route");
@@ -462,6 +492,7 @@ async function route() {
   const [, what, arg] = location.hash.split("/");
   const a = arg ? decodeURIComponent(arg) : "";
   try {
+    await loadScope();
     if (what === "trace" && a) await traceView(a);
     else if (what === "message" && a) await messageView(a);
     else if (what === "tag" && a) await tagView(a);

@@ -8,15 +8,7 @@ use serde_json::Value;
 
 const TOKEN: &str = "support-console-token-0123";
 
-/// One API request: (status, JSON body).
-fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
-    let (code, raw) = http(addr, method, path, token, body);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
+use common::api_call as call;
 
 fn start() -> (Herald, String, Sink) {
     let sink = Sink::start(Script::default());

@@ -4,6 +4,8 @@
 //! Every process and server started here is stopped when its handle drops.
 #![allow(dead_code)]
 
+pub mod hooks;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1197,6 +1199,23 @@ pub fn http(
         .map(|p| raw[p + 4..].to_vec())
         .unwrap_or_default();
     (code, body)
+}
+
+/// One API request: (status, JSON body; a body that is not JSON as a
+/// string).
+pub fn api_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (code, raw) = http(addr, method, path, token, body);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
 }
 
 /// A herald signing for example.com (RSA) and ed.example (Ed25519, mail
