@@ -164,10 +164,10 @@ impl Tokens {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut words = line.split_whitespace();
-            let t = words.next().unwrap_or_default();
+            // Options follow the token (which may itself hold spaces).
+            let mut t = line;
             let mut scope = Scope::default();
-            for w in words {
+            while let Some((rest, w)) = t.rsplit_once(char::is_whitespace) {
                 let where_ = || format!("api.tokens_file: line {} of {}", n + 1, path.display());
                 match w.split_once('=') {
                     Some(("tenant", name)) if cfg.tenant(name).is_some() => {
@@ -177,8 +177,9 @@ impl Tokens {
                         anyhow::bail!("{}: no tenant {name:?} in [[tenants]]", where_())
                     }
                     None if w == "read-only" => scope.read_only = true,
-                    _ => anyhow::bail!("{}: {w:?} is neither tenant=NAME nor read-only", where_()),
+                    _ => break,
                 }
+                t = rest.trim_end();
             }
             if t.len() < 16 {
                 anyhow::bail!(
@@ -250,13 +251,16 @@ mod tests {
             })
         );
         assert_eq!(t.accepts("staff-token-0123456789"), Some(Scope::default()));
-        for bad in [
-            "acme-token-0123456789 tenant=zot\n",
-            "acme-token-0123456789 readonly\n",
-        ] {
-            std::fs::write(&p, bad).unwrap();
-            let e = Tokens::load(&p, &cfg).err().unwrap().to_string();
-            assert!(e.contains("line 1"), "{e}");
-        }
+        std::fs::write(&p, "acme-token-0123456789 tenant=zot\n").unwrap();
+        let e = Tokens::load(&p, &cfg).err().unwrap().to_string();
+        assert!(e.contains("line 1") && e.contains("zot"), "{e}");
+        // A token may hold spaces (as before scopes existed).
+        std::fs::write(&p, "a console token of 16+ characters read-only\n").unwrap();
+        let t = Tokens::load(&p, &cfg).unwrap();
+        assert!(
+            t.accepts("a console token of 16+ characters")
+                .unwrap()
+                .read_only
+        );
     }
 }

@@ -709,3 +709,79 @@ fn a_wrong_redis_password_degrades_the_node_and_mail_still_flows() {
     );
     assert!(status(&c)["cluster"]["degraded"].is_null());
 }
+
+#[test]
+fn a_tenants_suppressions_and_quota_hold_on_every_node() {
+    let redis = Redis::start();
+    let sink = Sink::start(Script::default());
+    let tenants = "[[tenants]]\nname = \"acme\"\nsender_domains = [\"acme.example\"]\nmax_rate = \"60/m\"\nmax_burst = 1\n\
+                   [[tenants]]\nname = \"beta\"\nsender_domains = [\"beta.example\"]\n";
+    let a = node("a", Some(&redis), sink.port(), "", tenants);
+    let b = node("b", Some(&redis), sink.port(), "", tenants);
+    let from = |h: &Herald, sender: &str, rcpt: &str, subject: &str| {
+        let mut c = h.client();
+        c.ehlo();
+        let (code, reply) = c.send(
+            "app@platform.test",
+            &[rcpt],
+            &format!("From: {sender}\nSubject: {subject}\n\nx\n"),
+        );
+        assert_eq!(code, 250, "{reply}");
+    };
+    // A suppression for acme's mail, made on A, holds on B for acme only.
+    a.herald
+        .ok(&["suppression", "add", "shared@dest.test", "--tenant", "acme"]);
+    let on_b = || {
+        json_lines(&b.herald.ok(&["suppression", "list", "--json"]))
+            .into_iter()
+            .find(|e| e["addr"] == "shared@dest.test")
+    };
+    assert!(wait_until(10, || on_b().is_some()), "{}", b.herald.log());
+    assert_eq!(on_b().unwrap()["tenant"], "acme");
+    from(
+        &b.herald,
+        "news@acme.example",
+        "shared@dest.test",
+        "acme news",
+    );
+    from(
+        &b.herald,
+        "auth@beta.example",
+        "shared@dest.test",
+        "beta reset",
+    );
+    assert!(wait_until(20, || b
+        .herald
+        .has_event("shared@dest.test", "suppressed")
+        && b.herald.has_event("shared@dest.test", "delivered")));
+    let beta_only = sink.wait_for(1, 10);
+    assert_eq!(beta_only.len(), 1);
+    assert!(beta_only[0].text().contains("beta reset"));
+    // acme's quota (one a second) is the cluster's, not each node's.
+    let start = Instant::now();
+    for i in 0..6 {
+        from(
+            &a.herald,
+            "news@acme.example",
+            &format!("a{i}@dest.test"),
+            "acme burst",
+        );
+        from(
+            &b.herald,
+            "news@acme.example",
+            &format!("b{i}@dest.test"),
+            "acme burst",
+        );
+    }
+    let acme = || {
+        sink.messages()
+            .iter()
+            .filter(|m| m.text().contains("acme burst"))
+            .count()
+    };
+    assert!(wait_until(20, || acme() >= 4), "{}", a.herald.log());
+    let (n, t) = (acme(), start.elapsed());
+    // Two nodes with a quota each would have sent about 10 by now.
+    assert!(n as u64 <= t.as_secs() + 2, "{n} of acme's in {t:?}");
+    assert!(wait_until(30, || acme() == 12), "{}", a.herald.log());
+}

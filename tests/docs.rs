@@ -29,6 +29,7 @@ fn section_of(raw_struct: &str) -> Option<&'static str> {
         "Api" => "[api]",
         "Bounces" => "[bounces]",
         "Cluster" => "[cluster]",
+        "Tenant" => "[[tenants]]",
         _ => return None,
     })
 }

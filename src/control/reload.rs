@@ -201,6 +201,10 @@ fn changes(old: &Live, new: &Live) -> Vec<String> {
     );
     note(a.routes != b.routes, "routes".into());
     note(
+        a.tenants != b.tenants,
+        format!("tenants ({})", b.tenants.len()),
+    );
+    note(
         a.tracking != b.tracking || file("tracking"),
         "tracking".into(),
     );
