@@ -491,6 +491,9 @@ pub fn print_show(v: &Value, json: bool) {
         }
         return;
     }
+    if let Some(t) = v["tenant"].as_str() {
+        println!("tenant: {t}");
+    }
     let q = &v["queued"];
     if let Some(n) = v["node"].as_str().filter(|_| q.is_null()) {
         println!("state: received by node {n}, which holds its queue record and headers (herald show there); its events, from every node:");

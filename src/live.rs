@@ -14,7 +14,6 @@ use anyhow::Context;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::control::Scope;
 
 /// The configuration in force and what was built from it.
 pub struct Live {
@@ -144,6 +143,16 @@ pub fn load_secret(cfg: &crate::config::Config) -> anyhow::Result<Option<Vec<u8>
         );
     }
     Ok(Some(key))
+}
+
+/// Who asks: the control socket and an unscoped API token are the
+/// platform's staff (everything); an API token of `tokens_file` may be
+/// scoped to one tenant, and may be read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Only this tenant's mail, events, suppressions and routes.
+    pub tenant: Option<String>,
+    pub read_only: bool,
 }
 
 /// SHA-256 of each accepted token, and what it may see and do.

@@ -150,15 +150,7 @@ impl Request {
     }
 }
 
-/// Who asks: the control socket and an unscoped API token are the
-/// platform's staff (everything); an API token of `tokens_file` may be
-/// scoped to one tenant, and may be read-only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Scope {
-    /// Only this tenant's mail, events, suppressions and routes.
-    pub tenant: Option<String>,
-    pub read_only: bool,
-}
+pub use crate::live::Scope;
 
 /// Binds the socket: creates its directory, replaces a stale socket (one
 /// nobody answers on), refuses to steal a live one. The socket is created

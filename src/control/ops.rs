@@ -1111,6 +1111,9 @@ async fn suppression_import(s: &Services, entries: Vec<Entry>) -> Answer {
     let mut entries = entries;
     for e in entries.iter_mut() {
         e.addr = operator_address(&e.addr)?;
+        if let Some(t) = e.tenant.as_deref().filter(|t| s.cfg().tenant(t).is_none()) {
+            return Err(format!("{}: no tenant {t:?} in [[tenants]]", e.addr).into());
+        }
     }
     for e in entries {
         s.suppression.put(&e)?;
