@@ -94,7 +94,7 @@ pub fn signature(key: &[u8], t: u64, body: &[u8]) -> String {
     ctx.update(b".");
     ctx.update(body);
     let tag = ctx.sign();
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = data_encoding::HEXLOWER.encode(tag.as_ref());
     format!("t={t},v1={hex}")
 }
 

@@ -126,7 +126,7 @@ pub fn key_of_event_id(id: &str) -> Option<[u8; 16]> {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(bytes)
 }
 
 /// Events since start per (kind, class).
