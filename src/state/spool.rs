@@ -8,7 +8,7 @@
 //! sync per batch rather than per message. One thread also sidesteps sled's
 //! deadlock when many tasks call `flush_async` at once (see STACK.md).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -332,6 +332,43 @@ pub struct Store {
     body_dir: std::path::PathBuf,
     /// Body files written since the last commit, for the committer to sync.
     unsynced: Arc<Mutex<Vec<File>>>,
+    /// Envelopes as last written, decoded (see [`EnvelopeCache`]).
+    cache: Arc<EnvelopeCache>,
+}
+
+/// The envelopes this process wrote last, decoded: a message is read some
+/// five times between reception and the end of its delivery (the
+/// scheduler, the attempt, the check before sending, the ledger's update),
+/// and decoding its JSON each time was a tenth of its CPU. Only writes fill
+/// it (an insert of a new id, or a change under the update lock), in the
+/// order of the writes to sled, so a read never puts back an older
+/// version; bounded, emptied when full.
+#[derive(Default)]
+struct EnvelopeCache(Mutex<HashMap<String, Envelope>>);
+
+/// Envelopes the cache holds at most (a few MB).
+const ENVELOPE_CACHE_MAX: usize = 4096;
+
+impl EnvelopeCache {
+    fn get(&self, id: &str) -> Option<Envelope> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn put(&self, env: Envelope) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= ENVELOPE_CACHE_MAX && !m.contains_key(&env.id) {
+            m.clear();
+        }
+        m.insert(env.id.clone(), env);
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
 }
 
 impl Store {
@@ -378,6 +415,7 @@ impl Store {
             stats: Arc::default(),
             body_dir,
             unsynced,
+            cache: Arc::default(),
         };
         // One scan at start: counts, and the quarantine of what no longer
         // decodes.
@@ -417,6 +455,12 @@ impl Store {
     pub fn insert(&self, env: &Envelope, body: &[u8]) -> Result<()> {
         let mut env = env.clone();
         env.v = RECORD_VERSION;
+        self.insert_new(&env, body)?;
+        self.cache.put(env);
+        Ok(())
+    }
+
+    fn insert_new(&self, env: &Envelope, body: &[u8]) -> Result<()> {
         let v = serde_json::to_vec(&env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
         let id = env.id.as_bytes();
         if self
@@ -493,11 +537,14 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a changed envelope (the caller holds the update lock).
     fn put_envelope(&self, env: &Envelope) -> Result<()> {
         let mut env = env.clone();
         env.v = RECORD_VERSION;
         let v = serde_json::to_vec(&env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
+        self.cache.forget(&env.id);
         self.envelopes.insert(env.id.as_bytes(), v)?;
+        self.cache.put(env);
         Ok(())
     }
 
@@ -505,6 +552,9 @@ impl Store {
     /// to the quarantine (and reads as absent) so that it cannot stop the
     /// rest of the queue.
     pub fn envelope(&self, id: &str) -> Result<Option<Envelope>> {
+        if let Some(env) = self.cache.get(id) {
+            return Ok(Some(env));
+        }
         match self.envelopes.get(id.as_bytes())? {
             None => Ok(None),
             Some(v) => match serde_json::from_slice(&v) {
@@ -530,6 +580,7 @@ impl Store {
         };
         let v = serde_json::to_vec(&q).map_err(|_| QueueError::Corrupt(id.into()))?;
         self.quarantine.insert(id.as_bytes(), v)?;
+        self.cache.forget(id);
         self.envelopes.remove(id.as_bytes())?;
         Ok(())
     }
@@ -634,6 +685,7 @@ impl Store {
     }
 
     fn remove_unlocked(&self, id: &str) -> Result<()> {
+        self.cache.forget(id);
         self.remove_body(id)?;
         self.envelopes.remove(id.as_bytes())?;
         Ok(())
