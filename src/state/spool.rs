@@ -461,7 +461,7 @@ impl Store {
     }
 
     fn insert_new(&self, env: &Envelope, body: &[u8]) -> Result<()> {
-        let v = serde_json::to_vec(&env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
+        let v = serde_json::to_vec(env).map_err(|_| QueueError::Corrupt(env.id.clone()))?;
         let id = env.id.as_bytes();
         if self
             .envelopes
@@ -475,7 +475,7 @@ impl Store {
                 let _ = self.envelopes.remove(id);
                 return Err(e.into());
             }
-            self.stats.add(&env, 1);
+            self.stats.add(env, 1);
             return Ok(());
         }
         // The usual small body is one plain insert: sled's apply_batch takes
@@ -486,7 +486,7 @@ impl Store {
                 let _ = self.envelopes.remove(id);
                 return Err(e.into());
             }
-            self.stats.add(&env, 1);
+            self.stats.add(env, 1);
             return Ok(());
         }
         // Several chunks: one atomic batch, never half written.
@@ -501,7 +501,7 @@ impl Store {
             let _ = self.envelopes.remove(id);
             return Err(e.into());
         }
-        self.stats.add(&env, 1);
+        self.stats.add(env, 1);
         Ok(())
     }
 
