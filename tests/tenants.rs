@@ -107,6 +107,16 @@ fn get(s: &Setup, path: &str, token: &str) -> (u16, Value) {
     api_call(&s.api, "GET", path, Some(token), "")
 }
 
+/// The queue ids of a `/queue` answer.
+fn queued_ids(q: &Value) -> Vec<&str> {
+    q["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect()
+}
+
 fn events_of(s: &Setup, rcpt: &str) -> Vec<Value> {
     s.h.events(rcpt)
 }
@@ -180,6 +190,20 @@ fn scoped_tokens_see_and_act_on_their_own_tenant_only() {
     );
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["entry"]["tenant"], "acme");
+    // A tenant's token cannot suppress for another tenant; the staff
+    // cannot name a tenant that does not exist.
+    let suppress = |token: &str, body: &str| {
+        api_call(&s.api, "POST", "/api/v1/suppressions", Some(token), body)
+    };
+    let (code, v) = suppress(ACME, r#"{"addr": "x@dest.test", "tenant": "beta"}"#);
+    assert_eq!(code, 403, "{v}");
+    let (code, v) = suppress(STAFF, r#"{"addr": "x@dest.test", "tenant": "nobody"}"#);
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nobody"), "{v}");
+    let (code, _, err) =
+        s.h.cli(&["suppression", "add", "x@dest.test", "--tenant", "nobody"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no tenant"), "{err}");
 
     // What each tenant's token sees of its own.
     let (code, st) = get(&s, "/api/v1/status", ACME);
@@ -188,12 +212,7 @@ fn scoped_tokens_see_and_act_on_their_own_tenant_only() {
     assert_eq!(st["messages"], 1);
     assert_eq!(st["routes"][0]["name"], "acme-relay");
     let (_, q) = get(&s, "/api/v1/queue", ACME);
-    let ids: Vec<&str> = q["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = queued_ids(&q);
     assert_eq!(ids, [acme_id.as_str()]);
     let (code, m) = get(&s, &format!("/api/v1/messages/{acme_done}"), ACME);
     assert_eq!(code, 200, "{m}");
@@ -279,12 +298,7 @@ fn scoped_tokens_see_and_act_on_their_own_tenant_only() {
     // Nothing of acme's changed: its message still queued, its
     // suppression there; beta's own tag-wide cancel took beta's mail only.
     let (_, q) = get(&s, "/api/v1/queue", STAFF);
-    let ids: Vec<&str> = q["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
+    let ids = queued_ids(&q);
     assert_eq!(
         ids,
         [acme_id.as_str()],

@@ -340,12 +340,22 @@ fn events(s: &Services, q: EventQuery) -> Answer {
 type Answer = Result<Value, Failure>;
 
 fn route_health(s: &Services) -> Vec<Value> {
-    let health = s.pacing.health.lock().unwrap().clone();
     let cfg = s.cfg();
     let mut names: Vec<String> = cfg.upstreams.keys().cloned().collect();
     if cfg.delivery.upstream == "mx" || cfg.routes.iter().any(|r| r.upstream == "mx") {
         names.push("mx".into());
     }
+    health_of(s, names)
+}
+
+/// The health of these routes, as `status` shows it.
+pub(super) fn health_of(s: &Services, names: Vec<String>) -> Vec<Value> {
+    let health = s
+        .pacing
+        .health
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     names
         .into_iter()
         .map(|n| match health.get(&n) {
@@ -981,6 +991,19 @@ fn received_line(s: &Services, last: &Event) -> String {
     }
 }
 
+/// An entry as a tenant's token sees it: the entry for everyone may come
+/// from another tenant's mail, so it does not say which message or node.
+fn as_seen_by(tenant: Option<&str>, e: Entry) -> Entry {
+    match (tenant, &e.tenant) {
+        (Some(_), None) => Entry {
+            source_id: None,
+            node: None,
+            ..e
+        },
+        _ => e,
+    }
+}
+
 fn trace(s: &Services, addr: &str, tenant: Option<&str>) -> Answer {
     let mut events = s.history.query_by(By::Rcpt(addr), 0, |e| {
         tenant.is_none() || e.tenant.as_deref() == tenant
@@ -998,24 +1021,9 @@ fn trace(s: &Services, addr: &str, tenant: Option<&str>) -> Answer {
         .into_iter()
         .filter(|e| e.addr.eq_ignore_ascii_case(addr))
         .filter(|e| tenant.is_none() || e.tenant.is_none() || e.tenant.as_deref() == tenant)
-        .map(|e| match (tenant, &e.tenant) {
-            // The entry for everyone may come from another tenant's mail.
-            (Some(_), None) => Entry {
-                source_id: None,
-                node: None,
-                ..e
-            },
-            _ => e,
-        })
+        .map(|e| as_seen_by(tenant, e))
         .collect();
-    let supp = supp.map(|e| match (tenant, &e.tenant) {
-        (Some(_), None) => Entry {
-            source_id: None,
-            node: None,
-            ..e
-        },
-        _ => e,
-    });
+    let supp = supp.map(|e| as_seen_by(tenant, e));
     let diagnosis = diagnose(s, addr, &events, supp.as_ref());
     // Only the routes this recipient's queued mail takes.
     let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();

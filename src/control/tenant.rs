@@ -41,19 +41,7 @@ pub fn status(s: &Services, t: &str, read_only: bool) -> Result<Value, Failure> 
         false
     })?;
     let own = cfg.tenant_upstreams(t);
-    let health = s
-        .pacing
-        .health
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let routes: Vec<Value> = own
-        .iter()
-        .map(|n| match health.get(n) {
-            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms, "last_error_ms": h.last_error_ms}),
-            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null, "last_error_ms": Value::Null}),
-        })
-        .collect();
+    let routes = super::ops::health_of(s, own.clone());
     let paused_routes: Vec<String> = s
         .pauses
         .paused_routes()
