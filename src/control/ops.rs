@@ -345,24 +345,7 @@ fn route_health(s: &Services) -> Vec<Value> {
     if cfg.delivery.upstream == "mx" || cfg.routes.iter().any(|r| r.upstream == "mx") {
         names.push("mx".into());
     }
-    health_of(s, names)
-}
-
-/// The health of these routes, as `status` shows it.
-pub(super) fn health_of(s: &Services, names: Vec<String>) -> Vec<Value> {
-    let health = s
-        .pacing
-        .health
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    names
-        .into_iter()
-        .map(|n| match health.get(&n) {
-            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms, "last_error_ms": h.last_error_ms}),
-            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null, "last_error_ms": Value::Null}),
-        })
-        .collect()
+    super::tenant::health_of(s, names)
 }
 
 /// Counts kept as things happen: `status` never scans the queue or history.

@@ -41,7 +41,7 @@ pub fn status(s: &Services, t: &str, read_only: bool) -> Result<Value, Failure> 
         false
     })?;
     let own = cfg.tenant_upstreams(t);
-    let routes = super::ops::health_of(s, own.clone());
+    let routes = health_of(s, own.clone());
     let paused_routes: Vec<String> = s
         .pauses
         .paused_routes()
@@ -61,4 +61,21 @@ pub fn status(s: &Services, t: &str, read_only: bool) -> Result<Value, Failure> 
         "rate": cfg.tenant(t).and_then(|x| x.max_rate).map(|r| r.to_string()),
         "version": env!("CARGO_PKG_VERSION"),
     }))
+}
+
+/// The health of these routes, as `status` shows it.
+pub(super) fn health_of(s: &Services, names: Vec<String>) -> Vec<Value> {
+    let health = s
+        .pacing
+        .health
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    names
+        .into_iter()
+        .map(|n| match health.get(&n) {
+            Some(h) => json!({"name": n, "healthy": h.healthy, "last_error": h.last_error, "since_ms": h.since_ms, "last_error_ms": h.last_error_ms}),
+            None => json!({"name": n, "healthy": Value::Null, "last_error": Value::Null, "since_ms": Value::Null, "last_error_ms": Value::Null}),
+        })
+        .collect()
 }
