@@ -7,10 +7,20 @@ use common::*;
 
 #[test]
 fn a_dead_pooled_connection_is_replaced_without_a_deferral() {
-    // The upstream answers RSET and then hangs up, as a server that drops
+    // The upstream hangs up after each message, as a server that drops
     // idle sessions does: the pooled connection is dead when reused.
+    // Silently, and with its "421" last word (which is then the first
+    // reply herald reads on the kept session); with and without
+    // PIPELINING.
+    for (last, pipelining) in [("", false), ("421 4.4.2 idle timeout", true)] {
+        dead_pooled_connection(last, pipelining);
+    }
+}
+
+fn dead_pooled_connection(last: &str, pipelining: bool) {
     let sink = Sink::start(Script {
-        close_after_rset: true,
+        hang_up_after_message: Some(last.to_string()),
+        pipelining,
         ..Default::default()
     });
     let h = Herald::start(&upstream(sink.port(), "none", ""));
@@ -99,4 +109,65 @@ fn a_reply_lost_after_the_dot_defers_and_never_tries_the_next_mx() {
         h.log()
     );
     assert_eq!(first.state.lock().unwrap().data_attempts, 2);
+}
+
+#[test]
+fn one_pipelined_round_trip_keeps_the_session_whatever_the_recipients_get() {
+    // MAIL, RCPT and DATA go in one write. A refused recipient bounces and
+    // the others get the message; when every recipient is refused and the
+    // server still answers DATA with 354 (this sink does), an empty message
+    // ends the data phase; the session serves the next message either way.
+    let sink = Sink::start(Script {
+        pipelining: true,
+        rcpt_replies: vec![("dead".into(), "550 5.1.1 no such user".into())],
+        ..Default::default()
+    });
+    let h = Herald::start(&upstream(sink.port(), "none", ""));
+    let mut c = h.client();
+    c.ehlo();
+    let final_for = |rcpt: &str, event: &str| {
+        let ok = wait_until(10, || h.events(rcpt).iter().any(|e| e["event"] == event));
+        assert!(ok, "{rcpt}: no {event}: {:?}\n{}", h.events(rcpt), h.log());
+    };
+    let to: &[(&[&str], &str)] = &[
+        (&["dead1@dest.test", "live1@dest.test"], "some refused"),
+        (&["dead2@dest.test"], "all refused"),
+        (&["live2@dest.test"], "after"),
+    ];
+    for (rcpts, subject) in to {
+        assert_eq!(c.send("a@b.test", rcpts, &message(subject)).0, 250);
+        for r in rcpts.iter() {
+            final_for(
+                r,
+                if r.starts_with("dead") {
+                    "bounced"
+                } else {
+                    "delivered"
+                },
+            );
+        }
+    }
+    let st = sink.state.lock().unwrap();
+    let got: Vec<Vec<String>> = st
+        .messages
+        .iter()
+        .filter(|m| !m.rcpts.is_empty())
+        .map(|m| m.rcpts.clone())
+        .collect();
+    assert_eq!(got, vec![vec!["live1@dest.test"], vec!["live2@dest.test"]]);
+    assert!(st.pipelined > 0, "not pipelined");
+    assert_eq!(st.connections, 1, "the session was not kept");
+    drop(st);
+    for r in [
+        "dead1@dest.test",
+        "live1@dest.test",
+        "dead2@dest.test",
+        "live2@dest.test",
+    ] {
+        assert!(
+            !h.events(r).iter().any(|e| e["event"] == "deferred"),
+            "{r}: {:?}",
+            h.events(r)
+        );
+    }
 }

@@ -279,7 +279,9 @@ async fn deliver_group(
             let reused = match carried.take() {
                 Some(c) => Some(c),
                 None if fresh_only => None,
-                None => pool_conn(pool, &pool_key).await,
+                // No RSET first: a completed transaction leaves the session
+                // clean; a dead one is Broken below, before anything is sent.
+                None => pool.take(&pool_key),
             };
             let was_reused = reused.is_some();
             let mut conn = match reused {
@@ -445,13 +447,6 @@ async fn commit_one(s: &Services, l: &Ledger<'_>, env: &Envelope, before: &[Rcpt
     if let Err(e) = s.store.commit().await {
         tracing::error!(id = %env.id, error = %e, "cannot commit a recipient's outcome");
     }
-}
-
-/// An idle connection of the pool that still answers RSET.
-async fn pool_conn(pool: &Pool, key: &str) -> Option<Conn> {
-    let mut conn = pool.take(key)?;
-    conn.client.rset().await.ok()?;
-    Some(conn)
 }
 
 /// Leaves out of `idx` the recipients cancelled (or suppressed) while the

@@ -520,6 +520,56 @@ async fn pipeline(
     (replies, failure)
 }
 
+/// Sends MAIL and the RCPTs; their replies, in order, and the failure that
+/// stopped the reading. With PIPELINING (RFC 2920) MAIL, every RCPT and
+/// DATA go in one write and the replies (DATA's last) are read in order:
+/// one round trip, as Postfix does. Else one command at a time.
+async fn envelope(
+    client: &mut Client,
+    pipelining: bool,
+    mail: String,
+    rcpts: &[String],
+) -> (Vec<Response<String>>, Option<mail_send::Error>) {
+    if pipelining {
+        let mut cmds = mail.into_bytes();
+        for rcpt in rcpts {
+            cmds.extend_from_slice(b"RCPT TO:<");
+            cmds.extend_from_slice(rcpt.as_bytes());
+            cmds.extend_from_slice(b">\r\n");
+        }
+        cmds.extend_from_slice(b"DATA\r\n");
+        return pipeline(client, &cmds, rcpts.len() + 2).await;
+    }
+    let mut replies = Vec::new();
+    match client.cmd(mail.as_bytes()).await {
+        Ok(r) => {
+            let go = r.code < 300;
+            replies.push(r);
+            if go {
+                for rcpt in rcpts {
+                    match client.cmd(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).await {
+                        Ok(r) => replies.push(r),
+                        Err(e) => return (replies, Some(e)),
+                    }
+                }
+            }
+            (replies, None)
+        }
+        Err(e) => (replies, Some(e)),
+    }
+}
+
+/// A server that answered the pipelined DATA with 354 though nobody is to
+/// be sent the message (RFC 2920 asks it to refuse): an empty message ends
+/// the data phase, so that the session can go on. False when the session
+/// broke.
+async fn end_data(client: &mut Client, data_reply: &Option<Response<String>>) -> bool {
+    if data_reply.as_ref().is_some_and(|r| r.code == 354) {
+        return client.cmd(b".\r\n").await.is_ok();
+    }
+    true
+}
+
 async fn rset_ok(client: &mut Client) -> bool {
     matches!(client.cmd(b"RSET\r\n").await, Ok(r) if r.code == 250)
 }
@@ -553,43 +603,21 @@ pub async fn transact(
         size.push_str(" SMTPUTF8");
     }
     let mail = format!("MAIL FROM:<{mail_from}>{size}\r\n");
-    // With PIPELINING (RFC 2920) MAIL and every RCPT go in one write and
-    // the replies are read in order; else one command at a time.
-    let (replies, failure) = if conn.pipelining {
-        let mut cmds = mail.into_bytes();
-        for rcpt in rcpts {
-            cmds.extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
-        }
-        pipeline(client, &cmds, rcpts.len() + 1).await
-    } else {
-        let mut replies = Vec::new();
-        let mut failure = None;
-        match client.cmd(mail.as_bytes()).await {
-            Ok(r) => {
-                let go = r.code < 300;
-                replies.push(r);
-                if go {
-                    for rcpt in rcpts {
-                        match client.cmd(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).await {
-                            Ok(r) => replies.push(r),
-                            Err(e) => {
-                                failure = Some(e);
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-            Err(e) => failure = Some(e),
-        }
-        (replies, failure)
-    };
+    let (mut replies, failure) = envelope(client, conn.pipelining, mail, rcpts).await;
+    // The reply to the pipelined DATA, apart from those to MAIL and RCPT.
+    let data_reply = (replies.len() > rcpts.len() + 1).then(|| replies.remove(rcpts.len() + 1));
     let Some(r) = replies.first() else {
         return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
     };
+    // A kept session the server has since closed ("421 idle timeout", then
+    // nothing): not the recipients' deferral; the caller opens a fresh one.
+    if conn.sent > 0 && r.code == 421 {
+        return Outcome::Broken(format!("{host}: {}", reply_text(r)));
+    }
     if r.code >= 300 {
         let v = verdict_for(r, host, "MAIL FROM", Stage::Mail, smart_host);
-        let reusable = failure.is_none() && rset_ok(client).await;
+        let reusable =
+            failure.is_none() && end_data(client, &data_reply).await && rset_ok(client).await;
         return judge_all(v, rcpts.len(), reusable);
     }
     // A server that says 421 closes the session: the recipients it did not
@@ -609,7 +637,7 @@ pub async fn transact(
         // A refusal of the sender or the login, reported at RCPT (Postfix
         // does): at a smart host it stops the whole transaction.
         if smart_host && v.class() == Some(Class::Route) {
-            let _ = rset_ok(client).await;
+            let _ = end_data(client, &data_reply).await && rset_ok(client).await;
             return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(r)));
         }
         verdicts.push(match v {
@@ -624,16 +652,22 @@ pub async fn transact(
         return judged_by(verdicts, v, false, slow_down);
     }
     if verdicts.iter().all(Option::is_some) {
-        let reusable = rset_ok(client).await;
+        let reusable = end_data(client, &data_reply).await && rset_ok(client).await;
         return Outcome::Judged {
             verdicts: verdicts.into_iter().flatten().collect(),
             reusable,
             slow_down,
         };
     }
-    let r = match client.cmd(b"DATA\r\n").await {
-        Ok(r) => r,
-        Err(e) => return broken(e),
+    let r = match data_reply {
+        Some(r) => r,
+        None if conn.pipelining => {
+            return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
+        }
+        None => match client.cmd(b"DATA\r\n").await {
+            Ok(r) => r,
+            Err(e) => return broken(e),
+        },
     };
     if r.code != 354 {
         // A refusal of the DATA command judges the transaction: every

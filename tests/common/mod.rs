@@ -188,9 +188,10 @@ pub struct Script {
     /// Greeting line instead of "220 sink.test ESMTP"; a non-220 greeting
     /// is followed by closing the connection.
     pub greeting: Option<String>,
-    /// Answer RSET, then close the connection (a server that drops idle
-    /// sessions).
-    pub close_after_rset: bool,
+    /// After the reply to the end of DATA, say this line (when not empty)
+    /// and close the connection: a server that drops sessions it thinks
+    /// idle ("421 4.4.2 idle timeout").
+    pub hang_up_after_message: Option<String>,
     /// Offer SMTPUTF8 (RFC 6531) in the EHLO reply.
     pub smtputf8: bool,
     /// Sessions allowed at once; beyond, the greeting is
@@ -588,12 +589,16 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
                 });
             }
             say!("{r}\r\n");
+            let hang_up = st.lock().unwrap().script.hang_up_after_message.clone();
+            if let Some(last) = hang_up {
+                if !last.is_empty() {
+                    say!("{last}\r\n");
+                }
+                return Ok(());
+            }
         } else if up == "RSET" {
             rcpts.clear();
             say!("250 ok\r\n");
-            if st.lock().unwrap().script.close_after_rset {
-                return Ok(());
-            }
         } else if up == "QUIT" {
             open.close();
             say!("221 bye\r\n");
