@@ -16,12 +16,28 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// A port nothing listens on, for a server a test starts. Taken below
+/// Linux's ephemeral range (32768-60999), where the kernel picks the local
+/// ports of outbound connections: a port asked of the kernel (bind to 0)
+/// and let go could be taken by any process's connection before the
+/// server binds it ("Address already in use" under load). The tests of one
+/// binary step through the range from a start of their own, so two never
+/// get the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 16384;
+    const END: u32 = 32768;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = FIRST + (std::process::id() * 97) % (END - FIRST);
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in FIRST..END {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        let p = (FIRST + (p - FIRST) % (END - FIRST)) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port in {FIRST}..{END}");
 }
 
 /// A TCP connection to `addr` from the loopback address `source` (Linux
