@@ -205,11 +205,33 @@ fn scoped_tokens_see_and_act_on_their_own_tenant_only() {
     assert_ne!(code, 0);
     assert!(err.contains("no tenant"), "{err}");
 
-    // What each tenant's token sees of its own.
+    // What each tenant's token sees of its own: its counts (kept as mail
+    // comes and goes, not scanned) agree with its queue and its events.
+    let kinds = |s: &Setup| {
+        let (_, ev) = get(s, "/api/v1/events?limit=1000", ACME);
+        let mut n = std::collections::BTreeMap::<String, u64>::new();
+        for e in ev["events"].as_array().unwrap() {
+            *n.entry(e["event"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        serde_json::to_value(n).unwrap()
+    };
+    let before = kinds(&s);
     let (code, st) = get(&s, "/api/v1/status", ACME);
+    let after = kinds(&s);
     assert_eq!(code, 200, "{st}");
     assert_eq!(st["tenant"], "acme");
     assert_eq!(st["messages"], 1);
+    let pending = |st: &Value| {
+        st["recipients"]["queued"].as_u64().unwrap_or(0)
+            + st["recipients"]["deferred"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(pending(&st), 1, "{st}");
+    assert!(
+        st["last_24h"] == before || st["last_24h"] == after,
+        "{st} vs {before} / {after}"
+    );
+    assert!(st["last_24h"]["received"].as_u64().unwrap() >= 2, "{st}");
     assert_eq!(st["routes"][0]["name"], "acme-relay");
     let (_, q) = get(&s, "/api/v1/queue", ACME);
     let ids = queued_ids(&q);

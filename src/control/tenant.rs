@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 
 use super::failure::Failure;
 use crate::state::history::EventKind;
-use crate::state::spool::{now_ms, RcptStatus};
 use crate::state::Services;
 
 /// `status` for tenant `t`: its queued mail, its events of the last 24
@@ -17,29 +16,20 @@ use crate::state::Services;
 /// errors or the cluster.
 pub fn status(s: &Services, t: &str, read_only: bool) -> Result<Value, Failure> {
     let cfg = s.cfg();
-    let mut messages = 0u64;
-    let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for env in s.store.all()? {
-        if env.tenant.as_deref() != Some(t) {
-            continue;
-        }
-        messages += 1;
-        for r in env.pending() {
-            let k = match r.status {
-                RcptStatus::Deferred => "deferred",
-                _ => "queued",
-            };
-            *by_status.entry(k).or_insert(0) += 1;
-        }
-    }
-    let mut last_24h: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let since = now_ms().saturating_sub(86_400_000);
-    s.history.query(since, |e| {
-        if e.tenant.as_deref() == Some(t) && e.event != EventKind::DmarcFailing {
-            *last_24h.entry(e.event.as_str()).or_insert(0) += 1;
-        }
-        false
-    })?;
+    // Counted as the mail comes and goes, as the staff's status is: never
+    // a scan of the queue or of a day of history.
+    let (messages, queued, deferred) = s.store.stats.of_tenant(t);
+    let by_status: BTreeMap<&'static str, u64> = [("queued", queued), ("deferred", deferred)]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let last_24h: BTreeMap<&'static str, u64> = s
+        .history
+        .last_24h_of(t)
+        .into_iter()
+        .filter(|(k, _)| *k != EventKind::DmarcFailing)
+        .map(|(k, n)| (k.as_str(), n))
+        .collect();
     let own = cfg.tenant_upstreams(t);
     let routes = health_of(s, own.clone());
     let paused_routes: Vec<String> = s

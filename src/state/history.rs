@@ -145,6 +145,8 @@ pub struct History {
     /// Events per hour (hour number since the epoch) over the last day,
     /// for `status`: counted once at start, then as they happen.
     hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
+    /// The same per tenant, for a tenant's `status`.
+    tenant_hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<(String, EventKind), u64>>>>,
     /// Webhook outbox: `NAME \0 EVENT-KEY` -> event JSON, written with the
     /// event itself (same flush, same commit), removed once delivered.
     pub(super) outbox: sled::Tree,
@@ -237,6 +239,7 @@ impl History {
             counts: Arc::new(Default::default()),
             tenant_counts: Arc::new(Default::default()),
             hourly: Arc::new(Default::default()),
+            tenant_hourly: Arc::new(Default::default()),
             outbox: db.open_tree("webhook_outbox")?,
             hooks: Arc::default(),
             node: None,
@@ -300,16 +303,39 @@ impl History {
     pub fn load_hourly(&self) -> Result<(), QueueError> {
         let since = now_ms().saturating_sub(24 * HOUR_MS);
         let mut hourly = BTreeMap::<u64, BTreeMap<EventKind, u64>>::new();
+        let mut tenants = BTreeMap::<u64, BTreeMap<(String, EventKind), u64>>::new();
         self.query(since, |e| {
-            *hourly
-                .entry(e.time_ms / HOUR_MS)
-                .or_default()
-                .entry(e.event)
-                .or_default() += 1;
+            let hour = e.time_ms / HOUR_MS;
+            *hourly.entry(hour).or_default().entry(e.event).or_default() += 1;
+            if let Some(t) = &e.tenant {
+                *tenants
+                    .entry(hour)
+                    .or_default()
+                    .entry((t.clone(), e.event))
+                    .or_default() += 1;
+            }
             false
         })?;
         *self.hourly.lock().unwrap_or_else(|e| e.into_inner()) = hourly;
+        *self.tenant_hourly.lock().unwrap_or_else(|e| e.into_inner()) = tenants;
         Ok(())
+    }
+
+    /// Events per kind of tenant `t` in the last 24 hours (counted by the
+    /// hour, as [`History::last_24h`]).
+    pub fn last_24h_of(&self, t: &str) -> BTreeMap<EventKind, u64> {
+        let first = now_ms() / HOUR_MS - 23;
+        let mut h = self.tenant_hourly.lock().unwrap_or_else(|e| e.into_inner());
+        h.retain(|hour, _| *hour >= first);
+        let mut out = BTreeMap::new();
+        for kinds in h.values() {
+            for ((tenant, k), n) in kinds {
+                if tenant == t {
+                    *out.entry(*k).or_insert(0) += n;
+                }
+            }
+        }
+        out
     }
 
     /// Events per kind in the last 24 hours (counted by the hour).
@@ -387,12 +413,20 @@ impl History {
             .unwrap_or_else(|e| e.into_inner())
             .entry((kind, class))
             .or_insert(0) += 1;
-        if let Some(t) = &ev.tenant {
+        if let Some(tenant) = &ev.tenant {
             *self
                 .tenant_counts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .entry((t.clone(), kind))
+                .entry((tenant.clone(), kind))
+                .or_insert(0) += 1;
+            *self
+                .tenant_hourly
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(t / HOUR_MS)
+                .or_default()
+                .entry((tenant.clone(), kind))
                 .or_insert(0) += 1;
         }
         *self

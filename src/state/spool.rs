@@ -285,23 +285,44 @@ pub struct Stats {
     pub messages: AtomicI64,
     pub queued: AtomicI64,
     pub deferred: AtomicI64,
+    /// The same three per tenant (messages, queued, deferred), for a
+    /// tenant's `status`: counted, never scanned.
+    tenants: Mutex<HashMap<String, [i64; 3]>>,
 }
 
 impl Stats {
     fn add(&self, env: &Envelope, sign: i64) {
         self.messages.fetch_add(sign, Ordering::Relaxed);
+        let (mut queued, mut deferred) = (0, 0);
         for r in &env.rcpts {
             match r.status {
-                RcptStatus::Queued => self.queued.fetch_add(sign, Ordering::Relaxed),
-                RcptStatus::Deferred => self.deferred.fetch_add(sign, Ordering::Relaxed),
-                _ => 0,
+                RcptStatus::Queued => queued += sign,
+                RcptStatus::Deferred => deferred += sign,
+                _ => {}
             };
+        }
+        self.queued.fetch_add(queued, Ordering::Relaxed);
+        self.deferred.fetch_add(deferred, Ordering::Relaxed);
+        if let Some(t) = &env.tenant {
+            let mut all = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+            let c = all.entry(t.clone()).or_default();
+            c[0] += sign;
+            c[1] += queued;
+            c[2] += deferred;
         }
     }
 
     pub fn get(&self) -> (u64, u64, u64) {
         let g = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
         (g(&self.messages), g(&self.queued), g(&self.deferred))
+    }
+
+    /// Messages, queued and deferred recipients of tenant `t`.
+    pub fn of_tenant(&self, t: &str) -> (u64, u64, u64) {
+        let all = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let c = all.get(t).copied().unwrap_or_default();
+        let g = |n: i64| n.max(0) as u64;
+        (g(c[0]), g(c[1]), g(c[2]))
     }
 }
 
