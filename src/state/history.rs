@@ -132,6 +132,9 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// Events since start per (kind, class).
 type Counts = BTreeMap<(EventKind, Option<Class>), u64>;
 
+/// Events per hour (hour number since the epoch) per tenant and kind.
+type TenantHourly = BTreeMap<u64, BTreeMap<(String, EventKind), u64>>;
+
 #[derive(Clone)]
 pub struct History {
     /// Events and their index: this node's sled, or a shared backend.
@@ -146,7 +149,7 @@ pub struct History {
     /// for `status`: counted once at start, then as they happen.
     hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<EventKind, u64>>>>,
     /// The same per tenant, for a tenant's `status`.
-    tenant_hourly: Arc<Mutex<BTreeMap<u64, BTreeMap<(String, EventKind), u64>>>>,
+    tenant_hourly: Arc<Mutex<TenantHourly>>,
     /// Webhook outbox: `NAME \0 EVENT-KEY` -> event JSON, written with the
     /// event itself (same flush, same commit), removed once delivered.
     pub(super) outbox: sled::Tree,
@@ -303,7 +306,7 @@ impl History {
     pub fn load_hourly(&self) -> Result<(), QueueError> {
         let since = now_ms().saturating_sub(24 * HOUR_MS);
         let mut hourly = BTreeMap::<u64, BTreeMap<EventKind, u64>>::new();
-        let mut tenants = BTreeMap::<u64, BTreeMap<(String, EventKind), u64>>::new();
+        let mut tenants = TenantHourly::new();
         self.query(since, |e| {
             let hour = e.time_ms / HOUR_MS;
             *hourly.entry(hour).or_default().entry(e.event).or_default() += 1;
