@@ -152,6 +152,35 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
     }
+
+    /// The TCP connection under it.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::ServerTls(s) => s.get_ref().0,
+            Stream::ClientTls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether the peer has said nothing since we last read: no bytes
+    /// waiting (a "421 idle timeout", a TLS alert) and no end of stream.
+    /// Asks the kernel (a peek that does not wait), so it is true only of a
+    /// session that can carry the next command.
+    pub fn quiet(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = self.tcp().as_raw_fd();
+        let mut b = [0u8; 1];
+        // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the data.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
 }
 
 impl AsyncRead for Stream {

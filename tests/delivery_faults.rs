@@ -9,9 +9,9 @@ use common::*;
 fn a_dead_pooled_connection_is_replaced_without_a_deferral() {
     // The upstream hangs up after each message, as a server that drops
     // idle sessions does: the pooled connection is dead when reused.
-    // Silently, and with its "421" last word (which is then the first
-    // reply herald reads on the kept session); with and without
-    // PIPELINING.
+    // Silently, and with its "421" last word (unread in the kept session:
+    // taken for the reply to the next MAIL, it would throttle the
+    // destination and defer the recipient); with and without PIPELINING.
     for (last, pipelining) in [("", false), ("421 4.4.2 idle timeout", true)] {
         dead_pooled_connection(last, pipelining);
     }
@@ -31,6 +31,7 @@ fn dead_pooled_connection(last: &str, pipelining: bool) {
         250
     );
     assert_eq!(sink.wait_for(1, 10).len(), 1, "{}", h.log());
+    assert!(wait_until(10, || sink.state.lock().unwrap().hung_up == 1));
     assert_eq!(
         c.send("a@b.test", &["two@dest.test"], &message("two")).0,
         250
@@ -168,6 +169,51 @@ fn one_pipelined_round_trip_keeps_the_session_whatever_the_recipients_get() {
             !h.events(r).iter().any(|e| e["event"] == "deferred"),
             "{r}: {:?}",
             h.events(r)
+        );
+    }
+}
+
+#[test]
+fn a_transaction_given_up_after_a_pipelined_data_sends_no_empty_message() {
+    // A smart host that refuses one recipient's relaying while it accepts
+    // the other, and answers the pipelined DATA with 354: the recipients
+    // wait for the route (a refusal of the route), and the session is
+    // dropped, never ended with an empty message to the one accepted.
+    // Then one that refuses the sender at MAIL yet accepts the RCPT and
+    // DATA after it (this sink does): the same.
+    let relay = (
+        "denied".to_string(),
+        "554 5.7.1 <denied@dest.test>: Relay access denied".to_string(),
+    );
+    let scripts = [
+        Script {
+            pipelining: true,
+            rcpt_replies: vec![relay],
+            ..Default::default()
+        },
+        Script {
+            pipelining: true,
+            mail_replies: ["553 5.7.1 <a@b.test>: Sender address rejected".to_string()].into(),
+            ..Default::default()
+        },
+    ];
+    for script in scripts {
+        let sink = Sink::start(script);
+        let h = Herald::start(&upstream(sink.port(), "none", ""));
+        let mut c = h.client();
+        c.ehlo();
+        let rcpts = ["ok@dest.test", "denied@dest.test"];
+        assert_eq!(c.send("a@b.test", &rcpts, &message("x")).0, 250);
+        for r in rcpts {
+            let deferred = wait_until(10, || h.events(r).iter().any(|e| e["event"] == "deferred"));
+            assert!(deferred, "{r}: {:?}\n{}", h.events(r), h.log());
+        }
+        let st = sink.state.lock().unwrap();
+        assert!(st.pipelined > 0, "not pipelined");
+        assert!(
+            st.messages.is_empty(),
+            "a message was delivered: {:?}",
+            st.messages.iter().map(|m| &m.rcpts).collect::<Vec<_>>()
         );
     }
 }

@@ -279,8 +279,8 @@ async fn deliver_group(
             let reused = match carried.take() {
                 Some(c) => Some(c),
                 None if fresh_only => None,
-                // No RSET first: a completed transaction leaves the session
-                // clean; a dead one is Broken below, before anything is sent.
+                // No RSET first: a completed transaction leaves it clean
+                // (the pool gives only sessions the server has not closed).
                 None => pool.take(&pool_key),
             };
             let was_reused = reused.is_some();

@@ -559,13 +559,19 @@ async fn envelope(
     }
 }
 
-/// A server that answered the pipelined DATA with 354 though nobody is to
-/// be sent the message (RFC 2920 asks it to refuse): an empty message ends
-/// the data phase, so that the session can go on. False when the session
-/// broke.
-async fn end_data(client: &mut Client, data_reply: &Option<Response<String>>) -> bool {
+/// Whether the session can go on after a transaction given up before the
+/// message: a server that answered the pipelined DATA with 354 although no
+/// recipient was accepted (RFC 2920 asks it to refuse) gets the end marker
+/// of an empty message. With a recipient accepted, nothing is sent: an end
+/// marker would deliver an empty message to it; the session is dropped
+/// instead, which abandons the transaction (RFC 5321 4.1.1.4).
+async fn end_data(
+    client: &mut Client,
+    data_reply: &Option<Response<String>>,
+    any_accepted: bool,
+) -> bool {
     if data_reply.as_ref().is_some_and(|r| r.code == 354) {
-        return client.cmd(b".\r\n").await.is_ok();
+        return !any_accepted && client.cmd(b".\r\n").await.is_ok();
     }
     true
 }
@@ -606,18 +612,17 @@ pub async fn transact(
     let (mut replies, failure) = envelope(client, conn.pipelining, mail, rcpts).await;
     // The reply to the pipelined DATA, apart from those to MAIL and RCPT.
     let data_reply = (replies.len() > rcpts.len() + 1).then(|| replies.remove(rcpts.len() + 1));
+    // Whether a RCPT was accepted: then a 354 to DATA began a message for
+    // someone, and only closing the session (never an end marker) drops it.
+    let any_accepted = replies.iter().skip(1).any(|r| r.code < 300);
     let Some(r) = replies.first() else {
         return broken(failure.unwrap_or(mail_send::Error::UnparseableReply));
     };
-    // A kept session the server has since closed ("421 idle timeout", then
-    // nothing): not the recipients' deferral; the caller opens a fresh one.
-    if conn.sent > 0 && r.code == 421 {
-        return Outcome::Broken(format!("{host}: {}", reply_text(r)));
-    }
     if r.code >= 300 {
         let v = verdict_for(r, host, "MAIL FROM", Stage::Mail, smart_host);
-        let reusable =
-            failure.is_none() && end_data(client, &data_reply).await && rset_ok(client).await;
+        let reusable = failure.is_none()
+            && end_data(client, &data_reply, any_accepted).await
+            && rset_ok(client).await;
         return judge_all(v, rcpts.len(), reusable);
     }
     // A server that says 421 closes the session: the recipients it did not
@@ -637,7 +642,9 @@ pub async fn transact(
         // A refusal of the sender or the login, reported at RCPT (Postfix
         // does): at a smart host it stops the whole transaction.
         if smart_host && v.class() == Some(Class::Route) {
-            let _ = end_data(client, &data_reply).await && rset_ok(client).await;
+            // (Dropped with the session when a message was begun for the
+            // others: the caller does not keep it.)
+            let _ = end_data(client, &data_reply, any_accepted).await && rset_ok(client).await;
             return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(r)));
         }
         verdicts.push(match v {
@@ -652,7 +659,9 @@ pub async fn transact(
         return judged_by(verdicts, v, false, slow_down);
     }
     if verdicts.iter().all(Option::is_some) {
-        let reusable = end_data(client, &data_reply).await && rset_ok(client).await;
+        let reusable = failure.is_none()
+            && end_data(client, &data_reply, any_accepted).await
+            && rset_ok(client).await;
         return Outcome::Judged {
             verdicts: verdicts.into_iter().flatten().collect(),
             reusable,
@@ -698,7 +707,8 @@ pub async fn transact(
     if smart_host && v.class() == Some(Class::Route) {
         return Outcome::RouteRefused(format!("{host}: end of DATA: {}", reply_text(&final_reply)));
     }
-    judged_by(verdicts, v, true, slow_down)
+    // A server that says 421 closes the session after its reply.
+    judged_by(verdicts, v, final_reply.code != 421, slow_down)
 }
 
 #[cfg(test)]

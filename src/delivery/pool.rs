@@ -59,8 +59,12 @@ impl Pool {
     pub fn take(&self, key: &str) -> Option<Conn> {
         let mut pool = self.idle.lock().unwrap();
         let list = pool.get_mut(key)?;
+        // Only a session the server has not spoken on while it waited: one
+        // it closed ("421 idle timeout", or nothing) is dropped here, not
+        // found dead with a message on it; and a 421 that answers the
+        // next MAIL is then the server's word on that message.
         while let Some((t, c)) = list.pop() {
-            if t.elapsed() < self.keep {
+            if t.elapsed() < self.keep && c.client.stream.get_ref().quiet() {
                 return Some(c);
             }
         }

@@ -17,27 +17,31 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// A port nothing listens on, for a server a test starts. Taken below
-/// Linux's ephemeral range (32768-60999), where the kernel picks the local
-/// ports of outbound connections: a port asked of the kernel (bind to 0)
-/// and let go could be taken by any process's connection before the
-/// server binds it ("Address already in use" under load). The tests of one
-/// binary step through the range from a start of their own, so two never
-/// get the same port.
+/// the kernel's ephemeral range (ip_local_port_range, 32768-60999 by
+/// default), where it picks the local ports of outbound connections: a
+/// port asked of the kernel (bind to 0) and let go could be taken by any
+/// process's connection before the server binds it ("Address already in
+/// use" under load). The tests of one binary step through the 16,384 ports
+/// below it from a start of their own, so two never get the same port.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 16384;
-    const END: u32 = 32768;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = FIRST + (std::process::id() * 97) % (END - FIRST);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let end: u32 = ephemeral.clamp(2048, 65535);
+    let first: u32 = end.saturating_sub(16384).max(1024);
+    let start = first + (std::process::id() * 97) % (end - first);
     let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
-    for _ in FIRST..END {
+    for _ in first..end {
         let p = NEXT.fetch_add(1, Ordering::SeqCst);
-        let p = (FIRST + (p - FIRST) % (END - FIRST)) as u16;
+        let p = (first + (p - first) % (end - first)) as u16;
         if TcpListener::bind(("127.0.0.1", p)).is_ok() {
             return p;
         }
     }
-    panic!("no free port in {FIRST}..{END}");
+    panic!("no free port in {first}..{end}");
 }
 
 /// A TCP connection to `addr` from the loopback address `source` (Linux
@@ -204,9 +208,10 @@ pub struct Script {
     /// Greeting line instead of "220 sink.test ESMTP"; a non-220 greeting
     /// is followed by closing the connection.
     pub greeting: Option<String>,
-    /// After the reply to the end of DATA, say this line (when not empty)
-    /// and close the connection: a server that drops sessions it thinks
-    /// idle ("421 4.4.2 idle timeout").
+    /// A tenth of a second after the reply to the end of DATA (the
+    /// session idle), say this line (when not empty) and close the
+    /// connection: a server that drops sessions it thinks idle ("421 4.4.2
+    /// idle timeout"). `SinkState::hung_up` counts them.
     pub hang_up_after_message: Option<String>,
     /// Offer SMTPUTF8 (RFC 6531) in the EHLO reply.
     pub smtputf8: bool,
@@ -236,6 +241,8 @@ pub struct SinkState {
     pub rcpt_seen: Vec<String>,
     pub data_attempts: usize,
     pub connections: usize,
+    /// Sessions closed by `Script::hang_up_after_message`.
+    pub hung_up: usize,
     pub auth_failures: usize,
     /// Sessions open now, and the most ever open at once (a session counts
     /// until QUIT is read or the connection closes).
@@ -607,9 +614,13 @@ fn sink_session(tcp: TcpStream, st: Arc<Mutex<SinkState>>) -> std::io::Result<()
             say!("{r}\r\n");
             let hang_up = st.lock().unwrap().script.hang_up_after_message.clone();
             if let Some(last) = hang_up {
+                thread::sleep(Duration::from_millis(100));
                 if !last.is_empty() {
                     say!("{last}\r\n");
                 }
+                open.close();
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+                st.lock().unwrap().hung_up += 1;
                 return Ok(());
             }
         } else if up == "RSET" {
