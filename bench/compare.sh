@@ -28,7 +28,7 @@ fi
 HPID=$!
 trap 'kill $HPID 2>/dev/null; wait $HPID 2>/dev/null; "$SHARED/postfix-peer.sh" stop; rm -rf "$work"' EXIT
 wait_port 2525
-"$SHARED/postfix-peer.sh" start
+postfix_peer_start
 echo "== herald (pid $HPID)"
 "$SHARED/bench.sh" -s "$S" -r "$R" -p "$HPID" -n herald -I 30 127.0.0.1:2525 "$N" | tee "$work/herald.out"
 echo "== postfix"

@@ -21,7 +21,7 @@ herald_config "$work/herald.toml" 2525 2600
 HPID=$!
 trap 'kill $HPID $SINK 2>/dev/null; wait 2>/dev/null; "$SHARED/postfix-peer.sh" stop; rm -rf "$work"' EXIT
 wait_port 2525
-"$SHARED/postfix-peer.sh" start >/dev/null
+postfix_peer_start >/dev/null
 wait_port 2625
 echo "== $(date -u +%Y-%m-%d), $(nproc) cores, $N messages of 4 KiB over $S sessions"
 printf 'herald   '; python3 bench/latency.py 127.0.0.1:2525 "$N" "$S"

@@ -44,3 +44,13 @@ CONF
 wait_port() {
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done
 }
+
+# postfix_peer_start: the reference Postfix (../shared/bench/postfix-peer.sh)
+# with an empty queue. Messages left by an earlier run would be tried at
+# once while no sink listens: Postfix then takes the sink for dead and
+# defers everything of the next run ("delivery temporarily suspended").
+postfix_peer_start() {
+  "$SHARED/postfix-peer.sh" stop >/dev/null 2>&1 || true
+  postsuper -d ALL >/dev/null 2>&1 || true
+  "$SHARED/postfix-peer.sh" start "$@"
+}
