@@ -11,9 +11,7 @@ N=${1:-6000} S=${2:-10} R=${3:-3}
 . bench/lib.sh
 need_postfix_tools
 cargo build --release --locked
-work=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+bench_workdir
 redis-server --port 6399 --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
 PIDS+=($!)
 wait_port 6399
@@ -28,9 +26,7 @@ run() { # $1 nodes
     herald+=($!)
     wait_port $((2524 + i))
   done
-  local asroot=()
-  [ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
-  smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
+  start_sink "$work/sink.out"
   local sink=$!
   wait_port 2600
   sleep 1

@@ -16,17 +16,13 @@ N=${1:-2000} EXTRA=${2:-}
 need_postfix_tools
 command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
 cargo build --release --locked
-work=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-asroot=()
-[ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
+bench_workdir
 count() { grep -ao 'mesg=[0-9]*' "$work/sink.out" 2>/dev/null | tail -1 | cut -d= -f2; }
 # run MESSAGES: the instructions herald executed from start to exit.
 run() {
   rm -rf "$work/data" "$work/cg.out"
   herald_config "$work/herald.toml" 2525 2600 "" "$EXTRA"
-  smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
+  start_sink "$work/sink.out"
   local sink=$!
   PIDS+=("$sink")
   # Counted from the moment herald listens: sled's thread pool starts with

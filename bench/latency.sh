@@ -12,9 +12,7 @@ SHARED=${SHARED:-../shared/bench}
 need_postfix_tools
 cargo build --release --locked
 work=$(mktemp -d)
-asroot=()
-[ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
-smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
+start_sink "$work/sink.out"
 SINK=$!
 herald_config "$work/herald.toml" 2525 2600
 ./target/release/herald serve --config "$work/herald.toml" 2>"$work/herald.log" &

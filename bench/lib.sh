@@ -54,3 +54,19 @@ postfix_peer_start() {
   postsuper -d ALL >/dev/null 2>&1 || true
   "$SHARED/postfix-peer.sh" start "$@"
 }
+
+# bench_workdir: a scratch folder in $work, removed at exit, and PIDS: the
+# processes to stop then.
+bench_workdir() {
+  work=$(mktemp -d)
+  PIDS=()
+  trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
+# start_sink OUT: smtp-sink on 127.0.0.1:2600 (as nobody when run as root:
+# it will not run as root), its output in OUT; $! is its pid.
+start_sink() {
+  local asroot=()
+  [ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
+  smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$1" 2>&1 &
+}

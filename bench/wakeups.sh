@@ -14,13 +14,9 @@ N=${1:-10000} S=${2:-10}
 need_postfix_tools
 command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q linux-perf >/dev/null
 cargo build --release --locked
-work=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-asroot=()
-[ "$(id -u)" -ne 0 ] || asroot=(-u nobody)
+bench_workdir
 herald_config "$work/herald.toml" 2525 2600
-smtp-sink -c "${asroot[@]}" 127.0.0.1:2600 1024 >"$work/sink.out" 2>&1 &
+start_sink "$work/sink.out"
 PIDS+=($!)
 ./target/release/herald serve --config "$work/herald.toml" 2>"$work/herald.log" &
 h=$!
