@@ -129,19 +129,23 @@ fn gate(s: &Services, route: &str, tenant: Option<&str>) -> Start {
     if s.pauses.route_paused(route) {
         return Start::Hold(u64::MAX);
     }
-    // The tenant's quota across its routes (a token spent here while the
-    // route then holds the message is lost: the quota is a ceiling).
-    if let Some(d) = tenant.and_then(|t| s.pacing.shaper.tenant(&s.cfg(), t)) {
-        if let Err(w) = d.try_token() {
-            return Start::Hold(now_ms() + w);
-        }
-    }
+    // The tenant's quota across its routes: its token is taken once the
+    // route has a slot for the message.
+    let quota = tenant.and_then(|t| s.pacing.shaper.tenant(&s.cfg(), t));
     // Direct MX delivery: the site is known only after the MX lookup; the
     // attempt waits for its slot there.
     if route == "mx" {
+        if let Some(Err(w)) = quota.as_deref().map(pacing::Dest::try_token) {
+            return Start::Hold(now_ms() + w);
+        }
         return Start::Go(None);
     }
-    match s.pacing.shaper.upstream(&s.cfg(), route).try_pass() {
+    match s
+        .pacing
+        .shaper
+        .upstream(&s.cfg(), route)
+        .try_pass_with(quota.as_deref())
+    {
         pacing::Gate::Go(p) => Start::Go(Some(p)),
         pacing::Gate::Wait(t) => Start::Hold(t),
         pacing::Gate::Full => Start::Hold(u64::MAX),

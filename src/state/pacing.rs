@@ -303,6 +303,14 @@ impl Dest {
 
     /// Takes a slot and a token without waiting, or says when to look again.
     pub fn try_pass(self: &Arc<Self>) -> Gate {
+        self.try_pass_with(None)
+    }
+
+    /// [`Dest::try_pass`], and a token of `quota` (a tenant's, across its
+    /// routes) once a slot is free and before this destination's own
+    /// token: a quota's token is never spent on a message that then waits
+    /// for a slot.
+    pub fn try_pass_with(self: &Arc<Self>, quota: Option<&Dest>) -> Gate {
         let now = now_ms();
         if let Some(t) = self.throttled_until(now) {
             return Gate::Wait(t);
@@ -313,6 +321,9 @@ impl Dest {
             Err(None) => return Gate::Full,
             Err(Some(t)) => return Gate::Wait(t),
         };
+        if let Some(Err(w)) = quota.map(Dest::try_token) {
+            return Gate::Wait(now + w);
+        }
         if let Some(rate) = rate {
             if let Err(w) = self.store.take_token(&self.key, rate) {
                 return Gate::Wait(now + w);
