@@ -664,25 +664,33 @@ impl Herald {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra: &str) -> Herald {
-        let port = free_port();
-        let smtp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut text = format!("{BASE}{extra}");
-        if !extra.contains("[listen]") {
-            text.push_str("\n[listen]\nsmtp = [\"{smtp}\"]\n");
-        }
-        let text = text
-            .replace("{smtp}", &smtp.to_string())
-            .replace("{dir}", &dir.path().display().to_string());
         let config = dir.path().join("herald.toml");
-        std::fs::write(&config, text).unwrap();
         let mut h = Herald {
             dir,
             config,
-            smtp,
+            smtp: "127.0.0.1:0".parse().unwrap(),
             child: None,
         };
-        h.spawn();
-        h
+        // A port found free can be taken by another process before herald
+        // binds it: then another one.
+        for _ in 0..3 {
+            let port = free_port();
+            h.smtp = format!("127.0.0.1:{port}").parse().unwrap();
+            let mut text = format!("{BASE}{extra}");
+            if !extra.contains("[listen]") {
+                text.push_str("\n[listen]\nsmtp = [\"{smtp}\"]\n");
+            }
+            let text = text
+                .replace("{smtp}", &h.smtp.to_string())
+                .replace("{dir}", &h.dir.path().display().to_string());
+            std::fs::write(&h.config, text).unwrap();
+            match h.try_spawn() {
+                Ok(()) => return h,
+                Err(log) if log.contains(&format!("cannot listen on {}", h.smtp)) => continue,
+                Err(log) => panic!("herald did not start:\n{log}"),
+            }
+        }
+        panic!("herald did not start:\n{}", h.log());
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -695,6 +703,17 @@ impl Herald {
 
     /// (Re)starts the process on the same config and data.
     pub fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("herald did not start:\n{log}");
+        }
+    }
+
+    /// Starts the process and waits until it says "herald started" (every
+    /// listener bound, the control socket served); its log when it exits
+    /// first or takes over 20 s.
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let started = |h: &Herald| h.log().matches("herald started").count();
+        let before = started(self);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -711,9 +730,19 @@ impl Herald {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let addr = self.smtp;
-        let up = wait_until(20, || TcpStream::connect(addr).is_ok());
-        assert!(up, "herald did not start:\n{}", self.log());
+        let mut exited = false;
+        let up = wait_until(20, || {
+            exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            exited || started(self) > before
+        });
+        if up && !exited {
+            return Ok(());
+        }
+        self.kill9();
+        Err(self.log())
     }
 
     pub fn kill9(&mut self) {
