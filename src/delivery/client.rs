@@ -559,21 +559,24 @@ async fn envelope(
     }
 }
 
-/// Whether the session can go on after a transaction given up before the
-/// message: a server that answered the pipelined DATA with 354 although no
-/// recipient was accepted (RFC 2920 asks it to refuse) gets the end marker
-/// of an empty message. With a recipient accepted, nothing is sent: an end
-/// marker would deliver an empty message to it; the session is dropped
-/// instead, which abandons the transaction (RFC 5321 4.1.1.4).
-async fn end_data(
+/// Resets a transaction given up before the message; whether the session
+/// can go on. A server that answered the pipelined DATA with 354 although
+/// no recipient was accepted (RFC 2920 asks it to refuse) first gets the
+/// end marker of an empty message. With a recipient accepted, nothing is
+/// sent: an end marker would deliver an empty message to it; the session
+/// is to be dropped instead, which abandons the transaction (RFC 5321
+/// 4.1.1.4).
+async fn give_up(
     client: &mut Client,
     data_reply: &Option<Response<String>>,
     any_accepted: bool,
 ) -> bool {
-    if data_reply.as_ref().is_some_and(|r| r.code == 354) {
-        return !any_accepted && client.cmd(b".\r\n").await.is_ok();
+    if data_reply.as_ref().is_some_and(|r| r.code == 354)
+        && (any_accepted || client.cmd(b".\r\n").await.is_err())
+    {
+        return false;
     }
-    true
+    rset_ok(client).await
 }
 
 async fn rset_ok(client: &mut Client) -> bool {
@@ -620,9 +623,7 @@ pub async fn transact(
     };
     if r.code >= 300 {
         let v = verdict_for(r, host, "MAIL FROM", Stage::Mail, smart_host);
-        let reusable = failure.is_none()
-            && end_data(client, &data_reply, any_accepted).await
-            && rset_ok(client).await;
+        let reusable = failure.is_none() && give_up(client, &data_reply, any_accepted).await;
         return judge_all(v, rcpts.len(), reusable);
     }
     // A server that says 421 closes the session: the recipients it did not
@@ -644,7 +645,7 @@ pub async fn transact(
         if smart_host && v.class() == Some(Class::Route) {
             // (Dropped with the session when a message was begun for the
             // others: the caller does not keep it.)
-            let _ = end_data(client, &data_reply, any_accepted).await && rset_ok(client).await;
+            let _ = give_up(client, &data_reply, any_accepted).await;
             return Outcome::RouteRefused(format!("{host}: RCPT TO: {}", reply_text(r)));
         }
         verdicts.push(match v {
@@ -659,9 +660,7 @@ pub async fn transact(
         return judged_by(verdicts, v, false, slow_down);
     }
     if verdicts.iter().all(Option::is_some) {
-        let reusable = failure.is_none()
-            && end_data(client, &data_reply, any_accepted).await
-            && rset_ok(client).await;
+        let reusable = failure.is_none() && give_up(client, &data_reply, any_accepted).await;
         return Outcome::Judged {
             verdicts: verdicts.into_iter().flatten().collect(),
             reusable,

@@ -135,6 +135,37 @@ type Counts = BTreeMap<(EventKind, Option<Class>), u64>;
 /// Events per hour (hour number since the epoch) per tenant and kind.
 type TenantHourly = BTreeMap<u64, BTreeMap<(String, EventKind), u64>>;
 
+/// Counts one event of `key` at `time_ms` in per-hour counts.
+fn count_hour<K: Ord>(hourly: &Mutex<BTreeMap<u64, BTreeMap<K, u64>>>, time_ms: u64, key: K) {
+    *hourly
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(time_ms / HOUR_MS)
+        .or_default()
+        .entry(key)
+        .or_insert(0) += 1;
+}
+
+/// Events per kind over the last 24 hours of per-hour counts (older hours
+/// are dropped), of the keys `kind` maps to a kind.
+fn last_day<K>(
+    hourly: &Mutex<BTreeMap<u64, BTreeMap<K, u64>>>,
+    kind: impl Fn(&K) -> Option<EventKind>,
+) -> BTreeMap<EventKind, u64> {
+    let first = now_ms() / HOUR_MS - 23;
+    let mut h = hourly.lock().unwrap_or_else(|e| e.into_inner());
+    h.retain(|hour, _| *hour >= first);
+    let mut out = BTreeMap::new();
+    for counts in h.values() {
+        for (k, n) in counts {
+            if let Some(k) = kind(k) {
+                *out.entry(k).or_insert(0) += n;
+            }
+        }
+    }
+    out
+}
+
 #[derive(Clone)]
 pub struct History {
     /// Events and their index: this node's sled, or a shared backend.
@@ -327,32 +358,14 @@ impl History {
     /// Events per kind of tenant `t` in the last 24 hours (counted by the
     /// hour, as [`History::last_24h`]).
     pub fn last_24h_of(&self, t: &str) -> BTreeMap<EventKind, u64> {
-        let first = now_ms() / HOUR_MS - 23;
-        let mut h = self.tenant_hourly.lock().unwrap_or_else(|e| e.into_inner());
-        h.retain(|hour, _| *hour >= first);
-        let mut out = BTreeMap::new();
-        for kinds in h.values() {
-            for ((tenant, k), n) in kinds {
-                if tenant == t {
-                    *out.entry(*k).or_insert(0) += n;
-                }
-            }
-        }
-        out
+        last_day(&self.tenant_hourly, |(tenant, k)| {
+            (tenant == t).then_some(*k)
+        })
     }
 
     /// Events per kind in the last 24 hours (counted by the hour).
     pub fn last_24h(&self) -> BTreeMap<EventKind, u64> {
-        let first = now_ms() / HOUR_MS - 23;
-        let mut h = self.hourly.lock().unwrap_or_else(|e| e.into_inner());
-        h.retain(|hour, _| *hour >= first);
-        let mut out = BTreeMap::new();
-        for kinds in h.values() {
-            for (k, n) in kinds {
-                *out.entry(*k).or_insert(0) += n;
-            }
-        }
-        out
+        last_day(&self.hourly, |k| Some(*k))
     }
 
     /// Records an event with everything it carries (webhooks send it all),
@@ -423,23 +436,9 @@ impl History {
                 .unwrap_or_else(|e| e.into_inner())
                 .entry((tenant.clone(), kind))
                 .or_insert(0) += 1;
-            *self
-                .tenant_hourly
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(t / HOUR_MS)
-                .or_default()
-                .entry((tenant.clone(), kind))
-                .or_insert(0) += 1;
+            count_hour(&self.tenant_hourly, t, (tenant.clone(), kind));
         }
-        *self
-            .hourly
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(t / HOUR_MS)
-            .or_default()
-            .entry(kind)
-            .or_insert(0) += 1;
+        count_hour(&self.hourly, t, kind);
         Ok(ev)
     }
 

@@ -305,7 +305,11 @@ impl Stats {
         self.deferred.fetch_add(deferred, Ordering::Relaxed);
         if let Some(t) = &env.tenant {
             let mut all = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-            let c = all.entry(t.clone()).or_default();
+            // (The tenant's name is copied once, not at every change.)
+            if !all.contains_key(t) {
+                all.insert(t.clone(), [0; 3]);
+            }
+            let c = all.get_mut(t).expect("just inserted");
             c[0] += sign;
             c[1] += queued;
             c[2] += deferred;
